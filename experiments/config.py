@@ -1,0 +1,176 @@
+"""Run configuration: one frozen dataclass describes one grid cell completely.
+
+Every setting that changes a result lives here (STYLE.md rule 5): the grid in
+`experiments.grid` builds these, the run loop in `experiments.run` reads them, and the
+run directory keeps a copy (`config.json`) so plots and resumption never guess.
+
+Values the paper does not publish (PAPER.md, "Setup") are marked "not published" in their
+docstring; their defaults follow the common choices PAPER.md lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Algorithm = Literal["grpo", "gspo"]
+ModelKind = Literal["base", "sft", "dense"]
+RolloutEngine = Literal["hf", "sglang"]
+TrainEngine = Literal["hf", "megatron"]
+Precision = Literal["fp32", "bf16", "fp8"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One RL run (one cell of the grid)."""
+
+    name: str
+    """Cell name; also the run directory's name under the runs root."""
+    preset: Literal["tiny", "paper"] = "tiny"
+    """Which preset built it: `tiny` (embedded CPU zoo) or `paper` (Qwen3-30B-A3B on Slurm)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and initialisation; same seed, same metrics."""
+
+    # --- model ---------------------------------------------------------------------------
+    model: ModelKind = "sft"
+    """Starting checkpoint kind: the Base model, its SFT model, or the dense control."""
+    model_path: str | None = None
+    """Checkpoint directory (HF format). None: the embedded zoo's model of kind `model`."""
+
+    # --- algorithm -----------------------------------------------------------------------
+    algorithm: Algorithm = "grpo"
+    """Policy loss: GRPO (PPO token clip) or GSPO (sequence-ratio clip)."""
+    replay: bool = False
+    """R3: replay the rollout engine's routing in every training forward."""
+    tis: bool = False
+    """Truncated importance sampling on pi_old / pi_infer (detached), capped at `tis_cap`."""
+    tis_cap: float = 2.0
+    """TIS cap C (not published; common default 2)."""
+    mini_steps: int = 1
+    """Optimizer steps per global step; the batch is split into this many mini-batches."""
+    lr: float = 1e-6
+    """Adam learning rate (paper: 1e-6 multi-mini-step, 3e-6 single-mini-step)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    clip_low: float = 0.2
+    """PPO lower clip (not published; common default 0.2)."""
+    clip_high: float = 0.2
+    """PPO upper clip (not published; common default 0.2)."""
+    dual_clip: float | None = 3.0
+    """Dual-clip bound c for negative advantages (None disables)."""
+    gspo_clip_low: float = 3e-4
+    """GSPO sequence-ratio lower clip (common default)."""
+    gspo_clip_high: float = 4e-4
+    """GSPO sequence-ratio upper clip (common default)."""
+    loss_agg: LossAgg = "token-mean"
+    """Loss aggregation for GRPO (GSPO always uses seq-mean-token-mean)."""
+    std_normalize: bool = True
+    """GRPO advantage divides by the group std (+1e-6)."""
+
+    # --- rollout -------------------------------------------------------------------------
+    global_steps: int = 60
+    """Global steps (paper: 180)."""
+    prompts_per_step: int = 16
+    """Prompts per global step after dynamic sampling (not published for the paper)."""
+    group_size: int = 8
+    """Responses per prompt, G (not published)."""
+    max_new_tokens: int = 48
+    """Maximum response length in tokens (not published)."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling for training rollouts."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal; keep sampling until the batch is full."""
+    max_sampling_rounds: int = 4
+    """Cap on extra sampling rounds per step when dynamic sampling cannot fill the batch."""
+    rollout_engine: RolloutEngine = "hf"
+    """Inference engine: in-process transformers (`hf`) or SGLang servers (`sglang`)."""
+    rollout_precision: Precision = "bf16"
+    """Rollout numerics: bf16 (default engine) or an FP8 inference engine (e4m3, per-row)."""
+    sglang_urls: tuple[str, ...] = ()
+    """SGLang server URLs (cluster mode); launched by the Slurm job when empty."""
+    train_engine: TrainEngine = "hf"
+    """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
+    train_micro_batch: int = 0
+    """Sequences per forward/backward micro-batch (0: the whole mini-batch at once)."""
+
+    # --- data ------------------------------------------------------------------------------
+    train_data: str = "synthetic"
+    """Training prompts: `synthetic` (embedded task) or a data_prep output directory/parquet."""
+    task_difficulty: int = 2
+    """Embedded synthetic task difficulty knob (ignored for real data)."""
+
+    # --- evaluation, collapse, checkpoints --------------------------------------------------
+    eval_every: int = 5
+    """Evaluate every this many global steps (paper: 5), and at step 0."""
+    eval_benchmarks: tuple[str, ...] = ("synthetic",)
+    """Benchmarks evaluated in the loop (paper: aime24, aime25, amc23, math500, math500_l5)."""
+    eval_samples: int = 1
+    """Samples per problem at evaluation (avg@k)."""
+    eval_temperature: float = 1.0
+    """Sampling temperature at evaluation."""
+    eval_max_problems: int = 0
+    """Cap on problems per benchmark (0: all)."""
+    collapse_frac: float = 0.5
+    """Collapse rule: the eval average falls below this fraction of its running best ..."""
+    collapse_patience: int = 2
+    """... at this many consecutive evaluation points (it does not recover)."""
+    stop_on_collapse: bool = False
+    """Stop the run at the collapse step (the paper runs on; default keeps going)."""
+    checkpoint_every: int = 5
+    """Write a resumable checkpoint every this many global steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints (older ones are deleted after a newer one is complete)."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.replay and self.rollout_engine == "sglang" and not self.sglang_urls and self.preset == "tiny":
+            errors.append("replay with the sglang engine needs a cluster (preset 'paper')")
+        if self.mini_steps < 1:
+            errors.append(f"mini_steps must be >= 1, got {self.mini_steps}")
+        if self.group_size < 2:
+            errors.append(f"group_size must be >= 2 for group advantages, got {self.group_size}")
+        if self.prompts_per_step % self.mini_steps:
+            errors.append(
+                f"prompts_per_step ({self.prompts_per_step}) must be divisible by mini_steps "
+                f"({self.mini_steps}) so every mini-batch holds whole groups"
+            )
+        if self.model == "dense" and self.replay:
+            errors.append("replay needs an MoE model; the dense control has no router")
+        if not 0 < self.collapse_frac < 1:
+            errors.append(f"collapse_frac must be in (0, 1), got {self.collapse_frac}")
+        if errors:
+            raise ValueError(f"invalid RunConfig {self.name!r}: " + "; ".join(errors))
+
+    # --- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown RunConfig fields {unknown}; known: {sorted(known)}")
+        kw = {}
+        for k, v in d.items():
+            if isinstance(v, list):  # JSON has no tuples
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
