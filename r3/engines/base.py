@@ -1,0 +1,128 @@
+"""The engine Protocols: what the RL loop needs from a rollout engine and a train engine.
+
+The loop "does not need to know how or where generation runs" (torchtitan rollout/types.py).
+Implementations:
+- rollout: `r3.engines.hf_rollout.HFRolloutEngine` (in-process transformers, bf16 / fp8),
+  `r3.engines.sglang.SGLangRolloutEngine` (HTTP client of SGLang servers, cluster mode);
+- train: `r3.engines.hf_train.HFTrainEngine` (transformers fp32),
+  `r3.engines.megatron_train.MegatronTrainEngine` (megatron-core GPTModel).
+Heavy imports (sglang, megatron) happen inside those modules only.
+
+Token/routing alignment (DESIGN.md invariant 1): a sequence of n tokens has n-1 routing
+rows, one per *fed* token; the last token is never fed. Shapes use STYLE.md suffixes:
+B batch, S sequence, T tokens, L MoE layers, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample one batch of responses."""
+
+    max_new_tokens: int
+    """Maximum response length in tokens."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    seed: int | None = None
+    """Seed for this call's sampling; None draws from the engine's generator."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra stop tokens besides the tokenizer's EOS."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutSample:
+    """One sampled response with everything the trainer needs from the inference engine."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs_R: torch.Tensor
+    """float32 [R]: the inference engine's log-probability of each response token (after
+    temperature), R = len(response_ids)."""
+    expert_ids_TLK: torch.Tensor | None = None
+    """Routing trace, int [T, L, K] with T = len(prompt_ids) + len(response_ids) - 1, rows in
+    token order, top-k in the engine's order (never sorted). None if not captured."""
+    finish_reason: str = "length"
+    """"stop" (EOS / stop token) or "length"."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates responses and (optionally) records the routing of every fed token."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        capture_routing: bool = False,
+    ) -> list[RolloutSample]:
+        """One sample per prompt (repeat a prompt G times for a group)."""
+        ...
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load new policy weights (transformers Qwen3-MoE parameter names) from the trainer."""
+        ...
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainBatch:
+    """Full sequences (prompt + response), right-padded, for the training engine."""
+
+    input_ids_BS: torch.Tensor
+    """int64 [B, S]."""
+    attention_mask_BS: torch.Tensor
+    """int64/bool [B, S]: 1 on real tokens."""
+    loss_mask_BT: torch.Tensor
+    """float32 [B, T], T = S - 1: 1 where target token t+1 is a response token."""
+    expert_ids_BTLK: torch.Tensor | None = None
+    """Rollout routing to replay, int [B, T, L, K]; padding rows hold distinct dummy experts."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class LogprobResult:
+    logp_BT: torch.Tensor
+    """float32 [B, T]: log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
+    entropy_BT: torch.Tensor | None = None
+    """float32 [B, T]: entropy of the predictive distribution at t (when asked)."""
+    expert_ids_BTLK: torch.Tensor | None = None
+    """The training engine's own routing (when asked to record), int [B, T, L, K]."""
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, slice], tuple[torch.Tensor, dict]]
+"""loss_fn(logp_BT, entropy_BT, rows) -> (loss, metrics) for the micro-batch `rows` (a slice
+of the mini-batch's rows). The engine backpropagates each micro-batch loss as returned and sums
+the gradients, so loss_fn normalises by the whole mini-batch (then micro-batching does not
+change the gradient)."""
+
+
+@runtime_checkable
+class TrainEngine(Protocol):
+    """Computes log-probabilities (with or without routing replay) and takes optimizer steps."""
+
+    def compute_logprobs(
+        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+    ) -> LogprobResult:
+        """No-grad forward. replay=True replays batch.expert_ids_BTLK in every MoE layer."""
+        ...
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
+        """One optimizer step on this mini-batch: forward (replaying routing when asked),
+        loss_fn, backward, gradient clipping, step. Returns at least `actor/grad_norm`."""
+        ...
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """Current weights in transformers Qwen3-MoE naming, for weight sync."""
+        ...
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
