@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast install clean-demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel (an unpinned torch would pull a CUDA build).
-	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[test]'
+	# torch pinned to the CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
+	$(VPY) -m pip install -q -c constraints-cpu.txt torch
+	$(VPY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
