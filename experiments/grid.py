@@ -1,0 +1,404 @@
+"""The experiment grid: every cell of the paper as a named function, under two presets.
+
+    python -m experiments.grid list --preset paper|tiny [--runs DIR] [--seeds 0,1,2] [--cells GLOB]
+                                    [--model-base PATH --model-sft PATH --model-dense PATH]
+    python -m experiments.grid show CELL --preset paper|tiny      # the cell's RunConfig as JSON
+
+Inputs: a preset name (and, for `paper`, checkpoint paths). Outputs: `list` prints every cell with
+its key settings and its state, read from the run directory `<runs>/<cell>` (slurm.state: not
+started / queued / running / incomplete / complete / collapsed / failed); `show` prints one config.
+
+One private builder (`_rl`) plus one named function per paper cell (torchtitan config_registry
+style, STYLE.md rule 5). The presets share the cell definitions and differ only in scale (`_Scale`):
+- `paper`: Qwen3-30B-A3B Base and SFT (paths by flag), SGLang rollout, megatron-core training,
+  180 global steps, eval every 5 on AIME24/AIME25/AMC23/MATH500/MATH500-L5, lr 3e-6 single-mini-step
+  and 1e-6 multi-mini-step (mini_steps=8). Values the paper does not publish are marked so.
+- `tiny`: the embedded zoo on CPU, rolled out by an FP8 inference engine by default (the regime
+  where the mismatch matters at this scale; not the paper's setting), with `-bf16` variants.
+Static mismatch cells (MoE native, MoE + R3, dense reference) are `StaticCell`s: one job per
+rollout precision, run by `experiments.static_mismatch`, written to `<runs>/static/<precision>/`.
+Seeds are a grid axis: with several seeds every name gets `-s<seed>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from experiments.config import Algorithm, ModelKind, Precision, RunConfig
+
+Preset = Literal["tiny", "paper"]
+Mini = Literal["single", "multi"]
+PRESETS: tuple[Preset, ...] = ("paper", "tiny")
+PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "math500_l5")
+
+
+def model_placeholder(kind: str) -> str:
+    """The model_path of a paper cell until the user passes --model-<kind> PATH."""
+    return f"<set --model-{kind} PATH>"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scale:
+    """Everything a preset changes: scale, engines and checkpoints, never the cell definitions."""
+
+    preset: Preset
+    rollout_engine: Literal["hf", "sglang"]
+    train_engine: Literal["hf", "megatron"]
+    model_paths: Mapping[str, str | None]
+    """Checkpoint per model kind (base / sft / dense); None: the embedded zoo's model."""
+    precisions: tuple[Precision, ...]
+    """Rollout precisions with a cell each; the first one is the default (no name suffix)."""
+    global_steps: int
+    eval_every: int
+    eval_benchmarks: tuple[str, ...]
+    eval_samples: int
+    eval_temperature: float
+    eval_max_problems: int
+    lr_single: float
+    lr_multi: float
+    multi_mini_steps: int
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    checkpoint_every: int
+
+
+# The tiny preset: ONE block, edited by whoever tunes the embedded runs (helper G's LR sweep).
+_TINY = _Scale(
+    preset="tiny", rollout_engine="hf", train_engine="hf",
+    model_paths={"base": None, "sft": None, "dense": None},
+    precisions=("fp8", "bf16"),
+    global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
+    eval_max_problems=0,
+    lr_single=3e-5, lr_multi=1e-5,  # placeholders until the embedded LR sweep (docs/embedded.md)
+    multi_mini_steps=8, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
+    checkpoint_every=5,
+)  # fmt: skip
+
+_PAPER = _Scale(
+    preset="paper", rollout_engine="sglang", train_engine="megatron",
+    model_paths={k: model_placeholder(k) for k in ("base", "sft", "dense")},
+    precisions=("bf16",),  # SGLang's default bf16 rollout, as in the paper
+    global_steps=180, eval_every=5, eval_benchmarks=PAPER_BENCHMARKS,
+    eval_samples=8,  # avg@k: k not published
+    eval_temperature=0.6,  # not published (Qwen3's recommended sampling temperature)
+    eval_max_problems=0,
+    lr_single=3e-6, lr_multi=1e-6, multi_mini_steps=8,  # published
+    prompts_per_step=128,  # not published
+    group_size=8,  # not published
+    max_new_tokens=8192,  # not published
+    temperature=1.0,  # not published
+    checkpoint_every=5,  # ours: at most 5 steps lost to a preemption
+)  # fmt: skip
+
+SCALES: dict[Preset, _Scale] = {"paper": _PAPER, "tiny": _TINY}
+
+
+def _rl(s: _Scale, *, model: ModelKind, mini: Mini, algorithm: Algorithm, tis: bool = False,
+        replay: bool = False) -> RunConfig:  # fmt: skip
+    """The one builder: a cell's definition (model, mini-steps, algorithm, TIS, R3) at scale `s`.
+
+    Names, precision and seed are filled in by `cells()`.
+    """
+    return RunConfig(
+        name="?", preset=s.preset, model=model, model_path=s.model_paths.get(model),
+        algorithm=algorithm, replay=replay, tis=tis,
+        mini_steps=1 if mini == "single" else s.multi_mini_steps,
+        lr=s.lr_single if mini == "single" else s.lr_multi,
+        # GSPO aggregates seq-mean-token-mean (PAPER.md "Setup"); GRPO keeps RunConfig's token-mean.
+        loss_agg="seq-mean-token-mean" if algorithm == "gspo" else "token-mean",
+        global_steps=s.global_steps, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        rollout_engine=s.rollout_engine, rollout_precision=s.precisions[0], train_engine=s.train_engine,
+        train_data="synthetic" if s.preset == "tiny" else "<set --train-data DIR>",
+        eval_every=s.eval_every, eval_benchmarks=s.eval_benchmarks, eval_samples=s.eval_samples,
+        eval_temperature=s.eval_temperature, eval_max_problems=s.eval_max_problems,
+        checkpoint_every=s.checkpoint_every,
+    )  # fmt: skip
+
+
+# --- the cells (name = function name with '_' -> '-') ----------------------------------------------
+CellFn = Callable[[_Scale], RunConfig]
+CELLS: dict[str, CellFn] = {}
+
+
+def _cell(fn: CellFn) -> CellFn:
+    CELLS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+# Single-mini-step (mini_steps=1, lr 3e-6), SFT model: PAPER.md table 2.
+@_cell
+def sft_single_grpo(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="single", algorithm="grpo")
+
+
+@_cell
+def sft_single_grpo_tis(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="single", algorithm="grpo", tis=True)
+
+
+@_cell
+def sft_single_grpo_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="single", algorithm="grpo", replay=True)
+
+
+@_cell
+def sft_single_grpo_tis_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="single", algorithm="grpo", tis=True, replay=True)
+
+
+# Single-mini-step, Base model (averages only published; GRPO+TIS+R3 added for symmetry).
+@_cell
+def base_single_grpo(s: _Scale) -> RunConfig:
+    return _rl(s, model="base", mini="single", algorithm="grpo")
+
+
+@_cell
+def base_single_grpo_tis(s: _Scale) -> RunConfig:
+    return _rl(s, model="base", mini="single", algorithm="grpo", tis=True)
+
+
+@_cell
+def base_single_grpo_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="base", mini="single", algorithm="grpo", replay=True)
+
+
+@_cell
+def base_single_grpo_tis_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="base", mini="single", algorithm="grpo", tis=True, replay=True)
+
+
+# Multi-mini-step (mini_steps=8, lr 1e-6), SFT model: PAPER.md table 1.
+@_cell
+def sft_multi_grpo(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="multi", algorithm="grpo")
+
+
+@_cell
+def sft_multi_gspo(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="multi", algorithm="gspo")
+
+
+@_cell
+def sft_multi_grpo_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="multi", algorithm="grpo", replay=True)
+
+
+@_cell
+def sft_multi_gspo_r3(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="multi", algorithm="gspo", replay=True)
+
+
+# --- static mismatch cells -----------------------------------------------------------------------
+STATIC_PARTS = (("moe", "MoE native"), ("moe_r3", "MoE + R3"), ("dense", "dense reference"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StaticCell:
+    """One static-mismatch job: MoE native, MoE + R3 and the dense reference at one rollout precision."""
+
+    name: str
+    """`static` (the preset's default precision) or `static-<precision>`."""
+    preset: Preset
+    precision: Precision
+    seed: int = 0
+    model_moe: str | None
+    """The MoE checkpoint measured (the SFT model, as the paper's static measurement)."""
+    model_dense: str | None
+    """The dense reference (paper: Qwen3-8B; tiny: the zoo's dense control)."""
+    rollout_engine: Literal["hf", "sglang"]
+    train_engine: Literal["hf", "megatron"]
+
+    def run_dir(self, runs: Path) -> Path:
+        return Path(runs) / "static" / self.precision
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suffix(precision: str, s: _Scale, seed: int, seeds: tuple[int, ...]) -> str:
+    out = "" if precision == s.precisions[0] else f"-{precision}"
+    return out + (f"-s{seed}" if len(seeds) > 1 else "")
+
+
+def _scale(preset: str, model_paths: Mapping[str, str | None] | None) -> _Scale:
+    if preset not in SCALES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    s = SCALES[preset]  # type: ignore[index]
+    if model_paths:
+        unknown = sorted(set(model_paths) - {"base", "sft", "dense"})
+        if unknown:
+            raise ValueError(f"model_paths keys must be base/sft/dense, got {unknown}")
+        s = dataclasses.replace(s, model_paths={**s.model_paths, **{k: v for k, v in model_paths.items() if v}})
+    return s
+
+
+def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str] | None = None,
+          model_paths: Mapping[str, str | None] | None = None, **overrides) -> dict[str, RunConfig]:  # fmt: skip
+    """Every RL cell of `preset`: {name: RunConfig}, in paper-table order.
+
+    seeds: a grid axis (names get `-s<seed>` when there are several). precisions: rollout
+    precisions to include (default: all of the preset's). model_paths: {"base"|"sft"|"dense": path}.
+    overrides: RunConfig fields applied to every cell (e.g. global_steps=3 for a smoke test).
+    """
+    s = _scale(preset, model_paths)
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be non-empty and distinct, got {seeds}")
+    precs = tuple(precisions) if precisions is not None else s.precisions
+    bad = [p for p in precs if p not in s.precisions]
+    if bad:
+        raise ValueError(f"preset {preset!r} has rollout precisions {s.precisions}, not {bad}")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown RunConfig override(s) {unknown}; known fields: {sorted(fields)}")
+    if {"name", "seed", "rollout_precision", "preset"} & set(overrides):
+        raise ValueError("name/seed/rollout_precision/preset are grid axes: use seeds=/precisions=/preset")
+    out: dict[str, RunConfig] = {}
+    for base, fn in CELLS.items():
+        for prec in precs:
+            for seed in seeds:
+                name = base + _suffix(prec, s, seed, seeds)
+                out[name] = fn(s).replace(name=name, seed=seed, rollout_precision=prec, **overrides)
+    return out
+
+
+def static_cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str] | None = None,
+                 model_paths: Mapping[str, str | None] | None = None) -> dict[str, StaticCell]:  # fmt: skip
+    """The static mismatch jobs of `preset`, one per rollout precision (and seed)."""
+    s = _scale(preset, model_paths)
+    seeds = tuple(seeds)
+    precs = tuple(precisions) if precisions is not None else s.precisions
+    out = {}
+    for prec in precs:
+        for seed in seeds:
+            name = "static" + _suffix(prec, s, seed, seeds)
+            out[name] = StaticCell(
+                name=name, preset=s.preset, precision=prec, seed=seed, model_moe=s.model_paths.get("sft"),
+                model_dense=s.model_paths.get("dense"), rollout_engine=s.rollout_engine,
+                train_engine=s.train_engine,
+            )  # fmt: skip
+    return out
+
+
+def select(names: Iterable[str], pattern: str | None) -> list[str]:
+    """Names matching any comma-separated glob in `pattern` (all when None)."""
+    names = list(names)
+    if not pattern:
+        return names
+    globs = [g.strip() for g in pattern.split(",") if g.strip()]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+
+# --- listing --------------------------------------------------------------------------------------
+def _fmt(x, spec: str = "") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def listing(preset: str, runs: Path, *, seeds=(0,), pattern: str | None = None, model_paths=None,
+            **overrides) -> list[dict]:  # fmt: skip
+    """One row per cell (RL cells, then the static parts) with key settings and state."""
+    from slurm.state import run_status, static_status
+
+    rows = []
+    for name, c in cells(preset, seeds=seeds, model_paths=model_paths, **overrides).items():
+        if name not in select([name], pattern):
+            continue
+        st = run_status(Path(runs) / name)
+        rows.append({
+            "cell": name, "model": c.model, "algo": c.algorithm + ("+tis" if c.tis else "") + ("+r3" if c.replay else ""),
+            "mini": c.mini_steps, "lr": f"{c.lr:g}", "rollout": c.rollout_precision,
+            "steps": f"{_fmt(st.last_step)}/{c.global_steps}", "state": st.state.value,
+            "best": _fmt(st.best_score, ".3f"), "collapse": _fmt(st.collapse_step), "detail": st.detail,
+        })  # fmt: skip
+    for name, sc in static_cells(preset, seeds=seeds, model_paths=model_paths).items():
+        if name not in select([name], pattern):
+            continue
+        st = static_status(sc.run_dir(runs))
+        for _key, label in STATIC_PARTS:
+            rows.append({
+                "cell": f"{name}: {label}", "model": "dense" if _key == "dense" else "sft",
+                "algo": "static", "mini": "-", "lr": "-", "rollout": sc.precision, "steps": "-",
+                "state": st.state.value, "best": "-", "collapse": "-", "detail": st.detail,
+            })  # fmt: skip
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["cell", "model", "algo", "mini", "lr", "rollout", "steps", "state", "best", "collapse", "detail"]
+    width = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    for kind in ("base", "sft", "dense"):
+        ap.add_argument(f"--model-{kind}", metavar="PATH", default=None,
+                        help=f"{kind} checkpoint (HF format); paper preset only, tiny uses the zoo")  # fmt: skip
+    ap.add_argument("--train-data", metavar="DIR", default=None,
+                    help="training prompts (a data_prep output); paper preset only")  # fmt: skip
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    return {"train_data": args.train_data} if getattr(args, "train_data", None) else {}
+
+
+def model_paths_from(args: argparse.Namespace) -> dict[str, str]:
+    return {k: getattr(args, f"model_{k}") for k in ("base", "sft", "dense") if getattr(args, f"model_{k}")}
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.grid", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="every cell with its key settings and state")
+    show = sub.add_parser("show", help="one cell's RunConfig as JSON")
+    show.add_argument("cell")
+    for p in (ls, show):
+        p.add_argument("--preset", choices=PRESETS, required=True)
+        p.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma-separated, e.g. 0,1,2")
+        add_model_flags(p)
+    ls.add_argument("--runs", type=Path, default=None, help="runs root (default runs/<preset>)")
+    ls.add_argument("--cells", default=None, help="comma-separated globs, e.g. 'sft-single-*'")
+    ls.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    a = ap.parse_args(argv)
+    mp = model_paths_from(a)
+    if a.cmd == "show":
+        all_cells = cells(a.preset, seeds=a.seeds, model_paths=mp, **overrides_from(a))
+        statics = static_cells(a.preset, seeds=a.seeds, model_paths=mp)
+        if a.cell in all_cells:
+            print(json.dumps(all_cells[a.cell].to_dict(), indent=2, sort_keys=True))
+        elif a.cell in statics:
+            print(json.dumps(statics[a.cell].to_dict(), indent=2, sort_keys=True))
+        else:
+            sys.exit(f"no cell {a.cell!r} in preset {a.preset!r}; cells: {', '.join([*all_cells, *statics])}")
+        return
+    runs = a.runs or Path("runs") / a.preset
+    rows = listing(a.preset, runs, seeds=a.seeds, pattern=a.cells, model_paths=mp, **overrides_from(a))
+    print(json.dumps(rows, indent=1) if a.json else format_rows(rows))
+    if not a.json:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["state"]] = counts.get(r["state"], 0) + 1
+        print(f"\n{len(rows)} rows under {runs}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The embedded mode's synthetic verifiable task: integer arithmetic with a chain of thought.
+
+A problem is an expression such as `76+6*2-1` (2-4 operands of 1-2 digits at the default
+difficulty, operators + - *, products first, then left to right). Its solution is a chain of
+thought of one step per operation, each `a op b = c` closed by a dot, and the final answer
+boxed, the format graded by the project's grader (eval.grader: last `\\boxed{}` + math-verify):
+
+    prompt    "76+6*2-1\\n"
+    response  "6*2=12.76+12=88.88-1=87.\\boxed{87}" then EOS
+
+Problems are a pure function of (seed, index, difficulty): the held-out split is indices
+0..n-1 of a held-out stream; the training stream skips every expression in the held-out
+split, so the two never overlap, and a sampler's position is just an integer (exact resume).
+
+The tokenizer is character level (the `tokenizers` library), with `\\boxed{` as one token;
+`build_tokenizer()` returns a transformers tokenizer that is saved with every zoo model.
+
+Departure from the paper: the paper trains on ~100k real math problems (Big-Math, ORZ);
+this task stands in for them so that a 2M-parameter model can learn it in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator
+
+DIFFICULTY: dict[int, tuple[int, int, int, str]] = {
+    # level: (min operands, max operands, max digits, operators)
+    1: (2, 3, 1, "+-"),
+    2: (2, 4, 2, "+-*"),  # the calibrated default (issue 3)
+    3: (3, 5, 2, "+-*"),
+    4: (3, 6, 3, "+-*"),
+}
+BOXED = "\\boxed{"
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+ALPHABET = list("0123456789+-*=.\n}") + [BOXED]
+HELDOUT_STREAM = 1_000_003  # seed offset of the held-out stream (any constant far from 0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One synthetic problem with its worked solution."""
+
+    id: str
+    problem: str
+    """The expression, e.g. `76+6*2-1`."""
+    answer: str
+    """The integer value as text, e.g. `87`."""
+    solution: str
+    """Chain of thought ending in `\\boxed{answer}` (no EOS)."""
+
+    def row(self) -> dict[str, str]:
+        """The benchmark row shape (eval.benchmarks): id, problem, answer."""
+        return {"id": self.id, "problem": self.problem, "answer": self.answer}
+
+
+def _check_difficulty(difficulty: int) -> tuple[int, int, int, str]:
+    if difficulty not in DIFFICULTY:
+        raise ValueError(
+            f"task difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r} "
+            f"(RunConfig.task_difficulty / ZooConfig.difficulty)"
+        )
+    return DIFFICULTY[difficulty]
+
+
+def solve(operands: list[int], ops: list[str]) -> tuple[int, str]:
+    """Evaluate with products first, then + and - left to right; return (value, chain of thought)."""
+    if len(ops) != len(operands) - 1:
+        raise ValueError(f"{len(operands)} operands need {len(operands) - 1} operators, got {len(ops)}")
+    steps: list[str] = []
+    terms: list[int] = [operands[0]]  # the additive terms after the products are folded
+    signs: list[str] = ["+"]
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            prod = terms[-1] * x
+            steps.append(f"{terms[-1]}*{x}={prod}.")
+            terms[-1] = prod
+        else:
+            terms.append(x)
+            signs.append(op)
+    acc = terms[0]
+    for sign, t in zip(signs[1:], terms[1:]):
+        new = acc + t if sign == "+" else acc - t
+        steps.append(f"{acc}{sign}{t}={new}.")
+        acc = new
+    return acc, "".join(steps) + f"{BOXED}{acc}}}"
+
+
+def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train") -> Problem:
+    """The problem at `index` of the stream `seed` (deterministic: no global RNG)."""
+    lo, hi, digits, opset = _check_difficulty(difficulty)
+    rng = random.Random(f"{seed}:{index}:{difficulty}")
+    n = rng.randint(lo, hi)
+    operands = [rng.randint(1 if digits == 1 else 0, 10**rng.randint(1, digits) - 1) for _ in range(n)]
+    ops = [rng.choice(opset) for _ in range(n - 1)]
+    expr = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
+    value, solution = solve(operands, ops)
+    return Problem(id=f"{prefix}-{seed}-{difficulty}-{index}", problem=expr, answer=str(value), solution=solution)
+
+
+def heldout_problems(n: int = 512, *, seed: int = 0, difficulty: int = 2) -> list[Problem]:
+    """The held-out split: the first n problems of the held-out stream of `seed`."""
+    return [make_problem(seed + HELDOUT_STREAM, i, difficulty, prefix="heldout") for i in range(n)]
+
+
+def heldout_rows(n: int = 512, *, seed: int = 0, difficulty: int = 2) -> list[dict[str, str]]:
+    """Benchmark rows (id, problem, answer) of the held-out split, for eval.benchmarks."""
+    return [p.row() for p in heldout_problems(n, seed=seed, difficulty=difficulty)]
+
+
+class TrainStream:
+    """Training problems in a fixed order that skips held-out expressions; `position` is the state."""
+
+    def __init__(self, *, seed: int, difficulty: int, heldout_n: int = 512, position: int = 0):
+        self.seed, self.difficulty, self.position = seed, difficulty, position
+        self._heldout = {p.problem for p in heldout_problems(heldout_n, seed=seed, difficulty=difficulty)}
+
+    def next(self) -> Problem:
+        while True:
+            p = make_problem(self.seed, self.position, self.difficulty)
+            self.position += 1
+            if p.problem not in self._heldout:
+                return p
+
+    def take(self, n: int) -> list[Problem]:
+        return [self.next() for _ in range(n)]
+
+    def __iter__(self) -> Iterator[Problem]:
+        while True:
+            yield self.next()
+
+
+def format_prompt(problem: str) -> str:
+    """The prompt text of a problem (the `arith` template: the expression and a newline)."""
+    return f"{problem}\n"
+
+
+def build_tokenizer():
+    """Character-level tokenizer over the task alphabet (`\\boxed{` one token), BOS prepended.
+
+    Returns a transformers `PreTrainedTokenizerFast` (saved with each zoo model).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + ALPHABET)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # `\boxed{` first so it wins over the single backslash; every other character alone.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left"
+    )
+
+
+def register_benchmark(*, n: int = 512, seed: int = 0, difficulty: int = 2) -> None:
+    """Register benchmark `synthetic` (held-out split) and template `arith` with the eval package."""
+    from eval import benchmarks, templates
+
+    benchmarks.register("synthetic", lambda: heldout_rows(n, seed=seed, difficulty=difficulty))
+    if hasattr(templates, "register"):
+        templates.register("arith", format_prompt)

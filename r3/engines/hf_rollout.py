@@ -1,0 +1,181 @@
+"""In-process transformers rollout engine (embedded mode): bf16 / fp8 / fp32 numerics, KV cache.
+
+Implements `r3.engines.base.RolloutEngine`. It plays the paper's inference engine (SGLang): its
+numerics differ from the fp32 training engine (`r3.engines.hf_train`), so a real
+training-inference mismatch exists, and it records the routing of every fed token (one row per
+fed token: T = prompt + response - 1, DESIGN.md invariant 1) through `r3.hf_replay`.
+
+Decoding is a hand-written loop over the model's forward with a `DynamicCache` (one prefill
+call, one call per decoded token), not `GenerationMixin.generate`: it samples from a seeded
+`torch.Generator` (reproducible), returns the logprob it sampled from, and avoids generate's
+per-step logits-processor machinery. Left padding with explicit position ids.
+
+Departures from the paper's engine: logprobs are those of the temperature-scaled distribution
+before top-p truncation (what vLLM/SGLang return by default); temperature 0 is greedy and reports
+the logprob under temperature 1. The fp8 engine computes in bf16 with fp8-quantised weights
+(r3.engines.fp8), like an FP8 serving engine with per-channel weight scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from r3.engines.base import RolloutSample, SamplingParams
+from r3.engines.fp8 import Fp8Scope, apply_fp8
+from r3.hf_replay import RoutingReplay, find_moe_blocks
+
+Precision = Literal["fp32", "bf16", "fp8"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def load_causal_lm(model_path_or_model: str | Path | nn.Module) -> nn.Module:
+    """A fresh fp32 copy of the model (a path is loaded with transformers, a module is deep-copied)."""
+    if isinstance(model_path_or_model, nn.Module):
+        return copy.deepcopy(model_path_or_model).float()
+    return AutoModelForCausalLM.from_pretrained(str(model_path_or_model), dtype=torch.float32)
+
+
+class HFRolloutEngine:
+    """Batched sampling with a KV cache; records routing when asked."""
+
+    def __init__(
+        self,
+        model_path_or_model: str | Path | nn.Module,
+        *,
+        precision: Precision = "bf16",
+        device: str = "cpu",
+        fp8_scope: Fp8Scope = "router",
+        seed: int = 0,
+    ):
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        self.precision = precision
+        self.fp8_scope = fp8_scope
+        self.device = torch.device(device)
+        self.model = load_causal_lm(model_path_or_model).to(self.device, _DTYPES[precision]).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if precision == "fp8":
+            apply_fp8(self.model, fp8_scope)
+        self.replay = RoutingReplay(self.model) if find_moe_blocks(self.model) else None
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        cfg = self.model.config
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        eos = cfg.eos_token_id
+        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+    # --- weight sync --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy trainer weights (transformers names, any dtype) in; re-quantise for fp8."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state_dict and not self._is_tied(k)]
+        unknown = [k for k in state_dict if k not in own]
+        if missing or unknown:
+            raise ValueError(
+                f"sync_weights: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unknown)} unknown keys "
+                f"(e.g. {unknown[:3]}); likely cause: the trainer's model is not this architecture"
+            )
+        for k, v in state_dict.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"sync_weights: {k} has shape {tuple(v.shape)}, engine expects {tuple(own[k].shape)}")
+            own[k].copy_(v.to(own[k].dtype))
+        if self.precision == "fp8":
+            apply_fp8(self.model, self.fp8_scope)
+
+    def _is_tied(self, key: str) -> bool:
+        return key == "lm_head.weight" and bool(getattr(self.model.config, "tie_word_embeddings", False))
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+        """Returns (tokens [B], logprobs float32 [B]) from the temperature-scaled distribution."""
+        logits_BV = logits_BV.float()
+        if params.temperature == 0:
+            logp_BV = torch.log_softmax(logits_BV, dim=-1)
+            tok_B = logp_BV.argmax(dim=-1)
+            return tok_B, logp_BV.gather(1, tok_B[:, None])[:, 0]
+        logp_BV = torch.log_softmax(logits_BV / params.temperature, dim=-1)
+        probs_BV = logp_BV.exp()
+        if params.top_p < 1.0:
+            sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+            # drop a token when the mass before it already reaches top_p (the first is always kept)
+            drop_BV = (sorted_BV.cumsum(dim=-1) - sorted_BV) >= params.top_p
+            sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
+            probs_BV = torch.zeros_like(probs_BV).scatter_(1, order_BV, sorted_BV)
+        tok_B = torch.multinomial(probs_BV, 1, generator=gen)[:, 0]
+        return tok_B, logp_BV.gather(1, tok_B[:, None])[:, 0]
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
+    ) -> list[RolloutSample]:
+        """One sample per prompt. Routing (when captured): [len(prompt) + len(response) - 1, L, K]."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params.temperature}, {params.top_p}")
+        gen = self.generator
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        B, P, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
+        dev = self.device
+        input_ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask_BS = torch.zeros(B, P + N, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids_BP[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask_BS[b, P - len(p):P] = 1
+        input_ids_BP, mask_BS = input_ids_BP.to(dev), mask_BS.to(dev)
+        pos_BP = (mask_BS[:, :P].cumsum(-1) - 1).clamp(min=0)
+        stop = torch.tensor(sorted(set(self.eos_ids) | set(params.stop_token_ids)) or [-1], device=dev)
+        record = capture_routing and self.replay is not None
+        ctx = self.replay.recording() if record else contextlib.nullcontext()
+        tokens, logps = [], []
+        active_B = torch.ones(B, dtype=torch.bool, device=dev)
+        n_resp_B = torch.zeros(B, dtype=torch.long, device=dev)
+        stopped_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        with ctx:
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=input_ids_BP, attention_mask=mask_BS[:, :P], position_ids=pos_BP,
+                             cache=cache, use_cache=True, logits_to_keep=1)
+            next_pos_B1 = pos_BP[:, -1:] + 1
+            for step in range(N):
+                tok_B, lp_B = self._sample(out.logits[:, -1], params, gen)
+                tok_B = torch.where(active_B, tok_B, torch.full_like(tok_B, self.pad_id))
+                tokens.append(tok_B)
+                logps.append(lp_B)
+                n_resp_B += active_B
+                mask_BS[:, P + step] = active_B
+                hit_B = active_B & torch.isin(tok_B, stop)
+                stopped_B |= hit_B
+                active_B = active_B & ~hit_B
+                if step == N - 1 or not bool(active_B.any()):
+                    break
+                out = self.model(input_ids=tok_B[:, None], attention_mask=mask_BS[:, : P + step + 1],
+                                 position_ids=next_pos_B1, cache=cache, use_cache=True)
+                next_pos_B1 = next_pos_B1 + 1
+            traces = self.replay.recorded_traces(mask_BS[:, : P + len(tokens)]) if record else None
+        tok_BN = torch.stack(tokens, dim=1).cpu()
+        lp_BN = torch.stack(logps, dim=1).float().cpu()
+        n_resp = n_resp_B.tolist()
+        stopped = stopped_B.tolist()
+        samples = []
+        for b, p in enumerate(prompts):
+            n = n_resp[b]
+            samples.append(RolloutSample(
+                prompt_ids=list(p),
+                response_ids=tok_BN[b, :n].tolist(),
+                logprobs_R=lp_BN[b, :n].clone(),
+                expert_ids_TLK=traces[b].cpu() if traces is not None else None,
+                finish_reason="stop" if stopped[b] else "length",
+            ))
+        return samples

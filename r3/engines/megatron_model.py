@@ -1,0 +1,301 @@
+"""A megatron-core GPTModel equivalent to a transformers Qwen3-MoE (or dense Qwen3) model.
+
+- `transformer_config_from_hf(hf_config, ...)`: the megatron `TransformerConfig` of the same
+  architecture: RMSNorm, q/k RMSNorm per head (`qk_layernorm`), RoPE (theta from the config),
+  SwiGLU experts, softmax router, no shared expert, no auxiliary loss (the paper trains RL
+  without the balancing loss), untied or tied embeddings as in the config.
+- `build_gpt_model(hf_config, ...)`: the GPTModel (megatron's local, TE-free layer spec).
+- `hf_to_megatron(hf_sd, hf_config)` / `megatron_to_hf(mg_sd, hf_config)`: weight conversion
+  both directions (transformers 5.x in-memory names: fused `experts.gate_up_proj [E, 2I, H]`).
+- `gpt_logits(model, input_ids_BS)`: logits [B, S, V] for right-padded batches.
+
+Router equivalence (transformers Qwen3MoeTopKRouter vs megatron topk_routing_with_score_function):
+norm_topk_prob=True: softmax over E, top-k, renormalise == top-k on logits, softmax over the k
+logits (megatron `moe_router_pre_softmax=False`; same selection, since softmax is monotone, and
+the same weights, since renormalised softmax over a subset is the softmax of that subset).
+norm_topk_prob=False: softmax over E then top-k, no renormalisation (`moe_router_pre_softmax=True`).
+
+Megatron names are those of the local spec (SequentialMLP experts `local_experts.{e}`), the only
+spec that builds without Transformer Engine. The TE spec's names (fused layer norms, grouped
+experts) are not converted here: cluster runs need that mapping added (untested here).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from r3.megatron_compat import cpu_device_scope, init_single_process
+
+
+def _head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def _is_moe(hf_config) -> bool:
+    return getattr(hf_config, "num_experts", 0) and hf_config.model_type == "qwen3_moe"
+
+
+def moe_layer_pattern(hf_config) -> list[int]:
+    """1 where decoder layer i has a sparse MoE block, 0 for a dense MLP (transformers'
+    Qwen3MoeDecoderLayer rule: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0)."""
+    if not _is_moe(hf_config):
+        return [0] * hf_config.num_hidden_layers
+    only = set(hf_config.mlp_only_layers or [])
+    step = hf_config.decoder_sparse_step
+    return [int(i not in only and (i + 1) % step == 0) for i in range(hf_config.num_hidden_layers)]
+
+
+def _check_supported(hf_config) -> None:
+    errors = []
+    if hf_config.model_type not in ("qwen3_moe", "qwen3"):
+        errors.append(f"model_type {hf_config.model_type!r} (supported: 'qwen3_moe', 'qwen3')")
+    if hf_config.hidden_act != "silu":
+        errors.append(f"hidden_act {hf_config.hidden_act!r} (SwiGLU needs 'silu')")
+    if getattr(hf_config, "attention_bias", False):
+        errors.append("attention_bias=True (Qwen3 has no attention bias; o_proj bias has no megatron slot here)")
+    if getattr(hf_config, "attention_dropout", 0.0):
+        errors.append(f"attention_dropout={hf_config.attention_dropout} (the CPU RNG shim requires 0)")
+    if getattr(hf_config, "use_sliding_window", False):
+        errors.append("use_sliding_window=True")
+    rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default"}
+    if rope.get("rope_type", "default") != "default":
+        errors.append(f"rope_type {rope.get('rope_type')!r} (only plain RoPE is mapped)")
+    if errors:
+        raise ValueError("cannot build a megatron GPTModel for this config: " + "; ".join(errors))
+
+
+def _rope_theta(hf_config) -> float:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def transformer_config_from_hf(
+    hf_config,
+    *,
+    routing_replay: bool = True,
+    recompute: bool = False,
+    router_fusion: bool = False,
+    token_dispatcher: str | None = None,
+    router_dtype: str | None = None,
+):
+    """megatron TransformerConfig for a Qwen3-MoE / Qwen3 transformers config, fp32.
+
+    routing_replay: build a RouterReplay per MoE layer (`moe_enable_routing_replay`); with no
+        action set it routes natively, so it is on by default.
+    recompute: full activation recompute of every layer (megatron `recompute_granularity=
+        "full"`, uniform, 1 layer per chunk); the router then runs again inside backward.
+    router_fusion: megatron's fused top-k kernel (needs TE). It bypasses RouterReplay (the
+        fused path returns before the replay hook in topk_routing_with_score_function), so it
+        is refused together with replay.
+    token_dispatcher: "allgather" (default without CUDA: "alltoall" creates a CUDA stream)
+        or "alltoall" (default with CUDA).
+    router_dtype: megatron `moe_router_dtype` (None: the input dtype, as transformers does).
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _check_supported(hf_config)
+    if router_fusion and routing_replay:
+        raise ValueError(
+            "moe_router_fusion=True bypasses megatron's RouterReplay (the fused top-k kernel "
+            "never calls the replay hook), so replayed routing would be silently ignored; "
+            "set router_fusion=False when routing replay is on (DESIGN.md invariant 3)"
+        )
+    if token_dispatcher is None:
+        token_dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
+    kw = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=_head_dim(hf_config),
+        ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Weights are loaded from the transformers model right after construction.
+        perform_initialization=False,
+        # Fused kernels need CUDA/TE/Apex; the unfused torch paths are the reference maths.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if _is_moe(hf_config):
+        kw.update(
+            num_moe_experts=hf_config.num_experts,
+            moe_router_topk=hf_config.num_experts_per_tok,
+            moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+            moe_layer_freq=moe_layer_pattern(hf_config),
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not hf_config.norm_topk_prob,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type=token_dispatcher,
+            moe_grouped_gemm=False,
+            moe_enable_routing_replay=routing_replay,
+            moe_router_fusion=router_fusion,
+            moe_router_dtype=router_dtype,
+        )
+    if recompute:
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kw)
+
+
+def build_gpt_model(hf_config, **config_kw):
+    """An (uninitialised) megatron GPTModel of the same architecture; see
+    transformer_config_from_hf for config_kw. Starts the single-process CPU state if needed."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    init_single_process()
+    config = transformer_config_from_hf(hf_config, **config_kw)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    with cpu_device_scope():
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=hf_config.vocab_size,
+            max_sequence_length=hf_config.max_position_embeddings,
+            position_embedding_type="rope",
+            rotary_base=_rope_theta(hf_config),
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            pre_process=True,
+            post_process=True,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# weight conversion
+
+
+def _qkv_pack(q_QH, k_GH, v_GH, n_heads: int, n_groups: int, d: int) -> torch.Tensor:
+    """megatron linear_qkv layout: per query group g, [q heads of g | k_g | v_g] (rows)."""
+    h = q_QH.shape[-1]
+    q = q_QH.reshape(n_groups, n_heads // n_groups * d, h)
+    k = k_GH.reshape(n_groups, d, h)
+    v = v_GH.reshape(n_groups, d, h)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h)
+
+
+def _qkv_unpack(qkv, n_heads: int, n_groups: int, d: int):
+    h = qkv.shape[-1]
+    per = n_heads // n_groups * d
+    x = qkv.reshape(n_groups, per + 2 * d, h)
+    q, k, v = x.split([per, d, d], dim=1)
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+    """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict."""
+    nh, ng, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, _head_dim(hf_config)
+    out = {"embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"]}
+    for i, moe in enumerate(moe_layer_pattern(hf_config)):
+        a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = hf_sd[a + "input_layernorm.weight"]
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_pack(
+            hf_sd[a + "self_attn.q_proj.weight"], hf_sd[a + "self_attn.k_proj.weight"],
+            hf_sd[a + "self_attn.v_proj.weight"], nh, ng, d,
+        )
+        out[m + "self_attention.linear_proj.weight"] = hf_sd[a + "self_attn.o_proj.weight"]
+        out[m + "self_attention.q_layernorm.weight"] = hf_sd[a + "self_attn.q_norm.weight"]
+        out[m + "self_attention.k_layernorm.weight"] = hf_sd[a + "self_attn.k_norm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf_sd[a + "post_attention_layernorm.weight"]
+        if moe:
+            out[m + "mlp.router.weight"] = hf_sd[a + "mlp.gate.weight"]
+            gate_up_EFH, down_EHI = hf_sd[a + "mlp.experts.gate_up_proj"], hf_sd[a + "mlp.experts.down_proj"]
+            for e in range(gate_up_EFH.shape[0]):
+                # transformers: gate, up = linear(x, gate_up_proj[e]).chunk(2); megatron GLU:
+                # act(chunk 0) * chunk 1 of linear_fc1 -> identical row layout [gate; up].
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up_EFH[e]
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = down_EHI[e]
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [hf_sd[a + "mlp.gate_proj.weight"], hf_sd[a + "mlp.up_proj.weight"]], dim=0
+            )
+            out[m + "mlp.linear_fc2.weight"] = hf_sd[a + "mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"]
+    if not hf_config.tie_word_embeddings:
+        out["output_layer.weight"] = hf_sd["lm_head.weight"]
+    return out
+
+
+def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+    """megatron GPTModel (local spec) state dict -> transformers Qwen3(-MoE) state dict
+    (`_extra_state` entries are dropped). Tensors are detached copies' views: clone before
+    mutating."""
+    nh, ng, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, _head_dim(hf_config)
+    sd = {k: v.detach() for k, v in mg_sd.items() if not k.endswith("_extra_state")}
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
+    expert_re = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc1\.weight$")
+    for i, moe in enumerate(moe_layer_pattern(hf_config)):
+        a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[a + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
+        q, k, v = _qkv_unpack(sd[m + "self_attention.linear_qkv.weight"], nh, ng, d)
+        out[a + "self_attn.q_proj.weight"], out[a + "self_attn.k_proj.weight"] = q, k
+        out[a + "self_attn.v_proj.weight"] = v
+        out[a + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
+        out[a + "self_attn.q_norm.weight"] = sd[m + "self_attention.q_layernorm.weight"]
+        out[a + "self_attn.k_norm.weight"] = sd[m + "self_attention.k_layernorm.weight"]
+        out[a + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
+        if moe:
+            n_exp = sum(1 for key in sd if key.startswith(m) and expert_re.search(key))
+            if n_exp != hf_config.num_experts:
+                raise ValueError(
+                    f"layer {i}: found {n_exp} local experts in the megatron state dict, expected "
+                    f"{hf_config.num_experts}; likely cause: expert parallelism (EP > 1) shards "
+                    f"experts across ranks: gather them before converting"
+                )
+            out[a + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
+            ex = m + "mlp.experts.local_experts."
+            out[a + "mlp.experts.gate_up_proj"] = torch.stack([sd[f"{ex}{e}.linear_fc1.weight"] for e in range(n_exp)])
+            out[a + "mlp.experts.down_proj"] = torch.stack([sd[f"{ex}{e}.linear_fc2.weight"] for e in range(n_exp)])
+        else:
+            gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[a + "mlp.gate_proj.weight"], out[a + "mlp.up_proj.weight"] = gate, up
+            out[a + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
+    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
+    out["lm_head.weight"] = sd["embedding.word_embeddings.weight" if hf_config.tie_word_embeddings else "output_layer.weight"]
+    return out
+
+
+def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config) -> None:
+    """Copy transformers weights into a megatron GPTModel; every parameter must be covered."""
+    mg_sd = hf_to_megatron(hf_sd, hf_config)
+    missing, unexpected = model.load_state_dict(mg_sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(
+            f"weight conversion mismatch: megatron parameters without a transformers source "
+            f"{missing[:8]} ({len(missing)}), converted names megatron does not have "
+            f"{list(unexpected)[:8]} ({len(unexpected)}); likely cause: a layer spec other than "
+            f"megatron's local spec (e.g. Transformer Engine names)"
+        )
+
+
+def gpt_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Logits [B, S, V] of a right-padded batch (float32 on CPU).
+
+    Right padding needs no padding mask: a real token never attends to a later position. The
+    causal mask is passed explicitly (True = masked) because megatron's default one is built on
+    "cuda". Inside the model the token rows are seq-major ([S, B]), see megatron_replay.py.
+    """
+    b, s = input_ids_BS.shape
+    dev = input_ids_BS.device
+    position_ids_BS = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+    causal_11SS = torch.ones(s, s, dtype=torch.bool, device=dev).triu(1)[None, None]
+    with cpu_device_scope():
+        return model(input_ids_BS, position_ids_BS, attention_mask=causal_11SS)

@@ -1,0 +1,216 @@
+"""MegatronTrainEngine: the TrainEngine protocol (r3.engines.base) on a megatron-core GPTModel.
+
+The model is built from a transformers Qwen3-MoE (or dense Qwen3) model and its weights
+(r3.engines.megatron_model); routing replay drives megatron's own RouterReplay through a
+per-engine handle (r3.megatron_replay). fp32 throughout.
+
+Departures from a full Megatron training stack (say so where it matters):
+- Optimizer: plain `torch.optim.AdamW` over the GPTModel parameters and
+  `torch.nn.utils.clip_grad_norm_`, not megatron's DistributedOptimizer (it needs the megatron
+  DDP wrapper with contiguous grad buffers and CUDA); with one process the maths is the same.
+  A step whose gradient norm is not finite is skipped (megatron's optimizer skips on found_inf).
+- Single process on CPU (gloo, world size 1; r3.megatron_compat). TP/EP/PP are not exercised.
+- Entropy in train_step is computed without gradient (a metric, not a loss term).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from r3.engines.base import LogprobResult, LossFn, TrainBatch
+from r3.engines.megatron_model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
+from r3.megatron_compat import cpu_device_scope
+from r3.megatron_replay import MegatronRouterReplay
+from r3.replay import ReplayMode
+from r3.trace import RoutingSpec
+
+CHECKPOINT_FILE = "megatron_train_engine.pt"
+"""File written inside the directory passed to save()/load()."""
+_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok")
+
+
+def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, *, with_entropy: bool):
+    """logp_BT[b, t] = log p(input_ids[b, t+1] | prefix) and (optionally) the predictive entropy
+    H_BT = -sum_v p log p at t, T = S - 1. Returns (logp_BT, entropy_BT or None), float32."""
+    logp_BTV = torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1)
+    logp_BT = logp_BTV.gather(-1, input_ids_BS[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy_BT = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return logp_BT, entropy_BT
+
+
+class MegatronTrainEngine:
+    """See the module docstring. `hf_model_or_path`: a transformers Qwen3MoeForCausalLM /
+    Qwen3ForCausalLM, or a directory it can be loaded from (`from_pretrained`, fp32)."""
+
+    def __init__(
+        self,
+        hf_model_or_path,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        micro_batch: int = 0,
+        seed: int = 0,
+        recompute: bool = False,
+    ):
+        if isinstance(hf_model_or_path, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            hf_model_or_path = AutoModelForCausalLM.from_pretrained(str(hf_model_or_path), dtype=torch.float32)
+        if micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: whole mini-batch), got {micro_batch}")
+        self.hf_config = hf_model_or_path.config
+        self.micro_batch, self.grad_clip, self.recompute = micro_batch, grad_clip, recompute
+        torch.manual_seed(seed)
+        self.is_moe = self.hf_config.model_type == "qwen3_moe"
+        self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute)
+        load_hf_weights(self.model, hf_model_or_path.state_dict(), self.hf_config)
+        self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
+        self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.steps = 0
+
+    # --- batch handling ---------------------------------------------------------------------
+    def _check_batch(self, batch: TrainBatch, replay: bool) -> None:
+        ids, am = batch.input_ids_BS, batch.attention_mask_BS
+        if ids.ndim != 2 or am.shape != ids.shape:
+            raise ValueError(f"input_ids_BS {tuple(ids.shape)} and attention_mask_BS {tuple(am.shape)} must be equal [B, S]")
+        B, S = ids.shape
+        if S < 2:
+            raise ValueError(f"sequences need >= 2 tokens to have a target, got S={S}")
+        if batch.loss_mask_BT.shape != (B, S - 1):
+            raise ValueError(f"loss_mask_BT has shape {tuple(batch.loss_mask_BT.shape)}, expected ({B}, {S - 1}) = [B, S-1]")
+        am = am.bool()
+        if (am[:, 1:] & ~am[:, :-1]).any():
+            raise ValueError("attention_mask_BS is not right-padded (a real token follows padding); "
+                             "the megatron engine uses causal masking only: right-pad the batch")
+        if replay:
+            if not self.is_moe:
+                raise ValueError("replay=True but the model is dense: it has no router to replay")
+            if batch.expert_ids_BTLK is None:
+                raise ValueError("replay=True but batch.expert_ids_BTLK is None: the rollout did not capture routing")
+
+    def _row_slices(self, B: int) -> list[slice]:
+        n = self.micro_batch or B
+        return [slice(i, min(i + n, B)) for i in range(0, B, n)]
+
+    def _session(self, mode: ReplayMode, batch: TrainBatch, rows: slice, *, recompute: bool):
+        b, s = batch.input_ids_BS[rows].shape
+        ids = batch.expert_ids_BTLK[rows] if mode is ReplayMode.REPLAY else None
+        return self.replay.session(mode, batch_size=b, seq_len=s, expert_ids_BTLK=ids, recompute=recompute)
+
+    # --- TrainEngine protocol -----------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(
+        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+    ) -> LogprobResult:
+        self._check_batch(batch, replay)
+        if record_routing and not self.is_moe:
+            raise ValueError("record_routing=True but the model is dense: there is no routing to record")
+        self.model.eval()
+        mode = ReplayMode.REPLAY if replay else (ReplayMode.RECORD if record_routing else ReplayMode.OFF)
+        logps, ents, recs = [], [], []
+        for rows in self._row_slices(batch.input_ids_BS.shape[0]):
+            ids_BS = batch.input_ids_BS[rows]
+            if self.is_moe:
+                with self._session(mode, batch, rows, recompute=False) as sess:
+                    logits = gpt_logits(self.model, ids_BS)
+                    sess.end_forward()
+                    if mode is ReplayMode.RECORD:
+                        recs.append(sess.recorded_BTLK())
+            else:
+                logits = gpt_logits(self.model, ids_BS)
+            logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
+            logps.append(logp_BT)
+            ents.append(ent_BT)
+        expert_ids = None
+        if record_routing:  # when replaying, the routing used is the replayed one
+            expert_ids = batch.expert_ids_BTLK.to(torch.int64) if replay else torch.cat(recs)
+        return LogprobResult(
+            logp_BT=torch.cat(logps), entropy_BT=torch.cat(ents) if with_entropy else None, expert_ids_BTLK=expert_ids
+        )
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
+        """Forward (replaying when asked; with recompute the router replays again in backward via
+        REPLAY_BACKWARD), loss_fn per micro-batch, backward (gradients summed over micro-batches),
+        clip, AdamW step. Metrics: loss_fn's metrics averaged over micro-batches weighted by
+        rows, `actor/loss` = sum of micro-batch losses (loss_fn normalises by the mini-batch),
+        `actor/grad_norm` (before clipping), `actor/lr`, `actor/step_skipped`."""
+        self._check_batch(batch, replay)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        B = batch.input_ids_BS.shape[0]
+        mode = ReplayMode.REPLAY if replay else ReplayMode.OFF
+        totals: dict[str, float] = {}
+        loss_total = 0.0
+        for rows in self._row_slices(B):
+            ids_BS = batch.input_ids_BS[rows]
+            with cpu_device_scope():  # the activation-recompute forward runs inside backward
+                if self.is_moe:
+                    with self._session(mode, batch, rows, recompute=self.recompute) as sess:
+                        logits = gpt_logits(self.model, ids_BS)
+                        sess.end_forward()
+                        logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
+                        loss, metrics = loss_fn(logp_BT, ent_BT, rows)
+                        loss.backward()
+                else:
+                    logits = gpt_logits(self.model, ids_BS)
+                    logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
+                    loss, metrics = loss_fn(logp_BT, ent_BT, rows)
+                    loss.backward()
+            weight = (rows.stop - rows.start) / B
+            loss_total += float(loss.detach())
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + weight * float(v)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.steps += 1
+        totals.update({
+            "actor/loss": loss_total,
+            "actor/grad_norm": grad_norm,
+            "actor/lr": self.optimizer.param_groups[0]["lr"],
+            "actor/step_skipped": float(skipped),
+        })
+        return totals
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """Current weights in transformers naming (cloned: safe to hand to another engine)."""
+        return {k: v.clone() for k, v in megatron_to_hf(self.model.state_dict(), self.hf_config).items()}
+
+    def save(self, path: str) -> None:
+        """Model, optimizer and step count in `path`/megatron_train_engine.pt (directory created)."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+            "shape": {k: getattr(self.hf_config, k, None) for k in _SHAPE_KEYS},
+        }
+        tmp = d / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(d / CHECKPOINT_FILE)
+
+    def load(self, path: str) -> None:
+        f = Path(path) / CHECKPOINT_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save)")
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        for key in _SHAPE_KEYS:
+            saved, now = state["shape"].get(key), getattr(self.hf_config, key, None)
+            if saved != now:
+                raise ValueError(f"checkpoint {f} has {key}={saved}, this engine's model has {now}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = state["steps"]

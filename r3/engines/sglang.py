@@ -1,0 +1,293 @@
+"""SGLang rollout engine: an HTTP client of SGLang servers implementing RolloutEngine (cluster mode).
+
+Built against SGLang's documented native API (docs "Native APIs" and "Sampling Parameters";
+`GenerateReqInput` / `UpdateWeightFromDiskReqInput` in sglang/srt/managers/io_struct.py):
+- POST /generate with `input_ids` (a batch: list of lists), `sampling_params` (max_new_tokens,
+  temperature, top_p, stop_token_ids; a list of dicts when per-prompt seeds are sent as
+  `sampling_seed`), `return_logprob: true`, and for routing capture `return_routed_experts:
+  true` + `routed_experts_start_len: 0` (the server must run with --enable-return-routed-experts).
+  The response is a list (one object per prompt) with `meta_info.output_token_logprobs` =
+  [[logprob, token_id, text|null], ...] for the generated tokens (logprobs after temperature
+  unless the server sets SGLANG_RETURN_ORIGINAL_LOGPROB: do not), `meta_info.finish_reason` =
+  {"type": "stop"|"length"|"abort", ...}, and `meta_info.routed_experts` = base64 of raw
+  little-endian int32 of logical shape (seqlen - 1 - start_len, num_layers, top_k): the last token
+  is never fed, so it has no row (DESIGN invariant 1). Decoded by r3.trace.from_sglang.
+- POST /update_weights_from_disk {"model_path", "weight_version"} -> {"success", "message"}.
+- GET /health -> 200 when the server is up.
+Standard library only (urllib + concurrent.futures). Batches go round-robin to the servers,
+several in flight per server; connection errors and 502/503/504 are retried with exponential
+backoff. The transport is injectable, so the client is tested against recorded request/response
+bodies without a server (tests/r3/test_r3_sglang_client.py); it has not run against a real server
+here (no GPU): untested end to end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import http.client
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r3.engines.base import RolloutSample, SamplingParams
+from r3.trace import RoutingSpec, from_sglang
+
+Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
+"""(method, url, json body or None, timeout s) -> (HTTP status, parsed JSON or text). Raises
+ConnectionError / TimeoutError / OSError when the server cannot be reached."""
+
+_RETRY_STATUS = (502, 503, 504)
+
+
+class SGLangError(RuntimeError):
+    """The server answered, but not as the protocol requires."""
+
+
+def urllib_transport(method: str, url: str, body: dict | None, timeout_s: float) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:  # an HTTP answer (4xx/5xx): not a connection problem
+        status, raw = e.code, e.read()
+    except urllib.error.URLError as e:
+        raise ConnectionError(f"{method} {url}: {e.reason}") from e
+    except (http.client.HTTPException, socket.timeout) as e:
+        raise ConnectionError(f"{method} {url}: {type(e).__name__}: {e}") from e
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+class SGLangRolloutEngine:
+    """RolloutEngine over one or more SGLang servers (r3.engines.base.RolloutEngine)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        tokenizer_or_none: Any = None,
+        routing_spec: RoutingSpec | None = None,
+        batch_size: int = 64,
+        in_flight_per_server: int = 2,
+        request_timeout_s: float = 3600.0,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        weight_sync_dir: str | Path | None = None,
+        base_model_path: str | Path | None = None,
+        send_seeds: bool = True,
+        transport: Transport | None = None,
+    ):
+        """routing_spec: (L, K, E) of the served model, needed for capture_routing (build it with
+        RoutingSpec.from_hf_config; SGLang reports num_hidden_layers rows, so every layer must be
+        MoE, as in Qwen3-MoE). weight_sync_dir: a directory the servers can read (shared file
+        system) where sync_weights writes checkpoints; base_model_path: the served checkpoint,
+        whose config/tokenizer files are copied beside the new weights. send_seeds: pass
+        SamplingParams.seed as per-prompt `sampling_seed` (SamplingParams field of current SGLang;
+        turn off for servers that predate it)."""
+        urls = [u.rstrip("/") for u in urls]
+        if not urls:
+            raise ValueError("SGLangRolloutEngine needs at least one server URL (e.g. http://host:30000)")
+        bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"server URLs must start with http:// or https://, got {bad}")
+        if batch_size < 1 or in_flight_per_server < 1 or retries < 0:
+            raise ValueError(f"batch_size ({batch_size}) and in_flight_per_server ({in_flight_per_server}) "
+                             f"must be >= 1, retries ({retries}) >= 0")
+        self.urls = urls
+        self.tokenizer = tokenizer_or_none
+        self.routing_spec = routing_spec
+        self.batch_size = batch_size
+        self.in_flight_per_server = in_flight_per_server
+        self.request_timeout_s = request_timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
+        self.weight_sync_dir = Path(weight_sync_dir) if weight_sync_dir else None
+        self.base_model_path = Path(base_model_path) if base_model_path else None
+        self.send_seeds = send_seeds
+        self.transport = transport or urllib_transport
+        self.weight_version = 0
+
+    @classmethod
+    def from_model_config(cls, urls: Sequence[str], model_path: str | Path, **kw: Any) -> "SGLangRolloutEngine":
+        """Routing spec read from the served checkpoint's config.json (transformers format)."""
+        from transformers import AutoConfig
+
+        spec = RoutingSpec.from_hf_config(AutoConfig.from_pretrained(str(model_path)))
+        return cls(urls, routing_spec=spec, base_model_path=kw.pop("base_model_path", model_path), **kw)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    def _request(self, method: str, url: str, body: dict | None, *, timeout_s: float | None = None) -> Any:
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                status, payload = self.transport(method, url, body, timeout_s)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                last = e
+            else:
+                if status == 200:
+                    return payload
+                if status not in _RETRY_STATUS:
+                    raise SGLangError(f"{method} {url} returned HTTP {status}: {str(payload)[:500]}")
+                last = SGLangError(f"HTTP {status}: {str(payload)[:200]}")
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        raise ConnectionError(
+            f"{method} {url} failed after {self.retries + 1} attempts (last: {last}); is the server up? "
+            f"check `curl {url.rsplit('/', 1)[0]}/health`"
+        ) from last
+
+    def health(self) -> dict[str, bool]:
+        """GET /health on every server (one attempt each)."""
+        out = {}
+        for u in self.urls:
+            try:
+                out[u] = self.transport("GET", f"{u}/health", None, 10.0)[0] == 200
+            except (ConnectionError, TimeoutError, OSError):
+                out[u] = False
+        return out
+
+    def wait_until_healthy(self, timeout_s: float = 600.0, poll_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.health()
+            if all(status.values()):
+                return
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"SGLang servers not healthy after {timeout_s} s: {status}")
+            time.sleep(poll_s)
+
+    # --- generation ---------------------------------------------------------------------------
+    def request_body(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                     capture_routing: bool, seed_offset: int = 0) -> dict:
+        """The /generate body for one batch (prompts are token ids)."""
+        sp: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                              "top_p": params.top_p}
+        if params.stop_token_ids:
+            sp["stop_token_ids"] = list(params.stop_token_ids)
+        body: dict[str, Any] = {"input_ids": [list(map(int, p)) for p in prompts], "return_logprob": True}
+        if params.seed is None or not self.send_seeds:
+            body["sampling_params"] = sp
+        else:  # distinct per-prompt seeds, or the G samples of a group would be identical
+            body["sampling_params"] = [{**sp, "sampling_seed": params.seed + seed_offset + i}
+                                       for i in range(len(prompts))]
+        if capture_routing:
+            body["return_routed_experts"] = True
+            body["routed_experts_start_len"] = 0
+        return body
+
+    def parse_response(self, prompts: Sequence[Sequence[int]], payload: Any, *,
+                       capture_routing: bool) -> list[RolloutSample]:
+        """RolloutSamples from a /generate response, validated against the request."""
+        outs = [payload] if isinstance(payload, dict) and len(prompts) == 1 else payload
+        if not isinstance(outs, list) or len(outs) != len(prompts):
+            n = len(outs) if isinstance(outs, list) else type(outs).__name__
+            raise SGLangError(f"/generate returned {n} results for {len(prompts)} prompts")
+        samples = []
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            meta = out.get("meta_info") if isinstance(out, dict) else None
+            if not isinstance(meta, dict):
+                raise SGLangError(f"result {i} has no meta_info: {str(out)[:300]}")
+            fr = meta.get("finish_reason")
+            kind = fr.get("type") if isinstance(fr, dict) else fr
+            if kind not in ("stop", "length"):
+                raise SGLangError(f"result {i} finished with {fr!r} (expected stop or length): the request "
+                                  "was aborted or is unfinished; see the server log")
+            olp = meta.get("output_token_logprobs")
+            if olp is None:
+                raise SGLangError(f"result {i} lacks meta_info.output_token_logprobs although return_logprob "
+                                  "was true; the server is older than this client expects")
+            ids = [int(e[1]) for e in olp]
+            if any(e[0] is None for e in olp):
+                raise SGLangError(f"result {i} has null logprobs at positions "
+                                  f"{[j for j, e in enumerate(olp) if e[0] is None][:5]}")
+            if "output_ids" in out and list(out["output_ids"]) != ids:
+                raise SGLangError(f"result {i}: output_ids ({len(out['output_ids'])} tokens) disagree with "
+                                  f"output_token_logprobs ({len(ids)} tokens)")
+            trace = None
+            if capture_routing:
+                if "routed_experts" not in meta or meta["routed_experts"] is None:
+                    raise SGLangError(
+                        f"result {i} has no meta_info.routed_experts although return_routed_experts was true: "
+                        "start the SGLang server with --enable-return-routed-experts (needed for R3 replay)"
+                    )
+                trace = from_sglang(meta["routed_experts"], seqlen=len(prompt) + len(ids),
+                                    spec=self.routing_spec).expert_ids_TLK
+            samples.append(RolloutSample(
+                prompt_ids=list(prompt), response_ids=ids,
+                logprobs_R=torch.tensor([float(e[0]) for e in olp], dtype=torch.float32),
+                expert_ids_TLK=trace, finish_reason=kind,
+            ))
+        return samples
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 capture_routing: bool = False) -> list[RolloutSample]:
+        """One sample per prompt; batches spread over the servers, several in flight each."""
+        if capture_routing and self.routing_spec is None:
+            raise ValueError("capture_routing=True needs routing_spec (num_layers, top_k, num_experts) to "
+                             "decode SGLang's flat routed_experts; build the engine with from_model_config")
+        if self.tokenizer is not None:
+            vocab = len(self.tokenizer)
+            for i, p in enumerate(prompts):
+                if p and (max(p) >= vocab or min(p) < 0):
+                    raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (max {max(p)}): "
+                                     "encoded with a different tokenizer?")
+        if not prompts:
+            return []
+        starts = list(range(0, len(prompts), self.batch_size))
+
+        def run(b: int) -> list[RolloutSample]:
+            start = starts[b]
+            chunk = prompts[start : start + self.batch_size]
+            body = self.request_body(chunk, params, capture_routing=capture_routing, seed_offset=start)
+            payload = self._request("POST", f"{self.urls[b % len(self.urls)]}/generate", body)
+            return self.parse_response(chunk, payload, capture_routing=capture_routing)
+
+        workers = min(len(starts), len(self.urls) * self.in_flight_per_server)
+        with cf.ThreadPoolExecutor(max_workers=workers) as ex:
+            results = list(ex.map(run, range(len(starts))))
+        return [s for batch in results for s in batch]
+
+    # --- weights ------------------------------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str | Path, *, weight_version: str | None = None) -> None:
+        """Every server reloads its weights from `model_path` (a path the servers can read)."""
+        body: dict[str, Any] = {"model_path": str(model_path)}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        for u in self.urls:
+            payload = self._request("POST", f"{u}/update_weights_from_disk", body)
+            if not (isinstance(payload, dict) and payload.get("success")):
+                raise SGLangError(f"{u} refused update_weights_from_disk({model_path}): {str(payload)[:500]}")
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Write the trainer's weights (transformers names) as safetensors into weight_sync_dir, then
+        have every server load them; the previous version's directory is deleted afterwards."""
+        if self.weight_sync_dir is None:
+            raise ValueError("sync_weights needs weight_sync_dir: a directory on a file system the SGLang "
+                             "servers can read (pass weight_sync_dir=... to SGLangRolloutEngine)")
+        from safetensors.torch import save_file
+
+        self.weight_version += 1
+        out = self.weight_sync_dir / f"v{self.weight_version:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        if self.base_model_path is not None:  # config/tokenizer files beside the weights
+            for f in self.base_model_path.iterdir():
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and "index" not in f.name:
+                    shutil.copy2(f, out / f.name)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
+                  str(out / "model.safetensors"))
+        self.update_weights_from_disk(out, weight_version=str(self.weight_version))
+        prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"
+        if prev.exists():
+            shutil.rmtree(prev, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""CPU compatibility shims for megatron-core 0.16 (no GPU, no Transformer Engine, no Apex).
+
+megatron-core is written for CUDA; on a CPU-only machine with a single gloo process it runs
+after the few small shims below. Each shim says what it works around and why. They are only
+installed when CUDA is absent (`torch.cuda.is_available()` is False), touch megatron's own
+module namespaces except for `cpu_device_scope` (scoped, restored on exit), and are idempotent.
+
+Not a shim, but needed by callers on CPU: pass an explicit causal attention mask to
+`GPTModel.forward` (megatron's default causal mask is built with `device="cuda"`,
+megatron/core/transformer/utils.py:get_default_causal_mask), and use the `allgather` token
+dispatcher (`alltoall` creates a `torch.cuda.Stream` at construction).
+
+Import this module only where megatron is wanted: it imports megatron.core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def _cuda_absent() -> bool:
+    return not torch.cuda.is_available()
+
+
+def init_single_process() -> None:
+    """Start torch.distributed (gloo, world size 1) and megatron's model-parallel state (all 1).
+
+    megatron-core reads every process group (TP/PP/EP/CP/DP) from `parallel_state`, even when
+    each has one member, so a process group must exist. A `HashStore` needs no port or
+    environment variable. An already-initialised world of size 1 is reused; a larger one is
+    refused because the CPU path here is single-process only.
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(
+            f"the CPU megatron path runs in one process, but torch.distributed is already "
+            f"initialised with world size {dist.get_world_size()}; on a cluster use the Slurm "
+            f"launcher (TP/EP from megatron's parallel_state) instead of the CPU shims"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+        )
+    if _cuda_absent():
+        install_cpu_shims()
+
+
+_INSTALLED = False
+
+
+def install_cpu_shims() -> None:
+    """Install the module-level shims (once). No-op when CUDA is present."""
+    global _INSTALLED
+    if _INSTALLED or not _cuda_absent():
+        return
+    from megatron.core.tensor_parallel import random as mg_random
+    from megatron.core.transformer.moe import moe_utils
+
+    # Shim 1 (megatron bug without TE): RouterGatingLinearFunction tests
+    # `te_general_gemm is not None`, but the name is only bound when transformer_engine
+    # imports (moe_utils.py, try/except ImportError around the TE imports) -> NameError on
+    # every router forward. Binding it to None selects megatron's own torch.mm fallback.
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # Shim 2 (CUDA RNG tracker): attention and expert layers run inside
+    # `get_cuda_rng_tracker().fork()`, which needs CUDA generator states
+    # (model_parallel_cuda_manual_seed calls torch.cuda.manual_seed / get_rng_state). We use
+    # megatron's own no-op tracker (`inference_rng_tracker=True`: fork is a nullcontext).
+    # This is exact only because every dropout is 0 (checked in megatron_model.py): no random
+    # numbers are drawn inside the model, so there is no RNG stream to track.
+    mg_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+    # Shim 3 (activation recompute): CheckpointFunction saves and restores the CUDA RNG state
+    # around the recomputed forward (_get_all_rng_states -> torch.cuda.random.get_rng_state).
+    # With no CUDA generator there is nothing to save: return an empty state and ignore it on
+    # set. The CPU RNG state is still saved and restored by megatron itself.
+    mg_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mg_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+    _INSTALLED = True
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+@contextlib.contextmanager
+def cpu_device_scope() -> Iterator[None]:
+    """Shim 4 (scoped): `torch.cuda.current_device()` returns "cpu" inside the block.
+
+    megatron moves tensors to `torch.cuda.current_device()` at run time: the router weight in
+    `Router.gating` ("move weights to GPU"), RoPE's `inv_freq` in `RotaryEmbedding.get_emb`,
+    expert buffers at construction. Without CUDA that call raises. Inside this block it names
+    the CPU, so those moves are no-ops. Wrap model construction, forward AND backward (the
+    activation-recompute forward runs inside backward). Restored on exit; nests; a no-op when
+    CUDA is present.
+    """
+    if not _cuda_absent():
+        yield
+        return
+    previous = torch.cuda.current_device
+    torch.cuda.current_device = _cpu_current_device
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = previous

@@ -1,0 +1,242 @@
+"""Routing replay bridge for megatron-core's RouterReplay (megatron.core.transformer.moe.router_replay).
+
+megatron keeps one `RouterReplay` per MoE layer in a static registry
+(`RouterReplay.global_router_replay_instances`) driven by static methods
+(`set_replay_data`, `set_global_router_replay_action`, ...). Two models in one process would
+share that registry. `MegatronRouterReplay` instead claims the instances of ONE model (found
+through its routers, in layer order), removes them from the static registry and drives them per
+instance: two engines in one process cannot clash, and claiming a model twice is refused.
+
+Layouts. The batch trace is expert_ids_BTLK, batch-major, one row per fed token (T = S - 1 for
+S tokens: the last token is never fed, DESIGN.md invariant 1). Inside megatron the hidden states
+are [S, B, H] and the router sees S*B seq-major rows (row = s * B + b), so each layer gets an
+[S*B, K] tensor; the last position of every sequence, which has no trace row, gets the distinct
+dummy experts 0..K-1 (r3.trace.dummy_rows).
+
+Actions (megatron RouterReplayAction): RECORD routes natively and stores top-k indices;
+REPLAY_FORWARD gathers the live scores at the given experts (gate = softmax over the replayed
+experts' logits when moe_router_pre_softmax=False: the paper's g_replay, gradients reach the
+router); REPLAY_BACKWARD pops the queued indices when activation recompute runs the router again
+inside backward -- megatron does not switch to it by itself, the caller must (verl does the same).
+
+Every router call is counted: a forward in RECORD/REPLAY mode must consume each layer exactly
+once (r3.replay.ConsumptionCheck), and with recompute the backward must pop each layer's queue
+exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from r3.replay import ConsumptionCheck, ReplayMode
+from r3.trace import RoutingSpec, dummy_rows, validate_expert_ids
+
+
+def to_megatron_layout(expert_ids_BTLK: torch.Tensor, *, seq_len: int, spec: RoutingSpec) -> list[torch.Tensor]:
+    """Batch trace -> per-layer megatron rows.
+
+    expert_ids_BTLK: int [B, T, L, K] with T = seq_len - 1 (one row per fed token).
+    Returns L tensors int64 [S*B, K], seq-major (row s*B + b), position S-1 = dummy 0..K-1.
+    """
+    ids = torch.as_tensor(expert_ids_BTLK)
+    B = ids.shape[0] if ids.ndim == 4 else "?"
+    expected = (B, seq_len - 1, spec.num_layers, spec.top_k)
+    if ids.ndim != 4 or tuple(ids.shape[1:]) != expected[1:]:
+        got = tuple(ids.shape)
+        if ids.ndim == 4 and ids.shape[1] == seq_len and tuple(ids.shape[2:]) == expected[2:]:
+            cause = (f"T = S = {seq_len}: the trace has a row for the last token, which is never fed "
+                     f"(n tokens have n-1 rows); drop its last row")
+        elif ids.ndim == 4 and tuple(ids.shape[2:]) == expected[2:]:
+            cause = (f"the trace was padded to a different length than input_ids (S = {seq_len}); pad "
+                     f"traces to S - 1 rows with r3.trace.pad_traces")
+        elif ids.ndim == 4 and ids.shape[2] != spec.num_layers:
+            cause = (f"the trace has {ids.shape[2]} layers but the model has {spec.num_layers} MoE layers "
+                     f"(dense layers have no rows; or a different model)")
+        else:
+            cause = "a trace from a model with a different top-k, or not batched as [B, T, L, K]"
+        raise ValueError(
+            f"routing trace shape does not match the batch: got {got}, expected {expected} "
+            f"([B, T = S - 1, L, K] for input_ids of length S = {seq_len}); likely cause: {cause}"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"routing ids must be integers, got dtype {ids.dtype}")
+    validate_expert_ids(ids, spec)
+    B = ids.shape[0]
+    pad_B1LK = dummy_rows(B, spec.num_layers, spec.top_k).view(B, 1, spec.num_layers, spec.top_k)
+    full_BSLK = torch.cat([ids.to(torch.int64), pad_B1LK.to(ids.device)], dim=1)
+    full_LSBK = full_BSLK.permute(2, 1, 0, 3)
+    return [full_LSBK[l].reshape(seq_len * B, spec.top_k).contiguous() for l in range(spec.num_layers)]
+
+
+def from_megatron_layout(per_layer_NK: list[torch.Tensor], *, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Per-layer megatron rows ([S*B, K] seq-major) -> int64 expert_ids_BTLK [B, S-1, L, K]
+    (the last position, whose token is never fed in the rollout convention, is dropped)."""
+    L = len(per_layer_NK)
+    ids_LNK = torch.stack([x.to(torch.int64) for x in per_layer_NK])
+    K = ids_LNK.shape[-1]
+    if ids_LNK.shape[1] != seq_len * batch_size:
+        raise ValueError(
+            f"recorded routing has {ids_LNK.shape[1]} rows per layer, expected S*B = "
+            f"{seq_len}*{batch_size}; likely cause: sequence packing or context parallelism"
+        )
+    return ids_LNK.view(L, seq_len, batch_size, K).permute(2, 1, 0, 3)[:, : seq_len - 1].contiguous()
+
+
+class MegatronRouterReplay:
+    """The RouterReplay instances of one megatron model, with a typed mode and consumption checks."""
+
+    def __init__(self, model, spec: RoutingSpec):
+        from megatron.core.transformer.moe.router import TopKRouter
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        if len(routers) != spec.num_layers:
+            raise ValueError(f"model has {len(routers)} MoE routers, routing spec says {spec.num_layers} layers")
+        if any(r.config.moe_router_fusion for r in routers):
+            raise ValueError(
+                "moe_router_fusion=True: megatron's fused top-k kernel bypasses RouterReplay, so the "
+                "replayed routing would be silently ignored; build the model with router_fusion=False"
+            )
+        instances = [r.router_replay for r in routers]
+        if any(inst is None for inst in instances):
+            raise ValueError("model built without moe_enable_routing_replay=True: no RouterReplay to drive")
+        for inst in instances:
+            owner = getattr(inst, "_r3_owner", None)
+            if owner is not None:
+                raise RuntimeError(
+                    "this model's RouterReplay instances are already claimed by another "
+                    f"MegatronRouterReplay (id {owner}); one replay handle per model (per engine)"
+                )
+        registry = RouterReplay.global_router_replay_instances
+        registry[:] = [r for r in registry if not any(r is inst for inst in instances)]
+        self.spec = spec
+        self._instances = instances
+        self._forward = ConsumptionCheck(spec.num_layers)
+        self._backward = ConsumptionCheck(spec.num_layers)
+        self._rows: int | None = None
+        self.mode = ReplayMode.OFF
+        for layer, inst in enumerate(instances):
+            inst._r3_owner = id(self)
+            inst.get_replay_topk = self._counted(layer, inst.get_replay_topk)
+
+    def _counted(self, layer: int, get_replay_topk):
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        def wrapper(scores, topk, *args, **kwargs):
+            inst = self._instances[layer]
+            action = inst.router_replay_action
+            if action == RouterReplayAction.REPLAY_BACKWARD:
+                self._backward.consume(layer)
+            elif action is not None:
+                self._forward.consume(layer)
+            if action in (RouterReplayAction.REPLAY_FORWARD, RouterReplayAction.REPLAY_BACKWARD):
+                if scores.shape[0] != self._rows or topk != self.spec.top_k:
+                    raise ValueError(
+                        f"MoE layer {layer}: router sees {scores.shape[0]} token rows with top-k {topk}, "
+                        f"replay data has {self._rows} rows with top-k {self.spec.top_k}; likely cause: "
+                        f"the forward's batch differs from the one passed to the replay session"
+                    )
+            return get_replay_topk(scores, topk, *args, **kwargs)
+
+        return wrapper
+
+    def _set_action(self, action) -> None:
+        for inst in self._instances:
+            if action is None:
+                inst.clear_router_replay_action()
+            else:
+                inst.set_router_replay_action(action)
+
+    def _reset(self) -> None:
+        for inst in self._instances:
+            inst.clear_indices()
+        self._set_action(None)
+        self._rows = None
+        self.mode = ReplayMode.OFF
+        self._forward.active = self._backward.active = False
+
+    @contextlib.contextmanager
+    def session(
+        self,
+        mode: ReplayMode,
+        *,
+        batch_size: int,
+        seq_len: int,
+        expert_ids_BTLK: torch.Tensor | None = None,
+        recompute: bool = False,
+    ) -> Iterator["ReplaySession"]:
+        """One forward (and optionally its backward) in `mode`.
+
+        OFF: native routing, no checks. RECORD: native routing, recorded -> session.recorded_BTLK()
+        after the forward. REPLAY: expert_ids_BTLK [B, S-1, L, K] forced in every MoE layer.
+        Call session.end_forward() after the forward; with recompute=True (REPLAY) the session
+        then switches to REPLAY_BACKWARD for the recompute inside backward, and checks on exit
+        that each layer's queued indices were popped exactly once. State is cleared on exit.
+        """
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        if self.mode is not ReplayMode.OFF or self._forward.active:
+            raise RuntimeError("a replay session is already open on this model (sessions do not nest)")
+        if mode is ReplayMode.REPLAY:
+            if expert_ids_BTLK is None:
+                raise ValueError("ReplayMode.REPLAY needs expert_ids_BTLK (the rollout routing)")
+            per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
+            for inst, ids_NK in zip(self._instances, per_layer):
+                inst.set_target_indices(ids_NK)  # also queues it for REPLAY_BACKWARD
+            self._rows = seq_len * batch_size
+            self._set_action(RouterReplayAction.REPLAY_FORWARD)
+        elif mode is ReplayMode.RECORD:
+            self._set_action(RouterReplayAction.RECORD)
+        self.mode = mode
+        sess = ReplaySession(self, mode, batch_size, seq_len, recompute and mode is ReplayMode.REPLAY)
+        if mode is not ReplayMode.OFF:
+            self._forward.begin()
+        try:
+            yield sess
+            if not sess.forward_ended:
+                sess.end_forward()
+            if sess.recompute:
+                self._backward.end()
+                left = [len(inst.replay_backward_list) for inst in self._instances]
+                if any(left):
+                    raise RuntimeError(f"REPLAY_BACKWARD queues not drained after backward: {left} entries per layer")
+        finally:
+            self._reset()
+
+
+class ReplaySession:
+    """Handle returned by MegatronRouterReplay.session (see there)."""
+
+    def __init__(self, owner: MegatronRouterReplay, mode: ReplayMode, batch_size: int, seq_len: int, recompute: bool):
+        self._owner, self.mode, self.recompute = owner, mode, recompute
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.forward_ended = False
+        self._recorded: list[torch.Tensor] | None = None
+
+    def end_forward(self) -> None:
+        """Check that every layer consumed its routing once; prepare the recompute backward."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        if self.forward_ended:
+            raise RuntimeError("end_forward called twice in one replay session")
+        self.forward_ended = True
+        o = self._owner
+        if self.mode is ReplayMode.OFF:
+            return
+        o._forward.end()
+        if self.mode is ReplayMode.RECORD:
+            self._recorded = [inst.get_recorded_indices() for inst in o._instances]
+        if self.recompute:
+            o._set_action(RouterReplayAction.REPLAY_BACKWARD)
+            o._backward.begin()
+        else:
+            o._set_action(None)
+
+    def recorded_BTLK(self) -> torch.Tensor:
+        """The routing recorded in this session's forward, int64 [B, S-1, L, K] (RECORD mode)."""
+        if self._recorded is None:
+            raise RuntimeError(f"no recorded routing: session mode {self.mode}, forward ended {self.forward_ended}")
+        return from_megatron_layout(self._recorded, batch_size=self.batch_size, seq_len=self.seq_len)

@@ -1,0 +1,146 @@
+"""Training-inference mismatch metrics, routing disagreement and entropy (PAPER.md "Metrics").
+
+All functions are pure, keep results on the input's device, and return 0-dim / small tensors
+(STYLE.md rule 9: converted to Python numbers once, at logging time). Shapes: B batch, T tokens,
+L MoE layers, K top-k, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+MAX_LOG_RATIO = 20.0
+"""Clamp on log(pi_train / pi_infer) before exp(), so a huge mismatch cannot overflow exp()."""
+
+
+def _log_ratio(train_logp: torch.Tensor, infer_logp: torch.Tensor, mask: torch.Tensor):
+    if train_logp.shape != infer_logp.shape or train_logp.shape != mask.shape:
+        raise ValueError(
+            f"train_logp {tuple(train_logp.shape)}, infer_logp {tuple(infer_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same shape"
+        )
+    m = mask.bool()
+    log_r = (train_logp.float() - infer_logp.float())[m]
+    return log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def mismatch_metrics(
+    train_logp_BT: torch.Tensor,
+    infer_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    taus: Sequence[float] = (2.0,),
+) -> dict[str, torch.Tensor]:
+    """Mismatch between the training engine's and the inference engine's token log-probs.
+
+    rho_t = pi_train(y_t) / pi_infer(y_t) over masked tokens t:
+      mismatch/k3_kl               = mean_t [rho_t - 1 - log rho_t]        (k3 estimator)
+      mismatch/extreme_frac@{tau}  = mean_t 1[max(rho_t, 1/rho_t) > tau]  = F(tau)
+                                   = mean_t 1[|log rho_t| > log tau]
+      mismatch/abs_log_ratio_mean  = mean_t |log rho_t|
+      mismatch/abs_log_ratio_max   = max_t |log rho_t|
+    With no masked token every value is 0.
+    """
+    log_r = _log_ratio(train_logp_BT, infer_logp_BT, mask_BT)
+    out: dict[str, torch.Tensor] = {}
+    if log_r.numel() == 0:
+        zero = torch.zeros((), device=train_logp_BT.device)
+        out["mismatch/k3_kl"] = zero
+        for tau in taus:
+            out[f"mismatch/extreme_frac@{tau:g}"] = zero
+        out["mismatch/abs_log_ratio_mean"] = zero
+        out["mismatch/abs_log_ratio_max"] = zero
+        return out
+    rho = torch.exp(log_r)
+    out["mismatch/k3_kl"] = (rho - 1.0 - log_r).mean()
+    abs_lr = log_r.abs()
+    for tau in taus:
+        if tau <= 1.0:
+            raise ValueError(f"extreme-token threshold tau must be > 1, got {tau}")
+        out[f"mismatch/extreme_frac@{tau:g}"] = (abs_lr > math.log(tau)).float().mean()
+    out["mismatch/abs_log_ratio_mean"] = abs_lr.mean()
+    out["mismatch/abs_log_ratio_max"] = abs_lr.max()
+    return out
+
+
+def extreme_token_curve(
+    train_logp: torch.Tensor, infer_logp: torch.Tensor, mask: torch.Tensor, taus: Sequence[float] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F(tau) = mean_t 1[max(rho_t, 1/rho_t) > tau] for each tau (the paper's CDF-style figure).
+
+    Returns (taus float32 [n], F float32 [n]).
+    """
+    taus_n = torch.as_tensor(taus, dtype=torch.float32, device=train_logp.device).reshape(-1)
+    if (taus_n <= 1.0).any():
+        raise ValueError(f"every tau must be > 1, got min {taus_n.min().item():g}")
+    abs_lr = _log_ratio(train_logp, infer_logp, mask).abs()
+    if abs_lr.numel() == 0:
+        return taus_n, torch.zeros_like(taus_n)
+    f_n = (abs_lr[None, :] > torch.log(taus_n)[:, None]).float().mean(dim=1)
+    return taus_n, f_n
+
+
+def log_ratio_histogram(
+    train_logp: torch.Tensor,
+    infer_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bins: int = 81,
+    limit: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram of log rho_t over masked tokens on [-limit, limit]; outliers land in the end bins.
+
+    Returns (edges float32 [bins + 1], counts int64 [bins]).
+    """
+    log_r = _log_ratio(train_logp, infer_logp, mask).clamp(-limit, limit).cpu()
+    edges = torch.linspace(-limit, limit, bins + 1)
+    counts = torch.histc(log_r, bins=bins, min=-limit, max=limit).to(torch.int64)
+    return edges, counts
+
+
+def token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Entropy of the predictive distribution, H = -sum_v p_v log p_v, in float32. Returns [B, T]."""
+    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
+    return -(logp_BTV.exp() * logp_BTV).sum(dim=-1)
+
+
+def routing_disagreement(
+    ids_a_TLK: torch.Tensor, ids_b_TLK: torch.Tensor, mask_T: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Routing disagreement between two engines on the same tokens (top-k compared as SETS).
+
+    Accepts [T, L, K] or [B, T, L, K] (mask then [B, T]).
+      routing/pair_disagreement  = mean over (token, layer) of 1[set_a != set_b]
+      routing/token_disagreement = mean over tokens of 1[any layer differs]
+      routing/per_layer          = [L]: mean over tokens of 1[set_a != set_b] in that layer
+    Sorting here is only for the set comparison; stored traces are never sorted.
+    """
+    if ids_a_TLK.shape != ids_b_TLK.shape or ids_a_TLK.ndim < 3:
+        raise ValueError(
+            f"routing traces must have the same [..., T, L, K] shape, got {tuple(ids_a_TLK.shape)} "
+            f"and {tuple(ids_b_TLK.shape)}"
+        )
+    num_layers, top_k = ids_a_TLK.shape[-2:]
+    a_NLK = ids_a_TLK.reshape(-1, num_layers, top_k).sort(dim=-1).values
+    b_NLK = ids_b_TLK.reshape(-1, num_layers, top_k).sort(dim=-1).values
+    differ_NL = (a_NLK != b_NLK).any(dim=-1)
+    if mask_T is not None:
+        if mask_T.shape != ids_a_TLK.shape[:-2]:
+            raise ValueError(f"mask {tuple(mask_T.shape)} must match the token dims {tuple(ids_a_TLK.shape[:-2])}")
+        differ_NL = differ_NL[mask_T.reshape(-1).bool()]
+    if differ_NL.shape[0] == 0:
+        zero = torch.zeros((), device=ids_a_TLK.device)
+        return {
+            "routing/pair_disagreement": zero,
+            "routing/token_disagreement": zero,
+            "routing/per_layer": torch.zeros(num_layers, device=ids_a_TLK.device),
+        }
+    differ_NL = differ_NL.float()
+    return {
+        "routing/pair_disagreement": differ_NL.mean(),
+        "routing/token_disagreement": (differ_NL.amax(dim=1)).mean(),
+        "routing/per_layer": differ_NL.mean(dim=0),
+    }

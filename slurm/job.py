@@ -1,0 +1,191 @@
+"""The job body of one cell, under Slurm or as a local process: roles, markers, requeue.
+
+A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task:
+1. reads its place from submitit's JobEnvironment and the cell's Resources (slurm.topology);
+2. rollout tasks: local rank 0 of each rollout node starts that node's SGLang servers
+   (slurm.servers, logs in <run_dir>/servers/), everyone waits until the driver writes
+   <run_dir>/slurm/servers.stop or the run is complete; SIGTERM stops the servers;
+3. training tasks export MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK and call the body,
+   `experiments.run.run_cell(cfg, run_dir)` (or `experiments.static_mismatch.run_static` for a
+   static cell), with the servers' URLs in `cfg.sglang_urls` once they answer /health;
+4. the driver (training rank 0) keeps a RUNNING heartbeat, writes FAILED with the error on an
+   exception, and links this job's Slurm logs into <run_dir>/slurm/ (slurm.state).
+
+Preemption and time limits: submitit's signal handler (SIGUSR2 by default, sent by Slurm
+`--signal` before the time limit, or on preemption when the cluster sets
+`SlurmctldParameters=preempt_send_user_signal`) calls `CellJob.checkpoint()`, which resubmits
+the same CellJob; the job is requeued (`scontrol requeue`) and the body resumes from the last
+complete checkpoint in run_dir. The body owns resumption: it truncates metrics.jsonl/eval.jsonl
+to the checkpoint step, so the final metrics have no gap and no repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from slurm import state, topology
+from slurm.resources import CellKind, Resources
+from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, wait_healthy
+
+log = logging.getLogger("submitit.r3")  # a child of submitit's logger: lands in the job log
+
+RL_BODY = "experiments.run:run_cell"
+STATIC_BODY = "experiments.static_mismatch:run_static"
+STOP_FILE = "slurm/servers.stop"
+WAIT_POLL_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """Everything a job needs, picklable and free of live objects."""
+
+    name: str
+    kind: CellKind
+    run_dir: str
+    """Absolute run directory (on a filesystem every node sees)."""
+    payload: dict
+    """RunConfig.to_dict() for an RL cell, StaticCell.to_dict() for a static one."""
+    resources: Resources
+    body: str
+    """`module:function` called as function(config, run_dir) on the training tasks."""
+    server_ready_timeout_s: float = 1800.0
+    """Seconds the driver waits for every SGLang server's /health."""
+
+
+def resolve(body: str):
+    """`package.module:function` -> the function (imported inside the job, not pickled)."""
+    mod, sep, fn = body.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"job body must be 'module:function', got {body!r}")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"cannot load job body {body!r}: {e}; is the repository on PYTHONPATH?") from e
+
+
+def task_info() -> topology.TaskInfo:
+    """This task's place from submitit's JobEnvironment; one local task outside a submitit job."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (called directly)
+        return topology.TaskInfo.single()
+    return topology.TaskInfo.from_job_environment(env)
+
+
+def _link_logs(run_dir: Path) -> None:
+    """Make this job's stdout/stderr visible in <run_dir>/slurm/ when submitit's folder is elsewhere
+    (job arrays share one folder)."""
+    with contextlib.suppress(RuntimeError, KeyError, OSError):
+        paths = submitit.JobEnvironment().paths
+        dest = run_dir / "slurm"
+        if paths.folder.resolve() == dest.resolve():
+            return
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in (paths.stdout, paths.stderr):
+            link = dest / src.name
+            if not link.exists():
+                link.symlink_to(src)
+
+
+def _write_failed(run_dir: Path, err: BaseException, job_id: str) -> None:
+    state.write_json_atomic(run_dir / state.FAILED, {
+        "error": f"{type(err).__name__}: {err}"[:2000],
+        "traceback": traceback.format_exc()[-8000:],
+        "job_id": job_id, "time": time.time(),
+    })  # fmt: skip
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """Checkpointable callable: requeued with the same spec; the body resumes from run_dir."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+
+    def __call__(self) -> Any:
+        spec = self.spec
+        run_dir = Path(spec.run_dir)
+        task = task_info()
+        plan = topology.plan(task, spec.resources)
+        log.info("cell %s: job %s task %d -> %s", spec.name, task.job_id, task.global_rank, plan.role)
+        if plan.role == "rollout":
+            return self._serve(plan, run_dir)
+        os.environ.update(plan.dist_env)
+        if not plan.is_driver:
+            return self._call_body(plan, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _link_logs(run_dir)
+        with state.RunningMarker(run_dir, task.job_id):
+            try:
+                return self._call_body(plan, run_dir)
+            except Exception as e:  # not SystemExit: a requeue exits through here and is no failure
+                _write_failed(run_dir, e, task.job_id)
+                raise
+            finally:
+                if plan.server_urls:
+                    (run_dir / STOP_FILE).parent.mkdir(parents=True, exist_ok=True)
+                    (run_dir / STOP_FILE).write_text(f"{time.time()}\n")
+
+    def _call_body(self, plan: topology.Plan, run_dir: Path) -> Any:
+        spec = self.spec
+        payload = dict(spec.payload)
+        if plan.server_urls:
+            if plan.is_driver:
+                wait_healthy(plan.server_urls, timeout_s=spec.server_ready_timeout_s)
+            payload["sglang_urls"] = list(plan.server_urls)
+        fn = resolve(spec.body)
+        if spec.kind == "rl":
+            from experiments.config import RunConfig
+
+            return fn(RunConfig.from_dict(payload), run_dir)
+        return fn(payload, run_dir)
+
+    def _serve(self, plan: topology.Plan, run_dir: Path) -> None:
+        """Rollout node: own the servers (local rank 0) or idle until the run ends."""
+        spec, started = self.spec, time.time()
+        res = spec.resources
+        p = spec.payload
+        model = p.get("model_path") if spec.kind == "rl" else p.get("model_moe")
+        if not model:
+            raise ValueError(f"cell {spec.name}: rollout servers need a model path, got {model!r}")
+        if plan.owns_servers:
+            servers = ProcessServers(
+                sglang_specs(model_path=model, host=plan.server_host, servers=res.servers_per_node,
+                             tp=res.server_tp, port=topology.SERVER_PORT,
+                             precision=p.get("rollout_precision", p.get("precision", "bf16")), seed=p.get("seed", 0)),
+                run_dir / "servers", ready_timeout_s=spec.server_ready_timeout_s,
+            )  # fmt: skip
+            with stop_on_sigterm(servers), servers:
+                self._wait_for_end(run_dir, started, servers)
+        else:
+            self._wait_for_end(run_dir, started, None)
+
+    def _wait_for_end(self, run_dir: Path, started: float, servers: ProcessServers | None) -> None:
+        stop, done = run_dir / STOP_FILE, ("manifest.json", "static.json")
+        while True:
+            if any((run_dir / d).exists() for d in done):
+                return
+            with contextlib.suppress(OSError):
+                if stop.stat().st_mtime >= started:  # a stop file from before a requeue is stale
+                    return
+            if servers is not None and not servers.alive():
+                raise RuntimeError(f"an SGLang server of cell {self.spec.name} exited; see {run_dir / 'servers'}")
+            time.sleep(WAIT_POLL_S)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on SIGUSR2 (preemption / near the time limit): requeue the same job.
+
+        Nothing is saved here: the body checkpoints every `checkpoint_every` steps and resumes
+        from the newest complete one; work after it is redone with the same seeds.
+        """
+        log.warning("cell %s: checkpoint requested; requeueing (resume from the last checkpoint)", self.spec.name)
+        return submitit.helpers.DelayedSubmission(CellJob(self.spec))

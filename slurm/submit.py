@@ -1,0 +1,346 @@
+"""Submit grid cells as Slurm jobs (or local processes) with submitit.
+
+    python -m slurm.submit --preset paper|tiny [--cells GLOBS] [--seeds 0,1] [--runs DIR]
+        [--model-base P --model-sft P --model-dense P --train-data DIR]
+        [--partition P --account A --qos Q --nodes N --rollout-nodes R --gpus-per-node G
+         --cpus-per-task C --mem-gb M --time T --setup 'module load cuda']
+        [--executor slurm|local] [--no-array] [--no-static] [--retry-failed] [--dry-run] [--wait]
+
+Inputs: the grid (experiments.grid), the resource table (slurm.resources) and flags.
+Outputs: one job per cell; cells of one kind with the same resources go out as one job array
+(one array task per cell). The submitit folder of a single job is `<runs>/<cell>/slurm/`; an
+array's is `<runs>/slurm/<array>/`, and each task links its logs into `<runs>/<cell>/slurm/`.
+`<runs>/<cell>/slurm/job.json` records the job id. `--dry-run` writes the sbatch scripts to
+`<runs>/slurm/dry-run/` and prints them without submitting.
+Skipped: complete/collapsed cells, running cells, queued cells whose job is still in squeue.
+Failed cells are reported with the tail of their log and resubmitted only with --retry-failed.
+`--executor local` runs the same jobs as local processes (one node; `--max-parallel` at a time)
+and waits for them: this is the embedded path.
+
+Departures: the paper does not describe its cluster; resources are our choice (slurm.resources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes; used for --dry-run
+
+from experiments import grid
+from slurm import state
+from slurm.job import RL_BODY, STATIC_BODY, CellJob, JobSpec
+from slurm.resources import Resources, parse_time_min, resources_for
+
+REPO = Path(__file__).resolve().parent.parent
+SIGNAL_DELAY_S = 120
+"""Seconds between Slurm's SIGUSR2 and the time limit: enough to requeue (the body already
+checkpoints every few steps, so nothing heavy happens in the handler)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Submission:
+    spec: JobSpec
+    status: state.RunStatus
+
+
+def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
+    """JobSpecs to submit and human-readable notes about the cells skipped."""
+    mp = grid.model_paths_from(args)
+    runs = Path(args.runs or Path("runs") / args.preset).absolute()
+    prec = args.precisions.split(",") if args.precisions else None
+    rl = grid.cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp, **_overrides(args))
+    specs: list[JobSpec] = []
+    for name in grid.select(rl, args.cells):
+        cfg = rl[name]
+        specs.append(JobSpec(name=name, kind="rl", run_dir=str(runs / name), payload=cfg.to_dict(),
+                             resources=_resources(args, "rl"), body=args.body or RL_BODY))  # fmt: skip
+    if not args.no_static:
+        st = grid.static_cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp)
+        for name in grid.select(st, args.cells):
+            specs.append(JobSpec(name=name, kind="static", run_dir=str(st[name].run_dir(runs)),
+                                 payload=st[name].to_dict(), resources=_resources(args, "static"),
+                                 body=args.static_body or STATIC_BODY))  # fmt: skip
+    if not specs:
+        raise SystemExit(f"no cell of preset {args.preset!r} matches --cells {args.cells!r}")
+    _check_placeholders(specs)
+    todo, notes = [], []
+    live = _live_jobs(specs) if args.executor == "slurm" and not args.dry_run else set()
+    for s in specs:
+        st = (state.static_status if s.kind == "static" else state.run_status)(Path(s.run_dir))
+        if st.state in state.DONE:
+            notes.append(f"skip {s.name}: {st.state.value}")
+        elif st.state == state.RunState.RUNNING:
+            notes.append(f"skip {s.name}: running ({st.detail})")
+        elif st.state == state.RunState.FAILED and not args.retry_failed:
+            notes.append(f"skip {s.name}: FAILED (resubmit with --retry-failed)\n{failure_report(Path(s.run_dir))}")
+        elif _job_id(Path(s.run_dir)) in live:
+            notes.append(f"skip {s.name}: job {_job_id(Path(s.run_dir))} still in the queue")
+        else:
+            todo.append(s)
+    return todo, notes
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = grid.overrides_from(args)
+    for item in args.override or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override takes KEY=VALUE (a RunConfig field), got {item!r}")
+        try:  # numbers, true/false, lists as JSON; anything else is a string
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _resources(args: argparse.Namespace, kind: str) -> Resources:
+    res = resources_for(args.preset, kind)  # type: ignore[arg-type]
+    rollout = args.rollout_nodes if args.rollout_nodes is not None else res.rollout_nodes
+    train = None
+    if args.nodes is not None:
+        train = args.nodes - rollout
+        if train < 1:
+            raise SystemExit(f"--nodes {args.nodes} leaves {train} training nodes next to {rollout} rollout nodes")
+    return res.replace(
+        train_nodes=train, rollout_nodes=rollout, gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        time_min=parse_time_min(args.time) if args.time else None,
+        servers_per_node=args.servers_per_node, server_tp=args.server_tp,
+    )  # fmt: skip
+
+
+def _check_placeholders(specs: Sequence[JobSpec]) -> None:
+    bad = sorted({f"{k}={v}" for s in specs for k, v in s.payload.items() if isinstance(v, str) and v.startswith("<set ")})
+    if bad:
+        raise SystemExit(f"cells still hold placeholders: {bad}; pass the flags they name "
+                         "(paper checkpoints and data live on your cluster)")  # fmt: skip
+    for s in specs:
+        needs_servers = s.payload.get("rollout_engine") == "sglang" and not s.payload.get("sglang_urls")
+        if needs_servers and s.resources.rollout_nodes == 0:
+            raise SystemExit(f"cell {s.name} rolls out with SGLang but its job has no rollout nodes; "
+                             "pass --rollout-nodes N (or set sglang_urls with --override)")  # fmt: skip
+
+
+def _job_id(run_dir: Path) -> str | None:
+    job = state._read_json(run_dir / state.JOB_JSON)
+    return None if job is None else str(job.get("job_id"))
+
+
+def _live_jobs(specs: Sequence[JobSpec]) -> set[str]:
+    ids = {j for s in specs if (j := _job_id(Path(s.run_dir)))}
+    if not ids:
+        return set()
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(sorted(ids))],
+                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line.strip() for line in out.splitlines()} & ids
+
+
+def failure_report(run_dir: Path, lines: int = 20) -> str:
+    """The error of a failed cell and the tail of its log (log.txt, else the newest Slurm stderr)."""
+    failed = state._read_json(run_dir / state.FAILED) or {}
+    out = [f"  error: {failed.get('error', '?')} (job {failed.get('job_id', '?')})"]
+    logs = [run_dir / "log.txt"] if (run_dir / "log.txt").exists() else []
+    logs = logs or sorted((run_dir / "slurm").glob("*_log.err"), key=lambda p: p.stat().st_mtime)[-1:]
+    for p in logs:
+        tail = p.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"  last {len(tail)} lines of {p}:\n" + "\n".join("    " + t for t in tail))
+    return "\n".join(out)
+
+
+def sbatch_parameters(res: Resources, args: argparse.Namespace, name: str) -> dict:
+    """SlurmExecutor.update_parameters kwargs for one job (or array) with these resources."""
+    setup = [f"cd {shlex.quote(str(REPO))}", f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if sys.prefix != sys.base_prefix and activate.exists():
+        setup.insert(0, f"source {shlex.quote(str(activate))}")
+    params: dict = {
+        "job_name": f"r3-{name}", "time": res.time_min, "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
+        "signal_delay_s": SIGNAL_DELAY_S, "setup": setup + list(args.setup or ()),
+        "additional_parameters": {"requeue": True}, "array_parallelism": args.array_parallelism,
+    }  # fmt: skip
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb is not None:
+        params["mem"] = "0" if res.mem_gb == 0 else f"{res.mem_gb}GB"  # --mem=0: all of each node
+    for key in ("partition", "account", "qos"):
+        if getattr(args, key):
+            params[key] = getattr(args, key)
+    return params
+
+
+def _groups(specs: Sequence[JobSpec], array: bool) -> list[list[JobSpec]]:
+    """Cells of one kind with equal resources form one array (when `array`)."""
+    if not array:
+        return [[s] for s in specs]
+    groups: dict[tuple, list[JobSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.kind, s.resources, s.body), []).append(s)
+    return list(groups.values())
+
+
+def _folder(group: list[JobSpec], runs: Path) -> Path:
+    if len(group) == 1:
+        return Path(group[0].run_dir) / "slurm"
+    return runs / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{group[0].kind}-{group[0].name}"
+
+
+def _record(spec: JobSpec, job_id: str, executor: str, folder: Path) -> None:
+    run_dir = Path(spec.run_dir)
+    (run_dir / state.FAILED).unlink(missing_ok=True)
+    state.write_json_atomic(run_dir / state.JOB_JSON, {"job_id": job_id, "executor": executor,
+                                                       "folder": str(folder), "submitted": time.time()})  # fmt: skip
+
+
+def dry_run(groups: list[list[JobSpec]], args: argparse.Namespace, runs: Path) -> list[Path]:
+    out_dir = runs / "slurm" / "dry-run"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for group in groups:
+        folder = _folder(group, runs)
+        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        params = sbatch_parameters(group[0].resources, args, group[0].name if len(group) == 1 else group[0].kind)
+        text = _make_sbatch_string(command=command, folder=folder, map_count=len(group) if len(group) > 1 else None,
+                                   **params)  # fmt: skip
+        cells = "\n".join(f"#   [{i}] {s.name} -> {s.run_dir}" for i, s in enumerate(group))
+        text = text.replace("\n# Parameters", f"\n# Cells (array index -> run directory):\n{cells}\n\n# Parameters", 1)
+        path = out_dir / f"{group[0].kind}-{group[0].name}{'-array' if len(group) > 1 else ''}.sbatch"
+        path.write_text(text)
+        written.append(path)
+        print(f"===== {path}\n{text}")
+    return written
+
+
+def submit_slurm(groups: list[list[JobSpec]], args: argparse.Namespace, runs: Path) -> list[tuple[JobSpec, str]]:
+    out = []
+    for group in groups:
+        folder = _folder(group, runs)
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+        ex.update_parameters(**sbatch_parameters(group[0].resources, args,
+                                                 group[0].name if len(group) == 1 else group[0].kind))  # fmt: skip
+        with ex.batch():
+            jobs = [ex.submit(CellJob(s)) for s in group]
+        for s, j in zip(group, jobs):
+            _record(s, j.job_id, "slurm", folder)
+            out.append((s, j.job_id))
+            print(f"submitted {s.name}: job {j.job_id} ({folder})")
+    return out
+
+
+def run_local(specs: Sequence[JobSpec], args: argparse.Namespace) -> None:
+    """Run cells as local processes, `--max-parallel` at a time; block until all end."""
+    pending, running = list(specs), []
+    while pending or running:
+        while pending and len(running) < args.max_parallel:
+            s = pending.pop(0)
+            if s.resources.nodes != 1:
+                raise SystemExit(f"--executor local runs one node; cell {s.name} needs {s.resources.nodes}")
+            folder = Path(s.run_dir) / "slurm"
+            ex = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
+            ex.update_parameters(timeout_min=s.resources.time_min, tasks_per_node=1,
+                                 gpus_per_node=s.resources.gpus_per_node, signal_delay_s=SIGNAL_DELAY_S)  # fmt: skip
+            job = ex.submit(CellJob(s))
+            _record(s, job.job_id, "local", folder)
+            print(f"started {s.name}: local process {job.job_id}", flush=True)
+            running.append((s, job))
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].done()]:
+            running.remove(item)
+            s, job = item
+            try:
+                job.result()
+                print(f"finished {s.name}", flush=True)
+            except Exception as e:  # reported below from the run directory
+                print(f"FAILED {s.name}: {type(e).__name__}", flush=True)
+
+
+def wait_slurm(submitted: Sequence[tuple[JobSpec, str]], timeout_s: float | None) -> None:
+    ids = {j for _, j in submitted}
+    start = time.monotonic()
+    while ids:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(sorted(ids))],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        ids &= {line.strip() for line in out.splitlines()}
+        if ids and timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise SystemExit(f"--wait: jobs {sorted(ids)} still queued/running after {timeout_s:.0f} s")
+        if ids:
+            time.sleep(5)
+
+
+def report(specs: Sequence[JobSpec]) -> int:
+    """Print each cell's final state; failed ones with the tail of their log. Returns #failed."""
+    failed = 0
+    for s in specs:
+        st = (state.static_status if s.kind == "static" else state.run_status)(Path(s.run_dir))
+        print(f"{s.name}: {st.state.value}" + (f" (step {st.last_step})" if st.last_step is not None else ""))
+        if st.state in (state.RunState.FAILED, state.RunState.INCOMPLETE):
+            failed += 1
+            print(failure_report(Path(s.run_dir)))
+    return failed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=grid.PRESETS, required=True)
+    ap.add_argument("--cells", default=None, help="comma-separated globs over cell names (default: all)")
+    ap.add_argument("--seeds", type=grid.parse_seeds, default=(0,))
+    ap.add_argument("--precisions", default=None, help="rollout precisions, e.g. fp8,bf16 (default: the preset's)")
+    ap.add_argument("--runs", type=Path, default=None, help="runs root (default runs/<preset>)")
+    grid.add_model_flags(ap)
+    ap.add_argument("--override", action="append", metavar="KEY=VALUE", help="RunConfig field for every RL cell")
+    g = ap.add_argument_group("resources (override slurm.resources)")
+    for flag, typ in (("--partition", str), ("--account", str), ("--qos", str), ("--nodes", int),
+                      ("--rollout-nodes", int), ("--gpus-per-node", int), ("--cpus-per-task", int),
+                      ("--mem-gb", int), ("--time", str), ("--servers-per-node", int), ("--server-tp", int)):  # fmt: skip
+        g.add_argument(flag, type=typ, default=None)
+    g.add_argument("--setup", action="append", help="extra shell line run before the job (repeatable)")
+    ap.add_argument("--executor", choices=["slurm", "local"], default="slurm")
+    ap.add_argument("--max-parallel", type=int, default=1, help="local executor: cells at a time")
+    ap.add_argument("--max-requeues", type=int, default=50, help="time-limit requeues per job (preemptions are free)")
+    ap.add_argument("--no-array", action="store_true", help="one sbatch per cell instead of job arrays")
+    ap.add_argument("--array-parallelism", type=int, default=4, help="array tasks running at once")
+    ap.add_argument("--no-static", action="store_true", help="leave out the static mismatch jobs")
+    ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="write and print the sbatch scripts only")
+    ap.add_argument("--wait", action="store_true", help="slurm: block until the jobs leave the queue, then report")
+    ap.add_argument("--wait-timeout", type=float, default=None, help="seconds (with --wait)")
+    ap.add_argument("--body", default=None, help=f"RL job body module:function (default {RL_BODY})")
+    ap.add_argument("--static-body", default=None, help=f"static job body (default {STATIC_BODY})")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs = Path(args.runs or Path("runs") / args.preset).absolute()
+    todo, notes = plan_cells(args)
+    for n in notes:
+        print(n)
+    if not todo:
+        print("nothing to submit")
+        return
+    if args.dry_run:
+        dry_run(_groups(todo, not args.no_array), args, runs)
+        return
+    if args.executor == "local":
+        run_local(todo, args)
+        sys.exit(1 if report(todo) else 0)
+    submitted = submit_slurm(_groups(todo, not args.no_array), args, runs)
+    if args.wait:
+        wait_slurm(submitted, args.wait_timeout)
+        sys.exit(1 if report(todo) else 0)
+
+
+if __name__ == "__main__":
+    main()
