@@ -70,7 +70,7 @@ def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[
     def decon(rows):
         evals = load_eval_sets(cfg.eval_sets, eval_loader)
         index = EvalIndex(evals, n=cfg.decontam_ngram, min_coverage=cfg.decontam_min_coverage)
-        keep, m = decontaminate(rows, index, progress=progress)
+        keep, m = decontaminate(rows, index, honor_source_flags=cfg.decontam_source_flags, progress=progress)
         by_set = collections.Counter(x.eval_item.split("/", 1)[0] for x in m)
         return keep, {"eval_items": index.size, "by_eval_set": dict(by_set), "removed": [dataclasses.asdict(x) for x in m]}
 

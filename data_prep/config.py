@@ -66,6 +66,8 @@ class BuildConfig:
     """Evaluation sets to decontaminate against (eval.benchmarks names)."""
     decontam_ngram: int = 13
     """n of the n-gram overlap test (13, as in GPT-3's decontamination)."""
+    decontam_source_flags: bool = True
+    """Also drop rows their source flagged as overlapping an eval set (`eval_overlap`)."""
     decontam_min_coverage: float = 0.5
     """A row matches an eval item when it contains at least this fraction of the item's distinct
     n-grams (not published; with "any shared 13-gram" one AIME boilerplate sentence removed

@@ -90,12 +90,18 @@ class EvalIndex:
 
 
 def decontaminate(
-    rows: Sequence[dict[str, Any]], index: EvalIndex, *, progress: bool = False
+    rows: Sequence[dict[str, Any]], index: EvalIndex, *, honor_source_flags: bool = True, progress: bool = False
 ) -> tuple[list[bool], list[EvalMatch]]:
-    """keep [N] and the matches of the dropped rows."""
+    """keep [N] and the matches of the dropped rows. With honor_source_flags, a row whose source
+    already marked it as overlapping an eval set (the pools' `eval_overlap` field, computed with
+    difflib similarity >= 0.9 and the same answer) is dropped too (method "source-flag")."""
     keep, matches = [], []
     for r in tqdm(rows, desc="decontaminate", disable=not progress, leave=False):
         m = index.match(r["problem"], r["id"])
+        if m is None and honor_source_flags and r.get("eval_overlap"):
+            flag = r["eval_overlap"]
+            m = EvalMatch(id=r["id"], eval_item=f"{flag[0] if isinstance(flag, list) else flag}/?",
+                          method="source-flag", coverage=0.0, evidence=f"eval_overlap={flag}")
         keep.append(m is None)
         if m is not None:
             matches.append(m)

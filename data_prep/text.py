@@ -22,7 +22,8 @@ import numpy as np
 _LATEX_NOISE = re.compile(
     r"\\(?:qquad|quad|displaystyle|textstyle|scriptstyle|left|right|bigl|bigr|Bigl|Bigr|big|Big"
     r"|biggl|biggr|bigg|Bigg|limits|nolimits|mathrm|mathbf|mathit|textbf|textit|text|operatorname"
-    r"|hspace\*?\{[^}]*\}|vspace\*?\{[^}]*\}|[,;:! ])(?![a-zA-Z])"
+    r"|hspace\*?\{[^}]*\}|vspace\*?\{[^}]*\})(?![a-zA-Z])"
+    r"|\\[,;:! ]"  # \, \; \: \! and "\ " (control symbols: no letter check)
 )
 # Same command, different spelling: fold onto one name.
 _LATEX_SYNONYMS = (

@@ -118,6 +118,13 @@ def register(name: str, loader_fn: Loader) -> None:
     _REGISTRY[name] = loader_fn
 
 
+def short_name(name: str) -> str:
+    """The key a benchmark's scores are stored under: the name itself, or a file's stem for a path."""
+    if name in _REGISTRY:
+        return name
+    return Path(name).stem if Path(name).suffix.lower() in (".jsonl", ".json", ".parquet") else name
+
+
 def available() -> list[str]:
     """Registered benchmark names."""
     return sorted(_REGISTRY)

@@ -133,10 +133,29 @@ def _silence_math_verify() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+_WARMUP = [("\\frac{1}{2}", "0.5"), ("[2,5)", "[2, 5)"), ("1,2", "\\{2,1\\}"), ("\\text{(C)}", "C"),
+           ("x^2+1", "1+x^2"), ("30^\\circ", "30"), ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}")]
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Import math-verify and run a few typical comparisons: the first parse in a fresh process
+    costs seconds (imports, sympy and ANTLR caches), which must not count against an item's timeout.
+    Once per process (a forked worker of a warm parent inherits the warm state)."""
+    global _warm
+    if _warm:
+        return
+    for pred, gold in _WARMUP:
+        _grade_extracted((pred, gold))
+    _warm = True
+
+
 def make_pool(*, workers: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S) -> WorkerPool:
     """A persistent grading pool for `grade_detailed`/`grade_many(pool=...)` (the RL loop keeps one)."""
     _silence_math_verify()
-    return WorkerPool(_grade_extracted, workers=workers, timeout_s=timeout_s, on_error="none")
+    return WorkerPool(_grade_extracted, workers=workers, timeout_s=timeout_s, on_error="none", initializer=warm_up)
 
 
 def grade_detailed(
@@ -163,8 +182,8 @@ def grade_detailed(
     todo = [(i, (ex, pairs[i][1])) for i, ex in enumerate(extracted) if ex is not None]
     if pool is None:
         _silence_math_verify()
-        outcomes = map_in_workers(_grade_extracted, [p for _, p in todo], workers=workers,
-                                  timeout_s=timeout_s, on_error="none", progress=progress)
+        outcomes = map_in_workers(_grade_extracted, [p for _, p in todo], workers=workers, timeout_s=timeout_s,
+                                  on_error="none", progress=progress, initializer=warm_up)
     else:
         outcomes = pool.map([p for _, p in todo], progress=progress)
     results = [GradeResult(correct=False, extracted=None) for _ in pairs]

@@ -139,6 +139,9 @@ def evaluate(
                          f"{n_samples}, {max_new_tokens}, {batch_size}")
     if not benchmarks:
         raise ValueError("no benchmarks given")
+    keys = [bench_mod.short_name(b) for b in benchmarks]  # file paths are keyed by their stem
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"benchmark names {list(benchmarks)} collide as keys {keys}; rename a file")
     tpl = templates.get(template)
     settings = {"template": template, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed}
@@ -154,8 +157,8 @@ def evaluate(
 
     # Jobs: (benchmark, row, sample index), batched per benchmark.
     batches: list[tuple[str, int, list[tuple[dict, int]]]] = []
-    for b in benchmarks:
-        rows = bench_mod.load(b, limit=max_problems)
+    for name, b in zip(benchmarks, keys):
+        rows = bench_mod.load(name, limit=max_problems)
         jobs = [(row, s) for row in rows for s in range(n_samples)]
         for bi, start in enumerate(range(0, len(jobs), batch_size)):
             batches.append((b, bi, jobs[start : start + batch_size]))
@@ -198,7 +201,7 @@ def evaluate(
             pool.close()
     wanted = {(b, row["id"], s) for b, _, jobs in batches for row, s in jobs}
     return summarize([r for r in records if (r["benchmark"], r["problem_id"], r["sample"]) in wanted],
-                     benchmarks=list(benchmarks), n_samples=n_samples, template=template)
+                     benchmarks=keys, n_samples=n_samples, template=template)
 
 
 def _build_engine(args, tokenizer) -> RolloutEngine:
@@ -254,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.replace(tmp, args.out / "summary.json")
     k = args.n_samples
     print(f"{'benchmark':<14}{'problems':>9}{f'avg@{k}':>9}{f'pass@{k}':>9}{'timeouts':>9}")
-    for b in names:
+    for b in map(bench_mod.short_name, names):
         print(f"{b:<14}{summary['problems'][b]:>9}{100 * summary['scores'][b]:>9.2f}"
               f"{100 * summary['pass'][b]:>9.2f}{summary['timeouts'][b]:>9}")
     print(f"{'average':<14}{'':>9}{100 * summary['avg']:>9.2f}")

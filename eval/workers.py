@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 OnError = Literal["raise", "none"]
 Outcome = tuple[Any, bool]
 
+INIT_TIMEOUT_S = 300.0
+"""A worker initializer (e.g. imports and cache warm-up) that runs longer than this is a bug."""
 DEFAULT_GRACE_S = 2.0
 """Extra wall time past the SIGALRM timeout before the parent SIGKILLs a worker: long enough for
 a handled alarm to unwind and report, short enough that a C-level hang costs little."""
@@ -64,9 +66,13 @@ def call_with_alarm(fn: Callable[[Any], Any], item: Any, timeout_s: float) -> An
         signal.signal(signal.SIGALRM, old)
 
 
-def _worker_main(conn: Connection, fn: Callable[[Any], Any], timeout_s: float) -> None:
+def _worker_main(conn: Connection, fn: Callable[[Any], Any], timeout_s: float,
+                 initializer: Callable[[], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    if initializer is not None:  # before the first item, outside its time limit
+        initializer()
+    conn.send((-1, "ready", None))
     while True:
         try:
             msg = conn.recv()
@@ -88,12 +94,15 @@ def _worker_main(conn: Connection, fn: Callable[[Any], Any], timeout_s: float) -
 
 
 class _Worker:
-    def __init__(self, ctx, fn, timeout_s: float):
+    def __init__(self, ctx, fn, timeout_s: float, initializer):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn, timeout_s), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn, timeout_s, initializer), daemon=True)
         self.proc.start()
         child.close()  # the parent keeps only its end, so a dead child reads as EOF
-        self.job: tuple[int, float] | None = None  # (item index, hard deadline)
+        self.ready = False  # set by the worker's "ready" message, after its initializer
+        self.init_deadline = time.monotonic() + INIT_TIMEOUT_S
+        self.queue: collections.deque[int] = collections.deque()  # indices sent, in order
+        self.deadline: float | None = None  # hard deadline of queue[0] once it runs
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -106,7 +115,8 @@ class WorkerPool:
     """A persistent pool of worker processes applying `fn` with a per-item timeout.
 
     `workers=0` runs inline in the calling thread (which must be the main thread, for SIGALRM);
-    it has the soft timeout only (no hard kill). Reuse one pool across calls: starting workers
+    it has the soft timeout only (no hard kill). `initializer()` runs once in each worker before
+    its first item, outside the time limit (warm caches, so a cold start is not a timeout). Reuse one pool across calls: starting workers
     costs a fork each. Use as a context manager or call `close()`.
     """
 
@@ -119,6 +129,8 @@ class WorkerPool:
         grace_s: float = DEFAULT_GRACE_S,
         on_error: OnError = "raise",
         start_method: str | None = None,
+        initializer: Callable[[], None] | None = None,
+        prefetch: int = 2,
     ):
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = inline), got {workers}")
@@ -128,6 +140,13 @@ class WorkerPool:
             raise ValueError(f"on_error must be 'raise' or 'none', got {on_error!r}")
         self.fn, self.workers, self.timeout_s, self.grace_s = fn, workers, float(timeout_s), float(grace_s)
         self.on_error = on_error
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        # Items queued per worker: 2 hides the parent round trip (which costs a scheduler slice
+        # on a loaded machine). Items and replies must stay small (pipe buffers are ~64 KB).
+        self.prefetch = prefetch
+        self.initializer = initializer  # run once per worker (and before inline use), untimed
+        self._initialized_inline = False
         # fork: workers inherit already-imported modules (math_verify/sympy take ~0.4 s to import),
         # and fn need not be importable by name. Other platforms fall back to spawn.
         if start_method is None:
@@ -162,7 +181,7 @@ class WorkerPool:
         self._pool = []
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fn, self.timeout_s)
+        return _Worker(self._ctx, self.fn, self.timeout_s, self.initializer)
 
     # --- mapping --------------------------------------------------------------------------
     def map(self, items: Iterable[Any], *, progress: bool | str = False) -> list[Outcome]:
@@ -197,6 +216,9 @@ class WorkerPool:
                 "workers=0 runs items inline under SIGALRM, which only works in the main thread; "
                 f"called from thread {threading.current_thread().name!r}. Pass workers >= 1."
             )
+        if self.initializer is not None and not self._initialized_inline:
+            self.initializer()
+            self._initialized_inline = True
         out: list[Outcome] = []
         for idx, item in enumerate(items):
             try:
@@ -214,56 +236,74 @@ class WorkerPool:
         while len(self._pool) < self.workers:
             self._pool.append(self._spawn())
         results: list[Outcome | None] = [None] * len(items)
-        pending = collections.deque(enumerate(items))
+        pending = collections.deque(range(len(items)))
         remaining = len(items)
+        limit = self.timeout_s + self.grace_s
 
-        def finish(w: _Worker, outcome: Outcome) -> None:
+        def settle(w: _Worker, outcome: Outcome) -> None:
             nonlocal remaining
-            results[w.job[0]] = outcome
-            w.job = None
+            results[w.queue.popleft()] = outcome
             remaining -= 1
             self.stats["items"] += 1
             bar.update(1)
+            # The worker starts its next queued item as soon as it has replied.
+            w.deadline = time.monotonic() + limit if (w.ready and w.queue) else None
 
         def replace(w: _Worker) -> None:
+            pending.extendleft(reversed(w.queue))  # items queued behind the lost one go back first
             w.kill()
             self._pool[self._pool.index(w)] = self._spawn()
 
+        def lost(w: _Worker, outcome: Outcome, stat: str) -> None:
+            if not w.ready:
+                w.kill()
+                raise RuntimeError(f"a worker process died during its initializer (exit code "
+                                   f"{w.proc.exitcode}); see its traceback on stderr")
+            self.stats[stat] += 1
+            settle(w, outcome)
+            replace(w)
+
         while remaining:
-            for w in self._pool:
-                if w.job is None and pending:
-                    idx, item = pending.popleft()
-                    w.conn.send((idx, item))
-                    w.job = (idx, time.monotonic() + self.timeout_s + self.grace_s)
-            busy = [w for w in self._pool if w.job is not None]
-            next_deadline = min(w.job[1] for w in busy)
+            now = time.monotonic()
+            for w in self._pool:  # keep `prefetch` items queued per worker: no idle round trip
+                while len(w.queue) < self.prefetch and pending:
+                    idx = pending.popleft()
+                    w.conn.send((idx, items[idx]))
+                    w.queue.append(idx)
+                    if w.ready and len(w.queue) == 1:
+                        w.deadline = now + limit
+            busy = [w for w in self._pool if w.queue]
+            deadlines = [w.deadline if w.ready else w.init_deadline for w in busy]
             handles = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
-            ready = set(wait(handles, timeout=max(0.0, next_deadline - time.monotonic())))
+            ready = set(wait(handles, timeout=max(0.0, min(deadlines) - time.monotonic())))
             for w in busy:
                 if w.conn in ready:
                     try:
                         idx, status, payload = w.conn.recv()
                     except (EOFError, OSError):  # died mid-item
-                        self.stats["crashes"] += 1
-                        finish(w, (None, False))
-                        replace(w)
+                        lost(w, (None, False), "crashes")
                         continue
+                    if status == "ready":
+                        w.ready = True
+                        w.deadline = time.monotonic() + limit
+                        continue
+                    if idx != w.queue[0]:  # pragma: no cover - a protocol bug, not an input problem
+                        raise RuntimeError(f"worker replied for item {idx}, expected {w.queue[0]}")
                     if status == "ok":
-                        finish(w, (payload, False))
+                        settle(w, (payload, False))
                     elif status == "timeout":
                         self.stats["timeouts"] += 1
-                        finish(w, (None, True))
+                        settle(w, (None, True))
                     else:
-                        finish(w, self._record_error(idx, payload))
+                        settle(w, self._record_error(idx, payload))
                 elif w.proc.sentinel in ready:  # exited without replying
-                    self.stats["crashes"] += 1
-                    finish(w, (None, False))
-                    replace(w)
-                elif time.monotonic() >= w.job[1]:  # stuck where SIGALRM cannot reach
-                    self.stats["timeouts"] += 1
+                    lost(w, (None, False), "crashes")
+                elif not w.ready and time.monotonic() >= w.init_deadline:
+                    w.kill()
+                    raise RuntimeError(f"a worker's initializer did not finish in {INIT_TIMEOUT_S} s")
+                elif w.ready and time.monotonic() >= w.deadline:  # stuck where SIGALRM cannot reach
                     self.stats["hard_kills"] += 1
-                    finish(w, (None, True))
-                    replace(w)
+                    lost(w, (None, True), "timeouts")
         return results  # type: ignore[return-value]
 
 
@@ -275,11 +315,12 @@ def map_in_workers(
     timeout_s: float,
     on_error: OnError = "raise",
     progress: bool | str = False,
+    initializer: Callable[[], None] | None = None,
 ) -> list[Outcome]:
     """One-shot `WorkerPool(fn, ...).map(items)`: [(result | None, timed_out)] in item order.
 
     fn must be picklable (a module-level function) when the start method is not fork.
     """
     with WorkerPool(fn, workers=min(workers, max(1, len(items))) if workers else 0,
-                    timeout_s=timeout_s, on_error=on_error) as pool:
+                    timeout_s=timeout_s, on_error=on_error, initializer=initializer) as pool:
         return pool.map(items, progress=progress)

@@ -31,6 +31,7 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
     for precision, ax in panels:
         ax.set_title(f"{precision} rollout")
         drawn = False
+        all_tau: list[float] = []
         for arm in ("moe", "moe_r3", "dense"):
             curve = static[precision][arm].get("F_curve")
             if not curve:
@@ -44,13 +45,19 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
                 label += f" (F = 0 from τ = {tau[np.argmax(zero)]:.3g})"
             # A zero F would sit at -inf on the log axis: draw only the positive part.
             ax.plot(tau[~zero], f[~zero], color=ARM_COLORS[arm], label=label, marker=".", markersize=3)
-            if zero.all():
-                ax.plot([], [], color=ARM_COLORS[arm], label=label)
             drawn |= bool((~zero).any())
+            all_tau += tau.tolist()
+        if all_tau:  # keep the measured tau range even when nothing positive was drawn
+            pad = 0.03 * (max(all_tau) - min(all_tau) or 1.0)
+            ax.set_xlim(min(all_tau) - pad, max(all_tau) + pad)
         if drawn:
             ax.set_yscale("log")
+        elif all_tau:
+            ax.set_yticks([])
+            ax.text(0.5, 0.3, f"F(τ) = 0 at every τ ≥ {min(all_tau):.3g}:\nno token's ratio exceeds the thresholds",
+                    transform=ax.transAxes, ha="center", va="center", color="0.3")
         else:
-            no_data(ax, "positive F(τ)")
+            no_data(ax, "F(τ) curve")
         ax.set_xlabel("τ (threshold on max(r, 1/r), r = π_train / π_infer)")
         ax.set_ylabel("F(τ) [fraction of tokens]")
         ax.legend(loc="best")

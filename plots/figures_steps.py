@@ -48,7 +48,7 @@ def _collapse_handle() -> Line2D:
 def kl_figure(setting: Setting, cells: list[Cell]) -> Figure:
     """Training-inference k3 KL over global steps, one line per method; without / with R3."""
     fig = new_figure(FULL_WIDTH_IN, 2.9)
-    axes = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
     fig.suptitle(f"Training-inference mismatch during RL: {setting.title}")
     for ax, replay in zip(axes, (False, True)):
         ax.set_title("with R3 (routing replayed)" if replay else "without R3 (native routing)")

@@ -2,7 +2,8 @@
 
 A runs root holds cell directories (any child with a `config.json`) and optionally
 `static/<precision>/static.json`. A cell is complete when `manifest.json` exists, failed when
-a `failed*` marker file exists without a manifest, and running otherwise; running cells are
+the manifest says so or the job wrapper's `FAILED` marker exists (slurm/state.py), and running
+otherwise (running or interrupted: both are partial); running cells are
 read as far as they go (a half-written last JSONL line is skipped, since the files are
 append-only while running). Files that break the contract (a gap in metrics steps, a bad line
 in a finished run, a config the RunConfig does not accept) stop with the path and the reason.
@@ -21,6 +22,8 @@ from experiments.collapse import collapse_step
 from experiments.config import RunConfig
 
 RunStatus = Literal["complete", "running", "failed"]
+FAILED_MARKER = "FAILED"
+"""Written by the job wrapper when the run body raised (slurm/state.py)."""
 STATIC_ARMS = ("moe", "moe_r3", "dense")
 """The three measurements in a static.json: MoE native, MoE + R3, dense reference."""
 
@@ -200,9 +203,10 @@ def load_run(path: Path) -> Run:
         raise ValueError(f"{path / 'config.json'}: not a RunConfig ({e})") from None
     manifest_path = path / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    if manifest is not None:
-        status: RunStatus = "complete"
-    elif any(p.name.lower().startswith("failed") for p in path.iterdir()):
+    status: RunStatus
+    if manifest is not None and manifest.get("status", "complete") != "failed":
+        status = "complete"
+    elif manifest is not None or (path / FAILED_MARKER).exists():
         status = "failed"
     else:
         status = "running"

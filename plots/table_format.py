@@ -79,6 +79,7 @@ def to_markdown(t: Table) -> str:
 _TEX_ESCAPES = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "<": r"\textless{}", ">": r"\textgreater{}",  # plain < > print as inverted marks in OT1 fonts
 }
 
 
@@ -106,7 +107,8 @@ def to_latex(t: Table) -> str:
             out.append(" & ".join(tex_escape(c) for c in row) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if t.notes:
-        out.append(r"\par\vspace{2pt}\parbox{\linewidth}{\footnotesize " + " ".join(tex_escape(n) for n in t.notes) + "}")
+        notes = " ".join(tex_escape(n) for n in t.notes)
+        out.append(r"\par\vspace{2pt}\parbox{\linewidth}{\footnotesize " + notes + "}")
     out.append(r"\end{table}")
     return "\n".join(out) + "\n"
 

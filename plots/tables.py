@@ -11,6 +11,7 @@ the difference only where the benchmark is the same one (the `paper` preset).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from plots import paper_numbers
@@ -138,6 +139,11 @@ def results_table(setting: Setting, cells: list[Cell]) -> Table:
     )
 
 
+def _paper_key(model: str, known) -> str | None:
+    """The paper's model name contained in a recorded model name or path (case-insensitive)."""
+    return next((k for k in known if k.lower() in model.lower()), None)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -155,8 +161,9 @@ def static_table(static: dict[str, dict[str, Any]]) -> Table:
         moe, r3, dense = d["moe"], d["moe_r3"], d["dense"]
         rows.append([f"rollout precision {precision}"])
         kinds.append("group")
-        moe_name = str(d.get("model", "MoE"))
-        dense_name = str(d.get("dense_model", "dense (no router)"))
+        # Optional `model` / `dense_model` (a name or a checkpoint path) name what was measured.
+        moe_name = Path(str(d.get("model") or "MoE")).name
+        dense_name = Path(str(d.get("dense_model") or "dense (no router)")).name
         pair, tok = moe.get("routing_pair_disagreement"), moe.get("routing_token_disagreement")
         routing = "n/a" if pair is None else f"{100 * pair:.2f}% / " + ("n/a" if tok is None else f"{100 * tok:.2f}%")
         kl_ratio = _ratio(moe["k3_kl"], r3["k3_kl"])
@@ -168,25 +175,28 @@ def static_table(static: dict[str, dict[str, Any]]) -> Table:
         kinds.append("ours")
         csv_rows.append([precision, "ours", moe_name, moe["extreme_frac@2"], r3["extreme_frac@2"], moe["k3_kl"],
                          r3["k3_kl"], kl_ratio, pair, tok, moe.get("tokens", d.get("tokens"))])
-        pub = paper_numbers.STATIC.get(moe_name)
+        pub_key = _paper_key(moe_name, paper_numbers.STATIC)
+        pub = paper_numbers.STATIC[pub_key] if pub_key else None
         if pub is not None:
             any_paper = True
-            rows.append(["paper (published)", f"{fmt_sci(pub.f2_native)} / {fmt_sci(pub.f2_r3)}",
-                         f"{fmt_sci(pub.kl_native)} / {fmt_sci(pub.kl_r3)}", f"{pub.kl_native / pub.kl_r3:.2f}x", "", ""])
+            rows.append([f"paper (published): {pub_key}", f"{fmt_sci(pub.f2_native)} / {fmt_sci(pub.f2_r3)}",
+                         f"{fmt_sci(pub.kl_native)} / {fmt_sci(pub.kl_r3)}",
+                         f"{pub.kl_native / pub.kl_r3:.2f}x", "", ""])
             kinds.append("paper")
-            csv_rows.append([precision, "paper", moe_name, pub.f2_native, pub.f2_r3, pub.kl_native, pub.kl_r3,
+            csv_rows.append([precision, "paper", pub_key, pub.f2_native, pub.f2_r3, pub.kl_native, pub.kl_r3,
                              pub.kl_native / pub.kl_r3, None, None, None])
         rows.append([dense_name, f"{fmt_sci(dense['extreme_frac@2'])} / n/a", f"{fmt_sci(dense['k3_kl'])} / n/a", "n/a",
                      "n/a", str(dense.get("tokens", "n/a"))])
         kinds.append("ours")
         csv_rows.append([precision, "ours", dense_name, dense["extreme_frac@2"], None, dense["k3_kl"], None, None,
                          None, None, dense.get("tokens")])
-        pub_dense = paper_numbers.STATIC_DENSE_KL.get(dense_name)
+        dense_key = _paper_key(dense_name, paper_numbers.STATIC_DENSE_KL)
+        pub_dense = paper_numbers.STATIC_DENSE_KL[dense_key] if dense_key else None
         if pub_dense is not None:
             any_paper = True
-            rows.append(["paper (published)", "", f"{fmt_sci(pub_dense)} / n/a", "", "", ""])
+            rows.append([f"paper (published): {dense_key}", "", f"{fmt_sci(pub_dense)} / n/a", "", "", ""])
             kinds.append("paper")
-            csv_rows.append([precision, "paper", dense_name, None, None, pub_dense, None, None, None, None, None])
+            csv_rows.append([precision, "paper", dense_key, None, None, pub_dense, None, None, None, None, None])
     notes = [
         "Training vs inference log-probabilities on the same sampled tokens, r = pi_train / pi_infer: "
         "k3 KL = mean(r - 1 - log r); F(2) = fraction of tokens with max(r, 1/r) > 2 (PAPER.md, Metrics).",

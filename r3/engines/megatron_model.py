@@ -36,7 +36,7 @@ def _head_dim(hf_config) -> int:
 
 
 def _is_moe(hf_config) -> bool:
-    return getattr(hf_config, "num_experts", 0) and hf_config.model_type == "qwen3_moe"
+    return bool(getattr(hf_config, "num_experts", 0)) and hf_config.model_type == "qwen3_moe"
 
 
 def moe_layer_pattern(hf_config) -> list[int]:

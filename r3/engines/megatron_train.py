@@ -74,6 +74,7 @@ class MegatronTrainEngine:
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.device = next(self.model.parameters()).device
         self.steps = 0
 
     # --- batch handling ---------------------------------------------------------------------
@@ -117,7 +118,7 @@ class MegatronTrainEngine:
         mode = ReplayMode.REPLAY if replay else (ReplayMode.RECORD if record_routing else ReplayMode.OFF)
         logps, ents, recs = [], [], []
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
-            ids_BS = batch.input_ids_BS[rows]
+            ids_BS = batch.input_ids_BS[rows].to(self.device)
             if self.is_moe:
                 with self._session(mode, batch, rows, recompute=False) as sess:
                     logits = gpt_logits(self.model, ids_BS)
@@ -127,8 +128,8 @@ class MegatronTrainEngine:
             else:
                 logits = gpt_logits(self.model, ids_BS)
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
-            logps.append(logp_BT)
-            ents.append(ent_BT)
+            logps.append(logp_BT.to(batch.input_ids_BS.device))
+            ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
         expert_ids = None
         if record_routing:  # when replaying, the routing used is the replayed one
             expert_ids = batch.expert_ids_BTLK.to(torch.int64) if replay else torch.cat(recs)
@@ -150,7 +151,7 @@ class MegatronTrainEngine:
         totals: dict[str, float] = {}
         loss_total = 0.0
         for rows in self._row_slices(B):
-            ids_BS = batch.input_ids_BS[rows]
+            ids_BS = batch.input_ids_BS[rows].to(self.device)
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
                 if self.is_moe:
                     with self._session(mode, batch, rows, recompute=self.recompute) as sess:

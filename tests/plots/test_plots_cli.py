@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import _tiny, write_run
+from plots_fixtures import tiny_cfg, write_run
 
 from plots.all import main, make_all
 
@@ -28,7 +28,7 @@ def test_empty_dir_fails_clearly(tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs, _tiny("sft-multi-gspo", algorithm="gspo", mini_steps=8), {0: 0.3, 5: 0.35}, last_step=5)
+    write_run(runs, tiny_cfg("sft-multi-gspo", algorithm="gspo", mini_steps=8), {0: 0.3, 5: 0.35}, last_step=5)
     proc = subprocess.run(
         [sys.executable, "-m", "plots.all", "--runs", str(runs), "--out", str(tmp_path / "out"), "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import _tiny, write_run
+from plots_fixtures import tiny_cfg, write_run
 
 from plots.all import make_all
 
@@ -33,10 +33,10 @@ def test_every_figure_written(plots_out):
 def test_subset_without_static_and_a_just_started_cell(tmp_path):
     """One cell with data, one that has only written config.json: no static figures, no crash."""
     runs = tmp_path / "runs"
-    write_run(runs, _tiny("sft-single-grpo-r3", replay=True), {0: 0.4, 5: 0.5}, last_step=7, complete=False)
+    write_run(runs, tiny_cfg("sft-single-grpo-r3", replay=True), {0: 0.4, 5: 0.5}, last_step=7, complete=False)
     fresh = runs / "sft-single-grpo"
     fresh.mkdir()
-    _tiny("sft-single-grpo").save(fresh / "config.json")
+    tiny_cfg("sft-single-grpo").save(fresh / "config.json")
     paths = make_all(runs, tmp_path / "out", progress=False)
     for kind in ("kl", "dynamics", "eval"):
         _assert_figure(paths, tmp_path / "out" / "figures", f"{kind}__tiny-sft-mini1-fp8")
@@ -47,7 +47,7 @@ def test_subset_without_static_and_a_just_started_cell(tmp_path):
 
 
 def test_static_only_root(tmp_path):
-    from conftest import write_static
+    from plots_fixtures import write_static
 
     write_static(tmp_path / "runs")
     paths = make_all(tmp_path / "runs", tmp_path / "out", progress=False)

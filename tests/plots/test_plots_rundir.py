@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import _tiny, write_run
+from plots_fixtures import tiny_cfg, write_run
 
 from experiments.collapse import collapse_step
 from plots.groups import group_cells
@@ -13,19 +13,26 @@ from plots.rundir import discover, load_run, method_label
 
 
 def test_status_and_torn_tail(tmp_path):
-    d = write_run(tmp_path, _tiny("a", tis=True), {0: 0.4, 5: 0.5}, last_step=6, complete=False, torn_tail=True)
+    d = write_run(tmp_path, tiny_cfg("a", tis=True), {0: 0.4, 5: 0.5}, last_step=6, complete=False, torn_tail=True)
     run = load_run(d)
     assert run.status == "running" and run.last_step == 6 and list(run.metrics.index) == list(range(1, 7))
     (d / "manifest.json").write_text(json.dumps({"name": "a", "status": "complete", "steps": 6}))
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 7 is not JSON"):
         load_run(d)  # a finished run may not end in a torn line
     (d / "manifest.json").unlink()
-    (d / "failed").write_text("RuntimeError: boom\n")
+    (d / "FAILED").write_text(json.dumps({"error": "RuntimeError: boom"}))
+    assert load_run(d).status == "failed"
+    (d / "FAILED").unlink()
+    (d / "manifest.json").write_text(json.dumps({"name": "a", "status": "failed", "steps": 6}))
+    with pytest.raises(ValueError, match=r"line 7 is not JSON"):
+        load_run(d)  # a manifest (even a failed one) means the writer has finished
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    (d / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     assert load_run(d).status == "failed"
 
 
 def test_metrics_gap_is_refused(tmp_path):
-    d = write_run(tmp_path, _tiny("gap"), {0: 0.4}, last_step=4)
+    d = write_run(tmp_path, tiny_cfg("gap"), {0: 0.4}, last_step=4)
     lines = (d / "metrics.jsonl").read_text().splitlines()
     (d / "metrics.jsonl").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
     with pytest.raises(ValueError, match=r"line 3 has step 4, expected 3"):
@@ -33,7 +40,7 @@ def test_metrics_gap_is_refused(tmp_path):
 
 
 def test_repeated_eval_step_is_refused(tmp_path):
-    d = write_run(tmp_path, _tiny("dup"), {0: 0.4, 5: 0.5}, last_step=5)
+    d = write_run(tmp_path, tiny_cfg("dup"), {0: 0.4, 5: 0.5}, last_step=5)
     with open(d / "eval.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "scores": {"synthetic": 0.5}, "avg": 0.5}) + "\n")
     with pytest.raises(ValueError, match=r"evaluation steps must increase strictly.*repeated: \[5\]"):
@@ -65,8 +72,8 @@ def test_grouping_seeds_and_variants(runs_root, tmp_path):
     assert [c.method for c in next(s for k, s in settings.items() if k.mini_steps == 1 and k.preset == "tiny")] == [
         "GRPO", "GRPO+TIS", "GRPO+R3", "GRPO+TIS+R3"]
     # Two cells with one method label but a different lr are kept apart and labelled by lr.
-    write_run(tmp_path, _tiny("lr-a", lr=1e-5), {0: 0.4}, last_step=1)
-    write_run(tmp_path, _tiny("lr-b", lr=3e-5), {0: 0.4}, last_step=1)
+    write_run(tmp_path, tiny_cfg("lr-a", lr=1e-5), {0: 0.4}, last_step=1)
+    write_run(tmp_path, tiny_cfg("lr-b", lr=3e-5), {0: 0.4}, last_step=1)
     labels = sorted(c.label for s in group_cells(discover(tmp_path).runs).values() for c in s)
     assert labels == ["GRPO (lr=1e-05)", "GRPO (lr=3e-05)"]
-    assert method_label(_tiny("x", algorithm="gspo", replay=True, tis=True)) == "GSPO+TIS+R3"
+    assert method_label(tiny_cfg("x", algorithm="gspo", replay=True, tis=True)) == "GSPO+TIS+R3"

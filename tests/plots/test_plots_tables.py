@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import EXPECTED, STATIC, write_static
+from plots_fixtures import EXPECTED, STATIC, write_static
 
 from plots import paper_numbers
 from plots.rundir import discover
@@ -113,13 +113,17 @@ def test_static_paper_row_when_model_matches(tmp_path):
 
     f = tmp_path / "static" / "fp8" / "static.json"
     data = json.loads(f.read_text())
-    data["model"] = "Qwen3-30B-A3B"
+    data["model"] = "/ckpt/Qwen3-30B-A3B-SFT"  # a checkpoint path naming the paper's model
+    data["dense_model"] = "/ckpt/Qwen3-8B"
     f.write_text(json.dumps(data))
     t = static_table(discover(tmp_path).static)
     paper = [r for r in t.csv_rows if r[1] == "paper"]
-    assert len(paper) == 1
+    assert len(paper) == 2
     pub = paper_numbers.STATIC["Qwen3-30B-A3B"]
     assert paper[0][:7] == ["fp8", "paper", "Qwen3-30B-A3B", pub.f2_native, pub.f2_r3, pub.kl_native, pub.kl_r3]
+    assert paper[1][2] == "Qwen3-8B" and paper[1][5] == paper_numbers.STATIC_DENSE_KL["Qwen3-8B"]
+    assert ["Qwen3-30B-A3B-SFT"] == [r[0] for r, k in zip(t.rows, t.kinds) if k == "ours" and "30B" in r[0]]
+    assert not [r for r in t.csv_rows if r[0] == "bf16" and r[1] == "paper"]  # no model recorded: no match
 
 
 def test_every_table_in_three_formats(plots_out):
@@ -143,6 +147,12 @@ def test_table_shape_validation():
     with pytest.raises(ValueError, match="row 0 .* has 1 cells, expected 2"):
         Table(name="x", title="x", header=["a", "b"], rows=[["1"]], kinds=["ours"], notes=[],
               csv_header=["a"], csv_rows=[[1]])
+
+
+def test_tex_escape():
+    from plots.table_format import tex_escape
+
+    assert tex_escape("a_b 5% {x} > 2 & #1") == r"a\_b 5\% \{x\} \textgreater{} 2 \& \#1"
 
 
 def test_fmt_sci():

@@ -1,0 +1,228 @@
+"""One global step's data: sample groups, reward them with the grader, dynamic sampling, batching.
+
+Dynamic sampling (PAPER.md "Setup"; DAPO): a group whose G rewards are all equal (all right or
+all wrong) carries no GRPO signal and is dropped; sampling continues, `prompts_per_step` fresh
+prompts per round, until `prompts_per_step` groups are kept or `max_sampling_rounds` rounds
+have run (the cap). A step that ends short trains on the groups it has (at least one); a step
+with none skips the update (recorded as `rollout/kept_groups` = 0).
+
+Batching: sequence i = prompt_i + response_i, right-padded to S; target position t predicts
+token t+1, so response token j of sequence i sits at t = len(prompt_i) - 1 + j in every [B, T]
+tensor (T = S - 1), and the routing trace (len(prompt_i) + len(response_i) - 1 rows, one per
+fed token, DESIGN.md invariant 1) fills rows 0.. of expert_ids_BTLK, padding rows holding
+r3.trace's distinct dummy experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from experiments import task
+from r3.engines.base import RolloutEngine, RolloutSample, SamplingParams, TrainBatch
+from r3.trace import pad_traces
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+"""reward_fn(responses, gold_answers) -> rewards (1.0 right, 0.0 wrong)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Group:
+    """G responses to one prompt, with their rewards."""
+
+    problem: task.Problem
+    samples: list[RolloutSample]
+    rewards: list[float]
+
+    @property
+    def informative(self) -> bool:
+        """Not all rewards equal: the group has a nonzero GRPO advantage somewhere."""
+        return max(self.rewards) != min(self.rewards)
+
+
+@dataclasses.dataclass(kw_only=True)
+class StepRollout:
+    """The groups kept for training plus the bookkeeping of how they were obtained."""
+
+    kept: list[Group]
+    sampled_groups: int
+    rounds: int
+    reward_mean: float
+    """Mean reward over every sampled response (kept or not)."""
+    response_len_mean: float
+    """Mean response length in tokens over every sampled response."""
+    stop_frac: float
+    """Fraction of sampled responses that ended with EOS (the rest hit max_new_tokens)."""
+
+
+def sampling_seed(run_seed: int, step: int, round_: int) -> int:
+    """The rollout seed of (run, step, round): a resumed run resamples exactly the same data."""
+    return (run_seed * 1_000_003 + step * 101 + round_) % (2**62)
+
+
+def select_groups(groups: Sequence[Group], needed: int, *, dynamic: bool) -> list[Group]:
+    """Keep up to `needed` groups in order: informative ones only when `dynamic`."""
+    pool = [g for g in groups if g.informative] if dynamic else list(groups)
+    return pool[:needed]
+
+
+class TableStream:
+    """Training prompts from a data_prep table (train.parquet: id, problem, answer), shuffled by
+    seed, cycled; `position` is the state (same interface as experiments.task.TrainStream)."""
+
+    def __init__(self, path: str, *, seed: int, position: int = 0):
+        import pandas as pd
+
+        p = Path(path)
+        p = p / "train.parquet" if p.is_dir() else p
+        if not p.exists():
+            raise FileNotFoundError(f"train_data {path!r}: {p} not found; build it with `python -m data_prep.build`")
+        df = pd.read_parquet(p, columns=["id", "problem", "answer"])
+        if len(df) == 0:
+            raise ValueError(f"train_data {p} has no rows")
+        order = torch.randperm(len(df), generator=torch.Generator().manual_seed(seed)).tolist()
+        self._rows = [df.iloc[i] for i in order]
+        self.position = position
+
+    def take(self, n: int) -> list[task.Problem]:
+        out = []
+        for _ in range(n):
+            r = self._rows[self.position % len(self._rows)]
+            out.append(task.Problem(id=str(r["id"]), problem=str(r["problem"]), answer=str(r["answer"]), solution=""))
+            self.position += 1
+        return out
+
+
+def collect(
+    engine: RolloutEngine,
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[list[int]]], list[str]],
+    stream,
+    reward_fn: RewardFn,
+    *,
+    prompts_per_step: int,
+    group_size: int,
+    params: SamplingParams,
+    dynamic: bool,
+    max_rounds: int,
+    capture_routing: bool,
+    run_seed: int,
+    step: int,
+) -> StepRollout:
+    """Sample rounds of `prompts_per_step` prompts x `group_size` until the batch is full (or the cap).
+
+    encode: problem text -> prompt ids (the prompt template); decode: response ids -> texts.
+    stream: experiments.task.TrainStream or TableStream (anything with take(n) -> problems)."""
+    if max_rounds < 1:
+        raise ValueError(f"max_sampling_rounds must be >= 1, got {max_rounds}")
+    kept: list[Group] = []
+    n_sampled, rewards_all, lens_all, stops = 0, [], [], 0
+    rounds = 0
+    while len(kept) < prompts_per_step and rounds < max_rounds:
+        problems = stream.take(prompts_per_step)
+        prompts = [encode(p.problem) for p in problems]
+        flat = [ids for ids in prompts for _ in range(group_size)]
+        p = dataclasses.replace(params, seed=sampling_seed(run_seed, step, rounds))
+        samples = engine.generate(flat, p, capture_routing=capture_routing)
+        texts = decode([s.response_ids for s in samples])
+        golds = [pr.answer for pr in problems for _ in range(group_size)]
+        rewards = [float(r) for r in reward_fn(texts, golds)]
+        groups = [
+            Group(problem=pr, samples=samples[i * group_size:(i + 1) * group_size],
+                  rewards=rewards[i * group_size:(i + 1) * group_size])
+            for i, pr in enumerate(problems)
+        ]
+        kept += select_groups(groups, prompts_per_step - len(kept), dynamic=dynamic)
+        n_sampled += len(groups)
+        rewards_all += rewards
+        lens_all += [len(s.response_ids) for s in samples]
+        stops += sum(s.finish_reason == "stop" for s in samples)
+        rounds += 1
+        if not dynamic:
+            break
+    return StepRollout(
+        kept=kept, sampled_groups=n_sampled, rounds=rounds,
+        reward_mean=sum(rewards_all) / len(rewards_all), response_len_mean=sum(lens_all) / len(lens_all),
+        stop_frac=stops / len(lens_all),
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class Batch:
+    """The kept groups as training tensors."""
+
+    train: TrainBatch
+    infer_logp_BT: torch.Tensor
+    """float32 [B, T]: the inference engine's logprobs at the response positions (0 elsewhere)."""
+    rewards_B: torch.Tensor
+    """float32 [B]; groups are contiguous runs of group_size rows."""
+
+
+def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> Batch:
+    """Right-padded prompt+response sequences of all kept groups (see the module docstring)."""
+    samples = [s for g in groups for s in g.samples]
+    if not samples:
+        raise ValueError("build_batch got no samples: dynamic sampling kept no group")
+    lens = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    B, S = len(samples), max(lens)
+    ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    att_BS = torch.zeros((B, S), dtype=torch.long)
+    mask_BT = torch.zeros((B, S - 1), dtype=torch.float32)
+    infer_BT = torch.zeros((B, S - 1), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        if s.logprobs_R.shape != (R,):
+            raise ValueError(f"sample {b}: logprobs_R has shape {tuple(s.logprobs_R.shape)}, expected ({R},)")
+        ids_BS[b, : P + R] = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
+        att_BS[b, : P + R] = 1
+        mask_BT[b, P - 1: P - 1 + R] = 1.0
+        infer_BT[b, P - 1: P - 1 + R] = s.logprobs_R.float()
+    expert_ids = None
+    if with_routing:
+        traces = [s.expert_ids_TLK for s in samples]
+        missing = [b for b, t in enumerate(traces) if t is None]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {B} samples have no routing trace (e.g. sample {missing[0]}); the rollout "
+                "engine did not capture routing: call generate(..., capture_routing=True)"
+            )
+        for b, (t, n) in enumerate(zip(traces, lens)):
+            if t.shape[0] != n - 1:
+                raise ValueError(
+                    f"sample {b}: routing trace has {t.shape[0]} rows, expected {n - 1} (prompt + response - 1); "
+                    "likely cause: an engine that records the last token or drops the first"
+                )
+        expert_ids = pad_traces(traces, S - 1)
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+    return Batch(
+        train=TrainBatch(input_ids_BS=ids_BS, attention_mask_BS=att_BS, loss_mask_BT=mask_BT,
+                         expert_ids_BTLK=expert_ids),
+        infer_logp_BT=infer_BT, rewards_B=rewards,
+    )
+
+
+def slice_batch(batch: TrainBatch, rows: slice) -> TrainBatch:
+    """Rows `rows` of a TrainBatch (a mini-batch of whole groups)."""
+    return TrainBatch(
+        input_ids_BS=batch.input_ids_BS[rows], attention_mask_BS=batch.attention_mask_BS[rows],
+        loss_mask_BT=batch.loss_mask_BT[rows],
+        expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[rows],
+    )
+
+
+def mini_batch_slices(n_groups: int, group_size: int, mini_steps: int) -> list[slice]:
+    """Row slices of `mini_steps` mini-batches of whole groups, sizes as even as possible
+    (a step short of groups after dynamic sampling gets fewer mini-batches, never empty ones)."""
+    if n_groups < 1:
+        return []
+    m = min(mini_steps, n_groups)
+    base, extra = divmod(n_groups, m)
+    out, start = [], 0
+    for i in range(m):
+        n = base + (i < extra)
+        out.append(slice(start * group_size, (start + n) * group_size))
+        start += n
+    return out

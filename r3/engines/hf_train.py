@@ -1,0 +1,181 @@
+"""transformers training engine (embedded mode): fp32 forward/backward, AdamW, routing replay.
+
+Implements `r3.engines.base.TrainEngine`. It plays the paper's training engine (Megatron): its
+fp32 numerics differ from the bf16/fp8 rollout engine, so without replay its routing disagrees
+with the rollout's on some (token, layer) pairs. With `replay=True` every forward (old-logprob
+recompute, policy forward, and the activation recompute under gradient checkpointing) uses the
+rollout routing via `r3.hf_replay.RoutingReplay` (PAPER.md "The method").
+
+Forwards feed input_ids[:, :-1] (T = S - 1 tokens): one routing row per fed token, so the
+rollout trace [B, T, L, K] lines up with no off-by-one (DESIGN.md invariant 1), and logits at t
+predict token t + 1. Position ids come from the attention mask (left or right padding).
+
+Checkpoints (`save`/`load`) hold the model in transformers format (usable by eval and by the
+rollout engine) plus the AdamW state and the torch RNG state, so a resumed run continues
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from r3.engines.base import LogprobResult, LossFn, TrainBatch
+from r3.engines.hf_rollout import load_causal_lm
+from r3.hf_replay import RoutingReplay, find_moe_blocks
+from r3.metrics import token_entropy
+
+TRAIN_STATE = "train_state.pt"
+
+
+class HFTrainEngine:
+    """fp32 transformers policy with AdamW; replays rollout routing when asked."""
+
+    def __init__(
+        self,
+        model_or_path: str | Path | nn.Module,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        micro_batch: int = 0,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        if lr <= 0 or grad_clip <= 0 or micro_batch < 0:
+            raise ValueError(f"need lr > 0, grad_clip > 0, micro_batch >= 0; got {lr}, {grad_clip}, {micro_batch}")
+        torch.manual_seed(seed)
+        self.model = load_causal_lm(model_or_path).train()
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.replay = RoutingReplay(self.model) if find_moe_blocks(self.model) else None
+        self.grad_clip = grad_clip
+        self.micro_batch = micro_batch
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- forward ------------------------------------------------------------------------------
+    def _replay_ctx(self, batch: TrainBatch, rows: slice, replay: bool):
+        if not replay:
+            return contextlib.nullcontext()
+        if self.replay is None:
+            raise ValueError("replay=True but the model has no MoE layers (the dense control has no routing)")
+        ids = batch.expert_ids_BTLK
+        B, S = batch.input_ids_BS.shape
+        if ids is None:
+            raise ValueError("replay=True but batch.expert_ids_BTLK is None; the rollout engine must capture routing")
+        if ids.shape[:2] != (B, S - 1):
+            raise ValueError(
+                f"batch routing has [B, T] = {tuple(ids.shape[:2])}, expected [{B}, {S - 1}] for input_ids "
+                f"[{B}, {S}] (one row per fed token; the last token has none)"
+            )
+        return self.replay.replaying(ids[rows])
+
+    def _forward(self, batch: TrainBatch, rows: slice) -> torch.Tensor:
+        """logits_BTV of rows, from feeding input_ids[:, :-1]."""
+        dev = self.device
+        ids_BS = batch.input_ids_BS[rows].to(dev)
+        mask_BT = batch.attention_mask_BS[rows, :-1].to(dev).long()
+        pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=ids_BS[:, :-1], attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits
+
+    @staticmethod
+    def _token_logp(logits_BTV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """log p(input_ids[:, t+1] | prefix) in float32, [B, T]."""
+        logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
+        return logp_BTV.gather(-1, input_ids_BS[:, 1:, None].to(logits_BTV.device))[..., 0]
+
+    def _slices(self, B: int) -> list[slice]:
+        mb = self.micro_batch or B
+        return [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+    ) -> LogprobResult:
+        """No-grad forward. With replay and record_routing both on, the returned routing is the replayed one."""
+        logps, ents, recs = [], [], []
+        for rows in self._slices(batch.input_ids_BS.shape[0]):
+            record = record_routing and not replay and self.replay is not None
+            ctx = self.replay.recording() if record else self._replay_ctx(batch, rows, replay)
+            with ctx:
+                logits_BTV = self._forward(batch, rows)
+                if record:
+                    recs.append(self.replay.recorded_expert_ids())
+            logps.append(self._token_logp(logits_BTV, batch.input_ids_BS[rows]))
+            if with_entropy:
+                ents.append(token_entropy(logits_BTV))
+        routing = None
+        if record_routing and self.replay is not None:
+            routing = batch.expert_ids_BTLK if replay else torch.cat(recs).cpu()
+        return LogprobResult(
+            logp_BT=torch.cat(logps).cpu(),
+            entropy_BT=torch.cat(ents).cpu() if with_entropy else None,
+            expert_ids_BTLK=routing,
+        )
+
+    # --- optimisation -------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
+        """One optimizer step; each micro-batch's loss is backpropagated as returned (loss_fn
+        normalises by the whole mini-batch). The replay context stays open through backward so a
+        gradient-checkpointing recompute replays too."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        B = batch.input_ids_BS.shape[0]
+        total_loss = 0.0
+        sums: dict[str, float] = {}
+        for rows in self._slices(B):
+            with self._replay_ctx(batch, rows, replay):
+                logits_BTV = self._forward(batch, rows)
+                logp_BT = self._token_logp(logits_BTV, batch.input_ids_BS[rows])
+                with torch.no_grad():
+                    ent_BT = token_entropy(logits_BTV)
+                loss, metrics = loss_fn(logp_BT, ent_BT, rows)
+                loss.backward()
+            total_loss += float(loss.detach())
+            n = rows.stop - rows.start
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n  # row-weighted mean over micro-batches
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        out = {k: v / B for k, v in sums.items()}
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            out["actor/skipped_step"] = 0.0
+        else:  # a non-finite gradient would poison AdamW's moments: skip this step, say so
+            out["actor/skipped_step"] = 1.0
+        self.optimizer.zero_grad(set_to_none=True)
+        out.update({"actor/grad_norm": grad_norm, "actor/loss": total_loss,
+                    "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
+        return out
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """`path` is a directory: transformers weights + config, and train_state.pt (AdamW, RNG)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / TRAIN_STATE)
+
+    def load(self, path: str) -> None:
+        src = Path(path)
+        if not (src / TRAIN_STATE).exists():
+            raise FileNotFoundError(f"{src} has no {TRAIN_STATE}; not a checkpoint written by HFTrainEngine.save")
+        self.model.load_state_dict(load_causal_lm(src).state_dict(), strict=True)
+        state = torch.load(src / TRAIN_STATE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,155 @@
+"""HFRolloutEngine and HFTrainEngine on tiny models."""
+
+import pytest
+import torch
+from r3_tiny_models import tiny_dense, tiny_moe
+
+from r3.engines.base import RolloutEngine, SamplingParams, TrainBatch, TrainEngine
+from r3.engines.fp8 import quantize_dequantize_fp8
+from r3.engines.hf_rollout import HFRolloutEngine
+from r3.engines.hf_train import HFTrainEngine
+from r3.losses import ppo_clip_loss
+from r3.trace import RoutingSpec, RoutingTrace, pad_traces
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17], [18, 19]]
+
+
+def _batch(samples, with_routing=True):
+    seqs = [s.prompt_ids + s.response_ids for s in samples]
+    S = max(len(q) for q in seqs)
+    ids = torch.zeros(len(seqs), S, dtype=torch.long)
+    attn = torch.zeros(len(seqs), S, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), S - 1)
+    for b, (s, q) in enumerate(zip(samples, seqs)):
+        ids[b, : len(q)] = torch.tensor(q)
+        attn[b, : len(q)] = 1
+        loss_mask[b, len(s.prompt_ids) - 1 : len(q) - 1] = 1
+    routing = pad_traces([s.expert_ids_TLK for s in samples], S - 1) if with_routing else None
+    return TrainBatch(input_ids_BS=ids, attention_mask_BS=attn, loss_mask_BT=loss_mask, expert_ids_BTLK=routing)
+
+
+def test_protocols():
+    assert isinstance(HFRolloutEngine(tiny_moe(), precision="fp32"), RolloutEngine)
+    assert isinstance(HFTrainEngine(tiny_moe(), lr=1e-3), TrainEngine)
+
+
+def test_fp32_rollout_logprobs_equal_teacher_forced_and_trace_aligned():
+    model = tiny_moe(seed=4)
+    eng = HFRolloutEngine(model, precision="fp32", seed=0)
+    samples = eng.generate(PROMPTS, SamplingParams(max_new_tokens=7, temperature=0.7), capture_routing=True)
+    train = HFTrainEngine(model, lr=1e-3)
+    batch = _batch(samples)
+    with torch.no_grad():
+        for b, s in enumerate(samples):
+            full = torch.tensor([s.prompt_ids + s.response_ids])
+            logits = model(full[:, :-1]).logits[0] / 0.7
+            ref = torch.log_softmax(logits, -1).gather(-1, full[0, 1:, None])[:, 0][len(s.prompt_ids) - 1:]
+            torch.testing.assert_close(s.logprobs_R, ref, atol=2e-5, rtol=0)
+            assert s.logprobs_R.dtype == torch.float32
+            assert s.expert_ids_TLK.shape == (len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2)
+            RoutingTrace(s.expert_ids_TLK, RoutingSpec(num_layers=2, top_k=2, num_experts=8))
+    # the training engine's own routing on the same tokens matches the fp32 rollout's on real tokens
+    res = train.compute_logprobs(batch, replay=False, record_routing=True)
+    for b, s in enumerate(samples):
+        T = s.expert_ids_TLK.shape[0]
+        assert torch.equal(res.expert_ids_BTLK[b, :T], s.expert_ids_TLK)
+
+
+def test_sampling_reproducible_stop_tokens_and_top_p():
+    eng = HFRolloutEngine(tiny_moe(), precision="bf16", seed=0)
+    p = SamplingParams(max_new_tokens=6, seed=3)
+    a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    stop = eng.generate(PROMPTS, SamplingParams(max_new_tokens=6, stop_token_ids=tuple(range(64))),
+                        capture_routing=True)
+    for s, prompt in zip(stop, PROMPTS):
+        assert len(s.response_ids) == 1 and s.finish_reason == "stop"
+        assert s.expert_ids_TLK.shape[0] == len(prompt)
+    assert all(s.finish_reason == "length" and len(s.response_ids) == 6 for s in a)
+    greedy = eng.generate(PROMPTS, SamplingParams(max_new_tokens=5, temperature=0.0))
+    nucleus = eng.generate(PROMPTS, SamplingParams(max_new_tokens=5, top_p=1e-6, seed=9))
+    assert [s.response_ids for s in greedy] == [s.response_ids for s in nucleus]
+
+
+def test_dense_control_has_no_routing():
+    eng = HFRolloutEngine(tiny_dense(), precision="bf16")
+    s = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3), capture_routing=True)
+    assert s[0].expert_ids_TLK is None and len(s[0].response_ids) == 3
+
+
+def test_sync_weights_and_fp8_requantisation():
+    src, other = tiny_moe(seed=0), tiny_moe(seed=1)
+    eng = HFRolloutEngine(src, precision="fp8", fp8_scope="router")
+    eng.sync_weights(other.state_dict())
+    w = eng.model.model.layers[0].mlp.gate.weight
+    assert torch.equal(w, quantize_dequantize_fp8(other.model.layers[0].mlp.gate.weight.to(torch.bfloat16)))
+    eng32 = HFRolloutEngine(src, precision="fp32")
+    eng32.sync_weights(other.state_dict())
+    ref = HFRolloutEngine(other, precision="fp32")
+    p = SamplingParams(max_new_tokens=4, temperature=0.0)
+    assert [s.response_ids for s in eng32.generate(PROMPTS, p)] == [s.response_ids for s in ref.generate(PROMPTS, p)]
+    with pytest.raises(ValueError, match="missing keys"):
+        eng32.sync_weights({"model.norm.weight": torch.ones(32)})
+
+
+def _loss_fn(batch, adv, old):
+    norm = float(batch.loss_mask_BT.sum())
+
+    def fn(logp_BT, entropy_BT, rows):
+        return ppo_clip_loss(logp_BT, old[rows], adv[rows], batch.loss_mask_BT[rows], normalizer=norm)
+
+    return fn
+
+
+def _rollout_batch(seed=0):
+    eng = HFRolloutEngine(tiny_moe(seed=seed), precision="bf16", seed=seed)
+    samples = eng.generate(PROMPTS, SamplingParams(max_new_tokens=6), capture_routing=True)
+    return _batch(samples)
+
+
+def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
+    batch = _rollout_batch()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    params = []
+    for mb, ckpt in [(0, False), (2, False), (1, True)]:
+        eng = HFTrainEngine(tiny_moe(seed=0), lr=1e-2, micro_batch=mb, gradient_checkpointing=ckpt)
+        old = eng.compute_logprobs(batch, replay=True).logp_BT
+        m = eng.train_step(batch, _loss_fn(batch, adv, old), replay=True)
+        assert m["actor/grad_norm"] > 0 and "actor/clip_frac" in m
+        params.append(torch.cat([p.detach().flatten() for p in eng.model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(params[2], params[0], atol=1e-6, rtol=0)
+
+
+def test_replay_changes_training_logprobs_to_rollout_routing():
+    batch = _rollout_batch(seed=2)
+    eng = HFTrainEngine(tiny_moe(seed=2), lr=1e-3)
+    rec = eng.compute_logprobs(batch, replay=True, record_routing=True)
+    assert torch.equal(rec.expert_ids_BTLK, batch.expert_ids_BTLK)
+    bad = TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
+                     loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=None)
+    with pytest.raises(ValueError, match="capture routing"):
+        eng.compute_logprobs(bad, replay=True)
+
+
+def test_save_load_resume_is_exact(tmp_path):
+    batch = _rollout_batch(seed=1)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def step(eng):
+        old = eng.compute_logprobs(batch, replay=True).logp_BT
+        return eng.train_step(batch, _loss_fn(batch, adv, old), replay=True)
+
+    a = HFTrainEngine(tiny_moe(seed=1), lr=1e-2, seed=0)
+    step(a)
+    step(a)
+    a.save(str(tmp_path / "ckpt"))
+    m_a = step(a)
+    b = HFTrainEngine(tiny_moe(seed=5), lr=1e-2, seed=0)  # other init: everything must come from the checkpoint
+    b.load(str(tmp_path / "ckpt"))
+    m_b = step(b)
+    assert m_a["actor/grad_norm"] == m_b["actor/grad_norm"]
+    for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), n
+    # the checkpoint is a transformers model directory the rollout engine can load
+    HFRolloutEngine(str(tmp_path / "ckpt"), precision="bf16").generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
