@@ -43,11 +43,11 @@ def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str):
     if train_engine == "hf":
         from r3.engines.hf_train import HFTrainEngine
 
-        tr = HFTrainEngine(str(model_dir), lr=0.0, seed=seed)
+        tr = HFTrainEngine(str(model_dir), lr=1e-6, seed=seed)  # no step is taken; lr must be > 0
     else:
         from r3.engines.megatron_train import MegatronTrainEngine
 
-        tr = MegatronTrainEngine(str(model_dir), lr=0.0, seed=seed)
+        tr = MegatronTrainEngine(str(model_dir), lr=1e-6, seed=seed)  # no step is taken; lr must be > 0
     return ro, tr
 
 

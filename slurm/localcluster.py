@@ -103,7 +103,9 @@ def write_config(root: Path, *, node: str, cpus: int, mem_mb: int) -> Path:
                 f"SlurmdPort={_free_port()}",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={root / 'munge' / 'munge.socket.2'}",
+                # cred_expire: Slurm holds a requeued job for cred_expire + 1 s (default 120) so that
+                # the revoked credential of the killed instance has expired; 10 s keeps tests short.
+                f"AuthInfo=socket={root / 'munge' / 'munge.socket.2'},cred_expire=10",
                 "SlurmUser=root",
                 "SlurmdUser=root",
                 f"StateSaveLocation={root / 'state'}",

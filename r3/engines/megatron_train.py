@@ -24,6 +24,7 @@ from r3.engines.base import LogprobResult, LossFn, TrainBatch
 from r3.engines.megatron_model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
 from r3.megatron_compat import cpu_device_scope
 from r3.megatron_replay import MegatronRouterReplay
+from r3.metrics import token_entropy
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
 
@@ -33,14 +34,15 @@ _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "
 
 
 def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, *, with_entropy: bool):
-    """logp_BT[b, t] = log p(input_ids[b, t+1] | prefix) and (optionally) the predictive entropy
-    H_BT = -sum_v p log p at t, T = S - 1. Returns (logp_BT, entropy_BT or None), float32."""
-    logp_BTV = torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1)
-    logp_BT = logp_BTV.gather(-1, input_ids_BS[:, 1:].unsqueeze(-1)).squeeze(-1)
+    """logp_BT[b, t] = log p(input_ids[b, t+1] | prefix) and (optionally, without gradient) the
+    predictive entropy at t (r3.metrics.token_entropy), T = S - 1. Returns (logp_BT, entropy_BT
+    or None), float32."""
+    logits_BTV = logits_BSV[:, :-1]
+    logp_BT = torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, input_ids_BS[:, 1:].unsqueeze(-1)).squeeze(-1)
     entropy_BT = None
     if with_entropy:
         with torch.no_grad():
-            entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+            entropy_BT = token_entropy(logits_BTV)
     return logp_BT, entropy_BT
 
 
@@ -142,7 +144,7 @@ class MegatronTrainEngine:
         REPLAY_BACKWARD), loss_fn per micro-batch, backward (gradients summed over micro-batches),
         clip, AdamW step. Metrics: loss_fn's metrics averaged over micro-batches weighted by
         rows, `actor/loss` = sum of micro-batch losses (loss_fn normalises by the mini-batch),
-        `actor/grad_norm` (before clipping), `actor/lr`, `actor/step_skipped`."""
+        `actor/grad_norm` (before clipping), `actor/lr`, `actor/skipped_step`."""
         self._check_batch(batch, replay)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,7 +183,7 @@ class MegatronTrainEngine:
             "actor/loss": loss_total,
             "actor/grad_norm": grad_norm,
             "actor/lr": self.optimizer.param_groups[0]["lr"],
-            "actor/step_skipped": float(skipped),
+            "actor/skipped_step": float(skipped),
         })
         return totals
 
@@ -197,6 +199,7 @@ class MegatronTrainEngine:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
+            "torch_rng": torch.get_rng_state(),
             "shape": {k: getattr(self.hf_config, k, None) for k in _SHAPE_KEYS},
         }
         tmp = d / (CHECKPOINT_FILE + ".tmp")
@@ -215,3 +218,4 @@ class MegatronTrainEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
+        torch.set_rng_state(state["torch_rng"])

@@ -110,15 +110,19 @@ def _rollout_batch(seed=0):
 def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
     batch = _rollout_batch()
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    params = []
+    params, norms = [], []
     for mb, ckpt in [(0, False), (2, False), (1, True)]:
         eng = HFTrainEngine(tiny_moe(seed=0), lr=1e-2, micro_batch=mb, gradient_checkpointing=ckpt)
         old = eng.compute_logprobs(batch, replay=True).logp_BT
         m = eng.train_step(batch, _loss_fn(batch, adv, old), replay=True)
         assert m["actor/grad_norm"] > 0 and "actor/clip_frac" in m
         params.append(torch.cat([p.detach().flatten() for p in eng.model.parameters()]))
-    torch.testing.assert_close(params[1], params[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(params[2], params[0], atol=1e-6, rtol=0)
+        norms.append(m["actor/grad_norm"])
+    # the gradient (its norm is scale-sensitive, unlike Adam's first step) is the same ...
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5)
+    # ... and so is the update, up to Adam's sensitivity where |g| ~ eps (1 % of lr)
+    torch.testing.assert_close(params[1], params[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(params[2], params[0], atol=1e-4, rtol=0)
 
 
 def test_replay_changes_training_logprobs_to_rollout_routing():
