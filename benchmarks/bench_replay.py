@@ -105,13 +105,71 @@ def bench_rollout(seed: int) -> float:
 
 
 def bench_megatron(repeats: int, seed: int) -> None:
-    """HOOK for the megatron-core side (helper B): replay overhead of MegatronTrainEngine."""
+    """megatron-core GPTModel vs transformers Qwen3MoeForCausalLM, forward+backward, fp32 CPU:
+    same weights (converted), same batch (B=32, S=80), interleaved repeats; megatron with native
+    routing and with its own recorded routing replayed. Shapes: the brief's tiny model and the
+    embedded zoo's `tiny` geometry. Prints min (least disturbed by other processes) and median."""
     try:
-        import r3.engines.megatron_train  # noqa: F401  (lazy: megatron is optional)
+        import megatron.core  # noqa: F401  (lazy: megatron is optional)
+
+        from r3.engines.megatron_model import build_gpt_model, gpt_logits, load_hf_weights
+        from r3.megatron_compat import cpu_device_scope
+        from r3.megatron_replay import MegatronRouterReplay
+        from r3.replay import ReplayMode
     except Exception as exc:  # any import failure means: not available here
-        print(f"[megatron] skipped: r3.engines.megatron_train does not import ({type(exc).__name__}: {exc})")
+        print(f"[megatron] skipped: megatron-core / r3.engines.megatron_model do not import ({type(exc).__name__}: {exc})")
         return
-    print("[megatron] r3.engines.megatron_train imports; its benchmark is not implemented yet (helper B)")
+    shapes = {  # hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
+        "brief-tiny": (32, 2, 4, 2, 8, 8, 2, 16, 64),
+        "zoo-tiny": (128, 4, 4, 2, 32, 16, 4, 64, 128),
+    }
+    B, S = 32, 80
+    for name, (h, nl, nh, nkv, hd, ne, k, fi, v) in shapes.items():
+        torch.manual_seed(seed)
+        cfg = Qwen3MoeConfig(vocab_size=v, hidden_size=h, num_hidden_layers=nl, num_attention_heads=nh,
+                             num_key_value_heads=nkv, head_dim=hd, num_experts=ne, num_experts_per_tok=k,
+                             moe_intermediate_size=fi, intermediate_size=k * fi, norm_topk_prob=True,
+                             max_position_embeddings=256)
+        hf = Qwen3MoeForCausalLM(cfg).train()
+        mg = build_gpt_model(cfg)
+        load_hf_weights(mg, hf.state_dict(), cfg)
+        mg.train()
+        replay = MegatronRouterReplay(mg, RoutingSpec.from_hf_config(cfg))
+        ids = torch.randint(0, v, (B, S), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad(), replay.session(ReplayMode.RECORD, batch_size=B, seq_len=S) as sess:
+            gpt_logits(mg, ids)
+            sess.end_forward()
+            trace_BTLK = sess.recorded_BTLK()
+
+        def run_hf(impl):
+            hf.set_experts_implementation(impl)
+            hf.zero_grad(set_to_none=True)
+            hf(ids).logits.float().logsumexp(-1).mean().backward()
+
+        def run_mg(mode):
+            mg.zero_grad(set_to_none=True)
+            trace = trace_BTLK if mode is ReplayMode.REPLAY else None
+            with cpu_device_scope(), replay.session(mode, batch_size=B, seq_len=S, expert_ids_BTLK=trace) as s:
+                logits = gpt_logits(mg, ids)
+                s.end_forward()
+                logits.logsumexp(-1).mean().backward()
+
+        cases = {"hf_eager": lambda: run_hf("eager"), "hf_grouped_mm": lambda: run_hf("grouped_mm"),
+                 "megatron": lambda: run_mg(ReplayMode.OFF), "megatron_replay": lambda: run_mg(ReplayMode.REPLAY)}
+        times = {c: [] for c in cases}
+        for fn in cases.values():
+            fn()  # warm-up
+        for _ in tqdm(range(repeats), desc=f"megatron {name}", leave=False):
+            for c, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[c].append(time.perf_counter() - t0)
+        best = {c: min(t) for c, t in times.items()}
+        med = {c: statistics.median(t) for c, t in times.items()}
+        print(f"[megatron] fwd+bwd {name} (B={B}, S={S}, fp32), {repeats} interleaved repeats:")
+        for c in cases:
+            print(f"  {c:16s} min {1e3 * best[c]:8.1f} ms (x{best[c] / best['hf_eager']:.2f} of hf_eager)   "
+                  f"median {1e3 * med[c]:8.1f} ms (x{med[c] / med['hf_eager']:.2f})")
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""CellJob outside Slurm: body call, markers, failure report, requeue submission, rollout wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import submitit
+
+from experiments import grid
+from slurm import state
+from slurm.job import STOP_FILE, CellJob, JobSpec, resolve
+from slurm.resources import Resources
+
+CALLS = []
+
+
+def recording_body(cfg, run_dir):
+    CALLS.append((cfg, run_dir, os.environ.get("WORLD_SIZE"), (run_dir / state.RUNNING).exists()))
+    return {"ok": cfg.name}
+
+
+def failing_body(cfg, run_dir):
+    raise ValueError(f"bad step in {cfg.name}")
+
+
+def _spec(tmp_path, body: str) -> JobSpec:
+    cfg = grid.cells("tiny", precisions=["fp8"])["sft-single-grpo-r3"]
+    return JobSpec(name=cfg.name, kind="rl", run_dir=str(tmp_path / cfg.name), payload=cfg.to_dict(),
+                   resources=Resources(train_nodes=1), body=body)
+
+
+def test_body_runs_with_config_markers_and_rank_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    CALLS.clear()
+    spec = _spec(tmp_path, f"{__name__}:recording_body")
+    assert CellJob(spec)() == {"ok": "sft-single-grpo-r3"}
+    cfg, run_dir, world, running = CALLS[0]
+    assert cfg.replay and cfg.rollout_precision == "fp8" and run_dir == tmp_path / spec.name
+    assert world == "1" and running  # RUNNING held during the body ...
+    assert not (run_dir / state.RUNNING).exists()  # ... and removed after
+
+
+def test_exception_writes_failed_with_the_error(tmp_path):
+    spec = _spec(tmp_path, f"{__name__}:failing_body")
+    with pytest.raises(ValueError):
+        CellJob(spec)()
+    failed = json.loads((tmp_path / spec.name / state.FAILED).read_text())
+    assert failed["error"] == "ValueError: bad step in sft-single-grpo-r3" and "failing_body" in failed["traceback"]
+    assert state.run_status(tmp_path / spec.name).state == state.RunState.FAILED
+
+
+def test_checkpoint_resubmits_the_same_spec(tmp_path):
+    job = CellJob(_spec(tmp_path, f"{__name__}:recording_body"))
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, CellJob) and delayed.function.spec == job.spec
+
+
+def test_resolve_errors():
+    with pytest.raises(ValueError, match="module:function"):
+        resolve("experiments.run")
+    with pytest.raises(ImportError, match="cannot load job body"):
+        resolve("experiments.grid:no_such_function")
+
+
+def test_rollout_tasks_wait_for_a_fresh_stop_file(tmp_path):
+    job = CellJob(_spec(tmp_path, f"{__name__}:recording_body"))
+    run_dir = tmp_path / "r"
+    (run_dir / STOP_FILE).parent.mkdir(parents=True)
+    (run_dir / STOP_FILE).write_text("old")
+    os.utime(run_dir / STOP_FILE, (1, 1))  # from before a requeue: ignored
+    import threading
+
+    def stop_later():
+        time.sleep(0.3)
+        (run_dir / STOP_FILE).write_text("now")
+
+    threading.Thread(target=stop_later).start()
+    import slurm.job as job_mod
+
+    job_mod.WAIT_POLL_S, old = 0.05, job_mod.WAIT_POLL_S
+    try:
+        t0 = time.monotonic()
+        job._wait_for_end(run_dir, time.time(), None)
+        assert time.monotonic() - t0 >= 0.25
+    finally:
+        job_mod.WAIT_POLL_S = old
