@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 def gold_is_comparable(answer: str) -> bool:
     """True when the grader's math-verify parse of `answer` yields a non-string first result."""
-    from eval.grader import _parse  # the grader's parse; see module docstring
+    from eval.grader import parse_answer  # the grader's parse; see module docstring
 
-    parsed = _parse(answer)
+    parsed = parse_answer(answer)
     return bool(parsed) and not isinstance(parsed[0], str)
 
 

@@ -94,7 +94,9 @@ def normalize_answer(ans: str) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _parse(ans: str):
+def parse_answer(ans: str):
+    """math-verify's parse of one answer string, as the grader compares it (shared with
+    data_prep's verifiability filter so training answers are parsed exactly like rewards)."""
     # Imported lazily so that `import eval.grader` stays light; fork-started workers inherit it.
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
@@ -111,10 +113,10 @@ def _grade_extracted(pair: tuple[str, str]) -> bool:
     from math_verify import verify
 
     pred, gold = pair
-    gold_p = _parse(gold)
+    gold_p = parse_answer(gold)
     if not gold_p:
         return False
-    return bool(verify(gold_p, _parse(pred), timeout_seconds=None))
+    return bool(verify(gold_p, parse_answer(pred), timeout_seconds=None))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
