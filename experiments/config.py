@@ -39,6 +39,8 @@ class RunConfig:
     """Starting checkpoint kind: the Base model, its SFT model, or the dense control."""
     model_path: str | None = None
     """Checkpoint directory (HF format). None: the embedded zoo's model of kind `model`."""
+    zoo_dir: str | None = None
+    """Embedded zoo directory used when model_path is None (None: runs/zoo, built when missing)."""
 
     # --- algorithm -----------------------------------------------------------------------
     algorithm: Algorithm = "grpo"

@@ -243,12 +243,14 @@ def _scale(preset: str, model_paths: Mapping[str, str | None] | None) -> _Scale:
 
 
 def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str] | None = None,
-          model_paths: Mapping[str, str | None] | None = None, **overrides) -> dict[str, RunConfig]:  # fmt: skip
+          model_paths: Mapping[str, str | None] | None = None, pattern: str | None = None,
+          **overrides) -> dict[str, RunConfig]:  # fmt: skip
     """Every RL cell of `preset`: {name: RunConfig}, in paper-table order.
 
     seeds: a grid axis (names get `-s<seed>` when there are several). precisions: rollout
     precisions to include (default: all of the preset's). model_paths: {"base"|"sft"|"dense": path}.
-    overrides: RunConfig fields applied to every cell (e.g. global_steps=3 for a smoke test).
+    pattern: comma-separated globs; only matching cells are built (see `select`).
+    overrides: RunConfig fields applied to every selected cell (e.g. global_steps=3 for a smoke test).
     """
     s = _scale(preset, model_paths)
     seeds = tuple(seeds)
@@ -269,6 +271,8 @@ def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str]
         for prec in precs:
             for seed in seeds:
                 name = base + _suffix(prec, s, seed, seeds)
+                if not select([name], pattern):
+                    continue
                 out[name] = fn(s).replace(name=name, seed=seed, rollout_precision=prec, **overrides)
     return out
 
@@ -311,9 +315,7 @@ def listing(preset: str, runs: Path, *, seeds=(0,), pattern: str | None = None, 
     from slurm.state import run_status, static_status
 
     rows = []
-    for name, c in cells(preset, seeds=seeds, model_paths=model_paths, **overrides).items():
-        if name not in select([name], pattern):
-            continue
+    for name, c in cells(preset, seeds=seeds, model_paths=model_paths, pattern=pattern, **overrides).items():
         st = run_status(Path(runs) / name)
         rows.append({
             "cell": name, "model": c.model, "algo": c.algorithm + ("+tis" if c.tis else "") + ("+r3" if c.replay else ""),

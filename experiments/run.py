@@ -63,7 +63,7 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
         return p
     from experiments import zoo
 
-    zoo_dir = Path(getattr(cfg, "zoo_dir", None) or zoo.default_zoo_dir())
+    zoo_dir = Path(cfg.zoo_dir or zoo.default_zoo_dir())
     if zoo.load_manifest(zoo_dir) is None:
         zoo.build_zoo(zoo_dir, size="tiny")
     return zoo.model_dir(cfg.model, zoo_dir)
@@ -223,8 +223,12 @@ def train_on(cfg: RunConfig, train_engine, batch: rollout.Batch, *, moe: bool) -
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
-    """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest."""
+def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
+             reward_fn: rollout.RewardFn | None = None) -> dict:
+    """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
+
+    reward_fn: replaces the grader-based reward (a test seam; evaluation always uses the grader).
+    """
     from transformers import AutoTokenizer
 
     from eval import grader, templates
@@ -237,8 +241,8 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != json.loads(json.dumps(cfg.to_dict())):
+        old = RunConfig.load(cfg_path).to_dict()  # through RunConfig: JSON lists become tuples again
+        if old != cfg.to_dict():
             diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
             raise ValueError(f"{run_dir} holds a run of a different config (fields differ: {diff}); "
                              "use another run directory or delete it")
@@ -282,7 +286,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop_token_ids=stop_ids)
 
-    def reward_fn(texts, golds):
+    def grader_reward(texts, golds):
         return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
     def encode(problem: str) -> list[int]:
@@ -310,9 +314,10 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
             t_step = time.time()
             t0 = time.time()
             ro = rollout.collect(
-                rollout_engine, encode, decode, stream, reward_fn, prompts_per_step=cfg.prompts_per_step,
+                rollout_engine, encode, decode, stream, prompts_per_step=cfg.prompts_per_step,
                 group_size=cfg.group_size, params=params, dynamic=cfg.dynamic_sampling,
                 max_rounds=cfg.max_sampling_rounds, capture_routing=moe, run_seed=cfg.seed, step=step,
+                reward_fn=reward_fn or grader_reward,
             )
             rec: dict = {"step": step, "time/rollout": time.time() - t0,
                          "rollout/reward_mean": ro.reward_mean, "rollout/response_len_mean": ro.response_len_mean,

@@ -21,9 +21,11 @@ no balancing loss during RL).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
 import time
 from pathlib import Path
@@ -144,7 +146,7 @@ def _batch(tokenizer, problems: list[task.Problem], *, sft: bool) -> dict[str, t
 
 
 def train_lm(model, tokenizer, stream: task.TrainStream, *, steps: int, lr: float, batch_size: int,
-             sft: bool, desc: str, seed: int) -> list[float]:
+             sft: bool, desc: str, seed: int, position: int = 0) -> list[float]:
     """AdamW with linear warmup (5%) and cosine decay to 10%; returns the loss curve."""
     torch.manual_seed(seed)
     model.train()
@@ -154,7 +156,7 @@ def train_lm(model, tokenizer, stream: task.TrainStream, *, steps: int, lr: floa
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     losses = []
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, position=position)
     for _ in bar:
         out = model(**_batch(tokenizer, stream.take(batch_size), sft=sft))
         loss = out.loss
@@ -177,7 +179,7 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def measure_accuracy(model_dir: Path, cfg: ZooConfig, *, temperature: float, seed: int = 0) -> float:
+def measure_accuracy(model_dir: Path, cfg: ZooConfig, *, temperature: float, seed: int = 0, pool=None) -> float:
     """Held-out accuracy with the rollout engine (fp32) and the project's grader."""
     from eval.grader import grade_many
     from r3.engines.base import SamplingParams
@@ -191,7 +193,7 @@ def measure_accuracy(model_dir: Path, cfg: ZooConfig, *, temperature: float, see
     params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature, seed=seed)
     samples = engine.generate(prompts, params)
     responses = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    correct = grade_many(list(zip(responses, [p.answer for p in probs])), workers=2)
+    correct = grade_many(list(zip(responses, [p.answer for p in probs])), workers=2, pool=pool)
     return sum(map(bool, correct)) / len(probs)
 
 
@@ -214,10 +216,54 @@ def is_complete(zoo_dir: Path, cfg: ZooConfig) -> bool:
     )
 
 
+def _train_moe(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
+    """Base (pretraining) then SFT of the MoE model; saves base/ and sft/."""
+    from transformers import Qwen3MoeForCausalLM
+
+    tok = task.build_tokenizer()
+    moe_cfg, _ = model_configs(cfg, tok)
+    torch.manual_seed(cfg.seed)
+    moe_cfg.output_router_logits = True  # load-balancing loss while pretraining
+    moe = Qwen3MoeForCausalLM(moe_cfg)
+    curves = {"base": train_lm(moe, tok, _stream(cfg, 0), steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                               batch_size=cfg.batch_size, sft=False, desc="zoo: pretrain Base (MoE)", seed=cfg.seed)}
+    _save(moe, tok, zoo_dir / "base")
+    moe.config.output_router_logits = True
+    curves["sft"] = train_lm(moe, tok, _stream(cfg, 1), steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
+                             sft=True, desc="zoo: SFT (MoE)", seed=cfg.seed + 1)
+    _save(moe, tok, zoo_dir / "sft")
+    return curves
+
+
+def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
+    """The dense control: the same Base + SFT recipe (its own step counts); saves dense/."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.set_num_threads(1)
+    tok = task.build_tokenizer()
+    _, dense_cfg = model_configs(cfg, tok)
+    torch.manual_seed(cfg.seed)
+    dense = Qwen3ForCausalLM(dense_cfg)
+    curves = {"dense_base": train_lm(dense, tok, _stream(cfg, 0), steps=cfg.dense_pretrain_steps, lr=cfg.pretrain_lr,
+                                     batch_size=cfg.batch_size, sft=False, desc="zoo: pretrain dense", seed=cfg.seed, position=1)}
+    curves["dense"] = train_lm(dense, tok, _stream(cfg, 1), steps=cfg.dense_sft_steps, lr=cfg.sft_lr,
+                               batch_size=cfg.batch_size, sft=True, desc="zoo: SFT dense", seed=cfg.seed + 1, position=1)
+    _save(dense, tok, zoo_dir / "dense")
+    return curves
+
+
+def _stream(cfg: ZooConfig, stage: int) -> task.TrainStream:
+    """Separate prompt streams per stage (0 pretraining, 1 SFT) so each stage is reproducible."""
+    return task.TrainStream(seed=cfg.seed + 100 + stage, difficulty=cfg.difficulty, heldout_n=cfg.eval_problems)
+
+
 def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: bool = False,
-              measure: bool = True) -> dict:
-    """Build (or reuse) the zoo in `zoo_dir`; returns its manifest."""
-    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+              measure: bool = True, parallel: bool = True) -> dict:
+    """Build (or reuse) the zoo in `zoo_dir`; returns its manifest.
+
+    parallel: train the dense control in a second process (1 torch thread) beside the MoE.
+    """
+    from transformers import AutoModelForCausalLM
 
     if size not in SIZES:
         raise ValueError(f"zoo size must be one of {sorted(SIZES)}, got {size!r}")
@@ -230,42 +276,30 @@ def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: boo
         shutil.rmtree(zoo_dir / k, ignore_errors=True)
     zoo_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tok = task.build_tokenizer()
-    moe_cfg, dense_cfg = model_configs(cfg, tok)
-    bs, seed, d = cfg.batch_size, cfg.seed, cfg.difficulty
-    # Separate streams per stage so the zoo is reproducible stage by stage.
-    stream = lambda k: task.TrainStream(seed=seed + 100 + k, difficulty=d, heldout_n=cfg.eval_problems)  # noqa: E731
-    curves = {}
-
-    torch.manual_seed(seed)
-    moe_cfg.output_router_logits = True
-    moe = Qwen3MoeForCausalLM(moe_cfg)
-    curves["base"] = train_lm(moe, tok, stream(0), steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch_size=bs,
-                              sft=False, desc="zoo: pretrain Base (MoE)", seed=seed)
-    _save(moe, tok, zoo_dir / "base")
-    moe.config.output_router_logits = True
-    curves["sft"] = train_lm(moe, tok, stream(1), steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=bs,
-                             sft=True, desc="zoo: SFT (MoE)", seed=seed + 1)
-    _save(moe, tok, zoo_dir / "sft")
-
-    torch.manual_seed(seed)
-    dense = Qwen3ForCausalLM(dense_cfg)
-    curves["dense_base"] = train_lm(dense, tok, stream(0), steps=cfg.dense_pretrain_steps, lr=cfg.pretrain_lr,
-                                    batch_size=bs, sft=False, desc="zoo: pretrain dense", seed=seed)
-    curves["dense"] = train_lm(dense, tok, stream(1), steps=cfg.dense_sft_steps, lr=cfg.sft_lr, batch_size=bs,
-                               sft=True, desc="zoo: SFT dense", seed=seed + 1)
-    _save(dense, tok, zoo_dir / "dense")
+    if parallel:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            dense_future = ex.submit(_train_dense, cfg, zoo_dir)
+            curves = _train_moe(cfg, zoo_dir)
+            curves.update(dense_future.result())
+    else:
+        curves = _train_moe(cfg, zoo_dir)
+        curves.update(_train_dense(cfg, zoo_dir))
     train_s = time.time() - t0
 
     models = {}
-    for kind, m in (("base", None), ("sft", moe), ("dense", dense)):
-        m = m or Qwen3MoeForCausalLM.from_pretrained(zoo_dir / "base")
+    for kind in MODEL_KINDS:
+        m = AutoModelForCausalLM.from_pretrained(zoo_dir / kind)
         models[kind] = {"params": sum(p.numel() for p in m.parameters()), "active_params": active_params(m),
                         "final_loss": sum(curves[kind][-10:]) / len(curves[kind][-10:])}
     if measure:
-        for kind in tqdm(MODEL_KINDS, desc="zoo: held-out accuracy", leave=False):
-            models[kind]["heldout_acc_t1"] = measure_accuracy(zoo_dir / kind, cfg, temperature=1.0, seed=seed)
-            models[kind]["heldout_acc_greedy"] = measure_accuracy(zoo_dir / kind, cfg, temperature=0.0, seed=seed)
+        from eval.grader import make_pool
+
+        with make_pool(workers=2) as pool:
+            for kind in tqdm(MODEL_KINDS, desc="zoo: held-out accuracy", leave=False):
+                for key, temp in (("heldout_acc_t1", 1.0), ("heldout_acc_greedy", 0.0)):
+                    models[kind][key] = measure_accuracy(zoo_dir / kind, cfg, temperature=temp, seed=cfg.seed,
+                                                         pool=pool)
     manifest = {"config": dataclasses.asdict(cfg), "models": models, "train_seconds": round(train_s, 1),
                 "eval_problems": cfg.eval_problems, "finished": time.time()}
     (zoo_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last

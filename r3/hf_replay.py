@@ -1,11 +1,12 @@
 """Routing record/replay for transformers Qwen3-MoE models (transformers 5.x).
 
 One `RoutingReplay` object per model, no globals or environment variables (STYLE.md rule 3).
-It registers forward hooks on each MoE block's router (`layer.mlp.gate`, a
-`Qwen3MoeTopKRouter` returning (router_logits [N, E], weights [N, K], indices [N, K]) with rows
-batch-major, N = B * S). Because the experts module only consumes the router's (indices,
-weights), replaying through the router output works with every `experts_implementation`
-(eager, batched_mm, grouped_mm) and keeps parameter names unchanged (weight sync stays simple).
+It wraps the forward of each MoE block's router (`layer.mlp.gate`, a `Qwen3MoeTopKRouter`
+returning (router_logits [N, E], weights [N, K], indices [N, K]) with rows batch-major,
+N = B * S) through an instance attribute, plus forward hooks for the batch shape and the
+per-forward bookkeeping. Because the experts module only consumes the router's (indices,
+weights), replaying at the router works with every `experts_implementation` (eager,
+batched_mm, grouped_mm) and keeps parameter names unchanged (weight sync stays simple).
 
 RECORD: native routing; the selected experts of every call are kept (a `generate` with KV cache
 makes one prefill call and then one call per decoded token; the calls are concatenated along
@@ -24,12 +25,14 @@ REPLAY mode it replays the same ids, so keep `backward()` inside the `replaying(
 from __future__ import annotations
 
 import contextlib
+import types
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from r3.replay import ConsumptionCheck, ReplayMode
-from r3.trace import RoutingSpec, validate_expert_ids
+from r3.trace import RoutingSpec, place_traces, validate_expert_ids
 
 
 def find_moe_blocks(model: nn.Module) -> list[nn.Module]:
@@ -62,9 +65,12 @@ class RoutingReplay:
             base.register_forward_pre_hook(self._begin_forward),
             base.register_forward_hook(self._end_forward),
         ]
+        self._gates = [block.gate for block in blocks]
         for layer, block in enumerate(blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_block_hook(layer)))
-            self._handles.append(block.gate.register_forward_hook(self._make_gate_hook(layer)))
+            # an instance attribute shadows the class's forward: parameter names stay unchanged, and
+            # in REPLAY the native top-k is not computed at all
+            block.gate.forward = self._make_gate_forward(layer, block.gate)
 
     # --- public API ---------------------------------------------------------------------------
     def remove(self) -> None:
@@ -72,6 +78,9 @@ class RoutingReplay:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for gate in self._gates:
+            del gate.forward  # back to the class's forward
+        self._gates = []
 
     @contextlib.contextmanager
     def recording(self):
@@ -104,6 +113,11 @@ class RoutingReplay:
             self.mode = ReplayMode.OFF
             self._replay_ids_L = None
             self._replay_BT = None
+
+    def replaying_traces(self, traces: Sequence[torch.Tensor], fed_mask_BT: torch.Tensor):
+        """`replaying` from per-sequence traces [T_b, L, K] placed on the real (mask 1) fed positions
+        of a left- or right-padded batch; padding positions get distinct dummy experts."""
+        return self.replaying(place_traces(traces, fed_mask_BT))
 
     def recorded_expert_ids(self) -> torch.Tensor:
         """All recorded calls concatenated along the sequence: int64 [B, S_fed, L, K]."""
@@ -163,19 +177,22 @@ class RoutingReplay:
 
         return hook
 
-    def _make_gate_hook(self, layer: int):
-        def hook(module, args, output):
-            if self.mode is ReplayMode.OFF:
-                return None
+    def _make_gate_forward(self, layer: int, gate: nn.Module):
+        def forward(gate_self, hidden_states):
+            native_forward = type(gate_self).forward.__get__(gate_self)
+            if self.mode is ReplayMode.OFF or gate_self is not self._gates[layer]:
+                # (a deep copy of the model carries this bound method to the copied router, which
+                # must route natively with its own weights: attach a RoutingReplay to the copy)
+                return native_forward(hidden_states)
             forward_phase = self._check.active  # False: gradient-checkpointing recompute in backward
             if forward_phase:
                 self._check.consume(layer)
             B, S = self._shape_BS[layer]
-            router_logits_NE, _, indices_NK = output
             if self.mode is ReplayMode.RECORD:
+                out = native_forward(hidden_states)
                 if forward_phase:
-                    self._records[layer].append(indices_NK.detach().view(B, S, -1))
-                return None
+                    self._records[layer].append(out[2].detach().view(B, S, -1))
+                return out
             rB, rT = self._replay_BT
             if (B, S) != (rB, rT):
                 hint = ""
@@ -187,13 +204,15 @@ class RoutingReplay:
                     f"replay trace does not match the batch at MoE layer {layer}: got trace [B={rB}, T={rT}], "
                     f"forward fed [B={B}, S={S}]{hint}"
                 )
+            # the router's own logits (Qwen3MoeTopKRouter.forward), then the replayed selection
+            router_logits_NE = nn.functional.linear(hidden_states.reshape(-1, gate_self.hidden_dim), gate_self.weight)
             ids_NK = self._replay_ids_L[layer]
             if ids_NK.device != router_logits_NE.device:
                 ids_NK = ids_NK.to(router_logits_NE.device)
                 self._replay_ids_L[layer] = ids_NK
             return router_logits_NE, self.replay_weights(router_logits_NE, ids_NK), ids_NK
 
-        return hook
+        return types.MethodType(forward, gate)
 
     def replay_weights(self, router_logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         """Gate weights of the replayed experts from the live logits (same ops as Qwen3MoeTopKRouter):

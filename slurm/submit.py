@@ -57,9 +57,10 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
     mp = grid.model_paths_from(args)
     runs = Path(args.runs or Path("runs") / args.preset).absolute()
     prec = args.precisions.split(",") if args.precisions else None
-    rl = grid.cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp, **_overrides(args))
+    rl = grid.cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp, pattern=args.cells,
+                    **_overrides(args))  # fmt: skip
     specs: list[JobSpec] = []
-    for name in grid.select(rl, args.cells):
+    for name in rl:
         cfg = rl[name]
         specs.append(JobSpec(name=name, kind="rl", run_dir=str(runs / name), payload=cfg.to_dict(),
                              resources=_resources(args, "rl"), body=args.body or RL_BODY))  # fmt: skip

@@ -37,9 +37,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def load_causal_lm(model_path_or_model: str | Path | nn.Module) -> nn.Module:
-    """A fresh fp32 copy of the model (a path is loaded with transformers, a module is deep-copied)."""
+    """A fresh fp32 copy of the model. A path is loaded with transformers; a module is rebuilt from
+    its config and its state dict is copied in (not deep-copied: hooks and routing-replay state
+    attached to the source must not follow)."""
     if isinstance(model_path_or_model, nn.Module):
-        return copy.deepcopy(model_path_or_model).float()
+        src = model_path_or_model
+        fresh = type(src)(copy.deepcopy(src.config)).float()
+        fresh.load_state_dict(src.state_dict())
+        return fresh
     return AutoModelForCausalLM.from_pretrained(str(model_path_or_model), dtype=torch.float32)
 
 
@@ -113,7 +118,7 @@ class HFRolloutEngine:
         tok_B = torch.multinomial(probs_BV, 1, generator=gen)[:, 0]
         return tok_B, logp_BV.gather(1, tok_B[:, None])[:, 0]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: returned tensors may later meet autograd in the trainer
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
     ) -> list[RolloutSample]:

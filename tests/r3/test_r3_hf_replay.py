@@ -204,3 +204,41 @@ def test_replay_with_gradient_checkpointing_matches_plain():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_deep_copy_of_attached_model_routes_natively_with_its_own_weights():
+    model = tiny_moe(seed=0)
+    rr = RoutingReplay(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in clone.model.layers:
+            layer.mlp.gate.weight.mul_(-1.0)  # the clone's routing now differs from the original's
+    ids = _tokens(2, 6)
+    rr2 = RoutingReplay(clone)
+    with torch.no_grad(), rr.recording():
+        model(ids)
+    with torch.no_grad(), rr2.recording():
+        clone(ids)
+    assert not torch.equal(rr.recorded_expert_ids(), rr2.recorded_expert_ids())
+    rr.remove()
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert torch.equal(plain, tiny_moe(seed=0)(ids).logits)
+
+
+def test_replaying_per_sequence_traces_with_left_padding():
+    model = tiny_moe(seed=6)
+    rr = RoutingReplay(model)
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    traces, native = [], []
+    for s in seqs:
+        with torch.no_grad(), rr.recording():
+            native.append(model(torch.tensor([s[:-1]])).logits[0])
+        traces.append(rr.recorded_expert_ids()[0])
+    fed = torch.tensor([[5, 6, 7, 8], [0, 0, 10, 11]])
+    fed_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    pos = (fed_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), rr.replaying_traces(traces, fed_mask):
+        out = model(fed, attention_mask=fed_mask, position_ids=pos).logits
+    torch.testing.assert_close(out[0], native[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, 2:], native[1], atol=1e-5, rtol=0)

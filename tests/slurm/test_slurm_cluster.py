@@ -1,8 +1,9 @@
 """End to end on a real one-node Slurm cluster (fixture in conftest.py): submission through
 `python -m slurm.submit`, a job array of two cells, and preemption -> requeue -> resume.
 
-The job body is tests/slurm/toyrun.py (a deterministic, resumable stand-in for
-experiments.run.run_cell with the same signature and run-directory files)."""
+Job bodies: the real `experiments.run.run_cell` on the micro zoo (a 2-layer model built once
+per module, ~1 min), and tests/slurm/toyrun.py, a deterministic resumable stand-in with the same
+signature and run-directory files whose steps take a fixed time (so a signal lands mid-run)."""
 
 from __future__ import annotations
 
@@ -20,41 +21,64 @@ from tests.slurm import toyrun
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
-BODY = "tests.slurm.toyrun:run_cell"
+TOY = "tests.slurm.toyrun:run_cell"
+REAL = "experiments.run:run_cell"
+# The real loop at its smallest: 2 prompts x 2 samples, 16 new tokens, no dynamic sampling (the
+# micro zoo solves nothing, so every group would be dropped), eval on 2 problems.
+SMALL = {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16, "dynamic_sampling": False,
+         "eval_max_problems": 2, "checkpoint_every": 2, "eval_every": 4}
 
 
-def _submit(cluster, runs: Path, cells: str, *extra: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def micro_zoo(slurm_cluster, tmp_path_factory):
+    from experiments import zoo
+
+    zoo_dir = tmp_path_factory.mktemp("zoo")
+    zoo.build_zoo(zoo_dir, size="micro")
+    return zoo_dir
+
+
+def _overrides(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in ("--override", f"{k}={json.dumps(v)}")]
+
+
+def _submit(cluster, runs: Path, cells: str, *extra: str, body: str = TOY) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--cells", cells, "--precisions", "fp8",
-           "--no-static", "--runs", str(runs), "--body", BODY, "--cpus-per-task", "1", "--mem-gb", "1", *extra]
-    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=REPO, timeout=240)
+           "--no-static", "--runs", str(runs), "--body", body, "--cpus-per-task", "1", "--mem-gb", "2", *extra]
+    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in rows]
 
 
 def _assert_complete(run_dir: Path, steps: int) -> None:
     assert state.run_status(run_dir).state == state.RunState.COMPLETE, sorted(p.name for p in run_dir.iterdir())
     assert [r["step"] for r in _metrics(run_dir)] == list(range(1, steps + 1))  # no gap, no repeat
     assert json.loads((run_dir / "config.json").read_text())["global_steps"] == steps
-    assert (run_dir / "checkpoints" / f"step_{steps}" / "COMPLETE").exists()
+    assert any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
     assert not (run_dir / state.RUNNING).exists() and not (run_dir / state.FAILED).exists()
     logs = list((run_dir / "slurm").glob("*_log.out"))
     assert logs and "Job completed successfully" in logs[-1].read_text()
 
 
-def test_two_cells_complete_as_a_job_array(slurm_cluster, tmp_path):
-    runs = tmp_path / "runs"
-    p = _submit(slurm_cluster, runs, "sft-single-grpo,sft-single-grpo-r3", "--override", "global_steps=6",
-                "--wait", "--wait-timeout", "180")
+@pytest.mark.slow
+def test_two_real_cells_complete_as_a_job_array(slurm_cluster, micro_zoo, tmp_path):
+    runs, cells = tmp_path / "runs", "sft-single-grpo,sft-single-grpo-r3"
+    extra = _overrides({**SMALL, "global_steps": 2, "model_path": str(micro_zoo / "sft")})
+    p = _submit(slurm_cluster, runs, cells, *extra, "--wait", "--wait-timeout", "240", body=REAL)
     assert p.returncode == 0, p.stdout + p.stderr + slurm_cluster.logs()
-    for cell in ("sft-single-grpo", "sft-single-grpo-r3"):
-        _assert_complete(runs / cell, 6)
+    for cell in cells.split(","):
+        _assert_complete(runs / cell, 2)
         job = json.loads((runs / cell / state.JOB_JSON).read_text())
         assert "_" in job["job_id"]  # one array task per cell
+        evals = [json.loads(x)["step"] for x in (runs / cell / "eval.jsonl").read_text().splitlines()]
+        assert evals[0] == 0 and evals == sorted(set(evals))
+        assert (runs / cell / "log.txt").exists()
+    assert json.loads((runs / "sft-single-grpo-r3" / "config.json").read_text())["replay"] is True
     # Complete cells are skipped on resubmission.
-    again = _submit(slurm_cluster, runs, "sft-single-grpo,sft-single-grpo-r3", "--override", "global_steps=6")
+    again = _submit(slurm_cluster, runs, cells, *extra, body=REAL)
     assert again.returncode == 0 and again.stdout.count("skip") == 2 and "nothing to submit" in again.stdout
 
 
@@ -69,18 +93,27 @@ def _wait(cond, timeout: float, what: str, cluster):
     raise AssertionError(f"timed out waiting for {what}; squeue: {jobs!r}\n{cluster.logs()}")
 
 
-def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluster, tmp_path):
-    runs, cell, steps = tmp_path / "runs", "sft-single-grpo-tis", 30
-    p = _submit(slurm_cluster, runs, cell, "--override", f"global_steps={steps}", "--no-array")
+@pytest.mark.parametrize("body", ["toy", pytest.param("real", marks=pytest.mark.slow)])
+def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluster, tmp_path, request, body):
+    runs, cell = tmp_path / "runs", "sft-single-grpo-tis"
+    if body == "toy":
+        steps, signal_at, over = 30, 7, {"global_steps": 30}  # 0.3 s steps, checkpoints every 5
+    else:
+        zoo_dir = request.getfixturevalue("micro_zoo")
+        steps, signal_at = 12, 3
+        over = {**SMALL, "global_steps": steps, "eval_every": 6, "model_path": str(zoo_dir / "sft")}
+    p = _submit(slurm_cluster, runs, cell, *_overrides(over), "--no-array", body=TOY if body == "toy" else REAL)
     assert p.returncode == 0, p.stdout + p.stderr
     run_dir = runs / cell
     job_id = json.loads((run_dir / state.JOB_JSON).read_text())["job_id"]
     metrics = run_dir / "metrics.jsonl"
-    # Mid-run (past the step-5 checkpoint, before the step-10 one): preempt the way submitit's own
+    # Mid-run (after a checkpoint, before the end): preempt the way submitit's own
     # SlurmJob._interrupt does: SIGTERM, then the preemption signal SIGUSR2, to the job's steps.
-    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 7, 60, "step 7", slurm_cluster)
+    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= signal_at, 120,
+          f"step {signal_at}", slurm_cluster)
     slurm_cluster.run(["scancel", "--signal", "TERM", job_id])
     slurm_cluster.run(["scancel", "--signal", "USR2", job_id])
+    assert len(metrics.read_text().splitlines()) < steps, "the run ended before the signal: lengthen it"
 
     # The requeued job waits cred_expire + 1 s (10 + 1 in the local cluster), then runs again.
     def _restarts() -> int:
@@ -95,7 +128,16 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluste
     _assert_complete(run_dir, steps)
 
     # The same cell, uninterrupted, in-process.
-    cfg = grid.cells("tiny", precisions=["fp8"], global_steps=steps)[cell]
+    cfg = grid.cells("tiny", precisions=["fp8"], pattern=cell, **over)[cell]
     ref_dir = tmp_path / "ref"
-    toyrun.run_cell(cfg, ref_dir)
-    assert _metrics(run_dir) == _metrics(ref_dir)
+    if body == "toy":
+        toyrun.run_cell(cfg, ref_dir)
+        assert _metrics(run_dir) == _metrics(ref_dir)
+    else:
+        from experiments.run import run_cell
+
+        run_cell(cfg, ref_dir, progress=False)
+        got, want = _metrics(run_dir), _metrics(ref_dir)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys() and g == pytest.approx(w, rel=1e-5, abs=1e-7), g["step"]

@@ -1,0 +1,144 @@
+"""The RL loop on a micro zoo: short loops per trainer, resume equality, faults, capture check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import checkpoint
+from experiments.config import RunConfig
+from experiments.run import NonFiniteError, check_replay_capture, run_cell
+
+TIME_KEYS = ("time",)
+
+
+def parity_reward(texts, golds):
+    """A deterministic non-constant reward (the micro model solves nothing): even-length responses win."""
+    return [float(len(t) % 2 == 0) for t in texts]
+
+
+def _cfg(zoo, name, **kw):
+    base = dict(name=name, zoo_dir=str(zoo), model="sft", global_steps=3, prompts_per_step=4, group_size=4,
+                max_new_tokens=12, eval_every=2, eval_max_problems=8, checkpoint_every=2, lr=1e-3,
+                rollout_precision="fp8", max_sampling_rounds=2)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _strip_time(rec):
+    return {k: v for k, v in rec.items() if not k.startswith(TIME_KEYS)}
+
+
+@pytest.mark.parametrize("train_engine", ["hf", pytest.param("megatron", marks=pytest.mark.megatron)])
+def test_three_step_loop_writes_the_run_directory(micro_zoo, tmp_path, train_engine):
+    if train_engine == "megatron":
+        pytest.importorskip("megatron.core")
+    cfg = _cfg(micro_zoo, f"loop-{train_engine}", train_engine=train_engine, replay=True, tis=True)
+    man = run_cell(cfg, tmp_path / cfg.name, progress=False, reward_fn=parity_reward)
+    d = tmp_path / cfg.name
+    m = _lines(d / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2, 3]
+    for key in ("rollout/reward_mean", "actor/grad_norm", "actor/entropy", "mismatch/k3_kl",
+                "mismatch/extreme_frac@2", "routing/pair_disagreement", "actor/tis_weight_mean", "time/sync"):
+        assert key in m[0], key
+    assert m[0]["actor/grad_norm"] > 0  # the parity reward gives nonzero advantages
+    assert [e["step"] for e in _lines(d / "eval.jsonl")] == [0, 2, 3]
+    assert (d / "eval" / "step_2.jsonl").exists()
+    assert man["status"] == "complete" and man["steps"] == 3
+    assert json.loads((d / "manifest.json").read_text()) == man
+    assert run_cell(cfg, d, progress=False) == man  # complete: skipped
+
+
+def test_gspo_multi_mini_step(micro_zoo, tmp_path):
+    cfg = _cfg(micro_zoo, "gspo", algorithm="gspo", mini_steps=2, global_steps=2, loss_agg="seq-mean-token-mean")
+    run_cell(cfg, tmp_path / "gspo", progress=False, reward_fn=parity_reward)
+    m = _lines(tmp_path / "gspo" / "metrics.jsonl")
+    assert all(r["actor/mini_steps"] == 2 for r in m if r["rollout/kept_groups"] >= 2)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_metrics(micro_zoo, tmp_path):
+    cfg = _cfg(micro_zoo, "resume", global_steps=4, replay=True)
+    run_cell(cfg, tmp_path / "a", progress=False, reward_fn=parity_reward)
+
+    b = tmp_path / "b"
+    # run the first 2 steps (checkpoint at 2), then die in step 3
+    with pytest.raises(Killed):
+        run_cell(cfg, b, progress=False, reward_fn=_dies_after(2, b))
+    assert (b / "checkpoints" / "step_2" / "COMPLETE").exists()
+    assert len(_lines(b / "metrics.jsonl")) == 2
+    man = run_cell(cfg, b, progress=False, reward_fn=parity_reward)
+    ma, mb = _lines(tmp_path / "a" / "metrics.jsonl"), _lines(b / "metrics.jsonl")
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):
+        sa, sb = _strip_time(ra), _strip_time(rb)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sb[k] == pytest.approx(sa[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    ea, eb = _lines(tmp_path / "a" / "eval.jsonl"), _lines(b / "eval.jsonl")
+    assert [e["step"] for e in eb] == [0, 2, 4]
+    assert [e["scores"] for e in ea] == [e["scores"] for e in eb]
+    assert man["steps"] == 4
+
+
+def _dies_after(steps_ok: int, run_dir):
+    """A reward function that raises once metrics.jsonl holds `steps_ok` lines (a kill mid-step)."""
+
+    def fn(texts, golds):
+        p = run_dir / "metrics.jsonl"
+        if p.exists() and len(p.read_text().splitlines()) >= steps_ok:
+            raise Killed
+        return parity_reward(texts, golds)
+
+    return fn
+
+
+def test_non_finite_loss_stops_with_checkpoint(micro_zoo, tmp_path, monkeypatch):
+    from experiments import run as run_mod
+
+    real = run_mod.train_on
+
+    def nan_train_on(*a, **kw):
+        m = real(*a, **kw)
+        m["actor/loss"] = float("nan")
+        return m
+
+    monkeypatch.setattr(run_mod, "train_on", nan_train_on)
+    cfg = _cfg(micro_zoo, "nan", global_steps=3)
+    with pytest.raises(NonFiniteError, match=r"actor/loss=nan at global step 1"):
+        run_cell(cfg, tmp_path / "nan", progress=False, reward_fn=parity_reward)
+    assert (tmp_path / "nan" / "checkpoints" / "step_1" / "COMPLETE").exists()
+    assert not (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_replay_without_routing_capture_fails_at_start():
+    class NoCapture:
+        replay = None
+
+    cfg = RunConfig(name="x", replay=True)
+    with pytest.raises(ValueError, match=r"replay=True but the 'hf' rollout engine .* does not capture routing"):
+        check_replay_capture(cfg, NoCapture())
+    check_replay_capture(cfg.replace(replay=False), NoCapture())  # fine without replay
+
+    class SGLangLike:
+        routing_spec = None
+
+    with pytest.raises(ValueError, match="--enable-return-routed-experts"):
+        check_replay_capture(cfg.replace(rollout_engine="sglang", preset="paper"), SGLangLike())
+
+
+def test_other_config_in_run_dir_is_refused(micro_zoo, tmp_path):
+    cfg = _cfg(micro_zoo, "cfg")
+    (tmp_path / "cfg").mkdir()
+    cfg.replace(lr=5.0).save(tmp_path / "cfg" / "config.json")
+    with pytest.raises(ValueError, match=r"different config \(fields differ: \['lr'\]\)"):
+        run_cell(cfg, tmp_path / "cfg", progress=False)

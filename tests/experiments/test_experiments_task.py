@@ -1,0 +1,79 @@
+"""The synthetic task: arithmetic, determinism, splits, tokenizer, grading by the project's grader."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import task
+
+
+@pytest.mark.parametrize(
+    "operands, ops, value, cot",
+    [
+        ([76, 6, 2, 1], ["+", "*", "-"], 87, "6*2=12.76+12=88.88-1=87."),  # the issue's example
+        ([3, 4, 5], ["*", "*"], 60, "3*4=12.12*5=60."),
+        ([2, 30], ["-"], -28, "2-30=-28."),
+        ([5, 2, 3, 4], ["*", "-", "*"], -2, "5*2=10.3*4=12.10-12=-2."),
+    ],
+)
+def test_solve_products_first_then_left_to_right(operands, ops, value, cot):
+    v, sol = task.solve(operands, ops)
+    assert v == value
+    assert sol == cot + f"\\boxed{{{value}}}"
+    expr = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
+    assert eval(expr) == value  # Python's precedence agrees
+
+
+def test_problems_are_deterministic_and_consistent():
+    a = [task.make_problem(3, i, 2) for i in range(50)]
+    b = [task.make_problem(3, i, 2) for i in range(50)]
+    assert a == b
+    assert a != [task.make_problem(4, i, 2) for i in range(50)]
+    for p in a:
+        assert eval(p.problem) == int(p.answer)
+        assert p.solution.endswith(f"\\boxed{{{p.answer}}}")
+        assert 2 <= sum(p.problem.count(c) for c in "+-*") + 1 <= 4
+
+
+def test_train_stream_skips_heldout_and_resumes_from_position():
+    held = {p.problem for p in task.heldout_problems(512, seed=0, difficulty=1)}
+    s = task.TrainStream(seed=0, difficulty=1, heldout_n=512)  # difficulty 1: a small space, collisions happen
+    first = s.take(300)
+    assert not held & {p.problem for p in first}
+    pos = s.position
+    assert pos > 300  # some held-out expressions were skipped
+    nxt = s.take(5)
+    again = task.TrainStream(seed=0, difficulty=1, heldout_n=512, position=pos).take(5)
+    assert nxt == again
+
+
+def test_bad_difficulty_says_what_is_allowed():
+    with pytest.raises(ValueError, match=r"difficulty must be one of \[1, 2, 3, 4\], got 9"):
+        task.make_problem(0, 0, 9)
+
+
+def test_tokenizer_round_trip_and_boxed_token():
+    tok = task.build_tokenizer()
+    p = task.make_problem(0, 7, 2)
+    text = task.format_prompt(p.problem) + p.solution
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert ids.count(tok.convert_tokens_to_ids(task.BOXED)) == 1
+    assert tok.unk_token_id not in ids
+
+
+def test_solutions_grade_correct_with_the_project_grader():
+    from eval.grader import grade
+
+    for p in task.heldout_problems(20):
+        assert grade(p.solution, p.answer)
+        assert not grade(p.solution.replace(f"{{{p.answer}}}", f"{{{int(p.answer) + 1}}}"), p.answer)
+
+
+def test_heldout_rows_register_as_benchmark():
+    from eval import benchmarks
+
+    task.register_benchmark(n=16, seed=0, difficulty=2)
+    rows = benchmarks.load("synthetic")
+    assert len(rows) == 16 and rows[0]["problem"] == task.heldout_problems(1)[0].problem
