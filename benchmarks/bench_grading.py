@@ -7,11 +7,13 @@ against its own answer and against the next problem's answer (mostly wrong), eve
 solution against its answer and a wrong one, and for AIME25 / AMC23 (no solutions shipped) a short
 worked response ending in a boxed right or wrong answer. Each measurement runs in a fresh
 subprocess (so no mode inherits the other's sympy/math-verify caches), after the grader's
-warm-up (untimed in both modes: the pool runs it in each worker before timing starts).
-Target (issue 4): the pool reaches at least 1.7x serial on 2 cores. The machine's load average
-and the CPU seconds of every process involved are printed: other processes on the cores lower
-the pool's wall-clock advantage, and workers * serial CPU / pool CPU is what the pool could reach
-on idle cores (its CPU overhead: IPC, per-worker caches).
+warm-up (untimed in both modes, run once in the measuring process; the pool's workers are forked
+from it afterwards and inherit it).
+Target (issue 4): the pool reaches at least 1.7x serial on 2 cores. The machine's load, the cores
+this session can actually get (busy-loop probe), and the CPU seconds of every process involved
+are printed: other jobs on the cores lower the pool's wall-clock advantage, and workers * serial
+CPU / pool CPU is what the pool could reach on idle cores (its CPU overhead: IPC, per-worker
+caches).
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
+def available_cores(procs: int, seconds: float = 1.0) -> float:
+    """CPU seconds per wall second that `procs` busy-looping processes get right now: the cores
+    this benchmark's session can use. Other sessions' jobs lower it (Linux autogroup scheduling
+    shares the CPU fairly between sessions, not between processes)."""
+    spin = f"import time\nt=time.perf_counter()\nwhile time.perf_counter()-t<{seconds}: pass\nprint(time.process_time())"
+    kids = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    return sum(float(k.communicate()[0]) for k in kids) / seconds
+
+
 def measure(mode: str, workers: int) -> dict:
     """One timed pass in this process (called in a fresh subprocess). CPU seconds are those of
     every process doing the work (the caller, and the workers), so CPU-bound contention from other
@@ -73,9 +84,10 @@ def measure(mode: str, workers: int) -> dict:
         res = grade_detailed(pairs, workers=0)
         dt, cpu = time.perf_counter() - t0, _cpu_seconds([os.getpid()]) - c0
     else:
+        warm_up()  # the same warm-up as serial, in the parent: the forked workers inherit it
         with make_pool(workers=workers) as pool:
-            grade_detailed([("\\boxed{1}", "1")] * workers, pool=pool)  # spawn + warm every worker
-            pids = [os.getpid()] + [w.proc.pid for w in pool._pool]
+            pool.start()  # fork every worker and wait for its (no-op) initializer
+            pids = [os.getpid()] + pool.pids
             c0, t0 = _cpu_seconds(pids), time.perf_counter()
             res = grade_detailed(pairs, pool=pool)
             dt, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - c0
@@ -92,6 +104,7 @@ def main() -> None:
     if args._child:
         print(json.dumps(measure(args._child, args.workers)))
         return
+    load_before, cores_before = os.getloadavg()[0], available_cores(args.workers)
     runs: dict[str, list[dict]] = {"serial": [], "pool": []}
     for rep in range(args.repeats):
         for mode in ("serial", "pool"):  # alternate, so drifting machine load hits both
@@ -104,7 +117,9 @@ def main() -> None:
                   f"(correct {r['correct']}, timeouts {r['timeouts']})", flush=True)
     rate = {m: statistics.median(r["pairs"] / r["seconds"] for r in rs) for m, rs in runs.items()}
     assert runs["serial"][0]["correct"] == runs["pool"][0]["correct"], "serial and pool disagree"
-    print(f"\ncores: {os.cpu_count()}, load average before/after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"\ncores: {os.cpu_count()}, load average (1 min) before/after: {load_before:.2f} / "
+          f"{os.getloadavg()[0]:.2f}; cores that {args.workers} busy processes of this session get, before/after: "
+          f"{cores_before:.2f} / {available_cores(args.workers):.2f} (a bound on the wall-clock ratio)")
     print(f"serial          : {rate['serial']:.1f} pairs/s (median of {args.repeats})")
     print(f"pool ({args.workers} workers): {rate['pool']:.1f} pairs/s (median of {args.repeats})")
     print(f"ratio pool/serial: {rate['pool'] / rate['serial']:.2f}x (target >= 1.7x on 2 cores)")

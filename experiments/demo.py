@@ -6,7 +6,7 @@
 Inputs: none (everything is generated from seeds). Outputs under --out:
   static/<bf16|fp8>/static.json   static mismatch: MoE native, MoE + R3, dense (experiments.static_mismatch)
   <cell>/                         one run directory per grid cell (docs/run_format.md)
-  figures/                        from plots.all.make_all when the plots package is importable
+  figures/, tables/               from plots.all.make_all when the plots package is importable
   summary.json, summary.md        experiments.summary
 and the zoo in --zoo-dir (reused when complete).
 
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError as e:
         print(f"[demo]   plots package not importable ({e}); no figures")
     else:
-        figs = make_all(out, out / "figures")
-        print(f"[demo]   {len(figs)} figures in {out / 'figures'}")
+        figs = make_all(out, out)  # writes <out>/figures and <out>/tables
+        print(f"[demo]   {len(figs)} files in {out / 'figures'} and {out / 'tables'}")
     s = summary.write(out, cells=list(cfgs), grid_precision=args.precision, zoo=zm)
     print((out / "summary.md").read_text())
     print(f"[demo] done in {(time.time() - t0) / 60:.1f} min: {out / 'summary.md'}, {out / 'summary.json'}")

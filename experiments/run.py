@@ -183,9 +183,11 @@ def train_on(cfg: RunConfig, train_engine, batch: rollout.Batch, *, moe: bool) -
                                         with_entropy=True)
     old_BT = old.logp_BT.detach()
     own_routing = old.expert_ids_BTLK
-    if moe and cfg.replay:  # the train engine's own routing, for the disagreement metric only
-        own_routing = train_engine.compute_logprobs(tb, replay=False, record_routing=True).expert_ids_BTLK
     m["time/old_logprob"] = time.time() - t0
+    if moe and cfg.replay:  # the train engine's own routing, for the disagreement metric only
+        t0 = time.time()
+        own_routing = train_engine.compute_logprobs(tb, replay=False, record_routing=True).expert_ids_BTLK
+        m["time/routing_probe"] = time.time() - t0
     for k, v in mismatch_metrics(old_BT, batch.infer_logp_BT, mask_BT, taus=(2.0,)).items():
         m[k] = float(v)
     ntok = mask_BT.sum().clamp(min=1)

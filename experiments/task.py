@@ -36,6 +36,8 @@ BOXED = "\\boxed{"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 ALPHABET = list("0123456789+-*=.\n}") + [BOXED]
 HELDOUT_STREAM = 1_000_003  # seed offset of the held-out stream (any constant far from 0)
+HELDOUT_N = 512
+"""Size of the held-out split: benchmark `synthetic`; every training stream skips all of it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,12 +101,12 @@ def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train
     return Problem(id=f"{prefix}-{seed}-{difficulty}-{index}", problem=expr, answer=str(value), solution=solution)
 
 
-def heldout_problems(n: int = 512, *, seed: int = 0, difficulty: int = 2) -> list[Problem]:
+def heldout_problems(n: int = HELDOUT_N, *, seed: int = 0, difficulty: int = 2) -> list[Problem]:
     """The held-out split: the first n problems of the held-out stream of `seed`."""
     return [make_problem(seed + HELDOUT_STREAM, i, difficulty, prefix="heldout") for i in range(n)]
 
 
-def heldout_rows(n: int = 512, *, seed: int = 0, difficulty: int = 2) -> list[dict[str, str]]:
+def heldout_rows(n: int = HELDOUT_N, *, seed: int = 0, difficulty: int = 2) -> list[dict[str, str]]:
     """Benchmark rows (id, problem, answer) of the held-out split, for eval.benchmarks."""
     return [p.row() for p in heldout_problems(n, seed=seed, difficulty=difficulty)]
 
@@ -112,7 +114,7 @@ def heldout_rows(n: int = 512, *, seed: int = 0, difficulty: int = 2) -> list[di
 class TrainStream:
     """Training problems in a fixed order that skips held-out expressions; `position` is the state."""
 
-    def __init__(self, *, seed: int, difficulty: int, heldout_n: int = 512, position: int = 0):
+    def __init__(self, *, seed: int, difficulty: int, heldout_n: int = HELDOUT_N, position: int = 0):
         self.seed, self.difficulty, self.position = seed, difficulty, position
         self._heldout = {p.problem for p in heldout_problems(heldout_n, seed=seed, difficulty=difficulty)}
 
@@ -158,7 +160,7 @@ def build_tokenizer():
     )
 
 
-def register_benchmark(*, n: int = 512, seed: int = 0, difficulty: int = 2) -> None:
+def register_benchmark(*, n: int = HELDOUT_N, seed: int = 0, difficulty: int = 2) -> None:
     """Register benchmark `synthetic` (held-out split) and template `arith` with the eval package."""
     from eval import benchmarks, templates
 

@@ -6,8 +6,7 @@ A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task
    (slurm.servers, logs in <run_dir>/servers/), everyone waits until the driver writes
    <run_dir>/slurm/servers.stop or the run is complete; SIGTERM stops the servers;
 3. training tasks export MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK and call the body,
-   `experiments.run.run_cell(cfg, run_dir)` (or `experiments.static_mismatch.run_static` for a
-   static cell), with the servers' URLs in `cfg.sglang_urls` once they answer /health;
+   `experiments.run.run_cell(cfg, run_dir)` (or `run_static_cell` below for a static cell), with the servers' URLs in `cfg.sglang_urls` once they answer /health;
 4. the driver (training rank 0) keeps a RUNNING heartbeat, writes FAILED with the error on an
    exception, and links this job's Slurm logs into <run_dir>/slurm/ (slurm.state).
 
@@ -26,6 +25,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -40,7 +40,7 @@ from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, wait_he
 log = logging.getLogger("submitit.r3")  # a child of submitit's logger: lands in the job log
 
 RL_BODY = "experiments.run:run_cell"
-STATIC_BODY = "experiments.static_mismatch:run_static"
+STATIC_BODY = "slurm.job:run_static_cell"
 STOP_FILE = "slurm/servers.stop"
 WAIT_POLL_S = 5.0
 
@@ -105,6 +105,31 @@ def _write_failed(run_dir: Path, err: BaseException, job_id: str) -> None:
     })  # fmt: skip
 
 
+def guard_preemption_signal_in_forks() -> None:
+    """Wrap submitit's preemption handler so that requeueing survives a real preemption.
+
+    1. Forked children (e.g. a grader worker pool) inherit submitit's SIGUSR2 handler, and Slurm
+       signals every process of the step: each worker would checkpoint and `scontrol requeue`
+       too (the second requeue fails: "Job is pending execution"). Only the process that
+       installed the handler acts on it.
+    2. On preemption Slurm also sends SIGTERM to every process of the step, in no fixed order
+       with SIGUSR2; the `scontrol requeue` child that submitit starts would die of it. SIGTERM
+       is ignored from the moment the handler runs (an ignored signal stays ignored across
+       fork/exec, so the scontrol child ignores it too); submitit only logs SIGTERM anyway.
+    """
+    sig = submitit.JobEnvironment._usr_sig()
+    previous, owner = signal.getsignal(sig), os.getpid()
+    if not callable(previous):  # not inside a submitit job: nothing to guard
+        return
+
+    def handler(signum, frame):
+        if os.getpid() == owner:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous(signum, frame)
+
+    signal.signal(sig, handler)
+
+
 class CellJob(submitit.helpers.Checkpointable):
     """Checkpointable callable: requeued with the same spec; the body resumes from run_dir."""
 
@@ -115,6 +140,7 @@ class CellJob(submitit.helpers.Checkpointable):
         spec = self.spec
         run_dir = Path(spec.run_dir)
         task = task_info()
+        guard_preemption_signal_in_forks()
         plan = topology.plan(task, spec.resources)
         log.info("cell %s: job %s task %d -> %s", spec.name, task.job_id, task.global_rank, plan.role)
         if plan.role == "rollout":
@@ -189,3 +215,23 @@ class CellJob(submitit.helpers.Checkpointable):
         """
         log.warning("cell %s: checkpoint requested; requeueing (resume from the last checkpoint)", self.spec.name)
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
+
+
+def run_static_cell(cell: dict, out_dir: Path) -> dict:
+    """Static-mismatch job body: `experiments.static_mismatch.run_static` for one precision.
+
+    cell: a StaticCell as a dict (experiments.grid); out_dir: <runs>/static/<precision>.
+    experiments.static_mismatch measures the embedded zoo's models only, so a cell naming its own
+    checkpoints (the paper preset: SGLang rollout vs megatron on Qwen3-30B-A3B) is refused.
+    """
+    from experiments.static_mismatch import run_static
+
+    out_dir = Path(out_dir)
+    if (out_dir.parent.name, out_dir.name) != ("static", cell["precision"]):
+        raise ValueError(f"static cell {cell['name']}: out_dir must be <runs>/static/{cell['precision']}, got {out_dir}")
+    if cell.get("model_moe") or cell.get("model_dense"):
+        raise NotImplementedError(
+            f"static cell {cell['name']}: experiments.static_mismatch measures the embedded zoo only; "
+            "a static measurement of user checkpoints (SGLang vs megatron) is not implemented"
+        )
+    return run_static(out_dir.parent.parent, cell["precision"], seed=cell["seed"], train_engine=cell["train_engine"])

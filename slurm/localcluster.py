@@ -120,6 +120,8 @@ def write_config(root: Path, *, node: str, cpus: int, mem_mb: int) -> Path:
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_CPU",
                 "SchedulerType=sched/backfill",
+                # Short scheduling cycles so a requeued job starts as soon as it is eligible.
+                "SchedulerParameters=sched_interval=2,bf_interval=2",
                 "MpiDefault=none",
                 "JobAcctGatherType=jobacct_gather/none",
                 "AccountingStorageType=accounting_storage/none",

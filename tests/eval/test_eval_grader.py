@@ -11,7 +11,7 @@ import time
 import pytest
 
 from eval.grader import GradeResult, extract_answer, grade, grade_detailed, grade_many, make_pool
-from eval.workers import WorkerError, WorkerPool, map_in_workers
+from eval.workers import WorkerError, WorkerPool, map_in_workers, partition
 
 # (response, extracted answer): the documented rules of eval.grader, in order.
 EXTRACTION = [
@@ -139,6 +139,15 @@ def test_pathological_input_times_out_and_batch_survives(pool):
     assert res[1].extracted == "9^{9^{9^{9}}}"
 
 
+def test_repeated_pairs_graded_once(pool):
+    pairs = [("\\boxed{2}", "2"), ("so \\boxed{2}", "2"), ("\\boxed{3}", "2"), ("\\boxed{2}", "2"), ("none", "2")]
+    before = pool.stats["items"]
+    res = grade_detailed(pairs, pool=pool)
+    assert [r.correct for r in res] == [True, True, False, True, False]
+    assert [r.extracted for r in res] == ["2", "2", "3", "2", None]
+    assert pool.stats["items"] - before == 2  # ("2", "2") and ("3", "2")
+
+
 def test_pathological_input_inline_times_out():
     res = grade_detailed([("\\boxed{9^{9^{9^{9}}}}", "5"), ("\\boxed{1}", "1")], workers=0, timeout_s=1.0)
     assert [(r.correct, r.timed_out) for r in res] == [(False, True), (True, False)]
@@ -223,6 +232,69 @@ def test_errors_raise_or_become_none():
         with pytest.raises(WorkerError):
             pool.map([2, 1, 3])
         assert pool.map([1, 3]) == [(1, False), (3, False)]  # no stale replies after the error
+
+
+def _pid(x):
+    return os.getpid()
+
+
+def _stuck_in_c_on_17(x):
+    _stuck_in_c_on_1(x - 16)
+    return x
+
+
+def _length(s):
+    return len(s)
+
+
+def test_items_are_sent_in_chunks():
+    with WorkerPool(_square, workers=2, timeout_s=5) as pool:
+        assert pool.map(range(2000)) == [(i * i, False) for i in range(2000)]
+        assert pool.stats["messages"] < 100  # not one message per item
+
+
+def test_hard_kill_mid_chunk_requeues_the_rest():
+    with WorkerPool(_stuck_in_c_on_17, workers=2, timeout_s=0.5, grace_s=0.5) as pool:
+        out = pool.map(range(60))
+        assert pool.stats["hard_kills"] == 1 and pool.stats["crashes"] == 0
+        assert pool.stats["messages"] < 60  # item 17 was one of a chunk
+    assert out == [(None, True) if i == 17 else (i, False) for i in range(60)]
+    out = map_in_workers(_crash_on_3, list(range(60)), workers=2, timeout_s=5)
+    assert out == [(None, False) if i == 3 else (i, False) for i in range(60)]
+
+
+def test_items_larger_than_the_pipe_budget():
+    items = ["x" * (100_000 + i) for i in range(12)]  # each over PIPE_BUDGET_BYTES: one per message
+    assert map_in_workers(_length, items, workers=2, timeout_s=5) == [(len(s), False) for s in items]
+
+
+def test_pool_start_and_pids():
+    with WorkerPool(_pid, workers=2, timeout_s=5) as pool:
+        pool.start()
+        assert len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
+        assert {pid for pid, _ in pool.map(range(50))} <= set(pool.pids)
+
+
+def test_partition_keeps_shared_keys_together():
+    # a chain (item i parses keys i//2 and (i+1)//2, like the benchmark's right/wrong pairs): two
+    # contiguous halves, one key shared across the cut
+    chain = partition([(i // 2, (i + 1) // 2) for i in range(20)], 2)
+    assert chain == [list(range(10)), list(range(10, 20))]
+    # groups by gold answer, interleaved in the input: each group in one run, runs balanced
+    runs = partition([(f"gold{i % 3}",) for i in range(12)], 3)
+    assert sorted(runs) == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    # no shared keys: balanced counts, every item once
+    runs = partition([(i,) for i in range(7)], 2)
+    assert sorted(len(r) for r in runs) == [3, 4] and sorted(sum(runs, [])) == list(range(7))
+    assert partition([], 2) == [[], []]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        partition([(1,)], 0)
+
+
+def test_affinity_pool_results_in_order():
+    keys = [(f"g{i % 5}",) for i in range(40)]
+    out = map_in_workers(_square, list(range(40)), workers=2, timeout_s=5, affinity=lambda i: keys[i])
+    assert out == [(i * i, False) for i in range(40)]
 
 
 def test_inline_needs_main_thread():

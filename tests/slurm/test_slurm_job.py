@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -88,3 +90,39 @@ def test_rollout_tasks_wait_for_a_fresh_stop_file(tmp_path):
         assert time.monotonic() - t0 >= 0.25
     finally:
         job_mod.WAIT_POLL_S = old
+
+
+def test_forked_children_ignore_the_preemption_signal(tmp_path):
+    """A fork (a worker pool) must not run submitit's checkpoint-and-requeue handler."""
+    import multiprocessing
+    import signal
+
+    from slurm.job import guard_preemption_signal_in_forks
+
+    calls = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(os.getpid()))
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        guard_preemption_signal_in_forks()
+        ctx = multiprocessing.get_context("fork")
+        out = tmp_path / "child"
+
+        def child():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            out.write_text(str(len(calls)))
+
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(10)
+        assert p.exitcode == 0 and out.read_text() == "0"
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert calls == [os.getpid()]
+        # From then on SIGTERM is ignored, also by the `scontrol requeue` child the handler starts.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        child = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM); print('alive')"],
+                               capture_output=True, text=True, timeout=30)
+        assert child.stdout.strip() == "alive"
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        signal.signal(signal.SIGTERM, old_term)

@@ -22,7 +22,8 @@ def test_dry_run_writes_one_array_per_resource_group(tmp_path, capsys):
           "--partition", "gpu", "--account", "proj", "--time", "2-00:00:00", "--setup", "module load cuda"])
     out = capsys.readouterr().out
     scripts = sorted((tmp_path / "slurm" / "dry-run").glob("*.sbatch"))
-    assert [p.name for p in scripts] == ["rl-sft-single-grpo-array.sbatch", "static-static.sbatch"]
+    assert [p.name for p in scripts] == ["rl-sft-single-grpo-array.sbatch"]
+    assert "skip static: the static measurement of the paper's checkpoints" in out
     rl = scripts[0].read_text()
     for line in ("#SBATCH --array=0-11%4", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
                  "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
@@ -30,7 +31,10 @@ def test_dry_run_writes_one_array_per_resource_group(tmp_path, capsys):
                  "module load cuda", "-m submitit.core._submit"):
         assert line in rl, line
     assert "#   [11] sft-multi-gspo-r3 -> " in rl and rl in out
-    assert "#SBATCH --nodes=2" in scripts[1].read_text()
+    # With a static body of one's own, the static job gets its own resources (1 train + 1 rollout node).
+    main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS, "--cells", "static",
+          "--static-body", "mypkg.static:run"])
+    assert "#SBATCH --nodes=2" in (tmp_path / "slurm" / "dry-run" / "static-static.sbatch").read_text()
     assert not any((tmp_path / c / "slurm" / "job.json").exists() for c in ("sft-single-grpo",))  # nothing submitted
 
 
@@ -76,3 +80,15 @@ def test_local_executor_runs_cells_and_skips_complete_and_failed(tmp_path):
     assert "skip sft-multi-gspo: complete" in p.stdout and "skip sft-multi-gspo-r3: complete" in p.stdout
     assert "skip sft-multi-grpo: FAILED" in p.stdout and "NaN loss at step 3" in p.stdout and "step 3 loss=nan" in p.stdout
     assert "started sft-multi-grpo-r3" in p.stdout and "started sft-multi-grpo:" not in p.stdout
+
+
+def test_static_body_refuses_what_it_cannot_measure(tmp_path):
+    from experiments import grid
+    from slurm.job import run_static_cell
+
+    paper = grid.static_cells("paper", model_paths={"sft": "/s", "dense": "/d"})["static"].to_dict()
+    with pytest.raises(NotImplementedError, match="embedded zoo only"):
+        run_static_cell(paper, tmp_path / "static" / "bf16")
+    tiny = grid.static_cells("tiny")["static"].to_dict()
+    with pytest.raises(ValueError, match="out_dir must be <runs>/static/fp8"):
+        run_static_cell(tiny, tmp_path / "static" / "bf16")

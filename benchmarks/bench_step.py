@@ -1,0 +1,98 @@
+"""Time per global step of the RL loop, split by phase, without and with R3, side by side.
+
+    python -m benchmarks.bench_step [--zoo-dir runs/zoo] [--steps 8] [--precision fp8] [--train-engine hf|megatron]
+
+Two loops (R3 off / on) with identical settings run interleaved step by step in one process
+(so machine load affects both alike) on the zoo's SFT model: prompts_per_step x group_size
+samples, no dynamic sampling (equal work per step). Printed per phase: median seconds of
+  rollout     generation with routing capture + grading (experiments.rollout.collect)
+  old_logprob the train engine's no-grad forward (replaying the rollout routing when R3 is on)
+  train       forward + backward + optimizer step (replaying when R3 is on)
+  sync        weight sync train -> rollout engine
+  total       the sum of the four (the routing-disagreement probe forward that the R3 loop
+              runs for its metrics is excluded: it measures, it is not part of R3)
+and the ratio R3 / no-R3 (target for the total: <= 1.05). Routing capture is on in both
+loops (the loop records routing for its disagreement metric either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--zoo-dir", type=Path, default=None)
+    ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro"])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--precision", default="fp8", choices=["bf16", "fp8"])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-engine", default="hf", choices=["hf", "megatron"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from transformers import AutoTokenizer
+
+    from eval import grader
+    from experiments import rollout, task, zoo
+    from experiments.config import RunConfig
+    from experiments.run import make_rollout_engine, make_train_engine, train_on
+    from r3.engines.base import SamplingParams
+
+    zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
+    zoo.build_zoo(zoo_dir, size=args.zoo_size)
+    model_dir = zoo.model_dir("sft", zoo_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    loops = {}
+    for replay in (False, True):
+        cfg = RunConfig(name=f"bench-r3={replay}", replay=replay, rollout_precision=args.precision, lr=1e-5,
+                        train_engine=args.train_engine,
+                        prompts_per_step=args.prompts, group_size=args.group_size, dynamic_sampling=False)
+        loops[replay] = (cfg, make_rollout_engine(cfg, model_dir, tok), make_train_engine(cfg, model_dir),
+                         task.TrainStream(seed=0, difficulty=2))
+    times = {r: {k: [] for k in ("rollout", "old_logprob", "train", "sync", "total")} for r in loops}
+    with grader.make_pool(workers=2) as pool:
+        def reward(texts, golds):
+            return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
+
+        for step in range(1, args.steps + 2):  # step 1 is a warm-up, not recorded
+            for replay, (cfg, ro_eng, tr_eng, stream) in loops.items():
+                t0 = time.perf_counter()
+                ro = rollout.collect(
+                    ro_eng, lambda p: tok(task.format_prompt(p))["input_ids"],
+                    lambda ids: tok.batch_decode(ids, skip_special_tokens=True), stream, reward_fn=reward,
+                    prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                    params=SamplingParams(max_new_tokens=cfg.max_new_tokens), dynamic=False, max_rounds=1,
+                    capture_routing=True, run_seed=0, step=step)
+                t_roll = time.perf_counter() - t0
+                m = train_on(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True),
+                             moe=True)
+                t0 = time.perf_counter()
+                ro_eng.sync_weights(tr_eng.rollout_state_dict())
+                t_sync = time.perf_counter() - t0
+                if step == 1:
+                    continue
+                row = {"rollout": t_roll, "old_logprob": m["time/old_logprob"], "train": m["time/train"],
+                       "sync": t_sync}
+                row["total"] = sum(row.values())
+                for k, v in row.items():
+                    times[replay][k].append(v)
+    print(f"bench_step: {args.steps} steps per loop, interleaved; {args.prompts} prompts x {args.group_size} "
+          f"samples, {args.precision} rollout, {args.train_engine} trainer, {args.threads} torch thread(s); median seconds")
+    print(f"{'phase':<12} {'no R3':>9} {'R3':>9} {'R3/no-R3':>9}")
+    for k in ("rollout", "old_logprob", "train", "sync", "total"):
+        a, b = statistics.median(times[False][k]), statistics.median(times[True][k])
+        print(f"{k:<12} {a:9.4f} {b:9.4f} {b / a if a > 0 else float('nan'):9.3f}")
+
+
+if __name__ == "__main__":
+    main()
