@@ -23,7 +23,6 @@ Departures: the paper does not describe its cluster; resources are our choice (s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -44,12 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 SIGNAL_DELAY_S = 120
 """Seconds between Slurm's SIGUSR2 and the time limit: enough to requeue (the body already
 checkpoints every few steps, so nothing heavy happens in the handler)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Submission:
-    spec: JobSpec
-    status: state.RunStatus
 
 
 def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:

@@ -7,6 +7,7 @@ signature and run-directory files whose steps take a fixed time (so a signal lan
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import pytest
 
 from experiments import grid
 from slurm import state
-from tests.slurm import toyrun
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # the jobs import the toy body as tests.slurm.toyrun from the repo root
+    sys.path.insert(0, str(REPO))
+toyrun = importlib.import_module("tests.slurm.toyrun")
 TOY = "tests.slurm.toyrun:run_cell"
 REAL = "experiments.run:run_cell"
 # The real loop at its smallest: 2 prompts x 2 samples, 16 new tokens, no dynamic sampling (the
@@ -100,8 +103,8 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluste
         steps, signal_at, over = 30, 7, {"global_steps": 30}  # 0.3 s steps, checkpoints every 5
     else:
         zoo_dir = request.getfixturevalue("micro_zoo")
-        steps, signal_at = 12, 3
-        over = {**SMALL, "global_steps": steps, "eval_every": 6, "model_path": str(zoo_dir / "sft")}
+        steps, signal_at = 8, 3  # checkpoints every 2 steps
+        over = {**SMALL, "global_steps": steps, "model_path": str(zoo_dir / "sft")}
     p = _submit(slurm_cluster, runs, cell, *_overrides(over), "--no-array", body=TOY if body == "toy" else REAL)
     assert p.returncode == 0, p.stdout + p.stderr
     run_dir = runs / cell

@@ -68,28 +68,26 @@ def test_resolve_errors():
         resolve("experiments.grid:no_such_function")
 
 
-def test_rollout_tasks_wait_for_a_fresh_stop_file(tmp_path):
+def test_rollout_tasks_wait_for_a_fresh_stop_file(tmp_path, monkeypatch):
+    import threading
+
+    import slurm.job as job_mod
+
+    monkeypatch.setattr(job_mod, "WAIT_POLL_S", 0.05)
     job = CellJob(_spec(tmp_path, f"{__name__}:recording_body"))
     run_dir = tmp_path / "r"
     (run_dir / STOP_FILE).parent.mkdir(parents=True)
     (run_dir / STOP_FILE).write_text("old")
     os.utime(run_dir / STOP_FILE, (1, 1))  # from before a requeue: ignored
-    import threading
 
     def stop_later():
         time.sleep(0.3)
         (run_dir / STOP_FILE).write_text("now")
 
     threading.Thread(target=stop_later).start()
-    import slurm.job as job_mod
-
-    job_mod.WAIT_POLL_S, old = 0.05, job_mod.WAIT_POLL_S
-    try:
-        t0 = time.monotonic()
-        job._wait_for_end(run_dir, time.time(), None)
-        assert time.monotonic() - t0 >= 0.25
-    finally:
-        job_mod.WAIT_POLL_S = old
+    t0 = time.monotonic()
+    job._wait_for_end(run_dir, time.time(), None)
+    assert time.monotonic() - t0 >= 0.25
 
 
 def test_forked_children_ignore_the_preemption_signal(tmp_path):
