@@ -31,6 +31,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+DEMO_LR = {"single": 1e-4, "multi": 3e-5}
+"""RL learning rates of the demo from the LR sweep (docs/embedded.md); applied over the tiny preset's
+values (experiments.grid `_TINY`) by mini-step kind, the paper's 3:1 single:multi ratio."""
+
 DEMO_CELLS = (
     "sft-single-grpo", "sft-single-grpo-tis", "sft-single-grpo-r3", "sft-single-grpo-tis-r3",
     "sft-multi-gspo", "sft-multi-gspo-r3",
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cells", default=",".join(DEMO_CELLS), help="comma-separated globs of tiny-preset cells")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "bf16"], help="rollout precision of the grid")
     ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro"])
+    ap.add_argument("--preset-lr", dest="lr_from_sweep", action="store_false",
+                    help="keep the tiny preset's learning rates instead of DEMO_LR")
     args = ap.parse_args(argv)
 
     import torch
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps:
         overrides["global_steps"] = args.steps
     cfgs = grid.cells("tiny", precisions=(args.precision,), pattern=args.cells, **overrides)
+    if args.lr_from_sweep:
+        cfgs = {n: c.replace(lr=DEMO_LR["single" if c.mini_steps == 1 else "multi"]) for n, c in cfgs.items()}
     if not cfgs:
         raise SystemExit(f"--cells {args.cells!r} matches no tiny-preset cell; see `python -m experiments.grid list "
                          "--preset tiny`")
