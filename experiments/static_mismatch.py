@@ -5,7 +5,7 @@
 Inputs: the zoo's SFT MoE model and dense control (experiments.zoo). For each rollout precision
 (`bf16`, the default engine; `fp8`, an FP8 inference engine: router weights quantised to float8
 e4m3 with per-row scales, r3.engines.fp8), the rollout engine samples `group_size` responses to
-`n_prompts` held-out prompts and reports its logprobs and routing; the fp32 train engine then
+`n_prompts` held-out prompts (default: all 512) and reports its logprobs and routing; the fp32 train engine then
 recomputes the logprobs of the same tokens
   - `moe`:    SFT MoE, the train engine's own routing (native);
   - `moe_r3`: SFT MoE, replaying the rollout routing (R3);
@@ -94,7 +94,7 @@ def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_siz
     return rollout.build_batch(groups, pad_id=tok.pad_token_id, with_routing=moe), tr, moe
 
 
-def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = 64, group_size: int = 8,
+def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = task.HELDOUT_N, group_size: int = 8,
             max_new_tokens: int = 48, seed: int = 0, difficulty: int = 2, train_engine: str = "hf") -> dict:
     """The static.json record of one rollout precision."""
     kw = dict(n_prompts=n_prompts, group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8", "fp32"])
     ap.add_argument("--zoo-dir", type=Path, default=None)
-    ap.add_argument("--n-prompts", type=int, default=64)
+    ap.add_argument("--n-prompts", type=int, default=task.HELDOUT_N)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--train-engine", choices=["hf", "megatron"], default="hf")
     ap.add_argument("--force", action="store_true")
