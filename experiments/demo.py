@@ -70,6 +70,8 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex, \
             tqdm(total=total, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
+        for n in cfgs:
+            (out / n / "FAILED").unlink(missing_ok=True)
         futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
         pending = set(futs)
         while pending:
@@ -81,7 +83,8 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
                 except Exception as e:  # report every failed cell, keep the others running
                     errors[name] = f"{type(e).__name__}: {e}"
                     (out / name).mkdir(parents=True, exist_ok=True)
-                    (out / name / "failed").write_text(errors[name] + "\n")
+                    # the FAILED marker of slurm/state.py (removed when the cell is rerun)
+                    (out / name / "FAILED").write_text(json.dumps({"error": errors[name], "time": time.time()}))
             bar.n = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
             bar.set_postfix(done=f"{len(results)}/{len(cfgs)}", failed=len(errors))
             bar.refresh()
