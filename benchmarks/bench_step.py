@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--train-engine", default="hf", choices=["hf", "megatron"])
+    ap.add_argument("--train-engine", default="hf", choices=["hf", "megatron", "both"],
+                    help="both: four interleaved loops, also printing megatron / transformers per phase")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -52,20 +53,23 @@ def main(argv: list[str] | None = None) -> None:
     zoo.build_zoo(zoo_dir, size=args.zoo_size)
     model_dir = zoo.model_dir("sft", zoo_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    engines = ("hf", "megatron") if args.train_engine == "both" else (args.train_engine,)
     loops = {}
-    for replay in (False, True):
-        cfg = RunConfig(name=f"bench-r3={replay}", replay=replay, rollout_precision=args.precision, lr=1e-5,
-                        train_engine=args.train_engine,
-                        prompts_per_step=args.prompts, group_size=args.group_size, dynamic_sampling=False)
-        loops[replay] = (cfg, make_rollout_engine(cfg, model_dir, tok), make_train_engine(cfg, model_dir),
-                         task.TrainStream(seed=0, difficulty=2))
-    times = {r: {k: [] for k in ("rollout", "old_logprob", "train", "sync", "total")} for r in loops}
+    for engine in engines:
+        for replay in (False, True):
+            cfg = RunConfig(name=f"bench-{engine}-r3={replay}", replay=replay, rollout_precision=args.precision,
+                            lr=1e-5, train_engine=engine, prompts_per_step=args.prompts,
+                            group_size=args.group_size, dynamic_sampling=False)
+            loops[engine, replay] = (cfg, make_rollout_engine(cfg, model_dir, tok), make_train_engine(cfg, model_dir),
+                                     task.TrainStream(seed=0, difficulty=2))
+    phases = ("rollout", "old_logprob", "train", "sync", "total")
+    times = {key: {k: [] for k in phases} for key in loops}
     with grader.make_pool(workers=2) as pool:
         def reward(texts, golds):
             return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
         for step in range(1, args.steps + 2):  # step 1 is a warm-up, not recorded
-            for replay, (cfg, ro_eng, tr_eng, stream) in loops.items():
+            for key, (cfg, ro_eng, tr_eng, stream) in loops.items():
                 t0 = time.perf_counter()
                 ro = rollout.collect(
                     ro_eng, lambda p: tok(task.format_prompt(p))["input_ids"],
@@ -85,13 +89,20 @@ def main(argv: list[str] | None = None) -> None:
                        "sync": t_sync}
                 row["total"] = sum(row.values())
                 for k, v in row.items():
-                    times[replay][k].append(v)
+                    times[key][k].append(v)
+    med = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
     print(f"bench_step: {args.steps} steps per loop, interleaved; {args.prompts} prompts x {args.group_size} "
-          f"samples, {args.precision} rollout, {args.train_engine} trainer, {args.threads} torch thread(s); median seconds")
-    print(f"{'phase':<12} {'no R3':>9} {'R3':>9} {'R3/no-R3':>9}")
-    for k in ("rollout", "old_logprob", "train", "sync", "total"):
-        a, b = statistics.median(times[False][k]), statistics.median(times[True][k])
-        print(f"{k:<12} {a:9.4f} {b:9.4f} {b / a if a > 0 else float('nan'):9.3f}")
+          f"samples, {args.precision} rollout, {args.threads} torch thread(s); median seconds")
+    for engine in engines:
+        print(f"[{engine} trainer]\n{'phase':<12} {'no R3':>9} {'R3':>9} {'R3/no-R3':>9}")
+        for k in phases:
+            a, b = med[engine, False][k], med[engine, True][k]
+            print(f"{k:<12} {a:9.4f} {b:9.4f} {b / a if a > 0 else float('nan'):9.3f}")
+    if len(engines) == 2:
+        print(f"[megatron / transformers, no R3]\n{'phase':<12} {'hf':>9} {'megatron':>9} {'ratio':>9}")
+        for k in ("old_logprob", "train", "total"):
+            a, b = med["hf", False][k], med["megatron", False][k]
+            print(f"{k:<12} {a:9.4f} {b:9.4f} {b / a if a > 0 else float('nan'):9.3f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ and the zoo in --zoo-dir (reused when complete).
 
 The mini grid (DEMO_CELLS, tiny preset of experiments.grid) runs in the FP8-rollout regime:
 single-mini-step GRPO, GRPO+TIS, GRPO+R3, GRPO+TIS+R3 and multi-mini-step GSPO, GSPO+R3 on the
-SFT model. Cells run as `--jobs` local processes with one torch thread each (on 2 cores two
+SFT model, with the tiny preset's learning rates (3e-5 single-mini-step, 1e-5 multi-mini-step: the
+LR sweep in docs/embedded.md). Cells run as `--jobs` local processes with one torch thread each (on 2 cores two
 1-thread processes are faster than one 2-thread process for a model this small). Every stage
 is resumable: a rerun skips complete cells and resumes incomplete ones.
 
@@ -30,10 +31,6 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
-
-DEMO_LR = {"single": 1e-4, "multi": 3e-5}
-"""RL learning rates of the demo from the LR sweep (docs/embedded.md); applied over the tiny preset's
-values (experiments.grid `_TINY`) by mini-step kind, the paper's 3:1 single:multi ratio."""
 
 DEMO_CELLS = (
     "sft-single-grpo", "sft-single-grpo-tis", "sft-single-grpo-r3", "sft-single-grpo-tis-r3",
@@ -102,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cells", default=",".join(DEMO_CELLS), help="comma-separated globs of tiny-preset cells")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "bf16"], help="rollout precision of the grid")
     ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro"])
-    ap.add_argument("--preset-lr", dest="lr_from_sweep", action="store_false",
-                    help="keep the tiny preset's learning rates instead of DEMO_LR")
+    ap.add_argument("--static-prompts", type=int, default=None, help="held-out prompts of the static "
+                    "measurement (default: all 512)")
     args = ap.parse_args(argv)
 
     import torch
@@ -127,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo] 2/4 static mismatch (bf16 engine, FP8 inference engine)", flush=True)
     for prec in tqdm(("bf16", "fp8"), desc="static mismatch"):
-        rec = static_mismatch.run_static(out, prec, zoo_dir=zoo_dir)
+        kw = {"n_prompts": args.static_prompts} if args.static_prompts else {}
+        rec = static_mismatch.run_static(out, prec, zoo_dir=zoo_dir, **kw)
         print(f"[demo]   {prec}: k3 KL moe {rec['moe']['k3_kl']:.3g}, moe+R3 {rec['moe_r3']['k3_kl']:.3g}, "
               f"dense {rec['dense']['k3_kl']:.3g}; routing pairs differ {rec['moe']['routing_pair_disagreement']:.4f}")
 
@@ -135,8 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps:
         overrides["global_steps"] = args.steps
     cfgs = grid.cells("tiny", precisions=(args.precision,), pattern=args.cells, **overrides)
-    if args.lr_from_sweep:
-        cfgs = {n: c.replace(lr=DEMO_LR["single" if c.mini_steps == 1 else "multi"]) for n, c in cfgs.items()}
     if not cfgs:
         raise SystemExit(f"--cells {args.cells!r} matches no tiny-preset cell; see `python -m experiments.grid list "
                          "--preset tiny`")

@@ -65,7 +65,6 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(micro_zoo, tmp_path):
     cfg = _cfg(micro_zoo, "resume", global_steps=4, replay=True)
     run_cell(cfg, tmp_path / "a", progress=False, reward_fn=parity_reward)
