@@ -32,6 +32,7 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
         ax.set_title(f"{precision} rollout")
         drawn = False
         all_tau: list[float] = []
+        last_positive: list[float] = []  # largest tau with F > 0, per arm
         for arm in ("moe", "moe_r3", "dense"):
             curve = static[precision][arm].get("F_curve")
             if not curve:
@@ -47,9 +48,15 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
             ax.plot(tau[~zero], f[~zero], color=ARM_COLORS[arm], label=label, marker=".", markersize=3)
             drawn |= bool((~zero).any())
             all_tau += tau.tolist()
-        if all_tau:  # keep the measured tau range even when nothing positive was drawn
-            pad = 0.03 * (max(all_tau) - min(all_tau) or 1.0)
-            ax.set_xlim(min(all_tau) - pad, max(all_tau) + pad)
+            if (~zero).any():
+                last_positive.append(float(tau[~zero].max()))
+        if all_tau:
+            # Log x: thresholds span 1 to ~100 and the curves' action is near tau = 1..10. The axis
+            # ends a factor 2 past the largest tau where any curve is still positive (at least 10).
+            lo, hi = min(all_tau), max(all_tau)
+            right = min(hi, max(10.0, 2.0 * max(last_positive, default=lo)))
+            ax.set_xscale("log")
+            ax.set_xlim(lo / 1.05, right * 1.05)
         if drawn:
             ax.set_yscale("log")
         elif all_tau:
@@ -58,7 +65,7 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
                     transform=ax.transAxes, ha="center", va="center", color="0.3")
         else:
             no_data(ax, "F(τ) curve")
-        ax.set_xlabel("τ (threshold on max(r, 1/r), r = π_train / π_infer)")
+        ax.set_xlabel("threshold τ on max(r, 1/r), r = π_train / π_infer (log)")
         ax.set_ylabel("F(τ) [fraction of tokens]")
         ax.legend(loc="best")
     return fig
