@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     zm = zoo.build_zoo(zoo_dir, size=args.zoo_size)
     for k, m in zm["models"].items():
         print(f"[demo]   {k}: {m['params']:,} params ({m['active_params']:,} active), held-out acc "
-              f"T=1 {m.get('heldout_acc_t1', float('nan')):.3f}, greedy {m.get('heldout_acc_greedy', float('nan')):.3f}")
+              f"T=1 {m.get('heldout_acc_t1', float('nan')):.3f}, "
+              f"greedy {m.get('heldout_acc_greedy', float('nan')):.3f}")
 
     print("[demo] 2/4 static mismatch (bf16 engine, FP8 inference engine)", flush=True)
     for prec in tqdm(("bf16", "fp8"), desc="static mismatch"):

@@ -324,7 +324,8 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
             rec: dict = {"step": step, "time/rollout": time.time() - t0,
                          "rollout/reward_mean": ro.reward_mean, "rollout/response_len_mean": ro.response_len_mean,
                          "rollout/stop_frac": ro.stop_frac, "rollout/kept_groups": float(len(ro.kept)),
-                         "rollout/sampled_groups": float(ro.sampled_groups), "rollout/sampling_rounds": float(ro.rounds)}
+                         "rollout/sampled_groups": float(ro.sampled_groups),
+                         "rollout/sampling_rounds": float(ro.rounds)}
             if ro.kept:
                 batch = rollout.build_batch(ro.kept, pad_id=tokenizer.pad_token_id, with_routing=moe)
                 rec.update(train_on(cfg, train_engine, batch, moe=moe))
@@ -348,8 +349,8 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
                 evaluate(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.global_steps:
                 save_ckpt(step)
-            if cfg.stop_on_collapse and _collapse(cfg, run_dir) is not None:
-                log(f"collapsed at step {_collapse(cfg, run_dir)}; stopping (stop_on_collapse)")
+            if cfg.stop_on_collapse and (collapsed := _collapse(cfg, run_dir)) is not None:
+                log(f"collapsed at step {collapsed}; stopping (stop_on_collapse)")
                 save_ckpt(step)
                 break
     finally:

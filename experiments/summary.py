@@ -120,9 +120,9 @@ def markdown(summary: dict, runs: Path, *, zoo: dict | None, grid_precision: str
     for prec, parts in summary["static_by_precision"].items():
         for k in STATIC_PARTS:
             m = parts[k]
+            dis = m["routing_pair_disagreement"]
             lines.append(f"| {prec} | {k} | {_f(m['k3_kl'])} | {_f(m['extreme_frac@2'])} | "
-                         f"{_pct(m['routing_pair_disagreement'])}{'%' if m['routing_pair_disagreement'] is not None else ''} "
-                         f"| {m['tokens']} |")
+                         f"{_pct(dis)}{'%' if dis is not None else ''} | {m['tokens']} |")
     lines.append("")
     for prec, parts in summary["static_by_precision"].items():
         kl, kl_r3, kl_d = parts["moe"]["k3_kl"], parts["moe_r3"]["k3_kl"], parts["dense"]["k3_kl"]
@@ -133,8 +133,10 @@ def markdown(summary: dict, runs: Path, *, zoo: dict | None, grid_precision: str
                      f"2x on Qwen3-30B-A3B): the direction {verdict} at this scale. Dense control: {kl_d:.3g} "
                      f"(MoE+R3 {'below' if kl_r3 < kl_d else 'above'} dense). F(2): {f2:.3g} native, {f2_r3:.3g} R3.")
     lines += ["", f"## RL grid ({grid_precision} rollout unless the cell says otherwise)", "",
-              "Scores are held-out accuracy (avg@k, %) at evaluation points every 5 steps; step 0 is the SFT model.", "",
-              "| cell | lr | step-0 | best (step) | final | collapse | mean k3 KL | mean F(2) | routing disagr. | s/step |",
+              "Scores are held-out accuracy (avg@k, %) at the evaluation points; step 0 is the starting model.",
+              "",
+              "| cell | lr | step-0 | best (step) | final | collapse | mean k3 KL | mean F(2) | routing disagr. "
+              "| s/step |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in summary["cells"].items():
         x = _extras(Path(runs) / name)
@@ -181,7 +183,8 @@ def _claims(summary: dict, runs: Path) -> list[str]:
         if best_r3 is not None and best_no is not None:
             out.append(f"- Mean best score: {100 * best_r3:.1f}% with R3 vs {100 * best_no:.1f}% without "
                        f"(difference {100 * (best_r3 - best_no):+.1f} points; one seed each, held-out noise is a "
-                       f"few points, so a difference this size is {'notable' if abs(best_r3 - best_no) > 0.05 else 'within noise'}).")
+                       "few points, so a difference this size is "
+                       f"{'notable' if abs(best_r3 - best_no) > 0.05 else 'within noise'}).")
     return out
 
 

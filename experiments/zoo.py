@@ -273,10 +273,11 @@ def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     _, dense_cfg = model_configs(cfg, tok)
     torch.manual_seed(cfg.seed)
     dense = Qwen3ForCausalLM(dense_cfg)
+    bs = cfg.batch_size
     curves = {"dense_base": train_lm(dense, tok, _stream(cfg, 0), steps=cfg.dense_pretrain_steps, lr=cfg.pretrain_lr,
-                                     batch_size=cfg.batch_size, sft=False, desc="zoo: pretrain dense", seed=cfg.seed, position=1)}
+                                     batch_size=bs, sft=False, desc="zoo: pretrain dense", seed=cfg.seed, position=1)}
     curves["dense"] = train_lm(dense, tok, _stream(cfg, 1), steps=cfg.dense_sft_steps, lr=cfg.sft_lr,
-                               batch_size=cfg.batch_size, sft=True, desc="zoo: SFT dense", seed=cfg.seed + 1, position=1)
+                               batch_size=bs, sft=True, desc="zoo: SFT dense", seed=cfg.seed + 1, position=1)
     _save(dense, tok, zoo_dir / "dense")
     return curves
 

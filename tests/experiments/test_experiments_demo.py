@@ -18,7 +18,8 @@ def test_demo_end_to_end_micro(micro_zoo, tmp_path):
     assert set(s["static_by_precision"]) == {"bf16", "fp8"}
     assert s["static"] == s["static_by_precision"]["fp8"]
     c = s["cells"]["sft-multi-gspo"]
-    assert (c["algorithm"], c["replay"], c["mini_steps"], c["rollout_precision"], c["steps"]) == ("gspo", False, 8, "fp8", 2)
+    got = (c["algorithm"], c["replay"], c["mini_steps"], c["rollout_precision"], c["steps"])
+    assert got == ("gspo", False, 8, "fp8", 2)
     assert json.loads((out / "summary.json").read_text()) == s
     assert "sft-single-grpo-r3" in (out / "summary.md").read_text()
     for cell in s["cells"]:
