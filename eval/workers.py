@@ -92,10 +92,28 @@ def call_with_alarm(fn: Callable[[Any], Any], item: Any, timeout_s: float) -> An
         signal.signal(signal.SIGALRM, old)
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this worker when its parent dies (prctl(2),
+    PR_SET_PDEATHSIG). Without it a parent killed by SIGTERM leaves its workers blocked in
+    recv() forever, since forked siblings keep the pipe ends open. No-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], timeout_s: float,
                  initializer: Callable[[], None] | None) -> None:
     """Receive chunks [(idx, item)]; reply (idx, status, payload, seconds) once per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Slurm's preemption / time-limit signal (submitit listens for SIGUSR2) is the job's to
+    # handle: a forked worker must not run the parent's inherited handler and requeue twice.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    _die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     if initializer is not None:  # before the first item, outside its time limit
         initializer()

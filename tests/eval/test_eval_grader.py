@@ -317,3 +317,45 @@ def test_pool_argument_validation():
         WorkerPool(_square, workers=1, timeout_s=0)
     with pytest.raises(ValueError, match="workers must be >= 0"):
         WorkerPool(_square, workers=-1, timeout_s=1)
+
+
+def test_workers_die_with_a_parent_killed_by_sigterm():
+    """A grading parent killed by SIGTERM (Slurm preemption, Ctrl-\\) must not leave its forked
+    workers orphaned and blocked in recv() (regression: they survived before PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    code = textwrap.dedent('''
+        import time
+        from eval.grader import grade_detailed, make_pool
+        pool = make_pool(workers=2)
+        pool.__enter__()
+        grade_detailed([("\\\\boxed{1}", "1")] * 4, pool=pool)
+        print(" ".join(map(str, pool.pids)), flush=True)
+        time.sleep(120)
+    ''')
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root)
+    workers = [int(x) for x in p.stdout.readline().split() if int(x) != p.pid]
+    assert len(workers) == 2, workers
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"grader workers {left} outlived their SIGTERM-killed parent"
