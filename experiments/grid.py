@@ -78,7 +78,8 @@ _TINY = _Scale(
     precisions=("fp8", "bf16"),
     global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
     eval_max_problems=0,
-    lr_single=3e-5, lr_multi=1e-5,  # placeholders until the embedded LR sweep (docs/embedded.md)
+    # lr_single from the embedded LR sweep on GRPO+R3 (docs/embedded.md); lr_multi not swept.
+    lr_single=3e-5, lr_multi=1e-5,
     multi_mini_steps=8, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
     checkpoint_every=5,
 )  # fmt: skip

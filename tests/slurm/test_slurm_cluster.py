@@ -32,13 +32,7 @@ SMALL = {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16, "dynamic_
          "eval_max_problems": 2, "checkpoint_every": 2, "eval_every": 4}
 
 
-@pytest.fixture(scope="module")
-def micro_zoo(slurm_cluster, tmp_path_factory):
-    from experiments import zoo
-
-    zoo_dir = tmp_path_factory.mktemp("zoo")
-    zoo.build_zoo(zoo_dir, size="micro")
-    return zoo_dir
+# `micro_zoo` (tests/conftest.py) is shared with tests/experiments: built once per session.
 
 
 def _overrides(d: dict) -> list[str]:

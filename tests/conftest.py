@@ -1,4 +1,5 @@
-"""Shared fixtures for tests/experiments: a micro zoo built once per session (seconds)."""
+"""Fixtures shared across test packages: a micro zoo built once per test session (seconds),
+used by the RL-loop tests (tests/experiments) and the real-Slurm tests (tests/slurm)."""
 
 from __future__ import annotations
 
