@@ -117,7 +117,8 @@ def check_replay_capture(cfg: RunConfig, engine) -> None:
 
 
 # --- run directory -------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL run file (missing file: none; a line torn by a kill: skipped)."""
     if not path.exists():
         return []
     out = []
@@ -132,7 +133,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep lines with step <= last_step (and only whole lines)."""
     if path.exists():
-        keep = [r for r in _read_jsonl(path) if r.get("step", 0) <= last_step]
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -360,14 +361,14 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
 
 
 def _collapse(cfg: RunConfig, run_dir: Path) -> int | None:
-    ev = _read_jsonl(run_dir / "eval.jsonl")
+    ev = read_jsonl(run_dir / "eval.jsonl")
     return collapse_step([e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac,
                          patience=cfg.collapse_patience)
 
 
 def _write_manifest(cfg: RunConfig, run_dir: Path) -> dict:
-    ev = _read_jsonl(run_dir / "eval.jsonl")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    ev = read_jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     manifest = {
         "name": cfg.name, "status": "complete", "steps": metrics[-1]["step"] if metrics else 0,

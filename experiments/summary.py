@@ -25,20 +25,9 @@ from pathlib import Path
 
 from experiments.collapse import collapse_step
 from experiments.config import RunConfig
+from experiments.run import read_jsonl
 
 STATIC_PARTS = ("moe", "moe_r3", "dense")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -57,8 +46,8 @@ def cell_entry(run_dir: Path) -> dict | None:
     if not (run_dir / "config.json").exists():
         return None
     cfg = RunConfig.load(run_dir / "config.json")
-    metrics = _jsonl(run_dir / "metrics.jsonl")
-    ev = _jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    ev = read_jsonl(run_dir / "eval.jsonl")
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     return {
         "algorithm": cfg.algorithm, "tis": cfg.tis, "replay": cfg.replay, "mini_steps": cfg.mini_steps,
@@ -75,8 +64,8 @@ def cell_entry(run_dir: Path) -> dict | None:
 def _extras(run_dir: Path) -> dict:
     """Numbers for the Markdown only: initial / final score, lr, routing disagreement, step time."""
     cfg = RunConfig.load(run_dir / "config.json")
-    metrics = _jsonl(run_dir / "metrics.jsonl")
-    ev = _jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    ev = read_jsonl(run_dir / "eval.jsonl")
     return {"lr": cfg.lr, "initial": ev[0]["avg"] if ev else None, "final": ev[-1]["avg"] if ev else None,
             "pair_dis": _mean([m.get("routing/pair_disagreement") for m in metrics]),
             "step_s": _mean([m.get("time/step") for m in metrics]),
