@@ -11,7 +11,7 @@ Outputs (stdout):
   3. rollout generation time of HFRolloutEngine (128 sequences x 48 new tokens, bf16, routing
      captured) on the same tiny model;
   4. `bench_megatron()`: the megatron-core side (filled by the megatron helper; skipped with a
-     message when r3.engines.megatron_train does not import).
+     message when r3.engines.megatron.train does not import).
 Departures from the paper: the paper reports rollout latency overhead (< 3 %) on GPUs with
 SGLang; here the measured cost is the training-side replay on CPU.
 """
@@ -28,8 +28,8 @@ from tqdm import tqdm
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from r3.engines.base import SamplingParams
-from r3.engines.hf_rollout import HFRolloutEngine
-from r3.hf_replay import RoutingReplay
+from r3.engines.hf.rollout import HFRolloutEngine
+from r3.engines.hf.replay import RoutingReplay
 from r3.trace import RoutingSpec, RoutingTrace, encode
 
 
@@ -112,12 +112,12 @@ def bench_megatron(repeats: int, seed: int) -> None:
     try:
         import megatron.core  # noqa: F401  (lazy: megatron is optional)
 
-        from r3.engines.megatron_model import build_gpt_model, gpt_logits, load_hf_weights
-        from r3.megatron_compat import cpu_device_scope
-        from r3.megatron_replay import MegatronRouterReplay
+        from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights
+        from r3.engines.megatron.compat import cpu_device_scope
+        from r3.engines.megatron.replay import MegatronRouterReplay
         from r3.replay import ReplayMode
     except Exception as exc:  # any import failure means: not available here
-        print(f"[megatron] skipped: megatron-core / r3.engines.megatron_model do not import ({type(exc).__name__}: {exc})")
+        print(f"[megatron] skipped: megatron-core / r3.engines.megatron.model do not import ({type(exc).__name__}: {exc})")
         return
     shapes = {  # hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
         "brief-tiny": (32, 2, 4, 2, 8, 8, 2, 16, 64),

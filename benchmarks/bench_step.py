@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     from eval import grader
     from experiments import rollout, task, zoo
     from experiments.config import RunConfig
-    from experiments.run import make_rollout_engine, make_train_engine, train_on
+    from experiments.run import engine_configs
+    from r3.algorithm import policy_update
     from r3.engines.base import SamplingParams
+    from r3.engines.registry import build_rollout_engine, build_train_engine
 
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
     zoo.build_zoo(zoo_dir, size=args.zoo_size)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg = RunConfig(name=f"bench-{engine}-r3={replay}", replay=replay, rollout_precision=args.precision,
                             lr=1e-5, train_engine=engine, prompts_per_step=args.prompts,
                             group_size=args.group_size, dynamic_sampling=False)
-            loops[engine, replay] = (cfg, make_rollout_engine(cfg, model_dir, tok), make_train_engine(cfg, model_dir),
+            ro_cfg, tr_cfg = engine_configs(cfg, model_dir, Path(args.zoo_dir or "."))
+            loops[engine, replay] = (cfg, build_rollout_engine(ro_cfg), build_train_engine(tr_cfg),
                                      task.TrainStream(seed=0, difficulty=2))
     phases = ("rollout", "old_logprob", "train", "sync", "total")
     times = {key: {k: [] for k in phases} for key in loops}
@@ -78,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     params=SamplingParams(max_new_tokens=cfg.max_new_tokens), dynamic=False, max_rounds=1,
                     capture_routing=True, run_seed=0, step=step)
                 t_roll = time.perf_counter() - t0
-                m = train_on(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True),
-                             moe=True)
+                m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
                 t0 = time.perf_counter()
                 ro_eng.sync_weights(tr_eng.rollout_state_dict())
                 t_sync = time.perf_counter() - t0

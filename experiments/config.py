@@ -15,12 +15,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from r3.engines.base import Precision
+from r3.losses import LossAgg
+
 Algorithm = Literal["grpo", "gspo"]
 ModelKind = Literal["base", "sft", "dense"]
-RolloutEngine = Literal["hf", "sglang"]
-TrainEngine = Literal["hf", "megatron"]
-Precision = Literal["fp32", "bf16", "fp8"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+RolloutEngineName = str
+"""A name registered in r3.engines.registry (checked in __post_init__)."""
+TrainEngineName = str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,13 +93,14 @@ class RunConfig:
     """Drop groups whose rewards are all equal; keep sampling until the batch is full."""
     max_sampling_rounds: int = 4
     """Cap on extra sampling rounds per step when dynamic sampling cannot fill the batch."""
-    rollout_engine: RolloutEngine = "hf"
-    """Inference engine: in-process transformers (`hf`) or SGLang servers (`sglang`)."""
+    rollout_engine: RolloutEngineName = "hf"
+    """Inference engine, a name of r3.engines.registry: in-process transformers (`hf`), SGLang
+    servers (`sglang`), vLLM (`vllm`, when registered)."""
     rollout_precision: Precision = "bf16"
     """Rollout numerics: bf16 (default engine) or an FP8 inference engine (e4m3, per-row)."""
     sglang_urls: tuple[str, ...] = ()
     """SGLang server URLs (cluster mode); launched by the Slurm job when empty."""
-    train_engine: TrainEngine = "hf"
+    train_engine: TrainEngineName = "hf"
     """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
     train_micro_batch: int = 0
     """Sequences per forward/backward micro-batch (0: the whole mini-batch at once)."""
@@ -131,7 +134,43 @@ class RunConfig:
     """Keep the newest N checkpoints (older ones are deleted after a newer one is complete)."""
 
     def __post_init__(self) -> None:
+        from r3.engines.base import PRECISIONS
+        from r3.engines.registry import rollout_engine_names, train_engine_names
+
         errors = []
+
+        def choice(field: str, allowed) -> None:
+            if getattr(self, field) not in allowed:
+                errors.append(f"{field}={getattr(self, field)!r} is not one of {sorted(allowed)}")
+
+        choice("algorithm", Algorithm.__args__)
+        choice("model", ModelKind.__args__)
+        choice("rollout_engine", rollout_engine_names())
+        choice("train_engine", train_engine_names())
+        choice("rollout_precision", PRECISIONS)
+        choice("loss_agg", LossAgg.__args__)
+        for field in ("eval_every", "checkpoint_every", "keep_checkpoints", "global_steps", "prompts_per_step",
+                      "max_new_tokens", "max_sampling_rounds", "eval_samples", "collapse_patience"):
+            if getattr(self, field) < 1:
+                errors.append(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.train_micro_batch < 0:
+            errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            errors.append(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            errors.append(f"dual_clip must be > 1 (common value 3) or None to disable, got {self.dual_clip}")
+        if self.tis_cap <= 0:
+            errors.append(f"tis_cap must be > 0 (common value 2), got {self.tis_cap}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            errors.append(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            errors.append(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.algorithm == "gspo" and self.tis:
+            # The GSPO loss here has no importance-weight input, and the paper publishes no GSPO+TIS
+            # form (its GSPO cells are GSPO and GSPO+R3 only): refuse rather than log a TIS that
+            # is not applied.
+            errors.append("tis=True with algorithm='gspo' is not supported (TIS would not be applied); "
+                          "use algorithm='grpo' for TIS, or tis=False")
         if self.replay and self.rollout_engine == "sglang" and not self.sglang_urls and self.preset == "tiny":
             errors.append("replay with the sglang engine needs a cluster (preset 'paper')")
         if self.mini_steps < 1:

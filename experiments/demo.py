@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import multiprocessing as mp
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from experiments import rundir
 
 DEMO_CELLS = (
     "sft-single-grpo", "sft-single-grpo-tis", "sft-single-grpo-r3", "sft-single-grpo-tis-r3",
@@ -55,8 +56,7 @@ def _run_one(cfg_dict: dict, run_dir: str) -> dict:
 
 
 def _steps_done(run_dir: Path) -> int:
-    p = run_dir / "metrics.jsonl"
-    return sum(1 for _ in p.open()) if p.exists() else 0
+    return rundir.last_step(run_dir) or 0
 
 
 def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
@@ -68,7 +68,7 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex, \
             tqdm(total=total, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
         for n in cfgs:
-            (out / n / "FAILED").unlink(missing_ok=True)
+            rundir.clear_failed(out / n)
         futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
         pending = set(futs)
         while pending:
@@ -80,8 +80,7 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
                 except Exception as e:  # report every failed cell, keep the others running
                     errors[name] = f"{type(e).__name__}: {e}"
                     (out / name).mkdir(parents=True, exist_ok=True)
-                    # the FAILED marker of slurm/state.py (removed when the cell is rerun)
-                    (out / name / "FAILED").write_text(json.dumps({"error": errors[name], "time": time.time()}))
+                    rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
             bar.n = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
             bar.set_postfix(done=f"{len(results)}/{len(cfgs)}", failed=len(errors))
             bar.refresh()

@@ -31,12 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from eval.benchmarks import PAPER_BENCHMARKS
 from experiments.config import Algorithm, ModelKind, Precision, RunConfig
 
 Preset = Literal["tiny", "paper"]
 Mini = Literal["single", "multi"]
 PRESETS: tuple[Preset, ...] = ("paper", "tiny")
-PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "math500_l5")
 
 
 def model_placeholder(kind: str) -> str:

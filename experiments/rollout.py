@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 from experiments import task
+from r3.algorithm import Batch
 from r3.engines.base import RolloutEngine, RolloutSample, SamplingParams, TrainBatch
 from r3.trace import pad_traces
 
@@ -70,21 +70,22 @@ def select_groups(groups: Sequence[Group], needed: int, *, dynamic: bool) -> lis
 
 
 class TableStream:
-    """Training prompts from a data_prep table (train.parquet: id, problem, answer), shuffled by
-    seed, cycled; `position` is the state (same interface as experiments.task.TrainStream)."""
+    """Training prompts from a data_prep table, shuffled by seed, cycled; `position` is the state
+    (same interface as experiments.task.TrainStream).
+
+    Read through `data_prep.load_train`, the data stage's own loader: a build directory whose
+    manifest (written last) is missing, incomplete or does not match train.parquet is refused, so
+    an interrupted build is never trained on."""
 
     def __init__(self, path: str, *, seed: int, position: int = 0):
-        import pandas as pd
+        from data_prep import load_train
 
-        p = Path(path)
-        p = p / "train.parquet" if p.is_dir() else p
-        if not p.exists():
-            raise FileNotFoundError(f"train_data {path!r}: {p} not found; build it with `python -m data_prep.build`")
-        df = pd.read_parquet(p, columns=["id", "problem", "answer"])
-        if len(df) == 0:
-            raise ValueError(f"train_data {p} has no rows")
-        order = torch.randperm(len(df), generator=torch.Generator().manual_seed(seed)).tolist()
-        self._rows = [df.iloc[i] for i in order]
+        rows = load_train(path)
+        if not rows:
+            raise ValueError(f"train_data {path}: expected at least one row, found an empty table; "
+                             "rerun `python -m data_prep.build` with looser filters")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        self._rows = [rows[i] for i in order]
         self.position = position
 
     def take(self, n: int) -> list[task.Problem]:
@@ -150,17 +151,6 @@ def collect(
     )
 
 
-@dataclasses.dataclass(kw_only=True)
-class Batch:
-    """The kept groups as training tensors."""
-
-    train: TrainBatch
-    infer_logp_BT: torch.Tensor
-    """float32 [B, T]: the inference engine's logprobs at the response positions (0 elsewhere)."""
-    rewards_B: torch.Tensor
-    """float32 [B]; groups are contiguous runs of group_size rows."""
-
-
 def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> Batch:
     """Right-padded prompt+response sequences of all kept groups (see the module docstring)."""
     samples = [s for g in groups for s in g.samples]
@@ -202,27 +192,3 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
                          expert_ids_BTLK=expert_ids),
         infer_logp_BT=infer_BT, rewards_B=rewards,
     )
-
-
-def slice_batch(batch: TrainBatch, rows: slice) -> TrainBatch:
-    """Rows `rows` of a TrainBatch (a mini-batch of whole groups)."""
-    return TrainBatch(
-        input_ids_BS=batch.input_ids_BS[rows], attention_mask_BS=batch.attention_mask_BS[rows],
-        loss_mask_BT=batch.loss_mask_BT[rows],
-        expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[rows],
-    )
-
-
-def mini_batch_slices(n_groups: int, group_size: int, mini_steps: int) -> list[slice]:
-    """Row slices of `mini_steps` mini-batches of whole groups, sizes as even as possible
-    (a step short of groups after dynamic sampling gets fewer mini-batches, never empty ones)."""
-    if n_groups < 1:
-        return []
-    m = min(mini_steps, n_groups)
-    base, extra = divmod(n_groups, m)
-    out, start = [], 0
-    for i in range(m):
-        n = base + (i < extra)
-        out.append(slice(start * group_size, (start + n) * group_size))
-        start += n
-    return out

@@ -13,11 +13,9 @@ Per global step (PAPER.md "The method", "Setup"):
   1. rollout: prompts_per_step prompts x group_size samples from the rollout engine (bf16 or an
      FP8 inference engine), routing captured for MoE models; rewards from the eval grader
      (worker processes); dynamic sampling drops all-right / all-wrong groups (experiments.rollout);
-  2. old logprobs: the train engine's no-grad forward, replaying the rollout routing when R3 is on;
-     mismatch metrics (k3 KL, F(2)) of these vs the rollout logprobs; routing disagreement of the
-     train engine's own routing (a forward without replay) vs the rollout routing;
-  3. GRPO advantages; GRPO (PPO clip, dual clip, optional TIS on pi_old/pi_infer) or GSPO loss;
-     the batch split into `mini_steps` mini-batches of whole groups, one optimizer step each;
+  2-3. the algorithm step, `r3.algorithm.policy_update`: old logprobs (replaying the rollout
+     routing when R3 is on), mismatch metrics (k3 KL, F(2)), routing disagreement, GRPO
+     advantages, TIS, and `mini_steps` optimizer steps with the GRPO or GSPO loss;
   4. weight sync train -> rollout engine; metrics line; eval every `eval_every`; checkpoint.
 
 Resume: a run directory holding checkpoints restarts from the newest complete one; lines of
@@ -40,10 +38,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import checkpoint, rollout, task
+from experiments import checkpoint, rollout, rundir, task
 from experiments.collapse import collapse_step
 from experiments.config import RunConfig
-from r3.engines.base import SamplingParams, TrainBatch
+from r3.algorithm import policy_update, to_host
+from r3.engines.base import SamplingParams
+from r3.engines.registry import build_rollout_engine, build_train_engine
 
 SIGNIFICANT_KEYS = ("mismatch/k3_kl", "actor/loss", "actor/grad_norm")
 """Metrics that stop the run when NaN/inf (after a checkpoint is written)."""
@@ -69,77 +69,40 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
     return zoo.model_dir(cfg.model, zoo_dir)
 
 
-def make_train_engine(cfg: RunConfig, model_dir: Path):
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-              micro_batch=cfg.train_micro_batch, seed=cfg.seed)
-    if cfg.train_engine == "hf":
-        from r3.engines.hf_train import HFTrainEngine
+def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[object, object]:
+    """(rollout config, train config) of r3.engines.registry for this cell: the one place where a
+    RunConfig becomes engines."""
+    from r3.engines.registry import rollout_config, train_config
 
-        return HFTrainEngine(str(model_dir), **kw)
-    from r3.engines.megatron_train import MegatronTrainEngine
-
-    return MegatronTrainEngine(str(model_dir), **kw)
-
-
-def make_rollout_engine(cfg: RunConfig, model_dir: Path, tokenizer):
+    model = str(model_dir)
     if cfg.rollout_engine == "hf":
-        from r3.engines.hf_rollout import HFRolloutEngine
-
-        return HFRolloutEngine(str(model_dir), precision=cfg.rollout_precision, seed=cfg.seed)
-    from transformers import AutoConfig
-
-    from r3.engines.sglang import SGLangRolloutEngine
-    from r3.trace import RoutingSpec
-
-    hf_cfg = AutoConfig.from_pretrained(model_dir)
-    spec = RoutingSpec.from_hf_config(hf_cfg) if hasattr(hf_cfg, "num_experts") else None
-    return SGLangRolloutEngine(cfg.sglang_urls, tokenizer_or_none=tokenizer, routing_spec=spec,
-                               base_model_path=model_dir)
+        ro = rollout_config("hf", model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
+    elif cfg.rollout_engine == "sglang":
+        ro = rollout_config("sglang", urls=tuple(cfg.sglang_urls), model_path=model,
+                            weight_sync_dir=str(run_dir / "weight_sync"))
+    else:
+        ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
+    tr = train_config(cfg.train_engine, model_path=model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      grad_clip=cfg.grad_clip, micro_batch=cfg.train_micro_batch, seed=cfg.seed)
+    return ro, tr
 
 
-def captures_routing(engine) -> bool:
-    """Can this rollout engine return the routing of every fed token?"""
-    if hasattr(engine, "routing_spec"):  # SGLang client: needs the served model's (L, K, E)
-        return engine.routing_spec is not None
-    return getattr(engine, "replay", None) is not None  # HFRolloutEngine: an MoE model to record
-
-
-def check_replay_capture(cfg: RunConfig, engine) -> None:
-    """DESIGN.md invariant 3: replay requires a rollout engine that captures routing."""
-    if cfg.replay and not captures_routing(engine):
-        hint = ("start the SGLang servers with --enable-return-routed-experts and give the engine a "
-                "routing_spec (an MoE model)" if cfg.rollout_engine == "sglang" else
-                "use an MoE model (model='base'/'sft' or an MoE model_path)")
+def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
+    """DESIGN.md invariant 3, from the engines' declared capabilities: replay requires a rollout
+    engine that captures routing; training requires one that takes weight syncs."""
+    caps = rollout_engine.capabilities
+    if cfg.replay and not caps.captures_routing:
+        hint = ("start the SGLang servers with --enable-return-routed-experts and serve an MoE model"
+                if cfg.rollout_engine == "sglang" else "use an MoE model (model='base'/'sft' or an MoE model_path)")
         raise ValueError(
             f"cell {cfg.name!r}: RunConfig.replay=True but the {cfg.rollout_engine!r} rollout engine "
-            f"({type(engine).__name__}) does not capture routing; set replay=False, or {hint}"
+            f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or {hint}"
         )
-
-
-# --- run directory -------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL run file (missing file: none; a line torn by a kill: skipped)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line torn by a kill mid-write
-    return out
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep lines with step <= last_step (and only whole lines)."""
-    if path.exists():
-        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    if cfg.replay and not train_engine.is_moe:
+        raise ValueError(f"cell {cfg.name!r}: RunConfig.replay=True but the training model has no routed experts")
+    if not caps.weight_sync:
+        raise ValueError(f"cell {cfg.name!r}: the {cfg.rollout_engine!r} rollout engine cannot take weight syncs, "
+                         "so rollout would keep the initial policy while training moves on")
 
 
 def _versions() -> dict[str, str]:
@@ -152,83 +115,11 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-# --- one global step -------------------------------------------------------------------------------
-def _loss_fn_for(cfg: RunConfig, old_BT, adv_B, mask_BT, tis_BT, n_tok: float, n_seq: int):
-    """The LossFn (r3.engines.base) of one mini-batch; normalised by the whole mini-batch."""
-    from r3.losses import gspo_loss, ppo_clip_loss
-
-    def loss_fn(logp_BT, entropy_BT, rows):
-        if cfg.algorithm == "gspo":
-            return gspo_loss(logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=cfg.gspo_clip_low,
-                             clip_high=cfg.gspo_clip_high, normalizer=n_seq)
-        norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
-        return ppo_clip_loss(
-            logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, is_weights_BT=None if tis_BT is None else tis_BT[rows], agg=cfg.loss_agg,
-            normalizer=norm,
-        )
-
-    return loss_fn
-
-
-def train_on(cfg: RunConfig, train_engine, batch: rollout.Batch, *, moe: bool) -> dict[str, float]:
-    """Old logprobs, mismatch/routing metrics, and the mini-step updates of one global step."""
-    from r3.losses import group_advantages, tis_weights
-    from r3.metrics import mismatch_metrics, routing_disagreement
-
-    tb: TrainBatch = batch.train
-    mask_BT = tb.loss_mask_BT
-    m: dict[str, float] = {}
-    t0 = time.time()
-    old = train_engine.compute_logprobs(tb, replay=cfg.replay, record_routing=moe and not cfg.replay,
-                                        with_entropy=True)
-    old_BT = old.logp_BT.detach()
-    own_routing = old.expert_ids_BTLK
-    m["time/old_logprob"] = time.time() - t0
-    if moe and cfg.replay:  # the train engine's own routing, for the disagreement metric only
-        t0 = time.time()
-        own_routing = train_engine.compute_logprobs(tb, replay=False, record_routing=True).expert_ids_BTLK
-        m["time/routing_probe"] = time.time() - t0
-    for k, v in mismatch_metrics(old_BT, batch.infer_logp_BT, mask_BT, taus=(2.0,)).items():
-        m[k] = float(v)
-    ntok = mask_BT.sum().clamp(min=1)
-    m["actor/entropy"] = float((old.entropy_BT * mask_BT).sum() / ntok) if old.entropy_BT is not None else float("nan")
-    if moe and own_routing is not None and tb.expert_ids_BTLK is not None:
-        # right padding: position t is a fed token of the trace iff token t+1 is real (n tokens, n-1 rows)
-        fed_BT = tb.attention_mask_BS[:, 1:].bool()
-        rd = routing_disagreement(tb.expert_ids_BTLK[fed_BT], own_routing[fed_BT])
-        m["routing/pair_disagreement"] = float(rd["routing/pair_disagreement"])
-        m["routing/token_disagreement"] = float(rd["routing/token_disagreement"])
-
-    G = cfg.group_size
-    adv_B = group_advantages(batch.rewards_B, G, std_normalize=cfg.std_normalize)
-    tis_BT = None
-    if cfg.tis:
-        tis_BT = tis_weights(old_BT, batch.infer_logp_BT, mask_BT, cap=cfg.tis_cap)
-        m["actor/tis_weight_mean"] = float((tis_BT * mask_BT).sum() / ntok)
-
-    t0 = time.time()
-    agg: dict[str, list[float]] = {}
-    for rows in rollout.mini_batch_slices(len(batch.rewards_B) // G, G, cfg.mini_steps):
-        mb = rollout.slice_batch(tb, rows)
-        mb_mask = mask_BT[rows]
-        loss_fn = _loss_fn_for(cfg, old_BT[rows], adv_B[rows], mb_mask, None if tis_BT is None else tis_BT[rows],
-                               float(mb_mask.sum().clamp(min=1)), mb_mask.shape[0])
-        out = train_engine.train_step(mb, loss_fn, replay=cfg.replay)
-        for k, v in out.items():
-            agg.setdefault(k, []).append(float(v))
-    m["time/train"] = time.time() - t0
-    for k, vs in agg.items():
-        m[k] = sum(vs) / len(vs)
-    m["actor/mini_steps"] = float(len(agg.get("actor/grad_norm", [])))
-    m["actor/lr"] = cfg.lr
-    return m
-
-
 # --- the run ---------------------------------------------------------------------------------------
 def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
              reward_fn: rollout.RewardFn | None = None) -> dict:
     """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
+    Engines come from r3.engines.registry (`engine_configs`); files from experiments.rundir.
 
     reward_fn: replaces the grader-based reward (a test seam; evaluation always uses the grader).
     """
@@ -238,20 +129,11 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
     from eval.hook import evaluate_step
 
     run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if manifest_path.exists():
-        return json.loads(manifest_path.read_text())
+    if (manifest := rundir.read_manifest(run_dir)) is not None:
+        return manifest
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        old = RunConfig.load(cfg_path).to_dict()  # through RunConfig: JSON lists become tuples again
-        if old != cfg.to_dict():
-            diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
-            raise ValueError(f"{run_dir} holds a run of a different config (fields differ: {diff}); "
-                             "use another run directory or delete it")
-    else:
-        cfg.save(cfg_path)
-    log_f = (run_dir / "log.txt").open("a")
+    rundir.write_or_check_config(run_dir, cfg)
+    log_f = (run_dir / rundir.LOG).open("a")
 
     def log(msg: str) -> None:
         log_f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
@@ -261,12 +143,13 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     synthetic = cfg.train_data == "synthetic"
     if synthetic:
-        task.register_benchmark(seed=0, difficulty=cfg.task_difficulty)
+        task.register_benchmark(difficulty=cfg.task_difficulty)
     template = templates.get("arith" if synthetic else "qwen-math-boxed")
-    rollout_engine = make_rollout_engine(cfg, model_dir, tokenizer)
-    check_replay_capture(cfg, rollout_engine)
-    train_engine = make_train_engine(cfg, model_dir)
-    moe = captures_routing(rollout_engine)
+    ro_cfg, tr_cfg = engine_configs(cfg, model_dir, run_dir)
+    rollout_engine = build_rollout_engine(ro_cfg)
+    train_engine = build_train_engine(tr_cfg)
+    check_engines(cfg, rollout_engine, train_engine)
+    moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe
     log(f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
         f"train {cfg.train_engine}, replay={cfg.replay}")
 
@@ -278,8 +161,8 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
         stream.position = state["stream_position"]
         rollout_engine.sync_weights(train_engine.rollout_state_dict())
         log(f"resumed from checkpoint step {start}")
-    for name in ("metrics.jsonl", "eval.jsonl"):
-        _truncate_jsonl(run_dir / name, start)
+    for name in (rundir.METRICS, rundir.EVAL):
+        rundir.truncate_jsonl(run_dir / name, start)
     for p in (run_dir / "eval").glob("step_*.jsonl"):
         if int(p.stem.split("_")[1]) > start:
             p.unlink()
@@ -329,7 +212,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
                          "rollout/sampling_rounds": float(ro.rounds)}
             if ro.kept:
                 batch = rollout.build_batch(ro.kept, pad_id=tokenizer.pad_token_id, with_routing=moe)
-                rec.update(train_on(cfg, train_engine, batch, moe=moe))
+                rec.update(to_host(policy_update(cfg, train_engine, batch)))
                 bad = [k for k in SIGNIFICANT_KEYS if k in rec and not _finite(rec[k])]
                 if bad:
                     save_ckpt(step)
@@ -344,7 +227,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
                 rec["time/sync"] = time.time() - t0
             rec["time/step"] = time.time() - t_step
             rec["time"] = time.time()
-            _append_jsonl(run_dir / "metrics.jsonl", rec)
+            rundir.append_jsonl(run_dir / rundir.METRICS, rec)
             bar.set_postfix(reward=f"{ro.reward_mean:.2f}", kl=f"{rec.get('mismatch/k3_kl', float('nan')):.1e}")
             if step % cfg.eval_every == 0 or step == cfg.global_steps:
                 evaluate(step)
@@ -361,14 +244,14 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
 
 
 def _collapse(cfg: RunConfig, run_dir: Path) -> int | None:
-    ev = read_jsonl(run_dir / "eval.jsonl")
+    ev = rundir.read_jsonl(run_dir / rundir.EVAL)
     return collapse_step([e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac,
                          patience=cfg.collapse_patience)
 
 
 def _write_manifest(cfg: RunConfig, run_dir: Path) -> dict:
-    ev = read_jsonl(run_dir / "eval.jsonl")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    ev = rundir.read_jsonl(run_dir / rundir.EVAL)
+    metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     manifest = {
         "name": cfg.name, "status": "complete", "steps": metrics[-1]["step"] if metrics else 0,
@@ -376,9 +259,7 @@ def _write_manifest(cfg: RunConfig, run_dir: Path) -> dict:
         "initial_score": ev[0]["avg"] if ev else None, "final_score": ev[-1]["avg"] if ev else None,
         "collapse_step": _collapse(cfg, run_dir), "finished": time.time(), "versions": _versions(),
     }
-    tmp = run_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(run_dir / "manifest.json")  # written last, atomically
+    rundir.write_manifest(run_dir, manifest)  # written last, atomically
     return manifest
 
 

@@ -4,7 +4,7 @@
 
 Inputs: the zoo's SFT MoE model and dense control (experiments.zoo). For each rollout precision
 (`bf16`, the default engine; `fp8`, an FP8 inference engine: router weights quantised to float8
-e4m3 with per-row scales, r3.engines.fp8), the rollout engine samples `group_size` responses to
+e4m3 with per-row scales, r3.engines.hf.fp8), the rollout engine samples `group_size` responses to
 `n_prompts` held-out prompts (default: all 512) and reports its logprobs and routing; the fp32 train engine then
 recomputes the logprobs of the same tokens
   - `moe`:    SFT MoE, the train engine's own routing (native);
@@ -36,18 +36,13 @@ TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
 """F(tau) grid for the extreme-token curve (log-spaced; F(2) is reported separately)."""
 
 
-def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str):
-    from r3.engines.hf_rollout import HFRolloutEngine
+def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str, rollout_engine: str = "hf"):
+    from r3.engines import registry
 
-    ro = HFRolloutEngine(str(model_dir), precision=precision, seed=seed)
-    if train_engine == "hf":
-        from r3.engines.hf_train import HFTrainEngine
-
-        tr = HFTrainEngine(str(model_dir), lr=1e-6, seed=seed)  # no step is taken; lr must be > 0
-    else:
-        from r3.engines.megatron_train import MegatronTrainEngine
-
-        tr = MegatronTrainEngine(str(model_dir), lr=1e-6, seed=seed)  # no step is taken; lr must be > 0
+    ro = registry.build_rollout_engine(
+        registry.rollout_config(rollout_engine, model_path=str(model_dir), precision=precision, seed=seed))
+    # no step is taken; lr must be > 0
+    tr = registry.build_train_engine(registry.train_config(train_engine, model_path=str(model_dir), lr=1e-6, seed=seed))
     return ro, tr
 
 
@@ -76,16 +71,16 @@ def _metrics(train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT) -> dic
 
 
 def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_size: int, max_new_tokens: int,
-                   seed: int, difficulty: int, train_engine: str):
+                   seed: int, difficulty: int, train_engine: str, rollout_engine: str = "hf"):
     """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe)."""
     from transformers import AutoTokenizer
 
     from r3.engines.base import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ro, tr = _engine_pair(model_dir, precision, seed, train_engine)
-    moe = ro.replay is not None
-    probs = task.heldout_problems(n_prompts, seed=0, difficulty=difficulty)
+    ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine)
+    moe = ro.capabilities.captures_routing and tr.is_moe
+    probs = task.heldout_problems(n_prompts, difficulty=difficulty)
     prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
     samples = ro.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
                           capture_routing=moe)
@@ -95,24 +90,29 @@ def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_siz
 
 
 def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = task.HELDOUT_N, group_size: int = 8,
-            max_new_tokens: int = 48, seed: int = 0, difficulty: int = 2, train_engine: str = "hf") -> dict:
+            max_new_tokens: int = 48, seed: int = 0, difficulty: int = 2, train_engine: str = "hf",
+            rollout_engine: str = "hf") -> dict:
     """The static.json record of one rollout precision."""
+    from r3.replay import ReplayMode
+
     kw = dict(n_prompts=n_prompts, group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
-              difficulty=difficulty, train_engine=train_engine)
-    out: dict = {"precision": precision, "train_engine": train_engine, "n_prompts": n_prompts,
+              difficulty=difficulty, train_engine=train_engine, rollout_engine=rollout_engine)
+    out: dict = {"precision": precision, "rollout_engine": rollout_engine, "train_engine": train_engine,
+                 "n_prompts": n_prompts,
                  "group_size": group_size, "fp8_scope": "router" if precision == "fp8" else None}
     batch, tr, moe = _rollout_batch(moe_dir, precision, **kw)
     if not moe:
         raise ValueError(f"{moe_dir} is not an MoE model (no router found); the static measurement needs one")
     tb, mask, fed = batch.train, batch.train.loss_mask_BT, batch.train.attention_mask_BS[:, 1:].bool()
-    native = tr.compute_logprobs(tb, replay=False, record_routing=True)
+    native = tr.compute_logprobs(tb, routing=ReplayMode.RECORD)
     out["moe"] = _metrics(native.logp_BT, batch.infer_logp_BT, mask, tb.expert_ids_BTLK, native.expert_ids_BTLK, fed)
-    r3 = tr.compute_logprobs(tb, replay=True, record_routing=True)
-    # Under replay the train engine's routing is the replayed one: disagreement 0 by construction
-    # unless replay is broken, so it is measured rather than assumed.
-    out["moe_r3"] = _metrics(r3.logp_BT, batch.infer_logp_BT, mask, tb.expert_ids_BTLK, r3.expert_ids_BTLK, fed)
+    r3 = tr.compute_logprobs(tb, routing=ReplayMode.REPLAY)
+    # Under replay every MoE layer uses the rollout's experts (the engines' consumed-once check
+    # stops the forward otherwise), so the routing fields are left empty rather than filled with a
+    # disagreement of 0 that would be true by construction.
+    out["moe_r3"] = _metrics(r3.logp_BT, batch.infer_logp_BT, mask, None, None, None)
     batch, tr, _ = _rollout_batch(dense_dir, precision, **kw)
-    dense = tr.compute_logprobs(batch.train, replay=False)
+    dense = tr.compute_logprobs(batch.train)
     out["dense"] = _metrics(dense.logp_BT, batch.infer_logp_BT, batch.train.loss_mask_BT, None, None, None)
     out["tokens"] = out["moe"]["tokens"]
     return out
@@ -146,12 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--n-prompts", type=int, default=task.HELDOUT_N)
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--train-engine", choices=["hf", "megatron"], default="hf")
+    from r3.engines.registry import rollout_engine_names, train_engine_names
+
+    ap.add_argument("--train-engine", choices=train_engine_names(), default="hf")
+    ap.add_argument("--rollout-engine", choices=rollout_engine_names(), default="hf",
+                    help="the inference engine (an in-process one: hf, or vllm when installed)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     for prec in tqdm(args.precision, desc="static mismatch"):
         rec = run_static(args.out, prec, zoo_dir=args.zoo_dir, force=args.force, n_prompts=args.n_prompts,
-                         group_size=args.group_size, train_engine=args.train_engine)
+                         group_size=args.group_size, train_engine=args.train_engine,
+                         rollout_engine=args.rollout_engine)
         print(prec, {k: {m: rec[k][m] for m in ("k3_kl", "extreme_frac@2", "routing_pair_disagreement")}
                      for k in ("moe", "moe_r3", "dense")})
 

@@ -24,8 +24,7 @@ import math
 from pathlib import Path
 
 from experiments.collapse import collapse_step
-from experiments.config import RunConfig
-from experiments.run import read_jsonl
+from experiments.rundir import EVAL, METRICS, read_config, read_json, read_jsonl
 
 STATIC_PARTS = ("moe", "moe_r3", "dense")
 
@@ -45,9 +44,9 @@ def cell_entry(run_dir: Path) -> dict | None:
     """C of one run directory (None when it has no config.json)."""
     if not (run_dir / "config.json").exists():
         return None
-    cfg = RunConfig.load(run_dir / "config.json")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    ev = read_jsonl(run_dir / "eval.jsonl")
+    cfg = read_config(run_dir).config
+    metrics = read_jsonl(run_dir / METRICS)
+    ev = read_jsonl(run_dir / EVAL)
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     return {
         "algorithm": cfg.algorithm, "tis": cfg.tis, "replay": cfg.replay, "mini_steps": cfg.mini_steps,
@@ -63,9 +62,9 @@ def cell_entry(run_dir: Path) -> dict | None:
 
 def _extras(run_dir: Path) -> dict:
     """Numbers for the Markdown only: initial / final score, lr, routing disagreement, step time."""
-    cfg = RunConfig.load(run_dir / "config.json")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    ev = read_jsonl(run_dir / "eval.jsonl")
+    cfg = read_config(run_dir).config
+    metrics = read_jsonl(run_dir / METRICS)
+    ev = read_jsonl(run_dir / EVAL)
     return {"lr": cfg.lr, "initial": ev[0]["avg"] if ev else None, "final": ev[-1]["avg"] if ev else None,
             "pair_dis": _mean([m.get("routing/pair_disagreement") for m in metrics]),
             "step_s": _mean([m.get("time/step") for m in metrics]),
@@ -76,7 +75,7 @@ def build(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "
     runs = Path(runs)
     by_prec = {}
     for p in sorted((runs / "static").glob("*/static.json")):
-        rec = json.loads(p.read_text())
+        rec = read_json(p)
         by_prec[rec["precision"]] = {k: static_entry(rec[k]) for k in STATIC_PARTS}
     names = cells if cells is not None else sorted(
         d.name for d in runs.iterdir() if d.is_dir() and (d / "config.json").exists())

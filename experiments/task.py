@@ -9,8 +9,10 @@ boxed, the format graded by the project's grader (eval.grader: last `\\boxed{}` 
     response  "6*2=12.76+12=88.88-1=87.\\boxed{87}" then EOS
 
 Problems are a pure function of (seed, index, difficulty): the held-out split is indices
-0..n-1 of a held-out stream; the training stream skips every expression in the held-out
-split, so the two never overlap, and a sampler's position is just an integer (exact resume).
+0..n-1 of ONE fixed held-out stream (independent of any run's seed, so every seed of a grid
+cell is evaluated on the same problems); every training stream, whatever its seed, skips every
+expression of that split, so training and evaluation never overlap by construction, and a
+sampler's position is just an integer (exact resume).
 
 The tokenizer is character level (the `tokenizers` library), with `\\boxed{` as one token;
 `build_tokenizer()` returns a transformers tokenizer that is saved with every zoo model.
@@ -35,7 +37,8 @@ DIFFICULTY: dict[int, tuple[int, int, int, str]] = {
 BOXED = "\\boxed{"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 ALPHABET = list("0123456789+-*=.\n}") + [BOXED]
-HELDOUT_STREAM = 1_000_003  # seed offset of the held-out stream (any constant far from 0)
+HELDOUT_STREAM = 1_000_003
+"""Stream seed of the held-out split (a constant far from any run seed; never derived from one)."""
 HELDOUT_N = 512
 """Size of the held-out split: benchmark `synthetic`; every training stream skips all of it."""
 
@@ -101,22 +104,26 @@ def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train
     return Problem(id=f"{prefix}-{seed}-{difficulty}-{index}", problem=expr, answer=str(value), solution=solution)
 
 
-def heldout_problems(n: int = HELDOUT_N, *, seed: int = 0, difficulty: int = 2) -> list[Problem]:
-    """The held-out split: the first n problems of the held-out stream of `seed`."""
-    return [make_problem(seed + HELDOUT_STREAM, i, difficulty, prefix="heldout") for i in range(n)]
+def heldout_problems(n: int = HELDOUT_N, *, difficulty: int = 2) -> list[Problem]:
+    """The held-out split: the first n problems of the one held-out stream (no run seed)."""
+    if not 0 < n <= HELDOUT_N:
+        raise ValueError(f"the held-out split has {HELDOUT_N} problems; asked for n={n}")
+    return [make_problem(HELDOUT_STREAM, i, difficulty, prefix="heldout") for i in range(n)]
 
 
-def heldout_rows(n: int = HELDOUT_N, *, seed: int = 0, difficulty: int = 2) -> list[dict[str, str]]:
+def heldout_rows(n: int = HELDOUT_N, *, difficulty: int = 2) -> list[dict[str, str]]:
     """Benchmark rows (id, problem, answer) of the held-out split, for eval.benchmarks."""
-    return [p.row() for p in heldout_problems(n, seed=seed, difficulty=difficulty)]
+    return [p.row() for p in heldout_problems(n, difficulty=difficulty)]
 
 
 class TrainStream:
-    """Training problems in a fixed order that skips held-out expressions; `position` is the state."""
+    """Training problems of stream `seed` in a fixed order that skips every expression of the
+    whole held-out split (all HELDOUT_N problems, whatever subset a run evaluates); `position`
+    is the state."""
 
-    def __init__(self, *, seed: int, difficulty: int, heldout_n: int = HELDOUT_N, position: int = 0):
+    def __init__(self, *, seed: int, difficulty: int, position: int = 0):
         self.seed, self.difficulty, self.position = seed, difficulty, position
-        self._heldout = {p.problem for p in heldout_problems(heldout_n, seed=seed, difficulty=difficulty)}
+        self._heldout = {p.problem for p in heldout_problems(HELDOUT_N, difficulty=difficulty)}
 
     def next(self) -> Problem:
         while True:
@@ -160,10 +167,10 @@ def build_tokenizer():
     )
 
 
-def register_benchmark(*, n: int = HELDOUT_N, seed: int = 0, difficulty: int = 2) -> None:
+def register_benchmark(*, n: int = HELDOUT_N, difficulty: int = 2) -> None:
     """Register benchmark `synthetic` (held-out split) and template `arith` with the eval package."""
     from eval import benchmarks, templates
 
-    benchmarks.register("synthetic", lambda: heldout_rows(n, seed=seed, difficulty=difficulty))
+    benchmarks.register("synthetic", lambda: heldout_rows(n, difficulty=difficulty))
     if hasattr(templates, "register"):
         templates.register("arith", format_prompt)

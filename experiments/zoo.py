@@ -212,12 +212,13 @@ def measure_accuracy(model_dir: Path, cfg: ZooConfig, *, temperature: float, see
     """Held-out accuracy with the rollout engine (fp32) and the project's grader."""
     from eval.grader import grade_many
     from r3.engines.base import SamplingParams
-    from r3.engines.hf_rollout import HFRolloutEngine
+    from r3.engines import registry
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    probs = task.heldout_problems(cfg.eval_problems, seed=cfg.seed, difficulty=cfg.difficulty)
-    engine = HFRolloutEngine(str(model_dir), precision="fp32", seed=seed)
+    probs = task.heldout_problems(cfg.eval_problems, difficulty=cfg.difficulty)
+    engine = registry.build_rollout_engine(
+        registry.rollout_config("hf", model_path=str(model_dir), precision="fp32", seed=seed))
     prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs]
     params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature, seed=seed)
     samples = engine.generate(prompts, params)
@@ -284,7 +285,7 @@ def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
 
 def _stream(cfg: ZooConfig, stage: int) -> task.TrainStream:
     """Separate prompt streams per stage (0 pretraining, 1 SFT) so each stage is reproducible."""
-    return task.TrainStream(seed=cfg.seed + 100 + stage, difficulty=cfg.difficulty, heldout_n=task.HELDOUT_N)
+    return task.TrainStream(seed=cfg.seed + 100 + stage, difficulty=cfg.difficulty)
 
 
 def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: bool = False,

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from eval.benchmarks import PAPER_BENCHMARKS
 from plots import paper_numbers
 from plots.groups import Cell
 from plots.rundir import Setting
@@ -21,7 +22,6 @@ from plots.table_format import Table, fmt_num, fmt_sci
 
 # The paper's column order; the paper's MATH500 column is the level-5 subset, the full 500
 # follows it as a second column (issue 6). Other benchmarks (e.g. `synthetic`) come after.
-PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500_l5", "math500")
 BENCH_TITLES = {
     "aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23",
     "math500_l5": "MATH500 (L5)", "math500": "MATH500 (all)", "synthetic": "synthetic (held-out)",

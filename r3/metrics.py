@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-MAX_LOG_RATIO = 20.0
-"""Clamp on log(pi_train / pi_infer) before exp(), so a huge mismatch cannot overflow exp()."""
+from r3.losses import MAX_LOG_RATIO  # clamp on a log ratio before exp() (defined once, in losses)
 
 
 def _log_ratio(train_logp: torch.Tensor, infer_logp: torch.Tensor, mask: torch.Tensor):

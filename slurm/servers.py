@@ -33,9 +33,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-Precision = Literal["fp32", "bf16", "fp8"]
+from r3.engines.base import Precision
+
 
 
 @runtime_checkable

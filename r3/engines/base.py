@@ -1,12 +1,11 @@
 """The engine Protocols: what the RL loop needs from a rollout engine and a train engine.
 
 The loop "does not need to know how or where generation runs" (torchtitan rollout/types.py).
-Implementations:
-- rollout: `r3.engines.hf_rollout.HFRolloutEngine` (in-process transformers, bf16 / fp8),
-  `r3.engines.sglang.SGLangRolloutEngine` (HTTP client of SGLang servers, cluster mode);
-- train: `r3.engines.hf_train.HFTrainEngine` (transformers fp32),
-  `r3.engines.megatron_train.MegatronTrainEngine` (megatron-core GPTModel).
-Heavy imports (sglang, megatron) happen inside those modules only.
+Engines are built by `r3.engines.registry` from frozen per-engine configs and describe what
+they can do through `capabilities` (never probed by attribute). Implementations, one package
+or module each: `hf` (transformers rollout and training), `megatron` (megatron-core training),
+`sglang` (HTTP client of SGLang servers), `vllm` (vLLM in-process or over HTTP). Heavy imports
+(transformers, megatron, vllm) happen inside those packages only.
 
 Token/routing alignment (DESIGN.md invariant 1): a sequence of n tokens has n-1 routing
 rows, one per *fed* token; the last token is never fed. Shapes use STYLE.md suffixes:
@@ -17,10 +16,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from r3.replay import ReplayMode
+
+
+Precision = Literal["fp32", "bf16", "fp8"]
+"""Rollout numerics: fp32, bf16, or an FP8 inference engine (e4m3 weights). The trainer is fp32,
+so bf16 and fp8 rollouts are a real training-inference mismatch (PAPER.md)."""
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutCapabilities:
+    """What a built rollout engine can do; the run loop checks these at start (DESIGN.md
+    invariant 3), it never guesses from attributes."""
+
+    captures_routing: bool
+    """generate(..., capture_routing=True) returns every fed token's experts (an MoE model and an
+    engine that exposes its routing)."""
+    weight_sync: bool
+    """sync_weights() loads new policy weights (False: the engine serves fixed weights)."""
+    prefix_cached_routing: bool = False
+    """The engine can return routing from a given prompt position on, so the routing of a prefix
+    the caller already holds (multi-turn, r3.prefix_cache) is neither recomputed nor transferred."""
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -57,6 +78,8 @@ class RolloutSample:
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Generates responses and (optionally) records the routing of every fed token."""
+
+    capabilities: RolloutCapabilities
 
     def generate(
         self,
@@ -106,17 +129,24 @@ change the gradient)."""
 
 @runtime_checkable
 class TrainEngine(Protocol):
-    """Computes log-probabilities (with or without routing replay) and takes optimizer steps."""
+    """Computes log-probabilities (with or without routing replay) and takes optimizer steps.
+
+    `routing` is the typed replay mode of the call: OFF routes natively, RECORD routes natively
+    and returns the engine's own routing, REPLAY forces batch.expert_ids_BTLK in every MoE layer.
+    """
+
+    is_moe: bool
+    """The model has routed experts (REPLAY / RECORD are refused otherwise)."""
 
     def compute_logprobs(
-        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+        self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
-        """No-grad forward. replay=True replays batch.expert_ids_BTLK in every MoE layer."""
+        """No-grad forward under `routing`; expert_ids_BTLK of the result is set for RECORD."""
         ...
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
-        """One optimizer step on this mini-batch: forward (replaying routing when asked),
-        loss_fn, backward, gradient clipping, step. Returns at least `actor/grad_norm`."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
+        """One optimizer step on this mini-batch: forward (OFF or REPLAY), loss_fn, backward,
+        gradient clipping, step. Returns metrics (tensors or floats), at least `actor/grad_norm`."""
         ...
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ here (no GPU): untested end to end.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import http.client
 import json
 import shutil
@@ -33,11 +34,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from r3.engines.base import RolloutSample, SamplingParams
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
 from r3.trace import RoutingSpec, from_sglang
 
 Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
@@ -45,6 +46,31 @@ Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
 ConnectionError / TimeoutError / OSError when the server cannot be reached."""
 
 _RETRY_STATUS = (502, 503, 504)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SGLangRolloutConfig:
+    """Client of SGLang servers (cluster mode)."""
+
+    name: ClassVar[str] = "sglang"
+    urls: tuple[str, ...]
+    """Server base URLs (http://host:port)."""
+    model_path: str
+    """The served checkpoint (transformers format): the routing spec (L, K, E) is read from its
+    config.json, and its config/tokenizer files are copied beside every synced weight version."""
+    weight_sync_dir: str | None = None
+    """Directory on a file system the servers can read, where sync_weights writes each version
+    (None: the engine serves fixed weights and sync_weights refuses)."""
+    batch_size: int = 64
+    """Prompts per /generate request."""
+    in_flight_per_server: int = 2
+    """Concurrent requests per server."""
+    request_timeout_s: float = 3600.0
+    """Seconds before one request is abandoned."""
+    retries: int = 5
+    """Retries on connection errors and 502/503/504."""
+    send_seeds: bool = True
+    """Pass SamplingParams.seed as per-prompt `sampling_seed`."""
 
 
 class SGLangError(RuntimeError):
@@ -120,11 +146,28 @@ class SGLangRolloutEngine:
 
     @classmethod
     def from_model_config(cls, urls: Sequence[str], model_path: str | Path, **kw: Any) -> "SGLangRolloutEngine":
-        """Routing spec read from the served checkpoint's config.json (transformers format)."""
+        """Routing spec read from the served checkpoint's config.json (transformers format); a
+        model without routed experts gets no spec (the engine then does not capture routing)."""
         from transformers import AutoConfig
 
-        spec = RoutingSpec.from_hf_config(AutoConfig.from_pretrained(str(model_path)))
+        hf_cfg = AutoConfig.from_pretrained(str(model_path))
+        spec = RoutingSpec.from_hf_config(hf_cfg) if getattr(hf_cfg, "num_experts", None) else None
         return cls(urls, routing_spec=spec, base_model_path=kw.pop("base_model_path", model_path), **kw)
+
+    @classmethod
+    def from_config(cls, cfg: SGLangRolloutConfig, **kw: Any) -> "SGLangRolloutEngine":
+        """The registry's constructor (r3.engines.registry); kw: test seams (transport)."""
+        return cls.from_model_config(
+            cfg.urls, cfg.model_path, weight_sync_dir=cfg.weight_sync_dir, batch_size=cfg.batch_size,
+            in_flight_per_server=cfg.in_flight_per_server, request_timeout_s=cfg.request_timeout_s,
+            retries=cfg.retries, send_seeds=cfg.send_seeds, **kw,
+        )
+
+    @property
+    def capabilities(self) -> RolloutCapabilities:
+        # routed_experts_start_len lets the server skip a prefix's rows (prefix-cached routing)
+        return RolloutCapabilities(captures_routing=self.routing_spec is not None,
+                                   weight_sync=self.weight_sync_dir is not None, prefix_cached_routing=True)
 
     # --- HTTP ---------------------------------------------------------------------------------
     def _request(self, method: str, url: str, body: dict | None, *, timeout_s: float | None = None) -> Any:

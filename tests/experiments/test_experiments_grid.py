@@ -27,7 +27,7 @@ def test_paper_preset_has_every_cell_with_published_settings():
         assert isinstance(c, RunConfig) and c.name == name and c.preset == "paper"
         assert (c.rollout_engine, c.train_engine, c.rollout_precision) == ("sglang", "megatron", "bf16")
         assert c.global_steps == 180 and c.eval_every == 5
-        assert c.eval_benchmarks == ("aime24", "aime25", "amc23", "math500", "math500_l5")
+        assert c.eval_benchmarks == ("aime24", "aime25", "amc23", "math500_l5", "math500")
         assert c.model_path == {"base": "/b", "sft": "/s"}[c.model]
         single = "-single-" in name
         assert (c.mini_steps, c.lr) == ((1, 3e-6) if single else (8, 1e-6))

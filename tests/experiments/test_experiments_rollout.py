@@ -1,6 +1,10 @@
-"""Dynamic sampling bookkeeping, batch alignment and mini-batch splitting (no model needed)."""
+"""Dynamic sampling bookkeeping, batch alignment, mini-batch splitting and the data_prep table stream (no model needed)."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,7 +96,77 @@ def test_build_batch_rejects_misaligned_or_missing_traces():
 
 @pytest.mark.parametrize("n_groups, mini, sizes", [(16, 1, [16]), (16, 8, [2] * 8), (5, 8, [1] * 5), (7, 2, [4, 3])])
 def test_mini_batches_hold_whole_groups(n_groups, mini, sizes):
-    sl = rollout.mini_batch_slices(n_groups, 4, mini)
+    from r3.algorithm import mini_batch_slices
+
+    sl = mini_batch_slices(n_groups, 4, mini)
     assert [(s.stop - s.start) // 4 for s in sl] == sizes
     assert sl[0].start == 0 and sl[-1].stop == n_groups * 4
     assert all(a.stop == b.start for a, b in zip(sl, sl[1:]))
+
+
+# --- TableStream reads the data stage's output through data_prep.load_train ----------------------
+FIXTURES = Path(__file__).resolve().parents[2] / "data_prep" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def built_table(tmp_path_factory):
+    """A finished data_prep build of the small fixtures (math-verify off: no worker processes)."""
+    from data_prep.build import build
+    from data_prep.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("table") / "build"
+    cfg = BuildConfig(sources=(f"bigmath={FIXTURES / 'bigmath_sample.parquet'}", f"orz={FIXTURES / 'orz_sample.json'}"),
+                      verify_answers=False)
+    m = build(cfg, out, progress=False, log=lambda s: None)
+    return out, m
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_table_stream_reads_a_finished_build(built_table):
+    out, m = built_table
+    s = rollout.TableStream(str(out), seed=3)
+    probs = s.take(m["final_count"] + 2)  # cycles past the end
+    assert len({p.id for p in probs}) == m["final_count"] and s.position == m["final_count"] + 2
+    assert [p.id for p in rollout.TableStream(str(out), seed=3).take(4)] == [p.id for p in probs[:4]]
+
+
+def _interrupted(d: Path) -> None:
+    (d / "manifest.json").unlink()  # the build deletes it first and writes it last
+
+
+def _torn(d: Path) -> None:
+    (d / "manifest.json").write_text('{"status": "compl')
+
+
+def _incomplete(d: Path) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "status": "running"}))
+
+
+def _table_replaced(d: Path) -> None:  # a second build into the same directory, stopped after its parquet
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(d / "train.parquet")
+    pq.write_table(t.slice(0, 2), d / "train.parquet")
+
+
+@pytest.mark.parametrize("damage, kind, found", [
+    (_interrupted, FileNotFoundError, "found train.parquet without it"),
+    (_torn, ValueError, "found unreadable text"),
+    (_incomplete, ValueError, "found 'running'"),
+    (_table_replaced, ValueError, "expected sha256"),
+])
+def test_table_stream_refuses_a_build_without_a_complete_manifest(built_table, tmp_path, damage, kind, found):
+    d = _copy(built_table[0], tmp_path / "build")
+    damage(d)
+    for path in (d, d / "train.parquet"):  # the directory, or its table file directly
+        with pytest.raises(kind) as e:
+            rollout.TableStream(str(path), seed=0)
+        msg = str(e.value)
+        assert found in msg  # what arrived
+        assert "expected" in msg  # what was expected
+        assert f"python -m data_prep.build --out {d}" in msg  # how to fix it

@@ -8,7 +8,7 @@ import pytest
 
 from experiments import checkpoint
 from experiments.config import RunConfig
-from experiments.run import NonFiniteError, check_replay_capture, run_cell
+from experiments.run import NonFiniteError, check_engines, run_cell
 
 TIME_KEYS = ("time",)
 
@@ -104,14 +104,14 @@ def _dies_after(steps_ok: int, run_dir):
 def test_non_finite_loss_stops_with_checkpoint(micro_zoo, tmp_path, monkeypatch):
     from experiments import run as run_mod
 
-    real = run_mod.train_on
+    real = run_mod.policy_update
 
-    def nan_train_on(*a, **kw):
+    def nan_update(*a, **kw):
         m = real(*a, **kw)
         m["actor/loss"] = float("nan")
         return m
 
-    monkeypatch.setattr(run_mod, "train_on", nan_train_on)
+    monkeypatch.setattr(run_mod, "policy_update", nan_update)
     cfg = _cfg(micro_zoo, "nan", global_steps=3)
     with pytest.raises(NonFiniteError, match=r"actor/loss=nan at global step 1"):
         run_cell(cfg, tmp_path / "nan", progress=False, reward_fn=parity_reward)
@@ -120,20 +120,24 @@ def test_non_finite_loss_stops_with_checkpoint(micro_zoo, tmp_path, monkeypatch)
 
 
 def test_replay_without_routing_capture_fails_at_start():
-    class NoCapture:
-        replay = None
+    """The check reads the engines' declared capabilities (DESIGN.md invariant 3)."""
+    from r3.engines.base import RolloutCapabilities
+
+    class Rollout:
+        def __init__(self, capture, sync=True):
+            self.capabilities = RolloutCapabilities(captures_routing=capture, weight_sync=sync)
+
+    class Train:
+        is_moe = True
 
     cfg = RunConfig(name="x", replay=True)
     with pytest.raises(ValueError, match=r"replay=True but the 'hf' rollout engine .* does not capture routing"):
-        check_replay_capture(cfg, NoCapture())
-    check_replay_capture(cfg.replace(replay=False), NoCapture())  # fine without replay
-
-    class SGLangLike:
-        routing_spec = None
-
+        check_engines(cfg, Rollout(False), Train())
+    check_engines(cfg.replace(replay=False), Rollout(False), Train())  # fine without replay
     with pytest.raises(ValueError, match="--enable-return-routed-experts"):
-        check_replay_capture(cfg.replace(rollout_engine="sglang", preset="paper"), SGLangLike())
-
+        check_engines(cfg.replace(rollout_engine="sglang", preset="paper"), Rollout(False), Train())
+    with pytest.raises(ValueError, match="cannot take weight syncs"):
+        check_engines(cfg, Rollout(True, sync=False), Train())
 
 def test_other_config_in_run_dir_is_refused(micro_zoo, tmp_path):
     cfg = _cfg(micro_zoo, "cfg")

@@ -36,15 +36,29 @@ def test_problems_are_deterministic_and_consistent():
 
 
 def test_train_stream_skips_heldout_and_resumes_from_position():
-    held = {p.problem for p in task.heldout_problems(512, seed=0, difficulty=1)}
-    s = task.TrainStream(seed=0, difficulty=1, heldout_n=512)  # difficulty 1: a small space, collisions happen
+    held = {p.problem for p in task.heldout_problems(512, difficulty=1)}
+    s = task.TrainStream(seed=0, difficulty=1)  # difficulty 1: a small space, collisions happen
     first = s.take(300)
     assert not held & {p.problem for p in first}
     pos = s.position
     assert pos > 300  # some held-out expressions were skipped
     nxt = s.take(5)
-    again = task.TrainStream(seed=0, difficulty=1, heldout_n=512, position=pos).take(5)
+    again = task.TrainStream(seed=0, difficulty=1, position=pos).take(5)
     assert nxt == again
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_training_never_sees_the_evaluated_problems_for_any_seed(seed):
+    """Regression (issue 10, bug 1): the run loop evaluates benchmark `synthetic`; the training
+    stream of every run seed must avoid all of it (it used to avoid the held-out set of its own
+    seed only, so seeds 1 and 2 trained on 82 and 59 evaluated problems over 3,840 prompts)."""
+    from eval import benchmarks
+
+    task.register_benchmark(difficulty=2)
+    evaluated = {r["problem"] for r in benchmarks.load("synthetic")}
+    assert len(evaluated) > 400
+    trained = {p.problem for p in task.TrainStream(seed=seed, difficulty=2).take(3840)}
+    assert not trained & evaluated
 
 
 def test_bad_difficulty_says_what_is_allowed():
@@ -74,6 +88,6 @@ def test_solutions_grade_correct_with_the_project_grader():
 def test_heldout_rows_register_as_benchmark():
     from eval import benchmarks
 
-    task.register_benchmark(n=16, seed=0, difficulty=2)
+    task.register_benchmark(n=16, difficulty=2)
     rows = benchmarks.load("synthetic")
     assert len(rows) == 16 and rows[0]["problem"] == task.heldout_problems(1)[0].problem

@@ -4,10 +4,11 @@ import pytest
 import torch
 from r3_tiny_models import tiny_dense, tiny_moe
 
+from r3.replay import ReplayMode
 from r3.engines.base import RolloutEngine, SamplingParams, TrainBatch, TrainEngine
-from r3.engines.fp8 import quantize_dequantize_fp8
-from r3.engines.hf_rollout import HFRolloutEngine
-from r3.engines.hf_train import HFTrainEngine
+from r3.engines.hf.fp8 import quantize_dequantize_fp8
+from r3.engines.hf.rollout import HFRolloutEngine
+from r3.engines.hf.train import HFTrainEngine
 from r3.losses import ppo_clip_loss
 from r3.trace import RoutingSpec, RoutingTrace, pad_traces
 
@@ -49,7 +50,7 @@ def test_fp32_rollout_logprobs_equal_teacher_forced_and_trace_aligned():
             assert s.expert_ids_TLK.shape == (len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2)
             RoutingTrace(s.expert_ids_TLK, RoutingSpec(num_layers=2, top_k=2, num_experts=8))
     # the training engine's own routing on the same tokens matches the fp32 rollout's on real tokens
-    res = train.compute_logprobs(batch, replay=False, record_routing=True)
+    res = train.compute_logprobs(batch, routing=ReplayMode.RECORD)
     for b, s in enumerate(samples):
         T = s.expert_ids_TLK.shape[0]
         assert torch.equal(res.expert_ids_BTLK[b, :T], s.expert_ids_TLK)
@@ -113,11 +114,11 @@ def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
     params, norms = [], []
     for mb, ckpt in [(0, False), (2, False), (1, True)]:
         eng = HFTrainEngine(tiny_moe(seed=0), lr=1e-2, micro_batch=mb, gradient_checkpointing=ckpt)
-        old = eng.compute_logprobs(batch, replay=True).logp_BT
-        m = eng.train_step(batch, _loss_fn(batch, adv, old), replay=True)
+        old = eng.compute_logprobs(batch, routing=ReplayMode.REPLAY).logp_BT
+        m = eng.train_step(batch, _loss_fn(batch, adv, old), routing=ReplayMode.REPLAY)
         assert m["actor/grad_norm"] > 0 and "actor/clip_frac" in m
         params.append(torch.cat([p.detach().flatten() for p in eng.model.parameters()]))
-        norms.append(m["actor/grad_norm"])
+        norms.append(float(m["actor/grad_norm"]))
     # the gradient (its norm is scale-sensitive, unlike Adam's first step) is the same ...
     assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5)
     # ... and so is the update, up to Adam's sensitivity where |g| ~ eps (1 % of lr)
@@ -126,14 +127,29 @@ def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
 
 
 def test_replay_changes_training_logprobs_to_rollout_routing():
+    """Replay must drive the forward: replaying the engine's own routing reproduces its native
+    logprobs exactly; replaying a routing that differs at one fed token (every layer) changes the
+    logprobs from that token on and leaves every earlier position bit-identical (causality)."""
     batch = _rollout_batch(seed=2)
     eng = HFTrainEngine(tiny_moe(seed=2), lr=1e-3)
-    rec = eng.compute_logprobs(batch, replay=True, record_routing=True)
-    assert torch.equal(rec.expert_ids_BTLK, batch.expert_ids_BTLK)
+    native = eng.compute_logprobs(batch, routing=ReplayMode.RECORD)
+    own = TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
+                     loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=native.expert_ids_BTLK)
+    assert torch.equal(eng.compute_logprobs(own, routing=ReplayMode.REPLAY).logp_BT, native.logp_BT)
+    b, t = 0, 2
+    changed = native.expert_ids_BTLK.clone()
+    E = 8
+    changed[b, t] = (changed[b, t] + 1) % E  # other experts, still distinct within each row
+    forced = eng.compute_logprobs(
+        TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
+                   loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=changed), routing=ReplayMode.REPLAY)
+    assert torch.equal(forced.logp_BT[:, :t], native.logp_BT[:, :t])
+    assert not torch.allclose(forced.logp_BT[b, t], native.logp_BT[b, t])
+    assert torch.equal(forced.logp_BT[1:], native.logp_BT[1:])  # other rows are untouched
     bad = TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
                      loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=None)
     with pytest.raises(ValueError, match="capture routing"):
-        eng.compute_logprobs(bad, replay=True)
+        eng.compute_logprobs(bad, routing=ReplayMode.REPLAY)
 
 
 def test_save_load_resume_is_exact(tmp_path):
@@ -141,8 +157,8 @@ def test_save_load_resume_is_exact(tmp_path):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
 
     def step(eng):
-        old = eng.compute_logprobs(batch, replay=True).logp_BT
-        return eng.train_step(batch, _loss_fn(batch, adv, old), replay=True)
+        old = eng.compute_logprobs(batch, routing=ReplayMode.REPLAY).logp_BT
+        return eng.train_step(batch, _loss_fn(batch, adv, old), routing=ReplayMode.REPLAY)
 
     a = HFTrainEngine(tiny_moe(seed=1), lr=1e-2, seed=0)
     step(a)

@@ -3,7 +3,7 @@
 import torch
 from r3_tiny_models import tiny_moe
 
-from r3.engines.fp8 import FP8_MAX, FP8_REL_ERR, FP8_SUBNORMAL_ABS_ERR, apply_fp8, quantize_dequantize_fp8
+from r3.engines.hf.fp8 import FP8_MAX, FP8_REL_ERR, FP8_SUBNORMAL_ABS_ERR, apply_fp8, quantize_dequantize_fp8
 
 
 def test_error_bound_per_row():

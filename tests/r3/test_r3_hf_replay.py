@@ -6,7 +6,7 @@ import pytest
 import torch
 from r3_tiny_models import tiny_moe
 
-from r3.hf_replay import RoutingReplay
+from r3.engines.hf.replay import RoutingReplay
 from r3.metrics import mismatch_metrics, routing_disagreement
 from r3.replay import ConsumptionCheck
 

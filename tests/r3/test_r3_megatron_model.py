@@ -9,7 +9,7 @@ pytest.importorskip("megatron.core")
 
 from r3_tiny_models import tiny_dense, tiny_moe  # noqa: E402
 
-from r3.engines.megatron_model import (  # noqa: E402
+from r3.engines.megatron.model import (  # noqa: E402
     build_gpt_model,
     gpt_logits,
     hf_to_megatron,

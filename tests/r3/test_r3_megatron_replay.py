@@ -1,4 +1,4 @@
-"""RouterReplay bridge (r3.megatron_replay) and MegatronTrainEngine on a tiny Qwen3-MoE (CPU, fp32)."""
+"""RouterReplay bridge (r3.engines.megatron.replay) and MegatronTrainEngine on a tiny Qwen3-MoE (CPU, fp32)."""
 
 import pytest
 import torch
@@ -8,10 +8,10 @@ pytest.importorskip("megatron.core")
 from r3_tiny_models import tiny_moe  # noqa: E402
 
 from r3.engines.base import TrainBatch  # noqa: E402
-from r3.engines.megatron_model import gpt_logits  # noqa: E402
-from r3.engines.megatron_train import MegatronTrainEngine  # noqa: E402
-from r3.hf_replay import RoutingReplay  # noqa: E402
-from r3.megatron_replay import MegatronRouterReplay, from_megatron_layout, to_megatron_layout  # noqa: E402
+from r3.engines.megatron.model import gpt_logits  # noqa: E402
+from r3.engines.megatron.train import MegatronTrainEngine  # noqa: E402
+from r3.engines.hf.replay import RoutingReplay  # noqa: E402
+from r3.engines.megatron.replay import MegatronRouterReplay, from_megatron_layout, to_megatron_layout  # noqa: E402
 from r3.replay import ReplayMode  # noqa: E402
 from r3.trace import RoutingSpec  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_wrong_shape_trace_error_names_the_off_by_one():
 
 def test_transformers_recorded_routing_matches_megatron(engine, hf):
     batch = _batch()
-    rec = engine.compute_logprobs(batch, replay=False, record_routing=True).expert_ids_BTLK
+    rec = engine.compute_logprobs(batch, routing=ReplayMode.RECORD).expert_ids_BTLK
     assert rec.shape == (B, S - 1, L, K)
     rr = RoutingReplay(hf)
     try:
@@ -86,16 +86,16 @@ def test_transformers_recorded_routing_matches_megatron(engine, hf):
 
 def test_replaying_own_routing_reproduces_logprobs_exactly(engine):
     batch = _batch()
-    native = engine.compute_logprobs(batch, replay=False, record_routing=True, with_entropy=True)
+    native = engine.compute_logprobs(batch, routing=ReplayMode.RECORD, with_entropy=True)
     batch.expert_ids_BTLK = native.expert_ids_BTLK
-    replayed = engine.compute_logprobs(batch, replay=True, with_entropy=True)
+    replayed = engine.compute_logprobs(batch, routing=ReplayMode.REPLAY, with_entropy=True)
     assert torch.equal(native.logp_BT, replayed.logp_BT)
     assert torch.equal(native.entropy_BT, replayed.entropy_BT)
 
 
 def test_replaying_other_routing_forces_those_experts(engine, hf):
     batch = _batch(with_routing=_random_routing(1))
-    native = engine.compute_logprobs(batch, replay=False, record_routing=True)
+    native = engine.compute_logprobs(batch, routing=ReplayMode.RECORD)
     assert (native.expert_ids_BTLK != batch.expert_ids_BTLK).any()
     # the router's own output: routing_map is exactly the replayed experts, gate weights are the
     # softmax of the live logits over them (paper: g_i = I_i exp(s_i) / sum_j I_j exp(s_j))
@@ -103,7 +103,7 @@ def test_replaying_other_routing_forces_those_experts(engine, hf):
     routers = [m for m in engine.model.modules() if type(m).__name__ == "TopKRouter"]
     hooks = [r.register_forward_hook(lambda m, a, out: seen.append((m, a[0], out))) for r in routers]
     try:
-        forced = engine.compute_logprobs(batch, replay=True)
+        forced = engine.compute_logprobs(batch, routing=ReplayMode.REPLAY)
     finally:
         for h in hooks:
             h.remove()
@@ -131,13 +131,13 @@ def test_replay_gradient_reaches_router_and_recompute_matches():
     plain = MegatronTrainEngine(hf, lr=1e-2, seed=0)
     recomp = MegatronTrainEngine(hf, lr=1e-2, seed=0, recompute=True)  # two engines, one process
     batch = _batch(with_routing=_random_routing(2))
-    m_plain = plain.train_step(batch, _nll, replay=True)
-    m_recomp = recomp.train_step(batch, _nll, replay=True)  # REPLAY_BACKWARD in the recompute
+    m_plain = plain.train_step(batch, _nll, routing=ReplayMode.REPLAY)
+    m_recomp = recomp.train_step(batch, _nll, routing=ReplayMode.REPLAY)  # REPLAY_BACKWARD in the recompute
     for eng in (plain, recomp):
         for r in (m for m in eng.model.modules() if type(m).__name__ == "TopKRouter"):
             assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
-    assert m_plain["actor/loss"] == pytest.approx(m_recomp["actor/loss"], abs=1e-6)
-    assert m_plain["actor/grad_norm"] == pytest.approx(m_recomp["actor/grad_norm"], rel=1e-5)
+    assert float(m_plain["actor/loss"]) == pytest.approx(float(m_recomp["actor/loss"]), abs=1e-6)
+    assert float(m_plain["actor/grad_norm"]) == pytest.approx(float(m_recomp["actor/grad_norm"]), rel=1e-5)
     for (n, p), (_, q) in zip(plain.model.named_parameters(), recomp.model.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
@@ -155,7 +155,7 @@ def test_each_layer_consumed_exactly_once(engine):
         with torch.no_grad(), replay.session(ReplayMode.REPLAY, batch_size=B, seq_len=S,
                                              expert_ids_BTLK=_random_routing(3)):
             gpt_logits(engine.model, ids[:2])
-    out = engine.compute_logprobs(_batch(), replay=False)  # state was cleared after the errors
+    out = engine.compute_logprobs(_batch())  # state was cleared after the errors
     assert torch.isfinite(out.logp_BT).all()
 
 
@@ -167,14 +167,14 @@ def test_model_claimed_twice_refused(engine):
 def test_train_step_reduces_loss_and_resume_is_exact(hf, tmp_path):
     eng = MegatronTrainEngine(hf, lr=1e-2, seed=0, micro_batch=2)
     batch = _batch(with_routing=_random_routing(4))
-    losses = [eng.train_step(batch, _nll, replay=True)["actor/loss"] for _ in range(4)]
+    losses = [float(eng.train_step(batch, _nll, routing=ReplayMode.REPLAY)["actor/loss"]) for _ in range(4)]
     assert losses[-1] < losses[0] - 0.1, losses
     eng.save(str(tmp_path / "ckpt"))
-    nxt = eng.train_step(batch, _nll, replay=True)
+    nxt = eng.train_step(batch, _nll, routing=ReplayMode.REPLAY)
     other = MegatronTrainEngine(hf, lr=1e-2, seed=0, micro_batch=2)
     other.load(str(tmp_path / "ckpt"))
     assert other.steps == 4
-    resumed = other.train_step(batch, _nll, replay=True)
+    resumed = other.train_step(batch, _nll, routing=ReplayMode.REPLAY)
     assert resumed == nxt
     a, b = eng.rollout_state_dict(), other.rollout_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from r3.megatron_compat import cpu_device_scope, init_single_process
+from r3.engines.megatron.compat import cpu_device_scope, init_single_process
 
 
 def _head_dim(hf_config) -> int:

@@ -1,15 +1,15 @@
 """MegatronTrainEngine: the TrainEngine protocol (r3.engines.base) on a megatron-core GPTModel.
 
 The model is built from a transformers Qwen3-MoE (or dense Qwen3) model and its weights
-(r3.engines.megatron_model); routing replay drives megatron's own RouterReplay through a
-per-engine handle (r3.megatron_replay). fp32 throughout.
+(r3.engines.megatron.model); routing replay drives megatron's own RouterReplay through a
+per-engine handle (r3.engines.megatron.replay). fp32 throughout.
 
 Departures from a full Megatron training stack (say so where it matters):
 - Optimizer: plain `torch.optim.AdamW` over the GPTModel parameters and
   `torch.nn.utils.clip_grad_norm_`, not megatron's DistributedOptimizer (it needs the megatron
   DDP wrapper with contiguous grad buffers and CUDA); with one process the maths is the same.
   A step whose gradient norm is not finite is skipped (megatron's optimizer skips on found_inf).
-- Single process on CPU (gloo, world size 1; r3.megatron_compat). TP/EP/PP are not exercised.
+- Single process on CPU (gloo, world size 1; r3.engines.megatron.compat). TP/EP/PP are not exercised.
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from r3.engines.base import LogprobResult, LossFn, TrainBatch
-from r3.engines.megatron_model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
-from r3.megatron_compat import cpu_device_scope
-from r3.megatron_replay import MegatronRouterReplay
+from r3.engines.megatron.config import MegatronTrainConfig
+from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
+from r3.engines.megatron.compat import cpu_device_scope
+from r3.engines.megatron.replay import MegatronRouterReplay
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
@@ -79,8 +80,14 @@ class MegatronTrainEngine:
         self.device = next(self.model.parameters()).device
         self.steps = 0
 
+    @classmethod
+    def from_config(cls, cfg: MegatronTrainConfig) -> "MegatronTrainEngine":
+        """The registry's constructor (r3.engines.registry)."""
+        return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                   micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute)
+
     # --- batch handling ---------------------------------------------------------------------
-    def _check_batch(self, batch: TrainBatch, replay: bool) -> None:
+    def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
         ids, am = batch.input_ids_BS, batch.attention_mask_BS
         if ids.ndim != 2 or am.shape != ids.shape:
             raise ValueError(f"input_ids_BS {tuple(ids.shape)} and attention_mask_BS {tuple(am.shape)} must be equal [B, S]")
@@ -93,11 +100,10 @@ class MegatronTrainEngine:
         if (am[:, 1:] & ~am[:, :-1]).any():
             raise ValueError("attention_mask_BS is not right-padded (a real token follows padding); "
                              "the megatron engine uses causal masking only: right-pad the batch")
-        if replay:
-            if not self.is_moe:
-                raise ValueError("replay=True but the model is dense: it has no router to replay")
-            if batch.expert_ids_BTLK is None:
-                raise ValueError("replay=True but batch.expert_ids_BTLK is None: the rollout did not capture routing")
+        if routing is not ReplayMode.OFF and not self.is_moe:
+            raise ValueError(f"routing={routing.name} but the model is dense: it has no router to replay or record")
+        if routing is ReplayMode.REPLAY and batch.expert_ids_BTLK is None:
+            raise ValueError("routing=REPLAY but batch.expert_ids_BTLK is None: the rollout did not capture routing")
 
     def _row_slices(self, B: int) -> list[slice]:
         n = self.micro_batch or B
@@ -111,13 +117,11 @@ class MegatronTrainEngine:
     # --- TrainEngine protocol -----------------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(
-        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+        self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
-        self._check_batch(batch, replay)
-        if record_routing and not self.is_moe:
-            raise ValueError("record_routing=True but the model is dense: there is no routing to record")
+        self._check_batch(batch, routing)
         self.model.eval()
-        mode = ReplayMode.REPLAY if replay else (ReplayMode.RECORD if record_routing else ReplayMode.OFF)
+        mode = routing
         logps, ents, recs = [], [], []
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
             ids_BS = batch.input_ids_BS[rows].to(self.device)
@@ -132,26 +136,26 @@ class MegatronTrainEngine:
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
             logps.append(logp_BT.to(batch.input_ids_BS.device))
             ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
-        expert_ids = None
-        if record_routing:  # when replaying, the routing used is the replayed one
-            expert_ids = batch.expert_ids_BTLK.to(torch.int64) if replay else torch.cat(recs)
+        expert_ids = torch.cat(recs) if mode is ReplayMode.RECORD else None
         return LogprobResult(
             logp_BT=torch.cat(logps), entropy_BT=torch.cat(ents) if with_entropy else None, expert_ids_BTLK=expert_ids
         )
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
         """Forward (replaying when asked; with recompute the router replays again in backward via
         REPLAY_BACKWARD), loss_fn per micro-batch, backward (gradients summed over micro-batches),
         clip, AdamW step. Metrics: loss_fn's metrics averaged over micro-batches weighted by
         rows, `actor/loss` = sum of micro-batch losses (loss_fn normalises by the mini-batch),
         `actor/grad_norm` (before clipping), `actor/lr`, `actor/skipped_step`."""
-        self._check_batch(batch, replay)
+        if routing is ReplayMode.RECORD:
+            raise ValueError("train_step takes routing OFF or REPLAY (record with compute_logprobs)")
+        self._check_batch(batch, routing)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         B = batch.input_ids_BS.shape[0]
-        mode = ReplayMode.REPLAY if replay else ReplayMode.OFF
-        totals: dict[str, float] = {}
-        loss_total = 0.0
+        mode = routing
+        totals: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros(())
         for rows in self._row_slices(B):
             ids_BS = batch.input_ids_BS[rows].to(self.device)
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
@@ -168,11 +172,12 @@ class MegatronTrainEngine:
                     loss, metrics = loss_fn(logp_BT, ent_BT, rows)
                     loss.backward()
             weight = (rows.stop - rows.start) / B
-            loss_total += float(loss.detach())
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + weight * float(v)
+            loss_total = loss_total + loss.detach()
+            for k, v in metrics.items():  # on device until the runner logs them (STYLE.md rule 9)
+                totals[k] = totals.get(k, 0.0) + weight * torch.as_tensor(v).detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        grad_norm = float(grad_norm_t)  # one sync: the skip decision needs it on the host
         skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -181,7 +186,7 @@ class MegatronTrainEngine:
             self.steps += 1
         totals.update({
             "actor/loss": loss_total,
-            "actor/grad_norm": grad_norm,
+            "actor/grad_norm": grad_norm_t.detach(),
             "actor/lr": self.optimizer.param_groups[0]["lr"],
             "actor/skipped_step": float(skipped),
         })
@@ -196,7 +201,9 @@ class MegatronTrainEngine:
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         state = {
-            "model": self.model.state_dict(),
+            # tensors only: megatron's `_extra_state` entries (TE fp8 metadata; None/BytesIO without
+            # TE) would need pickle to load, so they are dropped and the load is weights_only
+            "model": {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)},
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
             "torch_rng": torch.get_rng_state(),
@@ -210,12 +217,16 @@ class MegatronTrainEngine:
         f = Path(path) / CHECKPOINT_FILE
         if not f.is_file():
             raise FileNotFoundError(f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save)")
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        # weights_only: a run directory's file must not be able to run code (pickle)
+        state = torch.load(f, map_location="cpu", weights_only=True)
         for key in _SHAPE_KEYS:
             saved, now = state["shape"].get(key), getattr(self.hf_config, key, None)
             if saved != now:
                 raise ValueError(f"checkpoint {f} has {key}={saved}, this engine's model has {now}")
-        self.model.load_state_dict(state["model"])
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
         torch.set_rng_state(state["torch_rng"])

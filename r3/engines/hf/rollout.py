@@ -1,9 +1,9 @@
 """In-process transformers rollout engine (embedded mode): bf16 / fp8 / fp32 numerics, KV cache.
 
 Implements `r3.engines.base.RolloutEngine`. It plays the paper's inference engine (SGLang): its
-numerics differ from the fp32 training engine (`r3.engines.hf_train`), so a real
+numerics differ from the fp32 training engine (`r3.engines.hf.train`), so a real
 training-inference mismatch exists, and it records the routing of every fed token (one row per
-fed token: T = prompt + response - 1, DESIGN.md invariant 1) through `r3.hf_replay`.
+fed token: T = prompt + response - 1, DESIGN.md invariant 1) through `r3.engines.hf.replay`.
 
 Decoding is a hand-written loop over the model's forward with a `DynamicCache` (one prefill
 call, one call per decoded token), not `GenerationMixin.generate`: it samples from a seeded
@@ -13,7 +13,7 @@ per-step logits-processor machinery. Left padding with explicit position ids.
 Departures from the paper's engine: logprobs are those of the temperature-scaled distribution
 before top-p truncation (what vLLM/SGLang return by default); temperature 0 is greedy and reports
 the logprob under temperature 1. The fp8 engine computes in bf16 with fp8-quantised weights
-(r3.engines.fp8), like an FP8 serving engine with per-channel weight scales.
+(r3.engines.hf.fp8), like an FP8 serving engine with per-channel weight scales.
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from r3.engines.base import RolloutSample, SamplingParams
-from r3.engines.fp8 import Fp8Scope, apply_fp8
-from r3.hf_replay import RoutingReplay, find_moe_blocks
+from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.hf.config import HFRolloutConfig
+from r3.engines.hf.fp8 import Fp8Scope, apply_fp8
+from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 
-Precision = Literal["fp32", "bf16", "fp8"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
@@ -76,6 +75,16 @@ class HFRolloutEngine:
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         eos = cfg.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+    @classmethod
+    def from_config(cls, cfg: HFRolloutConfig) -> "HFRolloutEngine":
+        """The registry's constructor (r3.engines.registry)."""
+        return cls(cfg.model_path, precision=cfg.precision, device=cfg.device, fp8_scope=cfg.fp8_scope, seed=cfg.seed)
+
+    @property
+    def capabilities(self) -> RolloutCapabilities:
+        # always prefills in full: no prefix-cached routing (r3.prefix_cache is not wired in here)
+        return RolloutCapabilities(captures_routing=self.replay is not None, weight_sync=True)
 
     # --- weight sync --------------------------------------------------------------------------
     @torch.no_grad()

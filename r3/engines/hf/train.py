@@ -2,9 +2,9 @@
 
 Implements `r3.engines.base.TrainEngine`. It plays the paper's training engine (Megatron): its
 fp32 numerics differ from the bf16/fp8 rollout engine, so without replay its routing disagrees
-with the rollout's on some (token, layer) pairs. With `replay=True` every forward (old-logprob
+with the rollout's on some (token, layer) pairs. With `routing=ReplayMode.REPLAY` every forward (old-logprob
 recompute, policy forward, and the activation recompute under gradient checkpointing) uses the
-rollout routing via `r3.hf_replay.RoutingReplay` (PAPER.md "The method").
+rollout routing via `r3.engines.hf.replay.RoutingReplay` (PAPER.md "The method").
 
 Forwards feed input_ids[:, :-1] (T = S - 1 tokens): one routing row per fed token, so the
 rollout trace [B, T, L, K] lines up with no off-by-one (DESIGN.md invariant 1), and logits at t
@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from r3.engines.base import LogprobResult, LossFn, TrainBatch
-from r3.engines.hf_rollout import load_causal_lm
-from r3.hf_replay import RoutingReplay, find_moe_blocks
+from r3.engines.hf.config import HFTrainConfig
+from r3.engines.hf.rollout import load_causal_lm
+from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.metrics import token_entropy
+from r3.replay import ReplayMode
 
 TRAIN_STATE = "train_state.pt"
 
@@ -61,20 +63,32 @@ class HFTrainEngine:
             self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps
         )
 
+    @classmethod
+    def from_config(cls, cfg: HFTrainConfig) -> "HFTrainEngine":
+        """The registry's constructor (r3.engines.registry)."""
+        return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                   micro_batch=cfg.micro_batch, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # --- forward ------------------------------------------------------------------------------
-    def _replay_ctx(self, batch: TrainBatch, rows: slice, replay: bool):
-        if not replay:
+    @property
+    def is_moe(self) -> bool:
+        return self.replay is not None
+
+    def _routing_ctx(self, batch: TrainBatch, rows: slice, routing: ReplayMode):
+        if routing is ReplayMode.OFF:
             return contextlib.nullcontext()
         if self.replay is None:
-            raise ValueError("replay=True but the model has no MoE layers (the dense control has no routing)")
+            raise ValueError(f"routing={routing.name} but the model has no MoE layers (the dense control has no routing)")
+        if routing is ReplayMode.RECORD:
+            return self.replay.recording()
         ids = batch.expert_ids_BTLK
         B, S = batch.input_ids_BS.shape
         if ids is None:
-            raise ValueError("replay=True but batch.expert_ids_BTLK is None; the rollout engine must capture routing")
+            raise ValueError("routing=REPLAY but batch.expert_ids_BTLK is None; the rollout engine must capture routing")
         if ids.shape[:2] != (B, S - 1):
             raise ValueError(
                 f"batch routing has [B, T] = {tuple(ids.shape[:2])}, expected [{B}, {S - 1}] for input_ids "
@@ -102,53 +116,51 @@ class HFTrainEngine:
 
     @torch.no_grad()
     def compute_logprobs(
-        self, batch: TrainBatch, *, replay: bool, record_routing: bool = False, with_entropy: bool = False
+        self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
-        """No-grad forward. With replay and record_routing both on, the returned routing is the replayed one."""
+        """No-grad forward under `routing`; RECORD returns this engine's own routing."""
         logps, ents, recs = [], [], []
         for rows in self._slices(batch.input_ids_BS.shape[0]):
-            record = record_routing and not replay and self.replay is not None
-            ctx = self.replay.recording() if record else self._replay_ctx(batch, rows, replay)
-            with ctx:
+            with self._routing_ctx(batch, rows, routing):
                 logits_BTV = self._forward(batch, rows)
-                if record:
+                if routing is ReplayMode.RECORD:
                     recs.append(self.replay.recorded_expert_ids())
             logps.append(self._token_logp(logits_BTV, batch.input_ids_BS[rows]))
             if with_entropy:
                 ents.append(token_entropy(logits_BTV))
-        routing = None
-        if record_routing and self.replay is not None:
-            routing = batch.expert_ids_BTLK if replay else torch.cat(recs).cpu()
         return LogprobResult(
             logp_BT=torch.cat(logps).cpu(),
             entropy_BT=torch.cat(ents).cpu() if with_entropy else None,
-            expert_ids_BTLK=routing,
+            expert_ids_BTLK=torch.cat(recs).cpu() if recs else None,
         )
 
     # --- optimisation -------------------------------------------------------------------------
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, replay: bool) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
         """One optimizer step; each micro-batch's loss is backpropagated as returned (loss_fn
         normalises by the whole mini-batch). The replay context stays open through backward so a
         gradient-checkpointing recompute replays too."""
+        if routing is ReplayMode.RECORD:
+            raise ValueError("train_step takes routing OFF or REPLAY (record with compute_logprobs)")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         B = batch.input_ids_BS.shape[0]
-        total_loss = 0.0
-        sums: dict[str, float] = {}
+        total_loss = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for rows in self._slices(B):
-            with self._replay_ctx(batch, rows, replay):
+            with self._routing_ctx(batch, rows, routing):
                 logits_BTV = self._forward(batch, rows)
                 logp_BT = self._token_logp(logits_BTV, batch.input_ids_BS[rows])
                 with torch.no_grad():
                     ent_BT = token_entropy(logits_BTV)
                 loss, metrics = loss_fn(logp_BT, ent_BT, rows)
                 loss.backward()
-            total_loss += float(loss.detach())
+            total_loss = total_loss + loss.detach()
             n = rows.stop - rows.start
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n  # row-weighted mean over micro-batches
+            for k, v in metrics.items():  # row-weighted mean over micro-batches, on device until logged
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() * n
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        grad_norm = float(grad_norm_t)  # one sync: the skip decision needs it on the host
         out = {k: v / B for k, v in sums.items()}
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -156,7 +168,7 @@ class HFTrainEngine:
         else:  # a non-finite gradient would poison AdamW's moments: skip this step, say so
             out["actor/skipped_step"] = 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        out.update({"actor/grad_norm": grad_norm, "actor/loss": total_loss,
+        out.update({"actor/grad_norm": grad_norm_t.detach(), "actor/loss": total_loss,
                     "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
         return out
 

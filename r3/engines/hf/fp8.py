@@ -16,10 +16,10 @@ norms and lm_head stay in the compute dtype, as FP8 serving engines keep them.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
+
+from r3.engines.hf.config import Fp8Scope
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -28,8 +28,6 @@ FP8_REL_ERR = 2.0**-4
 """Bound on the relative rounding error in e4m3's normal range (3 mantissa bits)."""
 FP8_SUBNORMAL_ABS_ERR = 2.0**-10
 """Bound on the absolute rounding error below the normal range, in units of the row scale."""
-
-Fp8Scope = Literal["router", "all"]
 
 
 def quantize_dequantize_fp8(w: torch.Tensor) -> torch.Tensor:

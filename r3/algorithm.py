@@ -1,0 +1,160 @@
+"""The algorithm step of one global step, as the paper describes it (PAPER.md "The method").
+
+    metrics = policy_update(settings, train_engine, batch)
+
+Given a rollout batch (tokens, the inference engine's logprobs, its routing, rewards):
+  1. old logprobs pi_old: a no-grad forward of the training engine, replaying the rollout
+     routing when R3 is on (the paper's Eq. for R3: the training router's top-k is replaced by
+     the rollout mask, gates stay the softmax of the training logits over it);
+  2. mismatch metrics of pi_old against pi_infer: k3 KL and F(2) (r3.metrics), and the routing
+     disagreement of the training engine's own routing against the rollout's;
+  3. GRPO group advantages (r3.losses.group_advantages); TIS weights min(pi_old / pi_infer, C)
+     when asked (r3.losses.tis_weights);
+  4. `mini_steps` mini-batches of whole groups, one optimizer step each, with the GRPO (PPO clip,
+     dual clip) or GSPO loss, under the same routing mode.
+Metrics stay tensors until the runner logs them (STYLE.md rule 9); `to_host` converts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Protocol
+
+import torch
+
+from r3.engines.base import TrainBatch, TrainEngine
+from r3.losses import LossAgg, group_advantages, gspo_loss, ppo_clip_loss, tis_weights
+from r3.metrics import mismatch_metrics, routing_disagreement
+from r3.replay import ReplayMode
+
+
+class AlgorithmSettings(Protocol):
+    """The fields of a run's config that the step reads (experiments.config.RunConfig has them)."""
+
+    algorithm: str  # "grpo" | "gspo"
+    replay: bool
+    tis: bool
+    tis_cap: float
+    mini_steps: int
+    group_size: int
+    std_normalize: bool
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    gspo_clip_low: float
+    gspo_clip_high: float
+    loss_agg: LossAgg
+    lr: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class Batch:
+    """A global step's kept groups as training tensors."""
+
+    train: TrainBatch
+    infer_logp_BT: torch.Tensor
+    """float32 [B, T]: the inference engine's logprobs at the response positions (0 elsewhere)."""
+    rewards_B: torch.Tensor
+    """float32 [B]; groups are contiguous runs of group_size rows."""
+
+
+def slice_batch(batch: TrainBatch, rows: slice) -> TrainBatch:
+    """Rows `rows` of a TrainBatch (a mini-batch of whole groups)."""
+    return TrainBatch(
+        input_ids_BS=batch.input_ids_BS[rows], attention_mask_BS=batch.attention_mask_BS[rows],
+        loss_mask_BT=batch.loss_mask_BT[rows],
+        expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[rows],
+    )
+
+
+def mini_batch_slices(n_groups: int, group_size: int, mini_steps: int) -> list[slice]:
+    """Row slices of `mini_steps` mini-batches of whole groups, sizes as even as possible
+    (a step short of groups after dynamic sampling gets fewer mini-batches, never empty ones)."""
+    if n_groups < 1:
+        return []
+    m = min(mini_steps, n_groups)
+    base, extra = divmod(n_groups, m)
+    out, start = [], 0
+    for i in range(m):
+        n = base + (i < extra)
+        out.append(slice(start * group_size, (start + n) * group_size))
+        start += n
+    return out
+
+
+def _loss_fn(s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.Tensor, n_seq: int):
+    """The LossFn (r3.engines.base) of one mini-batch, normalised by the whole mini-batch."""
+
+    def loss_fn(logp_BT, entropy_BT, rows):
+        if s.algorithm == "gspo":  # GSPO + TIS is refused by the run config (no published form here)
+            return gspo_loss(logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=s.gspo_clip_low,
+                             clip_high=s.gspo_clip_high, normalizer=n_seq)
+        return ppo_clip_loss(
+            logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=s.clip_low, clip_high=s.clip_high,
+            dual_clip=s.dual_clip, is_weights_BT=None if tis_BT is None else tis_BT[rows], agg=s.loss_agg,
+            normalizer=n_tok if s.loss_agg == "token-mean" else n_seq,
+        )
+
+    return loss_fn
+
+
+def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> dict[str, torch.Tensor | float]:
+    """Old logprobs, mismatch and routing metrics, advantages, TIS, and the mini-step updates of
+    one global step. Routing is REPLAY in every forward when s.replay (R3), OFF otherwise; the
+    training engine's own routing is recorded (one extra forward under R3) for the disagreement
+    metric only. Returns metrics: tensors (on the engine's device) and floats; `to_host` them."""
+    tb = batch.train
+    mask_BT = tb.loss_mask_BT
+    moe = engine.is_moe and tb.expert_ids_BTLK is not None
+    if s.replay and not moe:
+        raise ValueError("replay is on but the batch has no rollout routing or the model has no experts; "
+                         "the rollout engine must capture routing (DESIGN.md invariant 3)")
+    routing = ReplayMode.REPLAY if s.replay else (ReplayMode.RECORD if moe else ReplayMode.OFF)
+    m: dict[str, torch.Tensor | float] = {}
+    t0 = time.time()
+    old = engine.compute_logprobs(tb, routing=routing, with_entropy=True)
+    old_BT = old.logp_BT.detach()
+    own_routing = old.expert_ids_BTLK
+    m["time/old_logprob"] = time.time() - t0
+    if s.replay:  # the train engine's own routing, for the disagreement metric only
+        t0 = time.time()
+        own_routing = engine.compute_logprobs(tb, routing=ReplayMode.RECORD).expert_ids_BTLK
+        m["time/routing_probe"] = time.time() - t0
+    m.update(mismatch_metrics(old_BT, batch.infer_logp_BT, mask_BT, taus=(2.0,)))
+    ntok = mask_BT.sum().clamp(min=1)
+    m["actor/entropy"] = (old.entropy_BT * mask_BT).sum() / ntok if old.entropy_BT is not None else float("nan")
+    if own_routing is not None:
+        # right padding: position t is a fed token of the trace iff token t+1 is real (n tokens, n-1 rows)
+        fed_BT = tb.attention_mask_BS[:, 1:].bool()
+        rd = routing_disagreement(tb.expert_ids_BTLK[fed_BT], own_routing[fed_BT])
+        m["routing/pair_disagreement"] = rd["routing/pair_disagreement"]
+        m["routing/token_disagreement"] = rd["routing/token_disagreement"]
+
+    adv_B = group_advantages(batch.rewards_B, s.group_size, std_normalize=s.std_normalize)
+    tis_BT = None
+    if s.tis:
+        tis_BT = tis_weights(old_BT, batch.infer_logp_BT, mask_BT, cap=s.tis_cap)
+        m["actor/tis_weight_mean"] = (tis_BT * mask_BT).sum() / ntok
+
+    t0 = time.time()
+    per_step: dict[str, list] = {}
+    update_routing = ReplayMode.REPLAY if s.replay else ReplayMode.OFF
+    for rows in mini_batch_slices(len(batch.rewards_B) // s.group_size, s.group_size, s.mini_steps):
+        mb_mask = mask_BT[rows]
+        loss_fn = _loss_fn(s, old_BT[rows], adv_B[rows], mb_mask, None if tis_BT is None else tis_BT[rows],
+                           mb_mask.sum().clamp(min=1), mb_mask.shape[0])
+        out = engine.train_step(slice_batch(tb, rows), loss_fn, routing=update_routing)
+        for k, v in out.items():
+            per_step.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+    m["time/train"] = time.time() - t0
+    for k, vs in per_step.items():
+        m[k] = torch.stack(vs).mean()
+    m["actor/mini_steps"] = float(len(per_step.get("actor/grad_norm", [])))
+    m["actor/lr"] = s.lr
+    return m
+
+
+def to_host(metrics: dict) -> dict[str, float]:
+    """Metrics as Python floats: the one device sync of a step's metrics, at logging time."""
+    return {k: float(v) for k, v in metrics.items()}

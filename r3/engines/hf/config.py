@@ -1,0 +1,58 @@
+"""Frozen configs of the transformers engines (light: importable without transformers)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from r3.engines.base import PRECISIONS, Precision
+
+Fp8Scope = Literal["router", "all"]
+"""Which weights the FP8 engine quantises (r3.engines.hf.fp8)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HFRolloutConfig:
+    """In-process transformers rollout engine (embedded mode)."""
+
+    name: ClassVar[str] = "hf"
+    model_path: str
+    """transformers checkpoint directory (config.json + weights)."""
+    precision: Precision = "bf16"
+    """Numerics of the inference engine; the trainer is fp32, so bf16/fp8 is a real mismatch."""
+    fp8_scope: Fp8Scope = "router"
+    """With precision fp8: which weights are quantised."""
+    device: str = "cpu"
+    """torch device."""
+    seed: int = 0
+    """Seed of the engine's sampling generator (a call's SamplingParams.seed overrides it)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"HFRolloutConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HFTrainConfig:
+    """transformers fp32 training engine with AdamW."""
+
+    name: ClassVar[str] = "hf"
+    model_path: str
+    """transformers checkpoint directory to start from."""
+    lr: float
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    micro_batch: int = 0
+    """Sequences per forward/backward (0: the whole mini-batch)."""
+    seed: int = 0
+    """torch seed at construction."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (replay stays active through the recompute)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
+            raise ValueError(f"HFTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
+                             f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}")
