@@ -13,7 +13,6 @@ problem and a newline: the embedded task's format) otherwise; the chosen name is
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,24 +20,12 @@ from typing import Any
 
 from eval import grader
 from eval.run import evaluate
+from experiments import rundir
 from r3.engines.base import RolloutEngine
 
 
 def default_template(tokenizer: Any) -> str:
     return "qwen-math-boxed" if getattr(tokenizer, "chat_template", None) else "plain"
-
-
-def _existing_line(path: Path, step: int) -> dict | None:
-    if not path.exists():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line; dropped before appending below
-        if rec.get("step") == step:
-            return rec
-    return None
 
 
 def evaluate_step(
@@ -64,22 +51,18 @@ def evaluate_step(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     run_dir = Path(run_dir)
-    eval_jsonl = run_dir / "eval.jsonl"
-    existing = _existing_line(eval_jsonl, step)
-    if existing is not None:
-        return existing
+    eval_jsonl = run_dir / rundir.EVAL
+    existing = [r for r in rundir.read_jsonl(eval_jsonl) if r.get("step") == step]
+    if existing:
+        return existing[0]
     template = template or default_template(tokenizer)
     summary = evaluate(
-        engine, tokenizer, benchmarks, samples_path=run_dir / "eval" / f"step_{step}.jsonl",
+        engine, tokenizer, benchmarks, samples_path=run_dir / rundir.EVAL_SAMPLES_DIR / f"step_{step}.jsonl",
         n_samples=n_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         template=template, max_problems=max_problems, seed=seed + step, batch_size=batch_size,
         grader_workers=grader_workers, grader_pool=grader_pool, progress=progress,
     )
     line = {"step": step, "time": time.time(), **summary, "temperature": temperature,
             "max_new_tokens": max_new_tokens}
-    text = eval_jsonl.read_text(encoding="utf-8") if eval_jsonl.exists() else ""
-    if text and not text.endswith("\n"):  # a line torn by a kill mid-write: drop it
-        eval_jsonl.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    with eval_jsonl.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+    rundir.append_jsonl(eval_jsonl, line)
     return line

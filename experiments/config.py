@@ -177,7 +177,7 @@ class RunConfig:
             errors.append(f"mini_steps must be >= 1, got {self.mini_steps}")
         if self.group_size < 2:
             errors.append(f"group_size must be >= 2 for group advantages, got {self.group_size}")
-        if self.prompts_per_step % self.mini_steps:
+        if self.mini_steps >= 1 and self.prompts_per_step % self.mini_steps:
             errors.append(
                 f"prompts_per_step ({self.prompts_per_step}) must be divisible by mini_steps "
                 f"({self.mini_steps}) so every mini-batch holds whole groups"

@@ -37,25 +37,44 @@ STATIC = "static.json"
 
 
 # --- JSON / JSONL --------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL run file (missing file: none; a line torn by a kill: skipped)."""
+def read_jsonl(path: Path, *, complete: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSONL run file (missing file: none).
+
+    The last line of a live or killed run may be torn mid-write: it is skipped, unless
+    `complete` (the run's manifest exists, so nothing can be mid-write). Any other line that is
+    not JSON is corruption and raises with the path and line number."""
     path = Path(path)
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     out = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line torn by a kill mid-write
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not complete:
+                break  # torn by a kill mid-append; a resume truncates it away
+            raise ValueError(
+                f"{path}: line {i + 1} is not JSON ({e}); expected one JSON object per line "
+                "(docs/run_format.md). Likely cause: a truncated write in a finished run; fix or delete that line."
+            ) from None
     return out
 
 
 def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    """Append one record as one line (flushed; a kill can tear at most this line)."""
-    with Path(path).open("a") as f:
+    """Append one record as one line (a kill can tear at most this line). A torn last line left
+    by an earlier kill is dropped first, so the new record never joins it."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = path.read_bytes()
+                f.seek(0)
+                f.truncate(text.rfind(b"\n") + 1)
+    with path.open("a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
@@ -71,13 +90,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file's object, or None when it is missing or torn."""
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable, or torn (JSONDecodeError is a ValueError)
         return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a per-process temporary file and rename: readers see the old or the new file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 

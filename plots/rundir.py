@@ -18,12 +18,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from experiments import rundir
 from experiments.collapse import collapse_step
 from experiments.config import RunConfig
 
 RunStatus = Literal["complete", "running", "failed"]
-FAILED_MARKER = "FAILED"
-"""Written by the job wrapper when the run body raised (slurm/state.py)."""
 STATIC_ARMS = ("moe", "moe_r3", "dense")
 """The three measurements in a static.json: MoE native, MoE + R3, dense reference."""
 
@@ -133,27 +132,6 @@ class RunsRoot:
     """Rollout precision -> the parsed static.json."""
 
 
-def _read_jsonl(path: Path, *, tolerate_torn_tail: bool) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if tolerate_torn_tail and i == len(lines) - 1:
-                break  # the writer is mid-append; the next read will see the whole line
-            raise ValueError(
-                f"{path}: line {i + 1} is not JSON ({e}); expected one JSON object per line "
-                f"(docs/run_format.md). Likely cause: a truncated write in a finished run; "
-                f"fix or delete that line."
-            ) from None
-    return rows
-
-
 def _metrics_frame(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
@@ -198,21 +176,20 @@ def load_run(path: Path) -> Run:
     """Read one cell directory (must contain config.json)."""
     path = Path(path)
     try:
-        config = RunConfig.load(path / "config.json")
+        config = rundir.read_config(path).config  # tolerant of configs written by older versions
     except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'}: not a RunConfig ({e})") from None
-    manifest_path = path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        raise ValueError(f"{path / rundir.CONFIG}: not a RunConfig ({e})") from None
+    manifest = rundir.read_manifest(path)
     status: RunStatus
     if manifest is not None and manifest.get("status", "complete") != "failed":
         status = "complete"
-    elif manifest is not None or (path / FAILED_MARKER).exists():
+    elif manifest is not None or rundir.read_failed(path) is not None:
         status = "failed"
     else:
         status = "running"
-    torn_ok = manifest is None
-    metrics = _metrics_frame(path / "metrics.jsonl", _read_jsonl(path / "metrics.jsonl", tolerate_torn_tail=torn_ok))
-    evals = _evals_frame(path / "eval.jsonl", _read_jsonl(path / "eval.jsonl", tolerate_torn_tail=torn_ok))
+    done = manifest is not None
+    metrics = _metrics_frame(path / rundir.METRICS, rundir.read_jsonl(path / rundir.METRICS, complete=done))
+    evals = _evals_frame(path / rundir.EVAL, rundir.read_jsonl(path / rundir.EVAL, complete=done))
     return Run(path=path, config=config, status=status, manifest=manifest, metrics=metrics, evals=evals)
 
 
@@ -238,12 +215,13 @@ def discover(runs_dir: Path) -> RunsRoot:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory {runs_dir} does not exist (or is not a directory)")
-    cells = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "config.json").exists())
+    cells = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / rundir.CONFIG).exists())
     static: dict[str, dict[str, Any]] = {}
-    for f in sorted(runs_dir.glob("static/*/static.json")):
+    for f in sorted(runs_dir.glob(f"static/*/{rundir.STATIC}")):
         data = json.loads(f.read_text())
         _check_static(f, data)
-        static[str(data.get("precision", f.parent.name))] = data
+        # keyed by directory: `bf16` (transformers engine) and `vllm-bf16` share a precision
+        static[f.parent.name] = data
     if not cells and not static:
         entries = sorted(p.name for p in runs_dir.iterdir())
         raise ValueError(

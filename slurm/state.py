@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 import socket
 import threading
 import time
 from pathlib import Path
 
-RUNNING, FAILED, JOB_JSON = "RUNNING", "FAILED", "slurm/job.json"
+from experiments import rundir
+from experiments.rundir import FAILED, RUNNING, write_json_atomic
+from experiments.rundir import read_json as _read_json
+
+JOB_JSON = "slurm/job.json"
+__all__ = ["FAILED", "RUNNING", "JOB_JSON", "write_json_atomic", "run_status", "static_status", "RunningMarker"]
 HEARTBEAT_S = 30.0
 STALE_S = 5 * HEARTBEAT_S
 """A RUNNING marker older than this is a job that died without cleaning up (SIGKILL, node loss)."""
@@ -58,32 +62,19 @@ class RunStatus:
     """The error for failed runs; host/job for running ones."""
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def last_step(run_dir: Path) -> int | None:
-    """The last complete line's `step` in metrics.jsonl (a torn last line is ignored)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    """The last complete line's `step` in metrics.jsonl (a status display never raises on a bad file)."""
+    try:
+        return rundir.last_step(run_dir)
+    except (ValueError, KeyError, TypeError, OSError):
         return None
-    step = None
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return step
 
 
 def run_status(run_dir: Path, *, now: float | None = None) -> RunStatus:
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
     step = last_step(run_dir)
-    manifest = _read_json(run_dir / "manifest.json")
+    manifest = rundir.read_manifest(run_dir)
     if manifest is not None:
         collapse = manifest.get("collapse_step")
         state = RunState.COLLAPSED if collapse is not None else RunState.COMPLETE
@@ -91,9 +82,9 @@ def run_status(run_dir: Path, *, now: float | None = None) -> RunStatus:
             state = RunState.FAILED
         return RunStatus(state=state, last_step=manifest.get("steps", step), best_score=manifest.get("best_score"),
                          collapse_step=collapse)  # fmt: skip
-    failed = _read_json(run_dir / FAILED)
-    if failed is not None or (run_dir / FAILED).exists():
-        return RunStatus(state=RunState.FAILED, last_step=step, detail=(failed or {}).get("error", "?"))
+    failed = rundir.read_failed(run_dir)
+    if failed is not None:
+        return RunStatus(state=RunState.FAILED, last_step=step, detail=failed.get("error", "?"))
     running = run_dir / RUNNING
     if running.exists():
         try:
@@ -117,29 +108,16 @@ def _running_collapse(run_dir: Path) -> int | None:
     """Collapse step of a run in progress, from eval.jsonl and its config's collapse rule."""
     from experiments.collapse import collapse_step
 
-    rows = []
-    path = run_dir / "eval.jsonl"
-    if not path.exists():
+    try:
+        rows = [(int(r["step"]), float(r["avg"])) for r in rundir.read_jsonl(run_dir / rundir.EVAL)]
+    except (ValueError, KeyError, TypeError):
         return None
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-            rows.append((int(row["step"]), float(row["avg"])))
-        except (ValueError, KeyError, TypeError):
-            continue
-    cfg = _read_json(run_dir / "config.json") or {}
+    cfg = _read_json(run_dir / rundir.CONFIG) or {}
     return collapse_step([s for s, _ in rows], [a for _, a in rows],
                          frac=cfg.get("collapse_frac", 0.5), patience=cfg.get("collapse_patience", 2))  # fmt: skip
 
 
 # --- markers written by the job wrapper -----------------------------------------------------------
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 class RunningMarker:
     """Context manager: RUNNING exists (heartbeat thread touches it) while the body runs."""
 
