@@ -133,6 +133,12 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints (older ones are deleted after a newer one is complete)."""
 
+    log_to: tuple[str, ...] = ()
+    """Mirror each step's metrics to these backends besides metrics.jsonl: `tensorboard`, `wandb`
+    (experiments.tracking; off by default; W&B honours WANDB_MODE=offline)."""
+    wandb_project: str = "r3"
+    """W&B project name (with `wandb` in log_to)."""
+
     def __post_init__(self) -> None:
         from r3.engines.base import PRECISIONS
         from r3.engines.registry import rollout_engine_names, train_engine_names
@@ -165,6 +171,9 @@ class RunConfig:
             errors.append(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             errors.append(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        bad_backends = sorted(set(self.log_to) - {"tensorboard", "wandb"})
+        if bad_backends:
+            errors.append(f"log_to has unknown backends {bad_backends}; allowed: ['tensorboard', 'wandb']")
         if self.algorithm == "gspo" and self.tis:
             # The GSPO loss here has no importance-weight input, and the paper publishes no GSPO+TIS
             # form (its GSPO cells are GSPO and GSPO+R3 only): refuse rather than log a TIS that

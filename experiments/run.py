@@ -41,6 +41,7 @@ from tqdm import tqdm
 from experiments import checkpoint, rollout, rundir, task
 from experiments.collapse import collapse_step
 from experiments.config import RunConfig
+from experiments.tracking import MetricsSink
 from r3.algorithm import policy_update, to_host
 from r3.engines.base import SamplingParams
 from r3.engines.registry import build_rollout_engine, build_train_engine
@@ -167,6 +168,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
         if int(p.stem.split("_")[1]) > start:
             p.unlink()
 
+    sink = MetricsSink(run_dir, cfg)
     pool = grader.make_pool(workers=2)
     stop_ids = template.stop_token_ids(tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -227,7 +229,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
                 rec["time/sync"] = time.time() - t0
             rec["time/step"] = time.time() - t_step
             rec["time"] = time.time()
-            rundir.append_jsonl(run_dir / rundir.METRICS, rec)
+            sink.log(rec)
             bar.set_postfix(reward=f"{ro.reward_mean:.2f}", kl=f"{rec.get('mismatch/k3_kl', float('nan')):.1e}")
             if step % cfg.eval_every == 0 or step == cfg.global_steps:
                 evaluate(step)
@@ -238,6 +240,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
                 save_ckpt(step)
                 break
     finally:
+        sink.close()
         pool.close()
         log_f.close()
     return _write_manifest(cfg, run_dir)

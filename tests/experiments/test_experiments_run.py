@@ -145,3 +145,27 @@ def test_other_config_in_run_dir_is_refused(micro_zoo, tmp_path):
     cfg.replace(lr=5.0).save(tmp_path / "cfg" / "config.json")
     with pytest.raises(ValueError, match=r"different config \(fields differ: \['lr'\]\)"):
         run_cell(cfg, tmp_path / "cfg", progress=False)
+
+
+def test_metrics_mirror_to_tensorboard_and_wandb_offline(micro_zoo, tmp_path, monkeypatch):
+    """log_to mirrors every metrics.jsonl line to TensorBoard event files and an offline W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(micro_zoo, "tracked", global_steps=2, log_to=("tensorboard", "wandb"), eval_every=2)
+    run_dir = tmp_path / "tracked"
+    run_cell(cfg, run_dir, progress=False, reward_fn=parity_reward)
+    lines = _lines(run_dir / "metrics.jsonl")
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    kl = acc.Scalars("mismatch/k3_kl")
+    assert [e.step for e in kl] == [1, 2]
+    assert [e.value for e in kl] == pytest.approx([r["mismatch/k3_kl"] for r in lines], rel=1e-6)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_unknown_tracking_backend_is_refused():
+    with pytest.raises(ValueError, match=r"log_to has unknown backends \['mlflow'\]"):
+        RunConfig(name="x", log_to=("mlflow",))
