@@ -1,7 +1,7 @@
 """CPU compatibility shims for megatron-core 0.16 (no GPU, no Transformer Engine, no Apex).
 
-megatron-core is written for CUDA; on a CPU-only machine with a single gloo process it runs
-after the few small shims below. Each shim says what it works around and why. They are only
+megatron-core is written for CUDA; on a CPU-only machine with gloo processes (one, or several
+under torchrun: r3.engines.megatron.parallel) it runs after the few small shims below. Each shim says what it works around and why. They are only
 installed when CUDA is absent (`torch.cuda.is_available()` is False), touch megatron's own
 module namespaces except for `cpu_device_scope` (scoped, restored on exit), and are idempotent.
 
@@ -26,30 +26,21 @@ def _cuda_absent() -> bool:
     return not torch.cuda.is_available()
 
 
-def init_single_process() -> None:
-    """Start torch.distributed (gloo, world size 1) and megatron's model-parallel state (all 1).
-
-    megatron-core reads every process group (TP/PP/EP/CP/DP) from `parallel_state`, even when
-    each has one member, so a process group must exist. A `HashStore` needs no port or
-    environment variable. An already-initialised world of size 1 is reused; a larger one is
-    refused because the CPU path here is single-process only.
-    """
-    from megatron.core import parallel_state
-
+def init_single_process_group() -> None:
+    """Start torch.distributed as one gloo process (rank 0, world size 1) on a `HashStore`, which
+    needs no port or environment variable. megatron-core reads every process group (TP/PP/EP/CP/DP)
+    from `parallel_state`, even when each has one member, so a process group must exist. Used by
+    r3.engines.megatron.parallel.init_parallel when the environment names no world (no WORLD_SIZE)."""
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError(
-            f"the CPU megatron path runs in one process, but torch.distributed is already "
-            f"initialised with world size {dist.get_world_size()}; on a cluster use the Slurm "
-            f"launcher (TP/EP from megatron's parallel_state) instead of the CPU shims"
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-        )
-    if _cuda_absent():
-        install_cpu_shims()
+
+
+def init_single_process() -> None:
+    """The process model with TP = PP = EP = 1 (kept for callers of the single-process API): from
+    the environment under torchrun/Slurm, else one gloo process (r3.engines.megatron.parallel)."""
+    from r3.engines.megatron.parallel import init_parallel
+
+    init_parallel()
 
 
 _INSTALLED = False

@@ -25,8 +25,20 @@ class MegatronTrainConfig:
     """torch seed at construction."""
     recompute: bool = False
     """Full activation recompute; replay then runs in REPLAY_BACKWARD for the recompute."""
+    tensor_parallel: int = 1
+    """TP size (megatron `tensor_model_parallel_size`). The engine runs TP = 1 only so far (TP > 1
+    MoE training needs sequence parallelism: not wired here)."""
+    pipeline_parallel: int = 1
+    """PP size. The engine runs PP = 1 only so far (no pipeline schedule wired)."""
+    expert_parallel: int = 1
+    """EP size: the experts of every MoE layer split over this many ranks (allgather dispatcher on
+    CPU, alltoall on GPU). Data parallelism is the rest: DP = world size / (TP x PP)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
             raise ValueError(f"MegatronTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
                              f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}")
+        sizes = (self.tensor_parallel, self.pipeline_parallel, self.expert_parallel)
+        if min(sizes) < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got tensor_parallel={sizes[0]}, "
+                             f"pipeline_parallel={sizes[1]}, expert_parallel={sizes[2]}")

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from r3.engines.megatron.compat import cpu_device_scope, init_single_process
+from r3.engines.megatron.compat import cpu_device_scope
 
 
 def _head_dim(hf_config) -> int:
@@ -81,6 +81,9 @@ def transformer_config_from_hf(
     router_fusion: bool = False,
     token_dispatcher: str | None = None,
     router_dtype: str | None = None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
 ):
     """megatron TransformerConfig for a Qwen3-MoE / Qwen3 transformers config, fp32.
 
@@ -94,6 +97,8 @@ def transformer_config_from_hf(
     token_dispatcher: "allgather" (default without CUDA: "alltoall" creates a CUDA stream)
         or "alltoall" (default with CUDA).
     router_dtype: megatron `moe_router_dtype` (None: the input dtype, as transformers does).
+    tp, pp, ep: tensor / pipeline / expert model-parallel sizes (must equal megatron's parallel
+        state, r3.engines.megatron.parallel.init_parallel).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -133,6 +138,9 @@ def transformer_config_from_hf(
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
     )
     if _is_moe(hf_config):
         kw.update(
@@ -157,11 +165,15 @@ def transformer_config_from_hf(
 
 def build_gpt_model(hf_config, **config_kw):
     """An (uninitialised) megatron GPTModel of the same architecture; see
-    transformer_config_from_hf for config_kw. Starts the single-process CPU state if needed."""
+    transformer_config_from_hf for config_kw. Starts the process model if needed
+    (r3.engines.megatron.parallel.init_parallel: from the environment, else one process)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    init_single_process()
+    from r3.engines.megatron.parallel import init_parallel
+
+    layout = init_parallel(tp=config_kw.get("tp", 1), pp=config_kw.get("pp", 1), ep=config_kw.get("ep", 1))
+    layout.check_experts(getattr(hf_config, "num_experts", 0) if _is_moe(hf_config) else 0)
     config = transformer_config_from_hf(hf_config, **config_kw)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     with cpu_device_scope():
@@ -199,8 +211,11 @@ def _qkv_unpack(qkv, n_heads: int, n_groups: int, d: int):
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
-def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
-    """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict."""
+def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1
+                   ) -> dict[str, torch.Tensor]:
+    """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict. With expert
+    parallelism (ep_size > 1) only this EP rank's experts, global ids [ep_rank * E/EP, (ep_rank+1) *
+    E/EP), under their local index `local_experts.{e - ep_rank * E/EP}` (megatron's SequentialMLP)."""
     nh, ng, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, _head_dim(hf_config)
     out = {"embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"]}
     for i, moe in enumerate(moe_layer_pattern(hf_config)):
@@ -217,11 +232,13 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
         if moe:
             out[m + "mlp.router.weight"] = hf_sd[a + "mlp.gate.weight"]
             gate_up_EFH, down_EHI = hf_sd[a + "mlp.experts.gate_up_proj"], hf_sd[a + "mlp.experts.down_proj"]
-            for e in range(gate_up_EFH.shape[0]):
+            n_local = gate_up_EFH.shape[0] // ep_size
+            for e in range(n_local):
                 # transformers: gate, up = linear(x, gate_up_proj[e]).chunk(2); megatron GLU:
                 # act(chunk 0) * chunk 1 of linear_fc1 -> identical row layout [gate; up].
-                out[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up_EFH[e]
-                out[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = down_EHI[e]
+                g = ep_rank * n_local + e
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up_EFH[g]
+                out[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = down_EHI[g]
         else:
             out[m + "mlp.linear_fc1.weight"] = torch.cat(
                 [hf_sd[a + "mlp.gate_proj.weight"], hf_sd[a + "mlp.up_proj.weight"]], dim=0
@@ -272,9 +289,11 @@ def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
     return out
 
 
-def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config) -> None:
-    """Copy transformers weights into a megatron GPTModel; every parameter must be covered."""
-    mg_sd = hf_to_megatron(hf_sd, hf_config)
+def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1
+                    ) -> None:
+    """Copy transformers weights into a megatron GPTModel (this EP rank's experts); every parameter
+    must be covered."""
+    mg_sd = hf_to_megatron(hf_sd, hf_config, ep_rank=ep_rank, ep_size=ep_size)
     missing, unexpected = model.load_state_dict(mg_sd, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -9,18 +9,25 @@ Departures from a full Megatron training stack (say so where it matters):
   `torch.nn.utils.clip_grad_norm_`, not megatron's DistributedOptimizer (it needs the megatron
   DDP wrapper with contiguous grad buffers and CUDA); with one process the maths is the same.
   A step whose gradient norm is not finite is skipped (megatron's optimizer skips on found_inf).
-- Single process on CPU (gloo, world size 1; r3.engines.megatron.compat). TP/EP/PP are not exercised.
+- Process model (r3.engines.megatron.parallel): one process, or N ranks from the environment
+  (torchrun / Slurm) with EP and DP; every rank receives the same global mini-batch and trains on
+  its DP slice; per-row results are all-gathered, gradients summed over replicas, metrics summed
+  over the DP group, so every rank returns what one rank would. TP > 1 and PP > 1 are refused
+  (not wired: TP needs sequence parallelism for MoE training, PP a pipeline schedule).
+- Optimizer state is replicated on DP ranks (plain AdamW, not megatron's distributed optimizer).
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import torch
 
 from r3.engines.base import LogprobResult, LossFn, TrainBatch
+from r3.engines.megatron import parallel
 from r3.engines.megatron.config import MegatronTrainConfig
 from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
 from r3.engines.megatron.compat import cpu_device_scope
@@ -30,7 +37,8 @@ from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
 
 CHECKPOINT_FILE = "megatron_train_engine.pt"
-"""File written inside the directory passed to save()/load()."""
+"""File written inside the directory passed to save()/load() (one process; with N ranks each rank
+writes `megatron_train_engine.rank<r>-of-<N>.pt`, see `checkpoint_file`)."""
 _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok")
 
 
@@ -61,7 +69,16 @@ class MegatronTrainEngine:
         micro_batch: int = 0,
         seed: int = 0,
         recompute: bool = False,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        expert_parallel: int = 1,
     ):
+        if tensor_parallel != 1 or pipeline_parallel != 1:
+            raise NotImplementedError(
+                f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel}: this engine runs "
+                f"TP = PP = 1 (megatron refuses TP > 1 MoE training without sequence parallelism, and no "
+                f"pipeline schedule is wired); scale with expert_parallel and data parallelism"
+            )
         if isinstance(hf_model_or_path, (str, Path)):
             from transformers import AutoModelForCausalLM
 
@@ -72,8 +89,12 @@ class MegatronTrainEngine:
         self.micro_batch, self.grad_clip, self.recompute = micro_batch, grad_clip, recompute
         torch.manual_seed(seed)
         self.is_moe = self.hf_config.model_type == "qwen3_moe"
-        self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute)
-        load_hf_weights(self.model, hf_model_or_path.state_dict(), self.hf_config)
+        self.layout = parallel.init_parallel(tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, seed=seed)
+        self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
+                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel)
+        ep_rank, ep_size = parallel.ep_rank_size()
+        load_hf_weights(self.model, hf_model_or_path.state_dict(), self.hf_config, ep_rank=ep_rank, ep_size=ep_size)
+        self.dp_rank, self.dp_size = parallel.dp_rank_size()
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -84,7 +105,9 @@ class MegatronTrainEngine:
     def from_config(cls, cfg: MegatronTrainConfig) -> "MegatronTrainEngine":
         """The registry's constructor (r3.engines.registry)."""
         return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                   micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute)
+                   micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute,
+                   tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
+                   expert_parallel=cfg.expert_parallel)
 
     # --- batch handling ---------------------------------------------------------------------
     def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
@@ -105,6 +128,22 @@ class MegatronTrainEngine:
         if routing is ReplayMode.REPLAY and batch.expert_ids_BTLK is None:
             raise ValueError("routing=REPLAY but batch.expert_ids_BTLK is None: the rollout did not capture routing")
 
+    def _local(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
+        """(this DP rank's rows padded to ceil(B / DP) with copies of its first row, first global row,
+        number of real rows); the whole batch with one DP rank (parallel.dp_slice)."""
+        B = batch.input_ids_BS.shape[0]
+        if self.dp_size == 1:
+            return batch, 0, B
+        rows, n = parallel.dp_slice(B, self.dp_size, self.dp_rank)
+        idx = torch.arange(rows.start, rows.stop)
+        idx = torch.cat([idx, idx[:1].expand(n - len(idx))])
+        local = TrainBatch(
+            input_ids_BS=batch.input_ids_BS[idx], attention_mask_BS=batch.attention_mask_BS[idx],
+            loss_mask_BT=batch.loss_mask_BT[idx],
+            expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[idx],
+        )
+        return local, rows.start, rows.stop - rows.start
+
     def _row_slices(self, B: int) -> list[slice]:
         n = self.micro_batch or B
         return [slice(i, min(i + n, B)) for i in range(0, B, n)]
@@ -122,6 +161,8 @@ class MegatronTrainEngine:
         self._check_batch(batch, routing)
         self.model.eval()
         mode = routing
+        B = batch.input_ids_BS.shape[0]
+        batch, _, real = self._local(batch)
         logps, ents, recs = [], [], []
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
             ids_BS = batch.input_ids_BS[rows].to(self.device)
@@ -136,9 +177,13 @@ class MegatronTrainEngine:
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
             logps.append(logp_BT.to(batch.input_ids_BS.device))
             ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
-        expert_ids = torch.cat(recs) if mode is ReplayMode.RECORD else None
+        def gather(x):  # every DP rank returns the whole batch's rows
+            return parallel.gather_rows(x, real, B, self.dp_size)
+
+        expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
-            logp_BT=torch.cat(logps), entropy_BT=torch.cat(ents) if with_entropy else None, expert_ids_BTLK=expert_ids
+            logp_BT=gather(torch.cat(logps)), entropy_BT=gather(torch.cat(ents)) if with_entropy else None,
+            expert_ids_BTLK=expert_ids,
         )
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
@@ -154,29 +199,40 @@ class MegatronTrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         B = batch.input_ids_BS.shape[0]
         mode = routing
+        batch, start, real = self._local(batch)
         totals: dict[str, torch.Tensor] = {}
-        loss_total = torch.zeros(())
-        for rows in self._row_slices(B):
+        loss_total = torch.zeros((), device=self.device)
+        for rows in self._row_slices(batch.input_ids_BS.shape[0]):
             ids_BS = batch.input_ids_BS[rows].to(self.device)
+            k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
+            global_rows = slice(start + rows.start, start + rows.start + k)
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
-                if self.is_moe:
-                    with self._session(mode, batch, rows, recompute=self.recompute) as sess:
-                        logits = gpt_logits(self.model, ids_BS)
-                        sess.end_forward()
-                        logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
-                        loss, metrics = loss_fn(logp_BT, ent_BT, rows)
-                        loss.backward()
-                else:
+                with (self._session(mode, batch, rows, recompute=self.recompute) if self.is_moe
+                      else contextlib.nullcontext()) as sess:
                     logits = gpt_logits(self.model, ids_BS)
+                    if sess is not None:
+                        sess.end_forward()
                     logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
-                    loss, metrics = loss_fn(logp_BT, ent_BT, rows)
+                    if k:
+                        loss, metrics = loss_fn(logp_BT[:k], ent_BT[:k], global_rows)
+                    else:  # padding only: a zero loss still runs the backward's collectives (EP)
+                        loss, metrics = logp_BT.sum() * 0.0, {}
                     loss.backward()
-            weight = (rows.stop - rows.start) / B
+            weight = k / B
             loss_total = loss_total + loss.detach()
-            for k, v in metrics.items():  # on device until the runner logs them (STYLE.md rule 9)
-                totals[k] = totals.get(k, 0.0) + weight * torch.as_tensor(v).detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            for key, v in metrics.items():  # on device until the runner logs them (STYLE.md rule 9)
+                totals[key] = totals.get(key, 0.0) + weight * torch.as_tensor(v).detach()
+        if self.dp_size > 1:  # sums over DP ranks = the one-rank weighted means (weights k / B)
+            totals["actor/loss"] = loss_total
+            totals = parallel.allreduce_sum(totals)
+            loss_total = totals.pop("actor/loss")
+        if self.layout.world_size > 1:
+            params = list(self.model.parameters())
+            parallel.allreduce_grads(params)
+            grad_norm_t = parallel.clip_grad_norm(params, self.grad_clip)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         grad_norm = float(grad_norm_t)  # one sync: the skip decision needs it on the host
         skipped = not math.isfinite(grad_norm)
         if skipped:
@@ -193,11 +249,25 @@ class MegatronTrainEngine:
         return totals
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """Current weights in transformers naming (cloned: safe to hand to another engine)."""
-        return {k: v.clone() for k, v in megatron_to_hf(self.model.state_dict(), self.hf_config).items()}
+        """Current weights in transformers naming (cloned: safe to hand to another engine). With EP > 1
+        the experts are all-gathered over the EP group: a collective, every rank must call it."""
+        n_exp = getattr(self.hf_config, "num_experts", 0) if self.is_moe else 0
+        sd = parallel.gather_experts(self.model.state_dict(), n_exp)
+        return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}
+
+    def checkpoint_file(self, path: str) -> Path:
+        """This rank's checkpoint file in `path`: its model shard (own experts under EP), optimizer
+        state and RNG. One file per rank keeps save/load free of collectives."""
+        world = self.layout.world_size
+        if world == 1:
+            return Path(path) / CHECKPOINT_FILE
+        import torch.distributed as dist
+
+        return Path(path) / f"megatron_train_engine.rank{dist.get_rank():05d}-of-{world:05d}.pt"
 
     def save(self, path: str) -> None:
-        """Model, optimizer and step count in `path`/megatron_train_engine.pt (directory created)."""
+        """Model, optimizer and step count in `checkpoint_file(path)` (directory created); every rank
+        writes its own file (the caller barriers before marking the checkpoint complete)."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         state = {
@@ -209,14 +279,16 @@ class MegatronTrainEngine:
             "torch_rng": torch.get_rng_state(),
             "shape": {k: getattr(self.hf_config, k, None) for k in _SHAPE_KEYS},
         }
-        tmp = d / (CHECKPOINT_FILE + ".tmp")
+        final = self.checkpoint_file(path)
+        tmp = final.with_name(final.name + ".tmp")
         torch.save(state, tmp)
-        tmp.replace(d / CHECKPOINT_FILE)
+        tmp.replace(final)
 
     def load(self, path: str) -> None:
-        f = Path(path) / CHECKPOINT_FILE
+        f = self.checkpoint_file(path)
         if not f.is_file():
-            raise FileNotFoundError(f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save)")
+            raise FileNotFoundError(f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save "
+                                    f"with {self.layout.describe()}; a different layout writes other files)")
         # weights_only: a run directory's file must not be able to run code (pickle)
         state = torch.load(f, map_location="cpu", weights_only=True)
         for key in _SHAPE_KEYS:

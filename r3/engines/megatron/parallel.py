@@ -1,0 +1,269 @@
+"""Process model of the megatron train engine: torch.distributed from the environment, megatron's
+parallel state (TP / PP / EP, DP derived), and the data-parallel plumbing the engine needs.
+
+    layout = init_parallel(tp=1, pp=1, ep=2, seed=0)   # reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
+
+- With WORLD_SIZE in the environment (torchrun, or slurm.topology's exports inside a Slurm job)
+  the process group is initialised from it (`env://`): NCCL on GPU, gloo on CPU; the device is
+  cuda:LOCAL_RANK. Without it, one gloo process on a HashStore (r3.engines.megatron.compat).
+- `initialize_model_parallel(TP, PP, expert_model_parallel_size=EP)`; the layout is validated
+  against the world size first, with the numbers in the message (megatron's own assertion does
+  not say which flag to change).
+- On GPU, megatron's CUDA RNG tracker is seeded (`model_parallel_cuda_manual_seed`): without it
+  the first attention forward raises "cuda rng state model-parallel-rng is not added". On CPU the
+  no-op tracker shim of compat.py is used (every dropout is 0).
+
+Data parallelism, as the engine runs it: every rank receives the same global mini-batch (the
+driver broadcasts it); rank r of the DP group takes the r-th of `dp` near-equal contiguous row
+slices (`dp_slice`), padded to the largest slice with copies of its first row so that every rank
+runs forwards of one shape (the allgather token dispatcher gathers equal-sized token blocks across
+the EP group, and every rank must run the same number of micro-batches). Per-row results are
+all-gathered and the padding dropped (`gather_rows`); gradients are summed over the DP group
+(dense parameters) or the expert-DP group (experts, `param.allreduce == False`), because the loss
+is already normalised by the whole mini-batch (r3.engines.base.LossFn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed's env:// rendezvous variables (torchrun and slurm.topology export them)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Layout:
+    """How `world_size` ranks split one model: TP x PP model-parallel groups, DP = the rest; the
+    experts of each MoE layer split EP ways (expert TP = TP, megatron's default)."""
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("world_size", "tp", "pp", "ep"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not errors and self.world_size % (self.tp * self.pp):
+            errors.append(
+                f"world size {self.world_size} is not divisible by TP x PP = {self.tp} x {self.pp} = "
+                f"{self.tp * self.pp}: data parallelism needs whole model replicas"
+            )
+        if not errors and self.world_size % (self.tp * self.pp * self.ep):
+            errors.append(
+                f"world size {self.world_size} is not divisible by expert TP x EP x PP = {self.tp} x {self.ep} x "
+                f"{self.pp} = {self.tp * self.ep * self.pp}: every expert shard needs whole replicas"
+            )
+        if errors:
+            raise ValueError("invalid parallel layout: " + "; ".join(errors) + "; change tensor_parallel / "
+                             "pipeline_parallel / expert_parallel or the number of training ranks")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size of the dense parameters (attention, router, embeddings)."""
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert parameters (replicas of one expert shard)."""
+        return self.world_size // (self.tp * self.pp * self.ep)
+
+    def check_experts(self, num_experts: int) -> None:
+        if num_experts and num_experts % self.ep:
+            raise ValueError(f"{num_experts} experts cannot be split over EP = {self.ep} ranks evenly; "
+                             f"choose expert_parallel dividing {num_experts}")
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp} "
+                f"(experts: EP {self.ep} x expert-DP {self.expert_dp})")
+
+
+def env_world() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from the environment, or None when WORLD_SIZE is absent."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    missing = [k for k in ENV_KEYS if k not in os.environ and not (k == "LOCAL_RANK")]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE is set but {missing} are not: the env:// rendezvous needs all of "
+                           f"{list(ENV_KEYS)} (torchrun and slurm.topology export them)")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK on GPU, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_parallel(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> Layout:
+    """Start torch.distributed (from the environment when it names a world, else one gloo process)
+    and megatron's parallel state with these sizes; idempotent for the same sizes."""
+    from megatron.core import parallel_state
+
+    from r3.engines.megatron import compat
+
+    env = env_world()
+    if not dist.is_initialized():
+        if env is None:
+            compat.init_single_process_group()
+        else:
+            rank, world, local_rank = env
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_rank)  # before any allocation: else every rank uses cuda:0
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp, ep=ep)
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size())
+        if have != (tp, pp, ep):
+            raise RuntimeError(f"megatron's parallel state is already initialised with (TP, PP, EP) = {have}, "
+                               f"asked for {(tp, pp, ep)}; one layout per process")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        )
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        compat.install_cpu_shims()
+    return layout
+
+
+# --- data parallelism ----------------------------------------------------------------------------
+def dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def dp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def dp_slice(batch_size: int, dp_size: int, dp_rank: int) -> tuple[slice, int]:
+    """(this rank's rows of the global batch, padded rows per rank). Rows split into dp_size
+    contiguous slices whose sizes differ by at most one; every rank pads to ceil(B / dp)."""
+    if batch_size < dp_size:
+        raise ValueError(f"a mini-batch of {batch_size} sequences cannot feed {dp_size} data-parallel ranks "
+                         f"(each needs at least one row); use more prompts per mini-step or fewer DP ranks")
+    base, extra = divmod(batch_size, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    size = base + (dp_rank < extra)
+    return slice(start, start + size), base + (extra > 0)
+
+
+def gather_rows(x_N: torch.Tensor, real: int, batch_size: int, dp_size: int) -> torch.Tensor:
+    """All-gather each DP rank's padded per-row tensor [n, ...] and drop the padding -> [B, ...]."""
+    if dp_size == 1:
+        return x_N[:real]
+    parts = [torch.empty_like(x_N) for _ in range(dp_size)]
+    dist.all_gather(parts, x_N.contiguous(), group=dp_group())
+    base, extra = divmod(batch_size, dp_size)
+    return torch.cat([p[: base + (r < extra)] for r, p in enumerate(parts)])
+
+
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over the replicas of each parameter: dense ones over the DP group, experts over
+    the expert-DP group (megatron marks expert weights `allreduce = False`). Missing grads count as 0."""
+    from megatron.core import parallel_state
+
+    groups = ((True, parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()),
+              (False, parallel_state.get_expert_data_parallel_group(),
+               parallel_state.get_expert_data_parallel_world_size()))
+    for dense, group, size in groups:
+        if size == 1:
+            continue
+        ps = [p for p in params if getattr(p, "allreduce", True) == dense]
+        for p in ps:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if ps:  # one flat buffer: one collective instead of one per tensor
+            flat = torch.cat([p.grad.reshape(-1) for p in ps])
+            dist.all_reduce(flat, group=group)
+            off = 0
+            for p in ps:
+                n = p.grad.numel()
+                p.grad.copy_(flat[off : off + n].view_as(p.grad))
+                off += n
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (after allreduce_grads) and clipping to max_norm, as
+    torch.nn.utils.clip_grad_norm_ does on one rank (coef = max_norm / (norm + 1e-6), at most 1).
+    Dense gradients are equal on every rank after the all-reduce; expert gradients differ across the
+    EP group, so their squared norms are summed over it (TP = 1 here: no TP-sharded duplicates)."""
+    from megatron.core import parallel_state
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dense_sq = sum((g.float().pow(2).sum() for p, g in ((p, p.grad) for p in params if p.grad is not None)
+                    if getattr(p, "allreduce", True)), torch.zeros((), device=grads[0].device))
+    expert_sq = sum((p.grad.float().pow(2).sum() for p in params
+                     if p.grad is not None and not getattr(p, "allreduce", True)), torch.zeros((), device=grads[0].device))
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
+    norm = (dense_sq + expert_sq).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def allreduce_sum(values: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
+    """Sum a dict of scalar tensors over the DP group in one collective (keys in sorted order)."""
+    keys = sorted(values)
+    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()) for k in keys])
+    dist.all_reduce(flat, group=group if group is not None else dp_group())
+    return {k: flat[i] for i, k in enumerate(keys)}
+
+
+# --- experts across the EP group ---------------------------------------------------------------------
+def ep_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+
+
+def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """A local-spec megatron state dict with this rank's experts (`local_experts.{i}`, i < E / EP)
+    -> the same with all E experts under their global index (all-gather over the EP group).
+    Collective: every rank of the EP group must call it."""
+    import re
+
+    from megatron.core import parallel_state
+
+    ep_rank, ep = ep_rank_size()
+    if ep == 1:
+        return dict(mg_sd)
+    n_local = num_experts // ep
+    pat = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+    out, local = {}, []
+    for k, v in mg_sd.items():
+        if k.endswith("_extra_state"):  # TE fp8 metadata (None / BytesIO without TE): not weights
+            continue
+        m = pat.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            local.append((m, v))
+    group = parallel_state.get_expert_model_parallel_group()
+    for m, v in sorted(local, key=lambda mv: mv[0].group(0)):  # same order on every rank
+        parts = [torch.empty_like(v) for _ in range(ep)]
+        dist.all_gather(parts, v.detach().contiguous(), group=group)
+        for r, part in enumerate(parts):
+            out[f"{m.group(1)}{r * n_local + int(m.group(2))}{m.group(3)}"] = part
+    return out
