@@ -104,6 +104,13 @@ class RunConfig:
     """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
     train_micro_batch: int = 0
     """Sequences per forward/backward micro-batch (0: the whole mini-batch at once)."""
+    train_tensor_parallel: int = 1
+    """megatron TP size (train_engine 'megatron'; the engine runs TP = 1 so far)."""
+    train_pipeline_parallel: int = 1
+    """megatron PP size (train_engine 'megatron'; the engine runs PP = 1 so far)."""
+    train_expert_parallel: int = 1
+    """megatron EP size: each MoE layer's experts split over this many training ranks; data
+    parallelism is the rest (DP = training ranks / (TP x PP)); r3.engines.megatron.parallel."""
 
     # --- data ------------------------------------------------------------------------------
     train_data: str = "synthetic"
@@ -161,6 +168,10 @@ class RunConfig:
                 errors.append(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.train_micro_batch < 0:
             errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
+        par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
+        if min(par) < 1 or (par != (1, 1, 1) and self.train_engine != "megatron"):
+            errors.append(f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 need "
+                          f"train_engine='megatron' (got {self.train_engine!r})")
         if self.lr <= 0 or self.grad_clip <= 0:
             errors.append(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
         if self.dual_clip is not None and self.dual_clip <= 1:

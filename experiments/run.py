@@ -83,8 +83,11 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
                             weight_sync_dir=str(run_dir / "weight_sync"))
     else:
         ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
+    par = {} if cfg.train_engine != "megatron" else dict(
+        tensor_parallel=cfg.train_tensor_parallel, pipeline_parallel=cfg.train_pipeline_parallel,
+        expert_parallel=cfg.train_expert_parallel)
     tr = train_config(cfg.train_engine, model_path=model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      grad_clip=cfg.grad_clip, micro_batch=cfg.train_micro_batch, seed=cfg.seed)
+                      grad_clip=cfg.grad_clip, micro_batch=cfg.train_micro_batch, seed=cfg.seed, **par)
     return ro, tr
 
 
@@ -118,11 +121,13 @@ def _finite(x: float) -> bool:
 
 # --- the run ---------------------------------------------------------------------------------------
 def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
-             reward_fn: rollout.RewardFn | None = None) -> dict:
+             reward_fn: rollout.RewardFn | None = None, train_engine=None) -> dict:
     """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
     Engines come from r3.engines.registry (`engine_configs`); files from experiments.rundir.
 
     reward_fn: replaces the grader-based reward (a test seam; evaluation always uses the grader).
+    train_engine: an engine already built from engine_configs (the rank-0 driver of a multi-rank
+        run passes its engine proxy, experiments.distributed); None builds it here.
     """
     from transformers import AutoTokenizer
 
@@ -148,7 +153,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
     template = templates.get("arith" if synthetic else "qwen-math-boxed")
     ro_cfg, tr_cfg = engine_configs(cfg, model_dir, run_dir)
     rollout_engine = build_rollout_engine(ro_cfg)
-    train_engine = build_train_engine(tr_cfg)
+    train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
     check_engines(cfg, rollout_engine, train_engine)
     moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe
     log(f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
