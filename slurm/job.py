@@ -6,7 +6,11 @@ A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task
    (slurm.servers, logs in <run_dir>/servers/), everyone waits until the driver writes
    <run_dir>/slurm/servers.stop or the run is complete; SIGTERM stops the servers;
 3. training tasks export MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK and call the body,
-   `experiments.run.run_cell(cfg, run_dir)` (or `run_static_cell` below for a static cell), with the servers' URLs in `cfg.sglang_urls` once they answer /health;
+   `experiments.distributed.run_cell(cfg, run_dir)` (or `run_static_cell` below for a static cell),
+   with the servers' URLs in `cfg.sglang_urls` once they answer /health. That body makes training
+   rank 0 the driver (rollout, grading, metrics, every file of the run directory) and the other
+   training ranks followers of its train engine (same calls, same collectives, no files but their
+   own checkpoint shard); with one training task it is experiments.run.run_cell;
 4. the driver (training rank 0) keeps a RUNNING heartbeat, writes FAILED with the error on an
    exception, and links this job's Slurm logs into <run_dir>/slurm/ (slurm.state).
 
@@ -39,7 +43,7 @@ from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, wait_he
 
 log = logging.getLogger("submitit.r3")  # a child of submitit's logger: lands in the job log
 
-RL_BODY = "experiments.run:run_cell"
+RL_BODY = "experiments.distributed:run_cell"
 STATIC_BODY = "slurm.job:run_static_cell"
 STOP_FILE = "slurm/servers.stop"
 WAIT_POLL_S = 5.0
