@@ -12,7 +12,11 @@ Built against SGLang's documented native API (docs "Native APIs" and "Sampling P
   {"type": "stop"|"length"|"abort", ...}, and `meta_info.routed_experts` = base64 of raw
   little-endian int32 of logical shape (seqlen - 1 - start_len, num_layers, top_k): the last token
   is never fed, so it has no row (DESIGN invariant 1). Decoded by r3.trace.from_sglang.
-- POST /update_weights_from_disk {"model_path", "weight_version"} -> {"success", "message"}.
+- POST /update_weights_from_disk {"model_path", "weight_version"} -> {"success", "message"}. The
+  directory holds the weights under the names of an HF checkpoint on disk (`to_checkpoint_names`:
+  per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, which SGLang's and vLLM's Qwen3-MoE
+  loaders match), in the served checkpoint's dtype, never transformers-5's fused in-memory names
+  (`mlp.experts.gate_up_proj`), which those loaders skip without a word.
 - GET /health -> 200 when the server is up.
 Standard library only (urllib + concurrent.futures). Batches go round-robin to the servers,
 several in flight per server; connection errors and 502/503/504 are retried with exponential
@@ -71,6 +75,51 @@ class SGLangRolloutConfig:
     """Retries on connection errors and 502/503/504."""
     send_seeds: bool = True
     """Pass SamplingParams.seed as per-prompt `sampling_seed`."""
+
+
+def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers-5 in-memory Qwen3-MoE names -> the names of an HF checkpoint on disk.
+
+    In memory (transformers >= 5) each MoE layer holds fused expert tensors:
+    `mlp.experts.gate_up_proj` [E, 2I, H] (rows [gate; up]: `gate, up = linear(x, W[e]).chunk(2)`)
+    and `mlp.experts.down_proj` [E, H, I]. On disk (Qwen3-MoE checkpoints on the hub, what
+    `save_pretrained` writes, what SGLang's and vLLM's loaders match) each expert has
+    `mlp.experts.{e}.gate_proj.weight` [I, H], `up_proj.weight` [I, H], `down_proj.weight` [H, I].
+    Every other name is the same in both; names already per-expert pass through.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            prefix = k[: -len("gate_up_proj")]
+            if v.ndim != 3 or v.shape[1] % 2:
+                raise ValueError(f"{k}: expected a fused [E, 2I, H] tensor, got shape {tuple(v.shape)}")
+            gate_EIH, up_EIH = v.chunk(2, dim=1)
+            for e in range(v.shape[0]):
+                # clones: safetensors refuses tensors that share storage
+                out[f"{prefix}{e}.gate_proj.weight"] = gate_EIH[e].clone()
+                out[f"{prefix}{e}.up_proj.weight"] = up_EIH[e].clone()
+        elif k.endswith(".mlp.experts.down_proj"):
+            prefix = k[: -len("down_proj")]
+            if v.ndim != 3:
+                raise ValueError(f"{k}: expected a fused [E, H, I] tensor, got shape {tuple(v.shape)}")
+            for e in range(v.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = v[e].clone()
+        else:
+            out[k] = v
+    return out
+
+
+def checkpoint_dtype(model_path: str | Path | None) -> torch.dtype | None:
+    """The dtype a served checkpoint declares in config.json (`dtype`, or `torch_dtype` before
+    transformers 5); None when it declares none."""
+    if model_path is None or not (Path(model_path) / "config.json").exists():
+        return None
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if not isinstance(name, str):
+        return None
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    return dt if isinstance(dt, torch.dtype) else None
 
 
 class SGLangError(RuntimeError):
@@ -314,8 +363,10 @@ class SGLangRolloutEngine:
                 raise SGLangError(f"{u} refused update_weights_from_disk({model_path}): {str(payload)[:500]}")
 
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Write the trainer's weights (transformers names) as safetensors into weight_sync_dir, then
-        have every server load them; the previous version's directory is deleted afterwards."""
+        """Write the trainer's weights (transformers names, in memory or on disk) as safetensors into
+        weight_sync_dir under on-disk checkpoint names (`to_checkpoint_names`) in the served
+        checkpoint's dtype (bf16 for Qwen3-30B-A3B), then have every server load them; the previous
+        version's directory is deleted afterwards."""
         if self.weight_sync_dir is None:
             raise ValueError("sync_weights needs weight_sync_dir: a directory on a file system the SGLang "
                              "servers can read (pass weight_sync_dir=... to SGLangRolloutEngine)")
@@ -328,8 +379,10 @@ class SGLangRolloutEngine:
             for f in self.base_model_path.iterdir():
                 if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and "index" not in f.name:
                     shutil.copy2(f, out / f.name)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
-                  str(out / "model.safetensors"))
+        dtype = checkpoint_dtype(self.base_model_path)
+        tensors = {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                   .contiguous() for k, v in to_checkpoint_names(state_dict).items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.update_weights_from_disk(out, weight_version=str(self.weight_version))
         prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"
         if prev.exists():
