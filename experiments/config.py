@@ -111,6 +111,8 @@ class RunConfig:
     train_expert_parallel: int = 1
     """megatron EP size: each MoE layer's experts split over this many training ranks; data
     parallelism is the rest (DP = training ranks / (TP x PP)); r3.engines.megatron.parallel."""
+    train_recompute: bool = False
+    """megatron full activation recompute (replay then runs again in backward: REPLAY_BACKWARD)."""
 
     # --- data ------------------------------------------------------------------------------
     train_data: str = "synthetic"
@@ -169,9 +171,9 @@ class RunConfig:
         if self.train_micro_batch < 0:
             errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
-        if min(par) < 1 or (par != (1, 1, 1) and self.train_engine != "megatron"):
-            errors.append(f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 need "
-                          f"train_engine='megatron' (got {self.train_engine!r})")
+        if min(par) < 1 or ((par != (1, 1, 1) or self.train_recompute) and self.train_engine != "megatron"):
+            errors.append(f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 (or "
+                          f"train_recompute) need train_engine='megatron' (got {self.train_engine!r})")
         if self.lr <= 0 or self.grad_clip <= 0:
             errors.append(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
         if self.dual_clip is not None and self.dual_clip <= 1:
