@@ -42,6 +42,8 @@ class Resources:
     """SGLang servers per rollout node."""
     server_tp: int = 1
     """Tensor-parallel size of each SGLang server (GPUs per server)."""
+    gpu_mem_gb: int = 80
+    """Memory of one GPU in GB (the memory plan, r3.engines.megatron.memory, must fit in it)."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -93,6 +95,20 @@ RESOURCES: dict[tuple[Preset, CellKind], Resources] = {
     ("tiny", "static"): Resources(train_nodes=1, cpus_per_task=2, mem_gb=8, time_min=60),
 }  # fmt: skip
 # mem_gb=0 asks Slurm for all the memory of each node (sbatch --mem=0).
+
+
+# Training layout per preset, applied by slurm.submit to every RL cell as RunConfig overrides
+# (the user's --override wins); recorded in each run's config.json. Not published: the paper does
+# not describe its layout. On the 16 training GPUs of ("paper", "rl"): experts split 8 ways (EP 8 x
+# expert-DP 2; DP 16 for the dense part), full activation recompute, one sequence per micro-batch:
+# 71 GB per 80 GB GPU by r3.engines.megatron.memory (bf16 + fp32 main grads + distributed optimizer).
+TRAIN_LAYOUT: dict[Preset, dict] = {
+    "paper": {"train_expert_parallel": 8, "train_recompute": True, "train_micro_batch": 1},
+    "tiny": {},
+}
+PROMPT_TOKENS = 1024
+"""Prompt length assumed by the memory plan (sequence = prompt + max_new_tokens): a RunConfig
+does not bound prompts; math prompts in the paper's pools are far shorter."""
 
 
 def resources_for(preset: Preset, kind: CellKind) -> Resources:

@@ -37,7 +37,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor write
 from experiments import grid
 from slurm import state
 from slurm.job import RL_BODY, STATIC_BODY, CellJob, JobSpec
-from slurm.resources import Resources, parse_time_min, resources_for
+from slurm.resources import PROMPT_TOKENS, TRAIN_LAYOUT, Resources, parse_time_min, resources_for
 
 REPO = Path(__file__).resolve().parent.parent
 SIGNAL_DELAY_S = 120
@@ -89,7 +89,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    out = grid.overrides_from(args)
+    out = {**TRAIN_LAYOUT.get(args.preset, {}), **grid.overrides_from(args)}  # the preset's layout, then flags
     for item in args.override or ():
         key, sep, value = item.partition("=")
         if not sep:
@@ -113,8 +113,60 @@ def _resources(args: argparse.Namespace, kind: str) -> Resources:
         train_nodes=train, rollout_nodes=rollout, gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
         time_min=parse_time_min(args.time) if args.time else None,
-        servers_per_node=args.servers_per_node, server_tp=args.server_tp,
+        servers_per_node=args.servers_per_node, server_tp=args.server_tp, gpu_mem_gb=args.gpu_mem_gb,
     )  # fmt: skip
+
+
+def memory_plan(spec: JobSpec, preset: str):
+    """(MemoryPlan, note) of one RL cell's training rank on GPUs; (None, reason) when not planned."""
+    from r3.engines.megatron.memory import QWEN3_30B_A3B, ModelShape, plan_memory
+
+    p, res = spec.payload, spec.resources
+    if spec.kind != "rl" or not res.gpus_per_node or p.get("train_engine") != "megatron":
+        return None, "no GPU training (CPU job or not the megatron trainer)"
+    path, note = p.get("model_path"), ""
+    try:
+        shape = ModelShape.from_model_dir(path)
+        note = f"model {path}/config.json"
+    except (OSError, TypeError, KeyError, ValueError):
+        if preset != "paper":
+            return None, f"no readable config.json under model_path {path!r}"
+        shape, note = QWEN3_30B_A3B, f"{path}/config.json not readable here: Qwen3-30B-A3B's published config"
+    world = res.train_nodes * res.tasks_per_node
+    batch = p["prompts_per_step"] * p["group_size"] // p["mini_steps"]
+    dp = world // (p.get("train_tensor_parallel", 1) * p.get("train_pipeline_parallel", 1))
+    micro = p.get("train_micro_batch") or -(-batch // max(1, dp))  # 0: the rank's whole mini-batch share
+    kw = dict(world=world, tp=p.get("train_tensor_parallel", 1), pp=p.get("train_pipeline_parallel", 1),
+              ep=p.get("train_expert_parallel", 1), micro_batch=micro, seq_len=PROMPT_TOKENS + p["max_new_tokens"],
+              recompute=p.get("train_recompute", False))
+    today = plan_memory(shape, precision="fp32", **kw).total / 1e9
+    note += (f"; planned for bf16 + fp32 main grads + distributed optimizer: MegatronTrainEngine runs fp32 with "
+             f"replicated AdamW today, which would need {today:.1f} GB")
+    return plan_memory(shape, precision="bf16", **kw), note
+
+
+def check_memory(specs: Sequence[JobSpec], preset: str) -> None:
+    """Print each GPU cell's memory plan; refuse (SystemExit, with the numbers) a layout that cannot fit."""
+    from r3.engines.megatron.memory import GB
+
+    bad = []
+    for s in specs:
+        try:
+            plan, note = memory_plan(s, preset)
+        except ValueError as e:
+            bad.append(f"{s.name}: {e}")
+            continue
+        if plan is None:
+            continue
+        fits = plan.total <= s.resources.gpu_mem_gb * GB
+        print(f"{s.name}: {plan.table()}\n  ({note}; prompts assumed <= {PROMPT_TOKENS} tokens; "
+              f"{s.resources.gpu_mem_gb} GB per GPU: {'fits' if fits else 'DOES NOT FIT'})")
+        if not fits:
+            bad.append(f"{s.name}: {plan.total / GB:.1f} GB per GPU needed, {s.resources.gpu_mem_gb} GB available")
+    if bad:
+        raise SystemExit("refusing layouts that cannot fit:\n  " + "\n  ".join(bad) + "\nraise "
+                         "train_expert_parallel (experts dominate), set train_recompute=true or train_micro_batch=1 "
+                         "(--override KEY=VALUE), add training nodes (--nodes), or set --gpu-mem-gb")
 
 
 def _check_placeholders(specs: Sequence[JobSpec]) -> None:
@@ -302,7 +354,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = ap.add_argument_group("resources (override slurm.resources)")
     for flag, typ in (("--partition", str), ("--account", str), ("--qos", str), ("--nodes", int),
                       ("--rollout-nodes", int), ("--gpus-per-node", int), ("--cpus-per-task", int),
-                      ("--mem-gb", int), ("--time", str), ("--servers-per-node", int), ("--server-tp", int)):  # fmt: skip
+                      ("--mem-gb", int), ("--time", str), ("--servers-per-node", int), ("--server-tp", int),
+                      ("--gpu-mem-gb", int)):  # fmt: skip
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--setup", action="append", help="extra shell line run before the job (repeatable)")
     ap.add_argument("--executor", choices=["slurm", "local"], default="slurm")
@@ -329,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         print("nothing to submit")
         return
+    check_memory(todo, args.preset)
     if args.dry_run:
         dry_run(_groups(todo, not args.no_array), args, runs)
         return

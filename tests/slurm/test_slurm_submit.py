@@ -40,7 +40,8 @@ def test_dry_run_writes_one_array_per_resource_group(tmp_path, capsys):
 
 def test_resource_flags_and_no_array(tmp_path):
     main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS, "--cells", "sft-multi-*",
-          "--no-array", "--nodes", "3", "--rollout-nodes", "1", "--gpus-per-node", "4", "--server-tp", "2"])
+          "--no-array", "--nodes", "3", "--rollout-nodes", "1", "--gpus-per-node", "4", "--server-tp", "2",
+          "--gpu-mem-gb", "141"])  # 8 training GPUs: 94 GB per GPU by the memory plan, so H200-sized GPUs
     scripts = sorted((tmp_path / "slurm" / "dry-run").glob("*.sbatch"))
     assert len(scripts) == 4 and not any("--array" in p.read_text() for p in scripts)
     text = scripts[0].read_text()
