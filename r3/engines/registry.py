@@ -19,6 +19,7 @@ from r3.engines.base import RolloutEngine, TrainEngine
 from r3.engines.hf.config import HFRolloutConfig, HFTrainConfig
 from r3.engines.megatron.config import MegatronTrainConfig
 from r3.engines.sglang import SGLangRolloutConfig  # light: urllib + torch, config beside the client
+from r3.engines.vllm.config import VLLMRolloutConfig  # light: no vllm import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +93,4 @@ register_rollout(HFRolloutConfig, "r3.engines.hf.rollout:HFRolloutEngine")
 register_train(HFTrainConfig, "r3.engines.hf.train:HFTrainEngine")
 register_train(MegatronTrainConfig, "r3.engines.megatron.train:MegatronTrainEngine")
 register_rollout(SGLangRolloutConfig, "r3.engines.sglang:SGLangRolloutEngine")
+register_rollout(VLLMRolloutConfig, "r3.engines.vllm.engine:VLLMRolloutEngine")

