@@ -44,6 +44,9 @@ class Resources:
     """Tensor-parallel size of each SGLang server (GPUs per server)."""
     gpu_mem_gb: int = 80
     """Memory of one GPU in GB (the memory plan, r3.engines.megatron.memory, must fit in it)."""
+    cpu_tasks_per_node: int = 1
+    """Tasks per node of a CPU job (gpus_per_node = 0): several gloo training ranks per node
+    (experiments.distributed); GPU jobs always run one task per GPU."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -59,6 +62,8 @@ class Resources:
             )
         if self.rollout_nodes and self.servers_per_node < 1:
             errors.append(f"rollout nodes need servers_per_node >= 1, got {self.servers_per_node}")
+        if self.cpu_tasks_per_node < 1:
+            errors.append(f"cpu_tasks_per_node must be >= 1, got {self.cpu_tasks_per_node}")
         if self.time_min < 1:
             errors.append(f"time_min must be >= 1, got {self.time_min}")
         if errors:
@@ -70,8 +75,8 @@ class Resources:
 
     @property
     def tasks_per_node(self) -> int:
-        """One task per GPU (megatron's one process per device); one task on a CPU job."""
-        return max(1, self.gpus_per_node)
+        """One task per GPU (megatron's one process per device); cpu_tasks_per_node on a CPU job."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.cpu_tasks_per_node
 
     def replace(self, **changes) -> "Resources":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -114,6 +114,7 @@ def _resources(args: argparse.Namespace, kind: str) -> Resources:
         cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
         time_min=parse_time_min(args.time) if args.time else None,
         servers_per_node=args.servers_per_node, server_tp=args.server_tp, gpu_mem_gb=args.gpu_mem_gb,
+        cpu_tasks_per_node=args.cpu_tasks_per_node,
     )  # fmt: skip
 
 
@@ -298,6 +299,9 @@ def run_local(specs: Sequence[JobSpec], args: argparse.Namespace) -> None:
             s = pending.pop(0)
             if s.resources.nodes != 1:
                 raise SystemExit(f"--executor local runs one node; cell {s.name} needs {s.resources.nodes}")
+            if s.resources.cpu_tasks_per_node != 1:
+                raise SystemExit(f"--executor local runs one task per cell; for {s.resources.cpu_tasks_per_node} "
+                                 f"ranks use Slurm or `torchrun -m experiments.distributed`")
             folder = Path(s.run_dir) / "slurm"
             ex = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
             ex.update_parameters(timeout_min=s.resources.time_min, tasks_per_node=1,
@@ -355,7 +359,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, typ in (("--partition", str), ("--account", str), ("--qos", str), ("--nodes", int),
                       ("--rollout-nodes", int), ("--gpus-per-node", int), ("--cpus-per-task", int),
                       ("--mem-gb", int), ("--time", str), ("--servers-per-node", int), ("--server-tp", int),
-                      ("--gpu-mem-gb", int)):  # fmt: skip
+                      ("--gpu-mem-gb", int), ("--cpu-tasks-per-node", int)):  # fmt: skip
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--setup", action="append", help="extra shell line run before the job (repeatable)")
     ap.add_argument("--executor", choices=["slurm", "local"], default="slurm")
