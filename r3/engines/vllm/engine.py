@@ -27,6 +27,7 @@ VLLM_CPU_KVCACHE_SPACE from the config. In-process, vLLM's CPU worker replaces
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -50,6 +51,10 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
 PROBE_LEN = 48
 """Tokens of the post-sync probe sequence (47 logprobs compared)."""
+
+
+_LIVE: "weakref.WeakSet[VLLMRolloutEngine]" = weakref.WeakSet()
+"""In-process engines holding an LLM (see VLLMRolloutEngine.close)."""
 
 
 class SyncCheckError(RuntimeError):
@@ -118,6 +123,7 @@ class VLLMRolloutEngine:
             random.setstate(rng[1])
             np.random.set_state(rng[2])
         self.startup_s = time.time() - t0
+        _LIVE.add(self)
 
     @classmethod
     def from_config(cls, cfg: VLLMRolloutConfig):
@@ -135,13 +141,21 @@ class VLLMRolloutEngine:
                                    prefix_cached_routing=False)
 
     def close(self) -> None:
-        """Stop the engine core and remove the temporary sync directory (idempotent)."""
+        """Release the engine and remove the temporary sync directory (idempotent).
+
+        In-process vLLM engines share process-global state (vLLM's parallel groups): shutting one
+        engine core down destroys it under the others ("pipeline model parallel group is not
+        initialized"), so the engine core is shut down only when this is the last live engine;
+        otherwise the LLM is dropped and garbage-collected."""
         llm = self.__dict__.pop("llm", None)
-        if llm is not None:
+        _LIVE.discard(self)
+        if llm is not None and not any("llm" in e.__dict__ for e in _LIVE):
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:  # noqa: BLE001  (best effort at teardown)
                 pass
+        del llm
+        gc.collect()
         if self._own_sync_dir:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
 

@@ -13,14 +13,12 @@ Everything else keeps its name. A tied lm_head (tie_word_embeddings) is dropped,
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-_FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 WEIGHTS_FILE = "model.safetensors"
 _SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 """Files copied beside the weights (config, generation config, tokenizer); index files are not."""
@@ -28,30 +26,13 @@ _SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 
 def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor], *, tie_word_embeddings: bool = False
                         ) -> dict[str, torch.Tensor]:
-    """Per-expert checkpoint tensors (contiguous, CPU) from a transformers in-memory state dict.
-    Already per-expert names pass through unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state_dict.items():
-        t = t.detach().to("cpu")
-        if tie_word_embeddings and name == "lm_head.weight":
-            continue
-        m = _FUSED.match(name)
-        if m is None:
-            out[name] = t.contiguous()
-            continue
-        prefix, kind = m["prefix"], m["kind"]
-        if t.ndim != 3:
-            raise ValueError(f"{name}: expected a fused [E, ., .] expert tensor, got shape {tuple(t.shape)}")
-        for e in range(t.shape[0]):
-            if kind == "gate_up_proj":
-                if t.shape[1] % 2:
-                    raise ValueError(f"{name}: gate_up_proj rows ({t.shape[1]}) must be 2 x moe_intermediate_size")
-                gate, up = t[e].chunk(2, dim=0)
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
-                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
-            else:
-                out[f"{prefix}.{e}.down_proj.weight"] = t[e].contiguous()
-    return out
+    """Per-expert checkpoint tensors (contiguous, CPU) from a transformers in-memory state dict (the
+    name mapping is the SGLang client's, r3.engines.sglang.to_checkpoint_names); a tied lm_head is
+    dropped. Already per-expert names pass through unchanged."""
+    from r3.engines.sglang import to_checkpoint_names as names  # light module: urllib + torch
+
+    sd = {k: v for k, v in state_dict.items() if not (tie_word_embeddings and k == "lm_head.weight")}
+    return {k: v.detach().to("cpu").contiguous() for k, v in names(sd).items()}
 
 
 def write_checkpoint(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], *, base_model_path: str | Path,
