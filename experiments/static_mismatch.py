@@ -1,6 +1,7 @@
 """Static training-inference mismatch of the zoo models (the paper's Figure-1-style measurement).
 
     python -m experiments.static_mismatch --out runs/demo [--precision bf16 fp8] [--zoo-dir runs/zoo]
+    python -m experiments.static_mismatch --out runs/vllm --rollout-engine vllm --precision bf16 fp32
 
 Inputs: the zoo's SFT MoE model and dense control (experiments.zoo). For each rollout precision
 (`bf16`, the default engine; `fp8`, an FP8 inference engine: router weights quantised to float8
@@ -10,7 +11,12 @@ recomputes the logprobs of the same tokens
   - `moe`:    SFT MoE, the train engine's own routing (native);
   - `moe_r3`: SFT MoE, replaying the rollout routing (R3);
   - `dense`:  the dense control rolled out by the same engine (no router: routing fields null).
-Output: <out>/static/<precision>/static.json (docs/run_format.md), with k3 KL, F(2), the F(tau)
+With `--rollout-engine vllm` the inference engine is vLLM (r3.engines.vllm, the CPU build in-process:
+its own kernels, so the mismatch is between two real engines, the paper's Figure-1 setting); vLLM
+takes bf16 and fp32, not fp8.
+Output: <out>/static/<name>/static.json (docs/run_format.md) with <name> = `static_dir_name`: the
+precision for the transformers engine (`bf16`), `<engine>-<precision>` for another rollout engine
+(`vllm-bf16`), with `-<trainer>` appended for a trainer other than transformers; k3 KL, F(2), the F(tau)
 curve, the log-ratio histogram and routing disagreement (per layer, pair, any-layer token) over
 all fed tokens. Written last via a temporary file: an existing file is reused.
 
@@ -34,6 +40,15 @@ from experiments import rollout, task
 
 TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
 """F(tau) grid for the extreme-token curve (log-spaced; F(2) is reported separately)."""
+
+
+def static_dir_name(precision: str, rollout_engine: str = "hf", train_engine: str = "hf") -> str:
+    """Directory of one static measurement under <out>/static/: `bf16` for the transformers rollout
+    engine (the layout plots and Slurm expect), `vllm-bf16` for vLLM, `vllm-bf16-megatron` when
+    megatron-core recomputes (so no engine pair overwrites another's tables)."""
+    if rollout_engine == "hf":
+        return precision
+    return f"{rollout_engine}-{precision}" + ("" if train_engine == "hf" else f"-{train_engine}")
 
 
 def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str, rollout_engine: str = "hf"):
@@ -84,6 +99,8 @@ def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_siz
     prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
     samples = ro.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
                           capture_routing=moe)
+    if callable(close := getattr(ro, "close", None)):  # vLLM: release the engine (and its KV cache) now
+        close()
     groups = [rollout.Group(problem=p, samples=samples[i * group_size:(i + 1) * group_size],
                             rewards=[0.0] * group_size) for i, p in enumerate(probs)]
     return rollout.build_batch(groups, pad_id=tok.pad_token_id, with_routing=moe), tr, moe
@@ -120,10 +137,11 @@ def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = 
 
 def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, force: bool = False,
                **kw) -> dict:
-    """Measure (or reuse) <out_root>/static/<precision>/static.json."""
+    """Measure (or reuse) <out_root>/static/<static_dir_name(...)>/static.json."""
     from experiments import zoo
 
-    path = Path(out_root) / "static" / precision / "static.json"
+    name = static_dir_name(precision, kw.get("rollout_engine", "hf"), kw.get("train_engine", "hf"))
+    path = Path(out_root) / "static" / name / "static.json"
     if path.exists() and not force:
         return json.loads(path.read_text())
     zoo_dir = Path(zoo_dir or zoo.default_zoo_dir())
@@ -142,7 +160,8 @@ def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Static training-inference mismatch of the zoo models.")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--precision", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8", "fp32"])
+    ap.add_argument("--precision", nargs="+", default=None, choices=["bf16", "fp8", "fp32"],
+                    help="rollout precisions (default: bf16 fp8 for hf, bf16 fp32 for vllm)")
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--n-prompts", type=int, default=task.HELDOUT_N)
     ap.add_argument("--group-size", type=int, default=8)
@@ -153,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the inference engine (an in-process one: hf, or vllm when installed)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
+    if args.precision is None:
+        args.precision = ["bf16", "fp32"] if args.rollout_engine == "vllm" else ["bf16", "fp8"]
     for prec in tqdm(args.precision, desc="static mismatch"):
         rec = run_static(args.out, prec, zoo_dir=args.zoo_dir, force=args.force, n_prompts=args.n_prompts,
                          group_size=args.group_size, train_engine=args.train_engine,
