@@ -6,8 +6,10 @@ evaluation sets (eval.benchmarks) for decontamination.
 Outputs: DIR/train.parquet (id, problem, answer, source, plus kept metadata) and
 DIR/manifest.json, written LAST (a directory without it is an unfinished build): per source
 the rows read and the bad rows (count, reasons, first examples); per filter the rows in and
-dropped (per source too); the removed ids with the evaluation item each matched; the final
-count; the sha256 of train.parquet; the config; the library versions.
+dropped (per source too); the removed ids with the evaluation item each matched; for exact
+dedup and decontamination, what the canonical text form changed (`canonicalisation`: rows the
+legacy text form would have dropped, and the ids only one form dropped); the final count; the
+sha256 of train.parquet; the config; the library versions.
 
 Departures from the paper: the paper filters ~100k problems from Big-Math (RL-verified) and
 ORZ. Neither could be obtained offline, so the default build runs on DeepScaleR-Preview, MATH
@@ -37,6 +39,7 @@ from data_prep.decontam import EvalIndex, decontaminate, load_eval_sets
 from data_prep.sampling import difficulty_keep, sample_balanced
 from data_prep.sources import file_sha256, load_source, parse_spec
 from data_prep.table import rows_to_table, write_parquet
+from data_prep.text import LEGACY
 from data_prep.verify import verify_answers
 
 MAX_LISTED = 20
@@ -55,12 +58,25 @@ def _predicate_stage(pred: Callable[[dict[str, Any]], bool]) -> Stage:
     return run
 
 
+def canonicalisation_effect(rows: Sequence[dict[str, Any]], keep: Keep, keep_legacy: Keep) -> dict[str, Any]:
+    """What the canonical text form (data_prep.text.canonical) changed in one stage, on that
+    stage's input rows: rows dropped with the legacy text form instead, and the ids each form
+    alone dropped."""
+    only_canon = [r["id"] for r, k, kl in zip(rows, keep, keep_legacy) if not k and kl]
+    only_legacy = [r["id"] for r, k, kl in zip(rows, keep, keep_legacy) if k and not kl]
+    return {"dropped_with_legacy_text": sum(not k for k in keep_legacy),
+            "dropped_only_with_canonical_text": len(only_canon), "dropped_only_with_legacy_text": len(only_legacy),
+            "examples_only_canonical": only_canon[:MAX_LISTED], "examples_only_legacy": only_legacy[:MAX_LISTED]}
+
+
 def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[str, bool, Stage]]:
     """(name, enabled, stage) in pipeline order: cheap text rules first, math-verify last."""
 
     def exact(rows):
         keep, m = exact_duplicates(rows)
-        return keep, {"examples": [dataclasses.asdict(x) for x in m[:MAX_LISTED]]}
+        keep_legacy, _ = exact_duplicates(rows, form=LEGACY)
+        return keep, {"examples": [dataclasses.asdict(x) for x in m[:MAX_LISTED]],
+                      "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy)}
 
     def near(rows):
         keep, m = near_duplicates(rows, threshold=cfg.near_dup_threshold, shingle_size=cfg.shingle_size,
@@ -71,8 +87,13 @@ def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[
         evals = load_eval_sets(cfg.eval_sets, eval_loader)
         index = EvalIndex(evals, n=cfg.decontam_ngram, min_coverage=cfg.decontam_min_coverage)
         keep, m = decontaminate(rows, index, honor_source_flags=cfg.decontam_source_flags, progress=progress)
+        legacy = EvalIndex(evals, n=cfg.decontam_ngram, min_coverage=cfg.decontam_min_coverage, form=LEGACY)
+        keep_legacy, _ = decontaminate(rows, legacy, honor_source_flags=cfg.decontam_source_flags)
         by_set = collections.Counter(x.eval_item.split("/", 1)[0] for x in m)
-        return keep, {"eval_items": index.size, "by_eval_set": dict(by_set), "removed": [dataclasses.asdict(x) for x in m]}
+        return keep, {"eval_items": index.size, "by_eval_set": dict(by_set),
+                      "by_method": dict(collections.Counter(x.method for x in m)),
+                      "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy),
+                      "removed": [dataclasses.asdict(x) for x in m]}
 
     def difficulty(rows):
         keep, missing = difficulty_keep(rows, lo=cfg.solve_rate_min, hi=cfg.solve_rate_max)
@@ -154,6 +175,10 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, progress: bool = True, log: 
                           "dropped_by_source": dict(sorted(dropped.items())), "seconds": round(time.time() - ts, 2), **details})
         rows = [r for r, k in zip(rows, keep) if k]
         log(f"[data_prep] {name:<18} in {filters_m[-1]['rows_in']:>7}  dropped {filters_m[-1]['dropped']:>6}  ({filters_m[-1]['seconds']} s)")
+        if "canonicalisation" in details:
+            c = details["canonicalisation"]
+            log(f"[data_prep] {'':<18} legacy text form would drop {c['dropped_with_legacy_text']} "
+                f"(+{c['dropped_only_with_canonical_text']} only canonical, -{c['dropped_only_with_legacy_text']} only legacy)")
     if not rows:
         raise RuntimeError(f"no rows survived the build (sources: {sources_m}); no output written. "
                            "Check the source errors above or loosen the filters.")
@@ -191,6 +216,18 @@ def filter_table(manifest: dict[str, Any]) -> str:
         else:
             lines.append(f"| {f['name']} | (off) | | |")
     lines.append(f"| **final** | | | **{manifest['final_count']}** |")
+    return "\n".join(lines)
+
+
+def canonicalisation_table(manifest: dict[str, Any]) -> str:
+    """Rows dropped per stage with the canonical vs the legacy text form, as Markdown."""
+    lines = ["| step | rows in | dropped (canonical) | dropped (legacy) | only canonical | only legacy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for f in manifest["filters"]:
+        c = f.get("canonicalisation") if f["enabled"] else None
+        if c:
+            lines.append(f"| {f['name']} | {f['rows_in']} | {f['dropped']} | {c['dropped_with_legacy_text']} | "
+                         f"{c['dropped_only_with_canonical_text']} | {c['dropped_only_with_legacy_text']} |")
     return "\n".join(lines)
 
 
@@ -240,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if print_table:
         print(filter_table(manifest))
+        print()
+        print(canonicalisation_table(manifest))
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Decontamination against the evaluation sets: normalised exact match and n-gram overlap.
+"""Decontamination against the evaluation sets: canonical exact match and n-gram coverage.
 
-A training row is contaminated when its normalised problem equals an evaluation problem's
-(data_prep.text.normalize: whitespace, `$`, LaTeX spacing and case do not count), or when it
-shares any `n`-token sequence with one (data_prep.text.match_tokens; n = 13 by default, the
-GPT-3 paper's decontamination, Brown et al. 2020, appendix C). Evaluation problems shorter than
-n tokens are caught by the exact match only: a short n-gram would flag any problem containing
-a common phrase. The manifest lists each removed id with the evaluation item it matched.
+A training row is contaminated when its canonical problem text equals an evaluation problem's
+(data_prep.text.canonical: LaTeX spellings such as `\\dfrac`/`\\frac` or `\\neq`/`\\not=`,
+`$`, braces, punctuation, whitespace and case do not count), or when it contains at least
+`min_coverage` of an evaluation problem's distinct `n`-token sequences (data_prep.text.match_tokens,
+the words of the same canonical text; n = 13 by default, the GPT-3 paper's decontamination,
+Brown et al. 2020, appendix C). Evaluation problems shorter than n tokens are caught by the exact
+match only: a short n-gram would flag any problem containing a common phrase. The manifest lists
+each removed id with the evaluation item it matched.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from data_prep.text import match_tokens, ngram_hashes, normalize
+from data_prep.text import CANONICAL, TextForm, ngram_hashes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,22 +31,25 @@ class EvalMatch:
     coverage: float
     """Fraction of the eval item's distinct n-grams found in the training problem (1.0 for exact)."""
     evidence: str
-    """The shared n-gram's tokens (or the first 80 normalised characters for an exact match)."""
+    """The shared n-gram's tokens (or the first 80 canonical characters for an exact match)."""
 
 
 class EvalIndex:
-    """The evaluation problems, indexed by normalised text and by n-gram hash."""
+    """The evaluation problems, indexed by canonical text and by n-gram hash of its words.
 
-    def __init__(self, eval_rows: dict[str, Sequence[dict[str, Any]]], *, n: int, min_coverage: float):
-        self.n, self.min_coverage = n, min_coverage
+    `form` exists so the build can count what the legacy text form would have removed."""
+
+    def __init__(self, eval_rows: dict[str, Sequence[dict[str, Any]]], *, n: int, min_coverage: float,
+                 form: TextForm = CANONICAL):
+        self.n, self.min_coverage, self.form = n, min_coverage, form
         self.exact: dict[str, str] = {}
         self.grams: dict[int, tuple[tuple[str, ...], list[str]]] = {}  # hash -> (tokens, eval keys)
         self.num_grams: dict[str, int] = {}
         for set_name, rows in eval_rows.items():
             for r in rows:
                 key = f"{set_name}/{r['id']}"
-                self.exact.setdefault(normalize(r["problem"]), key)
-                toks = match_tokens(r["problem"])
+                self.exact.setdefault(form.key(r["problem"]), key)
+                toks = form.tokens(r["problem"])
                 hashes = ngram_hashes(toks, n).tolist()
                 self.num_grams[key] = len(set(hashes))
                 for pos, h in enumerate(hashes):
@@ -62,10 +67,10 @@ class EvalIndex:
         a small part of an AIME problem and does not match; a copy with other whitespace or
         LaTeX spacing covers all of it.
         """
-        norm = normalize(problem)
+        norm = self.form.key(problem)
         if norm in self.exact:
             return EvalMatch(id=row_id, eval_item=self.exact[norm], method="exact", coverage=1.0, evidence=norm[:80])
-        toks = match_tokens(problem)
+        toks = self.form.tokens(problem)
         shared: dict[str, int] = {}
         first: dict[str, str] = {}
         seen: set[int] = set()

@@ -1,6 +1,9 @@
 """Exact and near-duplicate removal. Rows are visited in order; a later row that duplicates an
 earlier KEPT row is dropped, so the result does not depend on how duplicates chain.
 
+Exact duplicates: equal canonical text (data_prep.text.canonical: LaTeX spellings such as
+`\\dfrac`/`\\frac`, `\\overline{AE}`/`AE`, `\\neq`/`\\not=`, `$`, braces, punctuation, spacing
+and case do not count).
 Near-duplicates: token shingles (data_prep.text.match_tokens, `shingle_size` tokens each),
 MinHash signatures (Broder 1997) bucketed by LSH bands; every bucket collision is then checked
 with the exact Jaccard similarity of the two shingle sets, so the threshold is applied exactly
@@ -17,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.text import fold32, match_tokens, ngram_hashes, normalize
+from data_prep.text import CANONICAL, TextForm, fold32, match_tokens, ngram_hashes
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MINHASH_SEED = 20251011
@@ -36,12 +39,14 @@ class DupMatch:
     """Jaccard similarity of the shingle sets (1.0 for exact duplicates)."""
 
 
-def exact_duplicates(rows: Sequence[dict[str, Any]]) -> tuple[list[bool], list[DupMatch]]:
-    """keep [N] and matches: a row is dropped when its normalised problem equals an earlier one's."""
+def exact_duplicates(rows: Sequence[dict[str, Any]], *, form: TextForm = CANONICAL) -> tuple[list[bool], list[DupMatch]]:
+    """keep [N] and matches: a row is dropped when its problem's key (canonical text by default;
+    `form` exists so the build can count what the legacy key would have dropped) equals an
+    earlier row's."""
     first: dict[str, str] = {}
     keep, matches = [], []
     for r in rows:
-        key = normalize(r["problem"])
+        key = form.key(r["problem"])
         if key in first:
             keep.append(False)
             matches.append(DupMatch(id=r["id"], kept_id=first[key], similarity=1.0))
@@ -54,8 +59,8 @@ def exact_duplicates(rows: Sequence[dict[str, Any]]) -> tuple[list[bool], list[D
 def shingles(text: str, k: int) -> np.ndarray:
     """uint32 [S] sorted unique shingle hashes; a text shorter than k tokens is one shingle."""
     toks = match_tokens(text)
-    if not toks:
-        toks = [normalize(text)]
+    if not toks:  # only punctuation: the raw text is its one token
+        toks = [text.strip()]
     h = ngram_hashes(toks, min(k, len(toks)))
     return np.unique(fold32(h))
 

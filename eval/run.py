@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import zlib
 from collections.abc import Sequence
@@ -107,6 +108,37 @@ def _read_records(path: Path) -> list[dict]:
 def _batch_seed(seed: int, benchmark: str, batch_index: int) -> int:
     # Stable across processes (unlike hash()), and independent of which other benchmarks run.
     return zlib.crc32(f"{seed}:{benchmark}:{batch_index}".encode()) & 0x7FFFFFFF
+
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""owner/name: a hub repo id (a missing local path of this shape is passed on as a hub name)."""
+
+
+def check_model_path(model: str, engine: str) -> None:
+    """Refuse a --model that can be neither loaded nor downloaded, in one line, before any engine
+    or tokenizer is built (transformers would otherwise end in a traceback about repo ids).
+
+    A local directory must hold config.json (engine hf: the weights are loaded from it) or, for
+    engine sglang (the path only supplies the tokenizer), config.json or a tokenizer file. A path
+    that does not exist is refused unless it has the shape of a hub id `owner/name` whose `owner`
+    is not a local directory."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        need = ("config.json",) if engine == "hf" else ("config.json", *_TOKENIZER_FILES)
+        if not any((p / f).is_file() for f in need):
+            found = sorted(x.name for x in p.iterdir())[:8]
+            raise SystemExit(
+                f"eval.run: --model {model}: expected a checkpoint directory with {' or '.join(need)}, found "
+                f"{found or 'an empty directory'}; point --model at the directory written by save_pretrained")
+        return
+    if p.exists():
+        raise SystemExit(f"eval.run: --model {model}: expected a checkpoint directory, got a file; "
+                         "point --model at the directory that holds config.json")
+    if _HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).is_dir():
+        return  # a hub name, resolved by transformers
+    raise SystemExit(f"eval.run: --model {model}: no such directory (expected a checkpoint directory with "
+                     "config.json, or a hub name owner/name); check the path")
 
 
 def evaluate(
@@ -238,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--sglang-url", action="append", default=[], help="SGLang server URL (repeat or comma-separate)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    check_model_path(args.model, args.engine)  # before any engine, tokenizer or output directory
 
     from transformers import AutoTokenizer
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from data_prep.decontam import EvalIndex, decontaminate
 from data_prep.dedup import exact_duplicates, lsh_params, minhash_signatures, near_duplicates, shingles
-from data_prep.text import match_tokens, normalize
+from data_prep.text import canonical, match_tokens
 
 EVAL_PROBLEM = ("Let $x,$ $y,$ and $z$ be positive real numbers such that $xyz = 32.$ Find the minimum value of "
                 "\\[x^2 + 4xy + 4y^2 + 2z^2.\\] Express your answer as an integer and justify each step.")
@@ -16,12 +16,12 @@ def rows(*problems):
     return [{"id": f"r{i}", "problem": p, "answer": "1", "source": "s"} for i, p in enumerate(problems)]
 
 
-def test_normalize_ignores_whitespace_latex_spacing_and_case():
+def test_canonical_ignores_whitespace_latex_spacing_and_case():
     a = "Find $\\dfrac{1}{2} + x$ if $x=3$."
     b = "find  \\(\\frac{1}{2}\\,+\\;x\\)   if $x = 3$ ."
-    assert normalize(a) == normalize(b)
+    assert canonical(a) == canonical(b)
     assert match_tokens(a) == match_tokens(b)
-    assert normalize("Find $x+1$.") != normalize("Find $x+2$.")
+    assert canonical("Find $x+1$.") != canonical("Find $x+2$.")
 
 
 def test_exact_duplicates_keep_first():

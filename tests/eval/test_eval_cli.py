@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from eval_test_helpers import char_tokenizer
@@ -83,3 +84,52 @@ def test_cli_needs_url(tmp_path, fake_sglang):
     _, model = fake_sglang
     with pytest.raises(SystemExit, match="--sglang-url"):
         main(["--model", str(model), "--engine", "sglang", "--benchmarks", "aime24", "--out", str(tmp_path / "o")])
+
+
+@pytest.fixture()
+def no_engine(monkeypatch):
+    """Fail the test if main() gets as far as loading a tokenizer (the first step of building an engine)."""
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a tokenizer/engine was built for a bad --model path")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+
+
+@pytest.mark.parametrize("engine", ["hf", "sglang"])
+def test_cli_missing_model_dir_is_one_clear_line(tmp_path, capsys, no_engine, engine):
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(missing), "--engine", engine, "--sglang-url", "http://127.0.0.1:1",
+              "--out", str(tmp_path / "o")])
+    msg = str(e.value.code)  # SystemExit(str): printed on stderr by the interpreter, exit status 1
+    assert e.value.code != 0 and "\n" not in msg
+    assert str(missing) in msg and "no such directory" in msg and "config.json" in msg
+    assert not (tmp_path / "o").exists()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_cli_model_dir_without_config_is_refused(tmp_path, no_engine):
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(model), "--engine", "hf", "--out", str(tmp_path / "o")])
+    msg = str(e.value.code)
+    assert "\n" not in msg and str(model) in msg and "config.json" in msg and "model.safetensors" in msg
+    with pytest.raises(SystemExit, match="got a file"):
+        main(["--model", str(model / "model.safetensors"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_model_path_subprocess_exit_status(tmp_path):
+    """What a user sees from `python -m eval.run --model /no/such/dir`: one line on stderr, exit 1."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, check=False,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "no such directory" in r.stderr, r.stderr
