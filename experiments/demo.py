@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
+import signal
 import time
 from pathlib import Path
 
@@ -59,34 +60,73 @@ def _steps_done(run_dir: Path) -> int:
     return rundir.last_step(run_dir) or 0
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C / SIGTERM during the grid: workers stopped, queued cells never started."""
+
+
+def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
+    """Cancel queued cells and terminate the running ones now (their run directories stay
+    resumable: a rerun restarts each from its last complete checkpoint). `_processes` is the
+    executor's own table of worker processes (CPython concurrent/futures/process.py); shutdown()
+    alone would wait for the running cells, and the pool would start the queued ones."""
+    procs = list((ex._processes or {}).values())  # read before shutdown(), which drops the table
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+
+
 def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
-    """Run cells in `jobs` spawned processes; one progress bar over all global steps."""
+    """Run cells in `jobs` spawned processes; one progress bar over all global steps.
+    Ctrl-C (or SIGTERM) stops every cell within seconds and says how to resume."""
     total = sum(c.global_steps for c in cfgs.values())
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex, \
-            tqdm(total=total, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
-        for n in cfgs:
-            rundir.clear_failed(out / n)
-        futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
-        pending = set(futs)
-        while pending:
-            done, pending = cf.wait(pending, timeout=2.0)
-            for f in done:
-                name = futs[f]
-                try:
-                    results[name] = f.result()
-                except Exception as e:  # report every failed cell, keep the others running
-                    errors[name] = f"{type(e).__name__}: {e}"
-                    (out / name).mkdir(parents=True, exist_ok=True)
-                    rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
-            bar.n = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
-            bar.set_postfix(done=f"{len(results)}/{len(cfgs)}", failed=len(errors))
-            bar.refresh()
+    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    # Ctrl-C and SIGTERM raise KeyboardInterrupt here, even when the shell started us with SIGINT
+    # ignored (a background job of a script); the parent then stops the workers itself.
+    prev = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tqdm(total=total, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
+            for n in cfgs:
+                rundir.clear_failed(out / n)
+            futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
+            _wait_cells(futs, cfgs, out, bar, results, errors)
+    except KeyboardInterrupt:
+        _stop_pool(ex)
+        done = sorted(results)
+        raise Interrupted(
+            f"\n[demo] interrupted: stopped all cells ({len(done)} of {len(cfgs)} complete). Every run directory "
+            f"under {out} is resumable: run the same command again (e.g. `make demo`) and complete cells are "
+            "skipped, the others resume from their last checkpoint."
+        ) from None
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+    ex.shutdown(wait=True)
     if errors:
         raise RuntimeError("cells failed:\n" + "\n".join(f"  {n}: {e}" for n, e in errors.items()))
     return results
+
+
+def _wait_cells(futs: dict, cfgs: dict, out: Path, bar, results: dict, errors: dict) -> None:
+    pending = set(futs)
+    while pending:
+        done, pending = cf.wait(pending, timeout=2.0)
+        for f in done:
+            name = futs[f]
+            try:
+                results[name] = f.result()
+            except Exception as e:  # report every failed cell, keep the others running
+                errors[name] = f"{type(e).__name__}: {e}"
+                (out / name).mkdir(parents=True, exist_ok=True)
+                rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
+        bar.n = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
+        bar.set_postfix(done=f"{len(results)}/{len(cfgs)}", failed=len(errors))
+        bar.refresh()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,3 +24,39 @@ def test_demo_end_to_end_micro(micro_zoo, tmp_path):
     assert "sft-single-grpo-r3" in (out / "summary.md").read_text()
     for cell in s["cells"]:
         assert (out / cell / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_cell_and_queued_cells_never_start(micro_zoo, tmp_path):
+    """Regression (issue 12): SIGINT to the demo's process group (what Ctrl-C in a terminal sends)
+    used to kill the running cells while the pool went on to start the queued ones. Now all stop
+    within seconds, no queued cell starts, the message says how to resume, and a rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    cells = "sft-single-grpo,sft-single-grpo-r3,sft-multi-gspo,sft-multi-gspo-r3"
+    cmd = [sys.executable, "-m", "experiments.demo", "--out", str(out), "--zoo-dir", str(micro_zoo), "--zoo-size",
+           "micro", "--steps", "40", "--cells", cells, "--jobs", "2", "--static-prompts", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first_two = ("sft-single-grpo", "sft-single-grpo-r3")
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((out / c / "metrics.jsonl").exists() for c in first_two):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    assert all((out / c / "metrics.jsonl").exists() for c in first_two), "cells never started"
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30, "Ctrl-C took more than 30 s to stop the demo"
+    assert proc.returncode != 0
+    assert "interrupted" in output and "resume" in output
+    time.sleep(3)  # nothing may still be running and writing
+    for c in ("sft-multi-gspo", "sft-multi-gspo-r3"):
+        assert not (out / c / "metrics.jsonl").exists(), f"queued cell {c} started after Ctrl-C"
+    sizes = {c: (out / c / "metrics.jsonl").stat().st_size for c in first_two}
+    time.sleep(3)
+    assert sizes == {c: (out / c / "metrics.jsonl").stat().st_size for c in first_two}, "a cell kept running"

@@ -58,7 +58,9 @@ def test_gspo_multi_mini_step(micro_zoo, tmp_path):
     cfg = _cfg(micro_zoo, "gspo", algorithm="gspo", mini_steps=2, global_steps=2, loss_agg="seq-mean-token-mean")
     run_cell(cfg, tmp_path / "gspo", progress=False, reward_fn=parity_reward)
     m = _lines(tmp_path / "gspo" / "metrics.jsonl")
-    assert all(r["actor/mini_steps"] == 2 for r in m if r["rollout/kept_groups"] >= 2)
+    qualifying = [r for r in m if r["rollout/kept_groups"] >= 2]
+    assert qualifying, "no step kept two groups: the check below would pass vacuously"
+    assert all(r["actor/mini_steps"] == 2 for r in qualifying)
 
 
 class Killed(Exception):

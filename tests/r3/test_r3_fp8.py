@@ -23,9 +23,23 @@ def test_error_bound_per_row():
 
 
 def test_3d_expert_weights_and_bf16():
-    w = torch.randn(4, 6, 8, dtype=torch.bfloat16)
+    """Fused expert weights [E, out, in] are quantised per (expert, row): the same as quantising
+    each expert's matrix alone, within the error bound, and really on the e4m3 grid."""
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(4, 6, 64, generator=g) * torch.logspace(-2, 1, 4)[:, None, None]).to(torch.bfloat16)
     q = quantize_dequantize_fp8(w)
     assert q.shape == w.shape and q.dtype == torch.bfloat16
+    for e in range(4):
+        assert torch.equal(q[e], quantize_dequantize_fp8(w[e]))
+    wf, qf = w.float(), q.float()
+    scale = wf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    # e4m3 rounding, then bf16's own rounding of the dequantised value (2^-8 relative)
+    bound = (FP8_REL_ERR + 2.0**-8) * wf.abs() + FP8_SUBNORMAL_ABS_ERR * scale
+    assert ((qf - wf).abs() <= bound * (1 + 1e-6)).all()
+    assert not torch.equal(q, w)
+    # on each row's grid: value / scale is an e4m3 number (up to bf16 rounding of the product)
+    on_grid = (qf / scale).to(torch.float8_e4m3fn).float() * scale
+    torch.testing.assert_close(qf, on_grid, rtol=2.0**-7, atol=0)
 
 
 def test_scope_router_vs_all():
