@@ -10,14 +10,21 @@ Built against SGLang's documented native API (docs "Native APIs" and "Sampling P
   [[logprob, token_id, text|null], ...] for the generated tokens (logprobs after temperature
   unless the server sets SGLANG_RETURN_ORIGINAL_LOGPROB: do not), `meta_info.finish_reason` =
   {"type": "stop"|"length"|"abort", ...}, and `meta_info.routed_experts` = base64 of raw
-  little-endian int32 of logical shape (seqlen - 1 - start_len, num_layers, top_k): the last token
-  is never fed, so it has no row (DESIGN invariant 1). Decoded by r3.trace.from_sglang.
+  little-endian int32 of logical shape (seqlen - 1 - start_len, num_hidden_layers, top_k): the last
+  token is never fed, so it has no row (DESIGN invariant 1). SGLang reports a row for every decoder
+  layer; `decode_routed_experts` keeps the MoE layers' rows only (a model with dense layers, e.g.
+  mlp_only_layers, has fewer MoE layers than rows) and stores ids as uint8 when E <= 256 (an int64
+  trace of one 8k-token sample of Qwen3-30B-A3B is 25 MB; uint8 is 3 MB), widened only when the
+  batch is padded for replay.
 - POST /update_weights_from_disk {"model_path", "weight_version"} -> {"success", "message"}. The
   directory holds the weights under the names of an HF checkpoint on disk (`to_checkpoint_names`:
   per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, which SGLang's and vLLM's Qwen3-MoE
   loaders match), in the served checkpoint's dtype, never transformers-5's fused in-memory names
   (`mlp.experts.gate_up_proj`), which those loaders skip without a word.
 - GET /health -> 200 when the server is up.
+Request size is bounded: a /generate batch holds at most `batch_size` prompts and at most
+`max_response_mb` of estimated response JSON (routing base64 + logprob entries for prompt + max new
+tokens), so 64 samples of 8k tokens with routing (about 1 GB of JSON) become several requests.
 Standard library only (urllib + concurrent.futures). Batches go round-robin to the servers,
 several in flight per server; connection errors and 502/503/504 are retried with exponential
 backoff. The transport is injectable, so the client is tested against recorded request/response
@@ -27,6 +34,7 @@ here (no GPU): untested end to end.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import dataclasses
 import http.client
@@ -43,7 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
-from r3.trace import RoutingSpec, from_sglang
+from r3.trace import RoutingSpec, RoutingTrace
 
 Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
 """(method, url, json body or None, timeout s) -> (HTTP status, parsed JSON or text). Raises
@@ -75,6 +83,54 @@ class SGLangRolloutConfig:
     """Retries on connection errors and 502/503/504."""
     send_seeds: bool = True
     """Pass SamplingParams.seed as per-prompt `sampling_seed`."""
+    max_response_mb: float = 256.0
+    """Upper bound on one /generate response's estimated JSON size; larger batches are split."""
+
+
+LOGPROB_ENTRY_BYTES = 40
+"""JSON bytes of one `[logprob, token_id, null]` entry of output_token_logprobs (about 35 written)."""
+
+
+def response_bytes_estimate(prompt_len: int, max_new_tokens: int, *, routing_layers: int, top_k: int) -> int:
+    """Upper estimate of one sample's /generate response JSON: base64 of int32 routing rows for
+    every fed token (4/3 x 4 B per id) plus one logprob entry per generated token."""
+    fed = prompt_len + max_new_tokens - 1
+    return fed * routing_layers * top_k * 4 * 4 // 3 + max_new_tokens * LOGPROB_ENTRY_BYTES
+
+
+def decode_routed_experts(b64: str | bytes, *, seqlen: int, spec: RoutingSpec,
+                          layer_ids: Sequence[int] | None = None, num_rows: int | None = None) -> RoutingTrace:
+    """SGLang's `meta_info.routed_experts` -> a validated RoutingTrace of the MoE layers, uint8 when
+    E <= 256 (int32 otherwise).
+
+    Wire format: base64 of little-endian int32, shape (seqlen - 1, num_rows, top_k) with num_rows =
+    num_hidden_layers (a row per decoder layer); layer_ids: which rows are MoE layers (None: every
+    row, num_rows = spec.num_layers). A payload with exactly spec.num_layers rows is accepted too."""
+    import numpy as np
+
+    raw = base64.b64decode(b64)
+    if len(raw) % 4:
+        raise ValueError(f"routed_experts has {len(raw)} bytes, not a whole number of int32 values")
+    flat = np.frombuffer(raw, dtype="<i4")
+    tokens, k = seqlen - 1, spec.top_k
+    rows = num_rows if num_rows is not None else spec.num_layers
+    if flat.size == tokens * rows * k:
+        ids = flat.reshape(tokens, rows, k)
+        if layer_ids is not None and rows != spec.num_layers:
+            ids = ids[:, list(layer_ids)]
+    elif flat.size == tokens * spec.num_layers * k:  # a server that sends MoE rows only
+        ids = flat.reshape(tokens, spec.num_layers, k)
+    else:
+        raise ValueError(
+            f"routed_experts element count does not match sample tokens: got={flat.size}, expected="
+            f"{tokens * rows * k} (tokens={tokens} = seqlen {seqlen} - 1, rows={rows} decoder layers, topk={k})"
+            f" or {tokens * spec.num_layers * k} (MoE layers only: {spec.num_layers})"
+        )
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or hi >= spec.num_experts:
+        raise ValueError(f"expert ids must be in [0, {spec.num_experts}), got min={lo} max={hi}")
+    narrow = np.uint8 if spec.num_experts <= 256 else np.int32
+    return RoutingTrace(torch.from_numpy(np.array(ids, dtype=narrow)), spec)  # a writable copy
 
 
 def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,6 +219,9 @@ class SGLangRolloutEngine:
         base_model_path: str | Path | None = None,
         send_seeds: bool = True,
         transport: Transport | None = None,
+        layer_ids: Sequence[int] | None = None,
+        num_hidden_layers: int | None = None,
+        max_response_mb: float = 256.0,
     ):
         """routing_spec: (L, K, E) of the served model, needed for capture_routing (build it with
         RoutingSpec.from_hf_config; SGLang reports num_hidden_layers rows, so every layer must be
@@ -170,7 +229,10 @@ class SGLangRolloutEngine:
         system) where sync_weights writes checkpoints; base_model_path: the served checkpoint,
         whose config/tokenizer files are copied beside the new weights. send_seeds: pass
         SamplingParams.seed as per-prompt `sampling_seed` (SamplingParams field of current SGLang;
-        turn off for servers that predate it)."""
+        turn off for servers that predate it). layer_ids / num_hidden_layers: which of SGLang's
+        per-decoder-layer routing rows are MoE layers (from_model_config reads them from the
+        checkpoint; None: every row). max_response_mb: split batches whose estimated response is
+        larger (response_bytes_estimate)."""
         urls = [u.rstrip("/") for u in urls]
         if not urls:
             raise ValueError("SGLangRolloutEngine needs at least one server URL (e.g. http://host:30000)")
@@ -192,6 +254,11 @@ class SGLangRolloutEngine:
         self.send_seeds = send_seeds
         self.transport = transport or urllib_transport
         self.weight_version = 0
+        self.layer_ids = list(layer_ids) if layer_ids is not None else None
+        self.num_hidden_layers = num_hidden_layers
+        if max_response_mb <= 0:
+            raise ValueError(f"max_response_mb must be > 0, got {max_response_mb}")
+        self.max_response_bytes = int(max_response_mb * 1e6)
 
     @classmethod
     def from_model_config(cls, urls: Sequence[str], model_path: str | Path, **kw: Any) -> "SGLangRolloutEngine":
@@ -199,8 +266,17 @@ class SGLangRolloutEngine:
         model without routed experts gets no spec (the engine then does not capture routing)."""
         from transformers import AutoConfig
 
+        if Path(model_path).is_dir() and not (Path(model_path) / "config.json").exists():
+            # a tokenizer-only directory (evaluation): generation works, routing capture does not
+            return cls(urls, routing_spec=None, base_model_path=kw.pop("base_model_path", model_path), **kw)
         hf_cfg = AutoConfig.from_pretrained(str(model_path))
         spec = RoutingSpec.from_hf_config(hf_cfg) if getattr(hf_cfg, "num_experts", None) else None
+        if spec is not None:  # SGLang sends a routing row per decoder layer; keep the MoE layers'
+            step = getattr(hf_cfg, "decoder_sparse_step", 1) or 1
+            only = set(getattr(hf_cfg, "mlp_only_layers", []) or [])
+            kw.setdefault("layer_ids", [i for i in range(hf_cfg.num_hidden_layers)
+                                        if i not in only and (i + 1) % step == 0])
+            kw.setdefault("num_hidden_layers", hf_cfg.num_hidden_layers)
         return cls(urls, routing_spec=spec, base_model_path=kw.pop("base_model_path", model_path), **kw)
 
     @classmethod
@@ -209,7 +285,7 @@ class SGLangRolloutEngine:
         return cls.from_model_config(
             cfg.urls, cfg.model_path, weight_sync_dir=cfg.weight_sync_dir, batch_size=cfg.batch_size,
             in_flight_per_server=cfg.in_flight_per_server, request_timeout_s=cfg.request_timeout_s,
-            retries=cfg.retries, send_seeds=cfg.send_seeds, **kw,
+            retries=cfg.retries, send_seeds=cfg.send_seeds, max_response_mb=cfg.max_response_mb, **kw,
         )
 
     @property
@@ -314,14 +390,31 @@ class SGLangRolloutEngine:
                         f"result {i} has no meta_info.routed_experts although return_routed_experts was true: "
                         "start the SGLang server with --enable-return-routed-experts (needed for R3 replay)"
                     )
-                trace = from_sglang(meta["routed_experts"], seqlen=len(prompt) + len(ids),
-                                    spec=self.routing_spec).expert_ids_TLK
+                trace = decode_routed_experts(meta["routed_experts"], seqlen=len(prompt) + len(ids),
+                                              spec=self.routing_spec, layer_ids=self.layer_ids,
+                                              num_rows=self.num_hidden_layers).expert_ids_TLK
             samples.append(RolloutSample(
                 prompt_ids=list(prompt), response_ids=ids,
                 logprobs_R=torch.tensor([float(e[0]) for e in olp], dtype=torch.float32),
                 expert_ids_TLK=trace, finish_reason=kind,
             ))
         return samples
+
+    def request_spans(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                      capture_routing: bool) -> list[tuple[int, int]]:
+        """[start, stop) prompt ranges of the /generate requests: at most batch_size prompts and at
+        most max_response_mb of estimated response each (a single prompt may exceed it alone)."""
+        rows = (self.num_hidden_layers or self.routing_spec.num_layers) if capture_routing else 0
+        k = self.routing_spec.top_k if capture_routing else 0
+        spans, start, size = [], 0, 0
+        for i, p in enumerate(prompts):
+            est = response_bytes_estimate(len(p), params.max_new_tokens, routing_layers=rows, top_k=k)
+            if i > start and (i - start >= self.batch_size or size + est > self.max_response_bytes):
+                spans.append((start, i))
+                start, size = i, 0
+            size += est
+        spans.append((start, len(prompts)))
+        return spans
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  capture_routing: bool = False) -> list[RolloutSample]:
@@ -337,11 +430,12 @@ class SGLangRolloutEngine:
                                      "encoded with a different tokenizer?")
         if not prompts:
             return []
-        starts = list(range(0, len(prompts), self.batch_size))
+        spans = self.request_spans(prompts, params, capture_routing=capture_routing)
+        starts = [a for a, _ in spans]
 
         def run(b: int) -> list[RolloutSample]:
-            start = starts[b]
-            chunk = prompts[start : start + self.batch_size]
+            start, stop = spans[b]
+            chunk = prompts[start:stop]
             body = self.request_body(chunk, params, capture_routing=capture_routing, seed_offset=start)
             payload = self._request("POST", f"{self.urls[b % len(self.urls)]}/generate", body)
             return self.parse_response(chunk, payload, capture_routing=capture_routing)

@@ -57,7 +57,8 @@ def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, *, with
 
 class MegatronTrainEngine:
     """See the module docstring. `hf_model_or_path`: a transformers Qwen3MoeForCausalLM /
-    Qwen3ForCausalLM, or a directory it can be loaded from (`from_pretrained`, fp32)."""
+    Qwen3ForCausalLM, or its checkpoint directory (safetensors, read lazily in fp32 by
+    r3.engines.megatron.hf_io: each rank reads the dense weights and only its own experts)."""
 
     def __init__(
         self,
@@ -79,13 +80,17 @@ class MegatronTrainEngine:
                 f"TP = PP = 1 (megatron refuses TP > 1 MoE training without sequence parallelism, and no "
                 f"pipeline schedule is wired); scale with expert_parallel and data parallelism"
             )
-        if isinstance(hf_model_or_path, (str, Path)):
-            from transformers import AutoModelForCausalLM
+        if isinstance(hf_model_or_path, (str, Path)):  # read lazily: each rank only the tensors it keeps
+            from transformers import AutoConfig
 
-            hf_model_or_path = AutoModelForCausalLM.from_pretrained(str(hf_model_or_path), dtype=torch.float32)
+            from r3.engines.megatron.hf_io import LazyHFStateDict
+
+            self.hf_config = AutoConfig.from_pretrained(str(hf_model_or_path))
+            hf_sd = LazyHFStateDict(hf_model_or_path)
+        else:
+            self.hf_config, hf_sd = hf_model_or_path.config, hf_model_or_path.state_dict()
         if micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole mini-batch), got {micro_batch}")
-        self.hf_config = hf_model_or_path.config
         self.micro_batch, self.grad_clip, self.recompute = micro_batch, grad_clip, recompute
         torch.manual_seed(seed)
         self.is_moe = self.hf_config.model_type == "qwen3_moe"
@@ -93,7 +98,7 @@ class MegatronTrainEngine:
         self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
                                      tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel)
         ep_rank, ep_size = parallel.ep_rank_size()
-        load_hf_weights(self.model, hf_model_or_path.state_dict(), self.hf_config, ep_rank=ep_rank, ep_size=ep_size)
+        load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size)
         self.dp_rank, self.dp_size = parallel.dp_rank_size()
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
