@@ -4,7 +4,7 @@
         --n-samples K --temperature T --out DIR [--sglang-url URL ...] [--max-new-tokens N]
 
 Inputs: a transformers checkpoint directory (engine `hf`: generated in-process by
-r3.engines.hf_rollout.HFRolloutEngine) or the same path for its tokenizer plus running SGLang
+r3.engines.hf.rollout.HFRolloutEngine) or the same path for its tokenizer plus running SGLang
 servers (engine `sglang`: r3.engines.sglang.SGLangRolloutEngine); benchmark names as in
 eval.benchmarks.load (registered names, local files, hub datasets).
 Outputs in DIR: `samples.jsonl`, one record per (benchmark, problem, sample): problem id, sample
@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from eval import benchmarks as bench_mod
 from eval import grader, templates
-from r3.engines.base import RolloutEngine, SamplingParams
+from experiments import rundir
+from r3.engines.base import PRECISIONS, RolloutEngine, SamplingParams
 
 _SETTING_KEYS = ("template", "temperature", "top_p", "max_new_tokens", "seed")
 
@@ -86,23 +87,10 @@ def summarize(records: Sequence[dict], *, benchmarks: Sequence[str], n_samples: 
 
 
 def _read_records(path: Path) -> list[dict]:
-    """Valid records of a per-sample file; a torn last line (killed mid-write) is dropped and the
-    file rewritten without it, so later appends start on a clean line."""
-    if not path.exists():
-        return []
-    good, torn = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            good.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn += 1
-    if torn:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in good), encoding="utf-8")
-        os.replace(tmp, path)
-    return good
+    """Valid records of a per-sample file (experiments.rundir's reader); a torn last line (killed
+    mid-write) is cut from the file, so later appends start on a clean line."""
+    rundir.drop_torn_tail(path)
+    return rundir.read_jsonl(path)
 
 
 def _batch_seed(seed: int, benchmark: str, batch_index: int) -> int:
@@ -236,25 +224,36 @@ def evaluate(
                      benchmarks=keys, n_samples=n_samples, template=template)
 
 
-def _build_engine(args, tokenizer) -> RolloutEngine:
-    if args.engine == "hf":
-        try:
-            from r3.engines.hf_rollout import HFRolloutEngine
-        except ImportError as e:
-            raise SystemExit(f"--engine hf needs r3.engines.hf_rollout.HFRolloutEngine: {e}") from e
-        return HFRolloutEngine(args.model, precision=args.precision, device=args.device, seed=args.seed)
-    from r3.engines.sglang import SGLangRolloutEngine
+def registry_names() -> tuple[str, ...]:
+    from r3.engines.registry import rollout_engine_names
 
-    urls = [u for spec in args.sglang_url for u in spec.split(",") if u]
-    if not urls:
-        raise SystemExit("--engine sglang needs --sglang-url http://HOST:PORT (one per server)")
-    return SGLangRolloutEngine(urls, tokenizer_or_none=tokenizer)
+    return rollout_engine_names()
+
+
+def _build_engine(args) -> RolloutEngine:
+    """Through the engine registry (r3.engines.registry), like every other stage."""
+    from r3.engines import registry
+
+    if args.engine == "sglang":
+        urls = tuple(u for spec in args.sglang_url for u in spec.split(",") if u)
+        if not urls:
+            raise SystemExit("--engine sglang needs --sglang-url http://HOST:PORT (one per server)")
+        cfg = registry.rollout_config("sglang", urls=urls, model_path=args.model)
+    elif args.engine == "hf":
+        cfg = registry.rollout_config("hf", model_path=args.model, precision=args.precision, device=args.device,
+                                      seed=args.seed)
+    else:
+        cfg = registry.rollout_config(args.engine, model_path=args.model, precision=args.precision, seed=args.seed)
+    try:
+        return registry.build_rollout_engine(cfg)
+    except ImportError as e:
+        raise SystemExit(f"--engine {args.engine} cannot be built here ({e}); install its extra (see README)") from e
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory or hub name (weights for hf; tokenizer always)")
-    p.add_argument("--engine", choices=("hf", "sglang"), default="hf")
+    p.add_argument("--engine", choices=registry_names(), default="hf", help="a rollout engine of r3.engines.registry")
     p.add_argument("--benchmarks", default="aime24,aime25,amc23,math500", help="comma-separated names or paths")
     p.add_argument("--n-samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -265,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
     p.add_argument("--grader-workers", type=int, default=2)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16", help="hf engine numerics")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="in-process engine numerics (hf, vllm)")
     p.add_argument("--device", default="cpu", help="hf engine device")
     p.add_argument("--sglang-url", action="append", default=[], help="SGLang server URL (repeat or comma-separate)")
     p.add_argument("--out", required=True, type=Path)
@@ -275,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = _build_engine(args, tokenizer)
+    engine = _build_engine(args)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -63,9 +63,8 @@ def read_jsonl(path: Path, *, complete: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    """Append one record as one line (a kill can tear at most this line). A torn last line left
-    by an earlier kill is dropped first, so the new record never joins it."""
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so the next append starts clean."""
     path = Path(path)
     if path.exists() and path.stat().st_size:
         with path.open("rb+") as f:
@@ -74,7 +73,13 @@ def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
                 text = path.read_bytes()
                 f.seek(0)
                 f.truncate(text.rfind(b"\n") + 1)
-    with path.open("a") as f:
+
+
+def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    """Append one record as one line (a kill can tear at most this line), after dropping a torn
+    last line left by an earlier kill."""
+    drop_torn_tail(path)
+    with Path(path).open("a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
