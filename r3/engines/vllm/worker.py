@@ -27,8 +27,11 @@ import torch
 def repack_cpu_moe_weights(model: torch.nn.Module) -> int:
     """Re-run vLLM's CPU MoE prepack on every unquantized CPU MoE layer of `model`; returns the
     number of layers repacked (0 on GPU builds and for dense models)."""
-    from vllm._custom_ops import cpu_prepack_moe_weight
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    try:
+        from vllm._custom_ops import cpu_prepack_moe_weight
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a build without the CPU MoE kernels: nothing to repack
+        return 0
 
     n = 0
     for name, layer in model.named_modules():

