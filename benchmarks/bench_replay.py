@@ -28,7 +28,6 @@ from tqdm import tqdm
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from r3.engines.base import SamplingParams
-from r3.engines.hf.rollout import HFRolloutEngine
 from r3.engines.hf.replay import RoutingReplay
 from r3.trace import RoutingSpec, RoutingTrace, encode
 
@@ -92,8 +91,13 @@ def bench_storage() -> list[tuple[str, str, float, float]]:
 
 
 def bench_rollout(seed: int) -> float:
-    model = tiny_moe(seed).eval()
-    eng = HFRolloutEngine(model, precision="bf16", seed=seed)
+    import tempfile
+
+    from r3.engines import registry
+
+    with tempfile.TemporaryDirectory() as d:  # engines are built from checkpoints, through the registry
+        tiny_moe(seed).save_pretrained(d)
+        eng = registry.build_rollout_engine(registry.rollout_config("hf", model_path=d, precision="bf16", seed=seed))
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(2, 128, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
                for _ in range(128)]
