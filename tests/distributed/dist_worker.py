@@ -7,7 +7,9 @@ Builds the megatron train engine from the tiny Qwen3-MoE in DIR with the given e
 size (DP = world size / TP / PP), and on one fixed global batch of B = 5 sequences (uneven over
 two DP ranks, so the padding path runs) computes: logits; logprobs with native routing, recorded
 routing, and a forced routing trace (REPLAY); one train_step with a fixed loss; the weights after
-it (rollout_state_dict, experts gathered over EP). Each rank also checks that the routing it was
+it (rollout_state_dict, experts gathered over EP); once with fp32 parameters and AdamW, once
+with bf16 parameters, megatron's DDP (fp32 main grads) and distributed optimizer, two engines in
+one process. Each rank also checks that the routing it was
 given to replay is exactly the rows of its own DP slice, in megatron's seq-major order. Rank 0
 writes everything to --out.
 """
@@ -44,15 +46,8 @@ def global_batch(spec: RoutingSpec) -> tuple[TrainBatch, torch.Tensor]:
     return TrainBatch(input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=loss_mask, expert_ids_BTLK=forced), adv
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--micro-batch", type=int, default=2)
-    args = ap.parse_args()
-
-    eng = MegatronTrainEngine(args.model, lr=1e-3, micro_batch=args.micro_batch, expert_parallel=args.ep)
+def run(model: str, ep: int, micro_batch: int, precision: str) -> dict:
+    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=micro_batch, expert_parallel=ep, precision=precision)
     batch, adv = global_batch(eng.spec)
     out: dict = {"layout": eng.layout.describe(), "world": dist.get_world_size()}
 
@@ -94,6 +89,18 @@ def main() -> None:
     metrics = eng.train_step(batch, loss_fn, routing=ReplayMode.REPLAY)
     out["metrics"] = {k: float(v) for k, v in metrics.items()}
     out["weights"] = eng.rollout_state_dict()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    args = ap.parse_args()
+    out = {prec: run(args.model, args.ep, args.micro_batch, prec) for prec in args.precisions.split(",")}
     if dist.get_rank() == 0:
         torch.save(out, args.out)
     dist.barrier()

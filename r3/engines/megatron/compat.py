@@ -103,3 +103,63 @@ def cpu_device_scope() -> Iterator[None]:
         yield
     finally:
         torch.cuda.current_device = previous
+
+
+_FACTORIES = ("tensor", "zeros", "empty", "ones", "full", "arange", "zeros_like", "empty_like", "ones_like")
+
+
+def _cpu_device(device):
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+@contextlib.contextmanager
+def cuda_as_cpu() -> Iterator[None]:
+    """Shim 5 (scoped, for megatron's DDP and optimizers: bf16 training on CPU, tests only):
+    megatron's mixed-precision optimizers hard-code CUDA in three ways, and each is redirected to
+    the CPU inside this block:
+    - tensors created with `device='cuda'` or `torch.cuda.current_device()` (found_inf, the loss
+      scale, grad-norm buffers in optimizer.py and clip_grads.py): the torch factory functions
+      named in _FACTORIES get device "cpu" instead;
+    - tensor type checks such as `param.type() in ['torch.cuda.BFloat16Tensor', ...]`
+      (Float16OptimizerWithFloat16Params, DistributedOptimizer): `Tensor.type()` without
+      arguments answers the CUDA type name of a CPU tensor;
+    - `torch.cuda.current_device()` names the CPU (as cpu_device_scope).
+    Global while active (single-threaded training code only), restored on exit; a no-op with CUDA.
+    """
+    if not _cuda_absent():
+        yield
+        return
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def redirect(factory):
+        def wrapper(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return factory(*args, **kwargs)
+
+        return wrapper
+
+    tensor_type = torch.Tensor.type
+
+    def cuda_type_name(self, *args, **kwargs):
+        out = tensor_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and ".cuda." not in out:
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    current = torch.cuda.current_device
+    try:
+        for name, factory in saved.items():
+            setattr(torch, name, redirect(factory))
+        torch.Tensor.type = cuda_type_name
+        torch.cuda.current_device = _cpu_current_device
+        yield
+    finally:
+        for name, factory in saved.items():
+            setattr(torch, name, factory)
+        torch.Tensor.type = tensor_type
+        torch.cuda.current_device = current

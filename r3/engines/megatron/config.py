@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +34,14 @@ class MegatronTrainConfig:
     """EP size: the experts of every MoE layer split over this many ranks (allgather dispatcher on
     CPU, alltoall on GPU). Data parallelism is the rest: DP = world size / (TP x PP)."""
 
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32: fp32 parameters, torch AdamW replicated on DP ranks (the embedded default). bf16: bf16
+    parameters, fp32 main gradients and megatron's distributed optimizer (fp32 master weights and
+    Adam state sharded over DP): what a 30B model needs on 80 GB GPUs (r3.engines.megatron.optim)."""
+
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"MegatronTrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
             raise ValueError(f"MegatronTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
                              f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}")

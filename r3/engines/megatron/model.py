@@ -84,6 +84,7 @@ def transformer_config_from_hf(
     tp: int = 1,
     pp: int = 1,
     ep: int = 1,
+    precision: str = "fp32",
 ):
     """megatron TransformerConfig for a Qwen3-MoE / Qwen3 transformers config, fp32.
 
@@ -99,6 +100,10 @@ def transformer_config_from_hf(
     router_dtype: megatron `moe_router_dtype` (None: the input dtype, as transformers does).
     tp, pp, ep: tensor / pipeline / expert model-parallel sizes (must equal megatron's parallel
         state, r3.engines.megatron.parallel.init_parallel).
+    precision: "fp32" (parameters and activations fp32) or "bf16" (bf16 parameters and activations,
+        megatron `bf16=True`; the router computes in fp32 unless router_dtype says otherwise;
+        gradients are summed per token by the caller: `calculate_per_token_loss`, so megatron's DDP
+        does not divide them by the DP size, see r3.engines.megatron.train).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -109,6 +114,10 @@ def transformer_config_from_hf(
             "never calls the replay hook), so replayed routing would be silently ignored; "
             "set router_fusion=False when routing replay is on (DESIGN.md invariant 3)"
         )
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if router_dtype is None and precision == "bf16":
+        router_dtype = "fp32"  # routing scores in fp32, as megatron's bf16 recipes do
     if token_dispatcher is None:
         token_dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
     kw = dict(
@@ -127,7 +136,9 @@ def transformer_config_from_hf(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        params_dtype=torch.float32,
+        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        bf16=precision == "bf16",
+        calculate_per_token_loss=precision == "bf16",
         use_cpu_initialization=not torch.cuda.is_available(),
         # Weights are loaded from the transformers model right after construction.
         perform_initialization=False,

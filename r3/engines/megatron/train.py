@@ -21,7 +21,6 @@ Departures from a full Megatron training stack (say so where it matters):
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from r3.engines.megatron import parallel
 from r3.engines.megatron.config import MegatronTrainConfig
 from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
 from r3.engines.megatron.compat import cpu_device_scope
+from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
 from r3.engines.megatron.replay import MegatronRouterReplay
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
@@ -73,6 +73,7 @@ class MegatronTrainEngine:
         tensor_parallel: int = 1,
         pipeline_parallel: int = 1,
         expert_parallel: int = 1,
+        precision: str = "fp32",
     ):
         if tensor_parallel != 1 or pipeline_parallel != 1:
             raise NotImplementedError(
@@ -95,14 +96,19 @@ class MegatronTrainEngine:
         torch.manual_seed(seed)
         self.is_moe = self.hf_config.model_type == "qwen3_moe"
         self.layout = parallel.init_parallel(tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, seed=seed)
+        self.precision = precision
         self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
-                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel)
+                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, precision=precision)
         ep_rank, ep_size = parallel.ep_rank_size()
         load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size)
         self.dp_rank, self.dp_size = parallel.dp_rank_size()
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        if precision == "bf16":
+            self.optim = MegatronMixedPrecision(self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
+        else:
+            self.optim = Fp32AdamW(self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                                   world_size=self.layout.world_size)
         self.device = next(self.model.parameters()).device
         self.steps = 0
 
@@ -112,7 +118,7 @@ class MegatronTrainEngine:
         return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                    micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute,
                    tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
-                   expert_parallel=cfg.expert_parallel)
+                   expert_parallel=cfg.expert_parallel, precision=cfg.precision)
 
     # --- batch handling ---------------------------------------------------------------------
     def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
@@ -201,7 +207,7 @@ class MegatronTrainEngine:
             raise ValueError("train_step takes routing OFF or REPLAY (record with compute_logprobs)")
         self._check_batch(batch, routing)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optim.zero_grad()
         B = batch.input_ids_BS.shape[0]
         mode = routing
         batch, start, real = self._local(batch)
@@ -214,7 +220,7 @@ class MegatronTrainEngine:
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
                 with (self._session(mode, batch, rows, recompute=self.recompute) if self.is_moe
                       else contextlib.nullcontext()) as sess:
-                    logits = gpt_logits(self.model, ids_BS)
+                    logits = gpt_logits(self.optim.module, ids_BS)
                     if sess is not None:
                         sess.end_forward()
                     logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
@@ -231,24 +237,13 @@ class MegatronTrainEngine:
             totals["actor/loss"] = loss_total
             totals = parallel.allreduce_sum(totals)
             loss_total = totals.pop("actor/loss")
-        if self.layout.world_size > 1:
-            params = list(self.model.parameters())
-            parallel.allreduce_grads(params)
-            grad_norm_t = parallel.clip_grad_norm(params, self.grad_clip)
-        else:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        grad_norm = float(grad_norm_t)  # one sync: the skip decision needs it on the host
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        grad_norm_t, skipped = self.optim.step()  # sum over replicas, clip, step (skipped if not finite)
+        if not skipped:
             self.steps += 1
         totals.update({
             "actor/loss": loss_total,
-            "actor/grad_norm": grad_norm_t.detach(),
-            "actor/lr": self.optimizer.param_groups[0]["lr"],
+            "actor/grad_norm": grad_norm_t,
+            "actor/lr": self.optim.lr,
             "actor/skipped_step": float(skipped),
         })
         return totals
@@ -279,7 +274,8 @@ class MegatronTrainEngine:
             # tensors only: megatron's `_extra_state` entries (TE fp8 metadata; None/BytesIO without
             # TE) would need pickle to load, so they are dropped and the load is weights_only
             "model": {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optim.state_dict(),
+            "precision": self.precision,
             "steps": self.steps,
             "torch_rng": torch.get_rng_state(),
             "shape": {k: getattr(self.hf_config, k, None) for k in _SHAPE_KEYS},
@@ -304,6 +300,9 @@ class MegatronTrainEngine:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ValueError(f"checkpoint {f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("precision", "fp32") != self.precision:
+            raise ValueError(f"checkpoint {f} was written with precision {state.get('precision', 'fp32')!r}, this "
+                             f"engine runs {self.precision!r}")
+        self.optim.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
         torch.set_rng_state(state["torch_rng"])
