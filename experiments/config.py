@@ -113,6 +113,9 @@ class RunConfig:
     parallelism is the rest (DP = training ranks / (TP x PP)); r3.engines.megatron.parallel."""
     train_recompute: bool = False
     """megatron full activation recompute (replay then runs again in backward: REPLAY_BACKWARD)."""
+    train_precision: Literal["fp32", "bf16"] = "fp32"
+    """megatron trainer numerics: fp32 (embedded default), or bf16 parameters with fp32 main grads
+    and megatron's distributed optimizer (what a 30B model needs; r3.engines.megatron.optim)."""
 
     # --- data ------------------------------------------------------------------------------
     train_data: str = "synthetic"
@@ -171,9 +174,13 @@ class RunConfig:
         if self.train_micro_batch < 0:
             errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
-        if min(par) < 1 or ((par != (1, 1, 1) or self.train_recompute) and self.train_engine != "megatron"):
+        megatron_only = par != (1, 1, 1) or self.train_recompute or self.train_precision != "fp32"
+        if min(par) < 1 or (megatron_only and self.train_engine != "megatron"):
             errors.append(f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 (or "
-                          f"train_recompute) need train_engine='megatron' (got {self.train_engine!r})")
+                          f"train_recompute, train_precision='bf16') need train_engine='megatron' "
+                          f"(got {self.train_engine!r})")
+        if self.train_precision not in ("fp32", "bf16"):
+            errors.append(f"train_precision must be 'fp32' or 'bf16', got {self.train_precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
             errors.append(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
         if self.dual_clip is not None and self.dual_clip <= 1:

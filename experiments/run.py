@@ -85,7 +85,7 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
     par = {} if cfg.train_engine != "megatron" else dict(
         tensor_parallel=cfg.train_tensor_parallel, pipeline_parallel=cfg.train_pipeline_parallel,
-        expert_parallel=cfg.train_expert_parallel, recompute=cfg.train_recompute)
+        expert_parallel=cfg.train_expert_parallel, recompute=cfg.train_recompute, precision=cfg.train_precision)
     tr = train_config(cfg.train_engine, model_path=model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       grad_clip=cfg.grad_clip, micro_batch=cfg.train_micro_batch, seed=cfg.seed, **par)
     return ro, tr
