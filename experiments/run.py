@@ -66,7 +66,8 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
 
     zoo_dir = Path(cfg.zoo_dir or zoo.default_zoo_dir())
     if zoo.load_manifest(zoo_dir) is None:
-        zoo.build_zoo(zoo_dir, size="tiny")
+        zoo.build_zoo(zoo_dir, size=cfg.zoo_size or "tiny")
+    zoo.check_size(zoo_dir, cfg.zoo_size)
     return zoo.model_dir(cfg.model, zoo_dir)
 
 
@@ -77,7 +78,8 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
 
     model = str(model_dir)
     if cfg.rollout_engine == "hf":
-        ro = rollout_config("hf", model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
+        ro = rollout_config("hf", model_path=model, precision=cfg.rollout_precision,
+                            fp8_scope=cfg.rollout_fp8_scope, seed=cfg.seed)
     elif cfg.rollout_engine == "sglang":
         ro = rollout_config("sglang", urls=tuple(cfg.sglang_urls), model_path=model,
                             weight_sync_dir=str(run_dir / "weight_sync"))

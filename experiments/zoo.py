@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from experiments import task
 
-ZooSize = Literal["micro", "tiny"]
+ZooSize = Literal["micro", "tiny", "deep"]
 MODEL_KINDS = ("base", "sft", "dense")
 MANIFEST = "zoo.json"
 PACK_LEN = 128
@@ -88,6 +88,15 @@ SIZES: dict[str, ZooConfig] = {
         num_experts=8, top_k=2, moe_intermediate=32,
         pretrain_steps=30, sft_steps=10, dense_pretrain_steps=15, dense_sft_steps=5,
         batch_size=32, eval_problems=16, eval_max_new_tokens=48,
+    ),
+    # The collapse study's scale axis (docs/study.md): twice the depth and twice the experts of
+    # `tiny` (~6.9M params, ~1.1M active), since the share of tokens whose routing differs in at
+    # least one layer grows with depth (paper: 94% at 48 layers; tiny: 10% at 4). Not yet built
+    # or measured; expect about 2-2.5x tiny's build and step times.
+    "deep": ZooConfig(
+        size="deep", hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32,
+        num_experts=32, top_k=4, moe_intermediate=64,
+        pretrain_steps=700, sft_steps=300, dense_pretrain_steps=700, dense_sft_steps=300,
     ),
 }
 
@@ -335,6 +344,15 @@ def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: boo
                 "eval_problems": cfg.eval_problems, "finished": time.time()}
     (zoo_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last
     return manifest
+
+
+def check_size(zoo_dir: Path, size: str | None) -> None:
+    """Refuse a zoo of another recipe than `size` (None: any); RunConfig.zoo_size."""
+    m = load_manifest(zoo_dir)
+    have = (m or {}).get("config", {}).get("size")
+    if size is not None and m is not None and have != size:
+        raise ValueError(f"zoo {zoo_dir} holds the {have!r} recipe, but the run asks for zoo_size={size!r}; "
+                         f"point zoo_dir at a {size!r} zoo (python -m experiments.zoo --size {size} --zoo-dir DIR)")
 
 
 def model_dir(kind: str, zoo_dir: Path | None = None) -> Path:

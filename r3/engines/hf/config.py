@@ -21,7 +21,8 @@ class HFRolloutConfig:
     precision: Precision = "bf16"
     """Numerics of the inference engine; the trainer is fp32, so bf16/fp8 is a real mismatch."""
     fp8_scope: Fp8Scope = "router"
-    """With precision fp8: which weights are quantised."""
+    """With precision fp8: which weights are quantised: the MoE routers only, or `all` linear layers
+    (attention, experts per expert and output channel, routers; embeddings, norms, lm_head stay bf16)."""
     device: str = "cpu"
     """torch device."""
     seed: int = 0
@@ -30,6 +31,9 @@ class HFRolloutConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"HFRolloutConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fp8_scope not in Fp8Scope.__args__:
+            raise ValueError(f"HFRolloutConfig.fp8_scope must be one of {Fp8Scope.__args__} (router only, or every "
+                             f"linear layer: r3.engines.hf.fp8), got {self.fp8_scope!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
