@@ -140,10 +140,10 @@ def memory_plan(spec: JobSpec, preset: str):
     kw = dict(world=world, tp=p.get("train_tensor_parallel", 1), pp=p.get("train_pipeline_parallel", 1),
               ep=p.get("train_expert_parallel", 1), micro_batch=micro, seq_len=PROMPT_TOKENS + p["max_new_tokens"],
               recompute=p.get("train_recompute", False))
-    today = plan_memory(shape, precision="fp32", **kw).total / 1e9
-    note += (f"; planned for bf16 + fp32 main grads + distributed optimizer: MegatronTrainEngine runs fp32 with "
-             f"replicated AdamW today, which would need {today:.1f} GB")
-    return plan_memory(shape, precision="bf16", **kw), note
+    precision = p.get("train_precision", "fp32")
+    if precision == "fp32":
+        note += "; train_precision='bf16' (bf16 + fp32 main grads + distributed optimizer) needs far less"
+    return plan_memory(shape, precision=precision, **kw), note
 
 
 def check_memory(specs: Sequence[JobSpec], preset: str) -> None:
@@ -166,8 +166,9 @@ def check_memory(specs: Sequence[JobSpec], preset: str) -> None:
             bad.append(f"{s.name}: {plan.total / GB:.1f} GB per GPU needed, {s.resources.gpu_mem_gb} GB available")
     if bad:
         raise SystemExit("refusing layouts that cannot fit:\n  " + "\n  ".join(bad) + "\nraise "
-                         "train_expert_parallel (experts dominate), set train_recompute=true or train_micro_batch=1 "
-                         "(--override KEY=VALUE), add training nodes (--nodes), or set --gpu-mem-gb")
+                         "train_expert_parallel (experts dominate), set train_precision=bf16, train_recompute=true "
+                         "or train_micro_batch=1 (--override KEY=VALUE), add training nodes (--nodes), or set "
+                         "--gpu-mem-gb")
 
 
 def _check_placeholders(specs: Sequence[JobSpec]) -> None:

@@ -30,4 +30,11 @@ def test_paper_dry_run_refuses_a_layout_that_cannot_fit(tmp_path, capsys):
 def test_paper_cells_carry_the_layout(tmp_path):
     todo, _ = submit.plan_cells(submit.parse_args(PAPER + ["--runs", str(tmp_path), "--cells", "sft-multi-gspo"]))
     p = todo[0].payload
-    assert (p["train_expert_parallel"], p["train_recompute"], p["train_micro_batch"]) == (8, True, 1)
+    assert (p["train_expert_parallel"], p["train_recompute"], p["train_micro_batch"], p["train_precision"]) == (
+        8, True, 1, "bf16")
+
+
+def test_fp32_training_is_refused_for_the_paper_layout(tmp_path):
+    with pytest.raises(SystemExit, match=r"103\.3 GB per GPU needed, 80 GB available"):
+        submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override",
+                             "train_precision=fp32"])
