@@ -20,7 +20,9 @@ Built against SGLang's documented native API (docs "Native APIs" and "Sampling P
   directory holds the weights under the names of an HF checkpoint on disk (`to_checkpoint_names`:
   per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, which SGLang's and vLLM's Qwen3-MoE
   loaders match), in the served checkpoint's dtype, never transformers-5's fused in-memory names
-  (`mlp.experts.gate_up_proj`), which those loaders skip without a word.
+  (`mlp.experts.gate_up_proj`), which those loaders skip without a word. Every later /generate
+  answer carries `meta_info.weight_version` (SGLang >= 0.5); a result from another version than
+  the last sync stops the step.
 - GET /health -> 200 when the server is up.
 Request size is bounded: a /generate batch holds at most `batch_size` prompts and at most
 `max_response_mb` of estimated response JSON (routing base64 + logprob entries for prompt + max new
@@ -393,6 +395,13 @@ class SGLangRolloutEngine:
                 trace = decode_routed_experts(meta["routed_experts"], seqlen=len(prompt) + len(ids),
                                               spec=self.routing_spec, layer_ids=self.layer_ids,
                                               num_rows=self.num_hidden_layers).expert_ids_TLK
+            served = meta.get("weight_version")
+            if self.weight_version and served is not None and str(served) != str(self.weight_version):
+                raise SGLangError(
+                    f"result {i} was generated with weight version {served!r}, but the trainer's last sync is "
+                    f"version {self.weight_version}: the server did not take the synced weights (restarted, or "
+                    f"its update failed); rollout would sample an old policy. See the server log"
+                )
             samples.append(RolloutSample(
                 prompt_ids=list(prompt), response_ids=ids,
                 logprobs_R=torch.tensor([float(e[0]) for e in olp], dtype=torch.float32),

@@ -110,3 +110,25 @@ def test_megatron_export_synced_loads_exactly(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
+
+
+def test_a_server_still_on_old_weights_stops_the_step(tmp_path):
+    from r3.engines.base import SamplingParams
+    from r3.engines.sglang import SGLangError
+
+    version = {"v": "0"}
+
+    def transport(method, url, body, timeout_s):
+        if url.endswith("/update_weights_from_disk"):
+            return 200, {"success": True}
+        return 200, [{"meta_info": {"finish_reason": {"type": "length"}, "weight_version": version["v"],
+                                    "output_token_logprobs": [[-1.0, 5, None]]}}]
+
+    eng = SGLangRolloutEngine(["http://sglang:30000"], weight_sync_dir=tmp_path / "sync", transport=transport)
+    params = SamplingParams(max_new_tokens=1)
+    eng.generate([[1, 2]], params)  # before any sync: any version is fine
+    eng.sync_weights({"model.embed_tokens.weight": torch.zeros(2, 2)})
+    with pytest.raises(SGLangError, match="weight version '0', but the trainer's last sync is version 1"):
+        eng.generate([[1, 2]], params)
+    version["v"] = "1"
+    assert len(eng.generate([[1, 2]], params)) == 1
