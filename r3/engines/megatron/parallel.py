@@ -238,32 +238,35 @@ def ep_rank_size() -> tuple[int, int]:
     return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
 
 
-def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor] | None:
     """A local-spec megatron state dict with this rank's experts (`local_experts.{i}`, i < E / EP)
-    -> the same with all E experts under their global index (all-gather over the EP group).
-    Collective: every rank of the EP group must call it."""
+    -> on the first rank of each EP group, the same with all E experts under their global index,
+    every tensor moved to the CPU as soon as it arrives (so the full model never sits on one GPU);
+    None on the other ranks. Collective: every rank of the EP group must call it. With EP = 1 every
+    rank gets its (complete) state dict on the CPU."""
     import re
 
     from megatron.core import parallel_state
 
     ep_rank, ep = ep_rank_size()
+    keep = {k: v for k, v in mg_sd.items() if not k.endswith("_extra_state")}  # TE fp8 metadata: not weights
     if ep == 1:
-        return dict(mg_sd)
+        return {k: v.detach().to("cpu", copy=True) for k, v in keep.items()}
     n_local = num_experts // ep
     pat = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
     out, local = {}, []
-    for k, v in mg_sd.items():
-        if k.endswith("_extra_state"):  # TE fp8 metadata (None / BytesIO without TE): not weights
-            continue
+    for k, v in keep.items():
         m = pat.match(k)
         if m is None:
-            out[k] = v
+            if ep_rank == 0:
+                out[k] = v.detach().to("cpu", copy=True)
         else:
             local.append((m, v))
     group = parallel_state.get_expert_model_parallel_group()
     for m, v in sorted(local, key=lambda mv: mv[0].group(0)):  # same order on every rank
-        parts = [torch.empty_like(v) for _ in range(ep)]
-        dist.all_gather(parts, v.detach().contiguous(), group=group)
-        for r, part in enumerate(parts):
-            out[f"{m.group(1)}{r * n_local + int(m.group(2))}{m.group(3)}"] = part
-    return out
+        parts = [torch.empty_like(v) for _ in range(ep)] if ep_rank == 0 else None
+        dist.gather(v.detach().contiguous(), parts, group=group, group_dst=0)
+        if ep_rank == 0:
+            for r, part in enumerate(parts):
+                out[f"{m.group(1)}{r * n_local + int(m.group(2))}{m.group(3)}"] = part.to("cpu")
+    return out if ep_rank == 0 else None

@@ -249,11 +249,15 @@ class MegatronTrainEngine:
         return totals
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """Current weights in transformers naming (cloned: safe to hand to another engine). With EP > 1
-        the experts are all-gathered over the EP group: a collective, every rank must call it."""
+        """Current weights in transformers naming, copied to the CPU (safe to hand to another engine).
+        With EP > 1 the experts are gathered to the first rank of each EP group (global rank 0
+        among them, the driver): a collective, every rank must call it; ranks that do not hold the
+        whole model get an empty dict (only the driver syncs weights to the rollout engine)."""
         n_exp = getattr(self.hf_config, "num_experts", 0) if self.is_moe else 0
         sd = parallel.gather_experts(self.model.state_dict(), n_exp)
-        return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}
+        if sd is None:
+            return {}
+        return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}  # no shared storage
 
     def checkpoint_file(self, path: str) -> Path:
         """This rank's checkpoint file in `path`: its model shard (own experts under EP), optimizer
