@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from experiments import rundir
 from experiments import run as run_mod
+from experiments import rundir
 from experiments.config import RunConfig
 
 FORWARDED = ("compute_logprobs", "train_step", "rollout_state_dict", "save", "load")
@@ -179,6 +179,9 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=
 
     if _world() <= 1:
         return run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn)
+    if cfg.train_engine != "megatron":
+        raise ValueError(f"cell {cfg.name!r}: {_world()} training ranks, but train_engine={cfg.train_engine!r} runs in "
+                         "one process (no gradient exchange); use train_engine='megatron' or one task")
     _init_process_group()
     run_dir = Path(run_dir)
     rank = dist.get_rank()

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import torchrun
+
 from experiments.config import RunConfig
 
 pytestmark = [pytest.mark.distributed, pytest.mark.megatron]

@@ -1,9 +1,10 @@
 """CPU compatibility shims for megatron-core 0.16 (no GPU, no Transformer Engine, no Apex).
 
 megatron-core is written for CUDA; on a CPU-only machine with gloo processes (one, or several
-under torchrun: r3.engines.megatron.parallel) it runs after the few small shims below. Each shim says what it works around and why. They are only
-installed when CUDA is absent (`torch.cuda.is_available()` is False), touch megatron's own
-module namespaces except for `cpu_device_scope` (scoped, restored on exit), and are idempotent.
+under torchrun: r3.engines.megatron.parallel) it runs after the few small shims below. Each shim
+says what it works around and why. They are only installed when CUDA is absent
+(`torch.cuda.is_available()` is False), touch megatron's own module namespaces except for the
+scoped `cpu_device_scope` and `cuda_as_cpu` (restored on exit), and are idempotent.
 
 Not a shim, but needed by callers on CPU: pass an explicit causal attention mask to
 `GPTModel.forward` (megatron's default causal mask is built with `device="cuda"`,

@@ -133,7 +133,8 @@ class MemoryPlan:
         return self.weights + self.grads + self.optimizer + self.activations + self.reserve
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("grads", self.grads), ("optimizer state", self.optimizer), ("activations", self.activations),
+        rows = [("weights", self.weights), ("grads", self.grads), ("optimizer state", self.optimizer),
+                ("activations", self.activations),
                 ("reserve (context, NCCL, fragmentation)", self.reserve), ("total per GPU", self.total)]
         head = (f"memory plan per GPU: {self.layout}; params on this rank: {self.dense_local / 1e9:.2f}B dense + "
                 f"{self.expert_local / 1e9:.2f}B expert")
@@ -195,7 +196,7 @@ def plan_memory(m: ModelShape, *, world: int, tp: int = 1, pp: int = 1, ep: int 
     else:
         act = tokens * layers_local * per_layer
     act = act * act_scale + tokens * m.vocab * 6 / tp
-    layout = (f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; micro-batch "
-              f"{micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}")
+    layout = (f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; "
+              f"micro-batch {micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}")
     return MemoryPlan(layout=layout, dense_local=dense_local, expert_local=expert_local, weights=weights,
                       grads=grads, optimizer=optimizer, activations=act, reserve=reserve_gb * GB)

@@ -207,19 +207,20 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     EP group, so their squared norms are summed over it (TP = 1 here: no TP-sharded duplicates)."""
     from megatron.core import parallel_state
 
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros(())
-    dense_sq = sum((g.float().pow(2).sum() for p, g in ((p, p.grad) for p in params if p.grad is not None)
-                    if getattr(p, "allreduce", True)), torch.zeros((), device=grads[0].device))
-    expert_sq = sum((p.grad.float().pow(2).sum() for p in params
-                     if p.grad is not None and not getattr(p, "allreduce", True)), torch.zeros((), device=grads[0].device))
+    dev = with_grad[0].grad.device
+    dense_sq = sum((p.grad.float().pow(2).sum() for p in with_grad if getattr(p, "allreduce", True)),
+                   torch.zeros((), device=dev))
+    expert_sq = sum((p.grad.float().pow(2).sum() for p in with_grad if not getattr(p, "allreduce", True)),
+                    torch.zeros((), device=dev))
     if parallel_state.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
     norm = (dense_sq + expert_sq).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
+    for p in with_grad:
+        p.grad.mul_(coef.to(p.grad.dtype))
     return norm
 
 

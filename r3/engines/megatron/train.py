@@ -27,9 +27,9 @@ import torch
 
 from r3.engines.base import LogprobResult, LossFn, TrainBatch
 from r3.engines.megatron import parallel
+from r3.engines.megatron.compat import cpu_device_scope
 from r3.engines.megatron.config import MegatronTrainConfig
 from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
-from r3.engines.megatron.compat import cpu_device_scope
 from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
 from r3.engines.megatron.replay import MegatronRouterReplay
 from r3.metrics import token_entropy
