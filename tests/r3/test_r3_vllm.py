@@ -121,6 +121,18 @@ def test_fp32_routing_and_logprobs_equal_the_trainers(engine, models):
     assert group[0].expert_ids_TLK is None  # not captured unless asked
 
 
+def test_engine_leaves_the_process_as_it_found_it(engine):
+    """In-process start-up must not leak vLLM's process-wide changes into the rest of the run."""
+    import os
+
+    assert "tcmalloc" not in os.environ.get("LD_PRELOAD", "") and "LOCAL_WORLD_SIZE" not in os.environ
+    torch.set_num_threads(2)  # vLLM's CPU worker had replaced it by a no-op
+    try:
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_sync_weights_takes_the_new_weights(engine, models):
     new = models["b"].state_dict()  # transformers in-memory names (fused experts)
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in new)

