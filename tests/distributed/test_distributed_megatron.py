@@ -6,7 +6,8 @@
 - DP = 2 (EP = 1): one train_step gives the same updated weights as one rank.
 - The same with bf16 parameters, megatron's DDP (fp32 main grads) and distributed optimizer
   (fp32 master + Adam sharded over DP): 2 ranks equal 1 rank within bf16 rounding.
-B = 5 sequences: the two DP ranks hold 3 and 2 rows, so the padding path runs too.
+B = 5 sequences: the two DP ranks hold 3 and 2 rows, so the padding path runs too. The model has
+3 layers, the middle one dense (mlp_only_layers), so replay maps trace layers to MoE layers only.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def test_each_rank_replays_exactly_its_rows(runs, name, prec):
     flags = runs[name][prec]["per_rank"]
     assert [f["rows"] for f in flags] == [(0, 3), (3, 5)]
     assert all(f["own_rows_replayed"] for f in flags), flags
-    # 2 micro-batches of 2 rows per rank (3 rows padded to 3 -> slices 2 + 1), 2 MoE layers each
+    # 2 micro-batches per rank (3 rows, padded to 3 -> slices of 2 + 1), 2 MoE layers each (the
+    # dense middle layer has no router and no routing rows)
     assert all(f["layers_set"] == 4 for f in flags), flags
 
 
