@@ -53,3 +53,55 @@ def test_two_slurm_tasks_train_one_cell(slurm_cluster, micro_zoo, tmp_path):
         for k in ("rollout/reward_mean", "rollout/response_len_mean", "mismatch/k3_kl", "actor/entropy",
                   "routing/pair_disagreement"):
             assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (g["step"], k)
+
+
+def _wait(cond, timeout: float, what: str, cluster):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; squeue: "
+                         f"{cluster.run(['squeue', '-h', '-o', '%i %T %r'], check=False)!r}\n{cluster.logs()}")
+
+
+@pytest.mark.slow
+def test_two_task_job_preempted_requeues_and_resumes_without_gap(slurm_cluster, micro_zoo, tmp_path):
+    """Preemption of a 2-task job (SIGTERM + SIGUSR2 to every task, as submitit's own _interrupt):
+    rank 0 requeues, both tasks restart, every rank loads its own checkpoint shard, and the final
+    metrics have each step once; the steps written before the signal are reproduced."""
+    pytest.importorskip("megatron.core")
+    runs = tmp_path / "runs"
+    steps = 6
+    over = {**OVER, "global_steps": steps, "eval_every": 10, "model_path": str(micro_zoo / "sft")}
+    cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--cells", CELL, "--precisions", "fp8",
+           "--no-static", "--no-array", "--runs", str(runs), "--cpus-per-task", "1", "--mem-gb", "4",
+           "--cpu-tasks-per-node", "2", *[x for k, v in over.items() for x in ("--override", f"{k}={json.dumps(v)}")]]
+    p = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run_dir = runs / CELL
+    job_id = json.loads((run_dir / state.JOB_JSON).read_text())["job_id"]
+    metrics = run_dir / "metrics.jsonl"
+    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 240, "step 3", slurm_cluster)
+    before = [json.loads(x) for x in metrics.read_text().splitlines()]
+    slurm_cluster.run(["scancel", "--signal", "TERM", job_id])
+    slurm_cluster.run(["scancel", "--signal", "USR2", job_id])
+    assert len(metrics.read_text().splitlines()) < steps, "the run ended before the signal: lengthen it"
+    _wait(lambda: not slurm_cluster.run(["squeue", "-h", "-j", job_id], check=False).strip(), 300,
+          "the requeued job to finish", slurm_cluster)
+    out = slurm_cluster.run(["scontrol", "show", "job", job_id], check=False)
+    assert "Restarts=1" in out, out
+    assert state.run_status(run_dir).state == state.RunState.COMPLETE, sorted(p.name for p in run_dir.iterdir())
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no gap, no repeat
+    for b, r in zip(before, rows):  # steps redone after the resume equal the first attempt's
+        for k, v in b.items():
+            if not k.startswith("time"):
+                assert r[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (b["step"], k)
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.out"))
+    assert "checkpoint requested" in log and "Requeued job" in log
+    assert "resumed from checkpoint step" in (run_dir / "log.txt").read_text()
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / f"step_{steps}" / "train").iterdir())
+    assert len(shards) == 2
