@@ -105,7 +105,7 @@ class RunConfig:
     train_micro_batch: int = 0
     """Sequences per forward/backward micro-batch (0: the whole mini-batch at once)."""
     train_tensor_parallel: int = 1
-    """megatron TP size (train_engine 'megatron'; the engine runs TP = 1 so far)."""
+    """megatron TP size, with sequence parallelism when > 1 (train_engine 'megatron')."""
     train_pipeline_parallel: int = 1
     """megatron PP size (train_engine 'megatron'; the engine runs PP = 1 so far)."""
     train_expert_parallel: int = 1

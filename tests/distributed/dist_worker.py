@@ -46,14 +46,15 @@ def global_batch(spec: RoutingSpec) -> tuple[TrainBatch, torch.Tensor]:
     return TrainBatch(input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=loss_mask, expert_ids_BTLK=forced), adv
 
 
-def run(model: str, ep: int, micro_batch: int, precision: str) -> dict:
-    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=micro_batch, expert_parallel=ep, precision=precision)
+def run(model: str, ep: int, tp: int, micro_batch: int, precision: str) -> dict:
+    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=micro_batch, expert_parallel=ep, tensor_parallel=tp,
+                              precision=precision)
     batch, adv = global_batch(eng.spec)
     out: dict = {"layout": eng.layout.describe(), "world": dist.get_world_size()}
 
     local, start, real = eng._local(batch)
     with torch.no_grad():
-        logits = gpt_logits(eng.model.eval(), local.input_ids_BS)
+        logits = gpt_logits(eng.model.eval(), local.input_ids_BS)[:, :S]  # without SP padding positions
     out["logits"] = parallel.gather_rows(logits, real, B, eng.dp_size)
     out["logp_off"] = eng.compute_logprobs(batch, routing=ReplayMode.OFF).logp_BT
     out["recorded"] = eng.compute_logprobs(batch, routing=ReplayMode.RECORD).expert_ids_BTLK
@@ -69,9 +70,11 @@ def run(model: str, ep: int, micro_batch: int, precision: str) -> dict:
 
         inst.set_target_indices = spy
     out["logp_replay"] = eng.compute_logprobs(batch, routing=ReplayMode.REPLAY).logp_BT
-    own = []
+    own = []  # this rank's rows: its DP slice, and under sequence parallelism its sequence slice
     for rows in eng._row_slices(local.input_ids_BS.shape[0]):
-        own += to_megatron_layout(local.expert_ids_BTLK[rows], seq_len=S, spec=eng.spec)
+        layers = to_megatron_layout(local.expert_ids_BTLK[rows], seq_len=local.input_ids_BS.shape[1], spec=eng.spec)
+        n = layers[0].shape[0] // eng.tp_size
+        own += [x[eng.tp_rank * n : (eng.tp_rank + 1) * n] for x in layers]
     ok = len(given) == len(own) and all(torch.equal(g[1], o) for g, o in zip(given, own))
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, {"rank": dist.get_rank(), "rows": (start, start + real), "own_rows_replayed": ok,
@@ -97,10 +100,11 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
-    out = {prec: run(args.model, args.ep, args.micro_batch, prec) for prec in args.precisions.split(",")}
+    out = {prec: run(args.model, args.ep, args.tp, args.micro_batch, prec) for prec in args.precisions.split(",")}
     if dist.get_rank() == 0:
         torch.save(out, args.out)
     dist.barrier()

@@ -164,3 +164,35 @@ def cuda_as_cpu() -> Iterator[None]:
             setattr(torch, name, factory)
         torch.Tensor.type = tensor_type
         torch.cuda.current_device = current
+
+
+_SP_NORM_INSTALLED = False
+
+
+def allow_sequence_parallel_torch_norm() -> None:
+    """Shim 6 (local layer spec + sequence parallelism, CPU and GPU): megatron's `WrappedTorchNorm`
+    (the torch RMSNorm of the TE-free spec) asserts `not config.sequence_parallel`, although a norm
+    is per token and needs nothing from its neighbours. With SP the norm is built as without it and
+    its parameters are marked `sequence_parallel = True`, as megatron's TE norms mark theirs: each TP
+    rank then sees only its sequence slice, so their gradients are partial and are summed over the
+    TP group (r3.engines.megatron.parallel.allreduce_sequence_parallel_grads, or megatron's
+    finalize_model_grads). Installed once; a norm built without SP is unchanged."""
+    global _SP_NORM_INSTALLED
+    if _SP_NORM_INSTALLED:
+        return
+    import dataclasses
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, eps, **kwargs)
+        norm = original(cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new
+    _SP_NORM_INSTALLED = True

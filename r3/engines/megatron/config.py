@@ -26,8 +26,8 @@ class MegatronTrainConfig:
     recompute: bool = False
     """Full activation recompute; replay then runs in REPLAY_BACKWARD for the recompute."""
     tensor_parallel: int = 1
-    """TP size (megatron `tensor_model_parallel_size`). The engine runs TP = 1 only so far (TP > 1
-    MoE training needs sequence parallelism: not wired here)."""
+    """TP size (megatron `tensor_model_parallel_size`), with sequence parallelism when > 1; experts
+    are not TP-sharded (expert TP = 1)."""
     pipeline_parallel: int = 1
     """PP size. The engine runs PP = 1 only so far (no pipeline schedule wired)."""
     expert_parallel: int = 1

@@ -22,8 +22,9 @@ What it counts, per GPU, for megatron-core's mixed precision with the distribute
       log-softmax), divided by TP;
   reserve     a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
 Parameter shards: dense parameters (attention, router, norms, embeddings) over TP x PP, experts
-over EP x expert-TP x PP (expert-TP = TP). PP is assumed to split layers evenly and embeddings
-are counted as if spread with them (the first/last stages hold more: an approximation).
+over EP x PP (expert-TP = 1, as r3.engines.megatron.parallel sets it). PP is assumed to split
+layers evenly and embeddings are counted as if spread with them (the first/last stages hold more:
+an approximation).
 These are estimates, not measurements: no GPU here. They follow the accounting of Korthikanti et
 al., "Reducing Activation Recomputation in Large Transformer Models" (2022), adapted to MoE.
 """
@@ -165,16 +166,15 @@ def plan_memory(m: ModelShape, *, world: int, tp: int = 1, pp: int = 1, ep: int 
     mixed precision with the distributed optimizer (the cluster target); "fp32": what
     MegatronTrainEngine runs today (fp32 weights, grads and activations; AdamW m and v replicated
     on every DP rank, no master copy)."""
-    if world % (tp * pp) or world % (tp * pp * ep):
-        raise ValueError(f"world size {world} is not divisible by TP x PP = {tp * pp} and TP x EP x PP = "
-                         f"{tp * ep * pp}")
+    if world % (tp * pp) or world % (ep * pp):
+        raise ValueError(f"world size {world} is not divisible by TP x PP = {tp * pp} and EP x PP = {ep * pp}")
     if m.experts and m.experts % ep:
         raise ValueError(f"{m.experts} experts cannot be split over EP = {ep}")
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
-    dp, edp = world // (tp * pp), world // (tp * pp * ep)
+    dp, edp = world // (tp * pp), world // (pp * ep)
     dense_local = m.dense_params() // (tp * pp)
-    expert_local = m.expert_params() // (ep * tp * pp)
+    expert_local = m.expert_params() // (ep * pp)
     if precision == "bf16":
         weights = BYTES_WEIGHT * (dense_local + expert_local)
         grads = BYTES_GRAD * (dense_local + expert_local)

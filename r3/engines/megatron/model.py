@@ -152,6 +152,11 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        # experts are never TP-sharded (EP splits them); TP > 1 runs with sequence parallelism,
+        # which megatron requires for MoE training with TP (the router then sees the TP rank's
+        # sequence slice: r3.engines.megatron.replay)
+        expert_tensor_parallel_size=1,
+        sequence_parallel=tp > 1,
     )
     if _is_moe(hf_config):
         kw.update(
@@ -185,6 +190,13 @@ def build_gpt_model(hf_config, **config_kw):
 
     layout = init_parallel(tp=config_kw.get("tp", 1), pp=config_kw.get("pp", 1), ep=config_kw.get("ep", 1))
     layout.check_experts(getattr(hf_config, "num_experts", 0) if _is_moe(hf_config) else 0)
+    if layout.tp > 1:
+        from r3.engines.megatron.compat import allow_sequence_parallel_torch_norm
+
+        if hf_config.num_key_value_heads % layout.tp or hf_config.vocab_size % layout.tp:
+            raise ValueError(f"TP = {layout.tp} must divide num_key_value_heads ({hf_config.num_key_value_heads}) "
+                             f"and vocab_size ({hf_config.vocab_size})")
+        allow_sequence_parallel_torch_norm()
     config = transformer_config_from_hf(hf_config, **config_kw)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     with cpu_device_scope():
@@ -222,8 +234,53 @@ def _qkv_unpack(qkv, n_heads: int, n_groups: int, d: int):
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
-def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1
-                   ) -> dict[str, torch.Tensor]:
+_VOCAB_OR_QKV = ("embedding.word_embeddings.weight", "output_layer.weight", "self_attention.linear_qkv.weight")
+_ROW_PARALLEL = ("self_attention.linear_proj.weight",)
+
+
+def _is_dense_mlp(key: str, name: str) -> bool:
+    return key.endswith(f"mlp.{name}.weight") and ".experts." not in key
+
+
+def tp_shard(key: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's part of a full (local-spec) megatron tensor. Column-parallel: vocab rows of
+    the embedding and output layer, QKV rows (group-major packing: whole query groups per rank), the
+    dense MLP's fc1 as [gate_r; up_r]; row-parallel: columns of attention's proj and the dense MLP's
+    fc2; everything else (norms, routers, experts: expert TP = 1) is replicated."""
+    if tp_size == 1:
+        return full
+    if key.endswith(_VOCAB_OR_QKV):
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if key.endswith(_ROW_PARALLEL) or _is_dense_mlp(key, "linear_fc2"):
+        return full.chunk(tp_size, dim=1)[tp_rank]
+    if _is_dense_mlp(key, "linear_fc1"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]])
+    return full
+
+
+def is_tp_sharded(key: str) -> bool:
+    """Whether tp_shard splits this tensor (else it is replicated on every TP rank)."""
+    return key.endswith(_VOCAB_OR_QKV + _ROW_PARALLEL) or _is_dense_mlp(key, "linear_fc1") or _is_dense_mlp(
+        key, "linear_fc2")
+
+
+def tp_unshard(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of tp_shard: the full tensor from every TP rank's part (rank order)."""
+    if len(parts) == 1:
+        return parts[0]
+    if key.endswith(_VOCAB_OR_QKV):
+        return torch.cat(parts, dim=0)
+    if key.endswith(_ROW_PARALLEL) or _is_dense_mlp(key, "linear_fc2"):
+        return torch.cat(parts, dim=1)
+    if _is_dense_mlp(key, "linear_fc1"):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])])
+    return parts[0]
+
+
+def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1,
+                   tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict. With expert
     parallelism (ep_size > 1) only this EP rank's experts, global ids [ep_rank * E/EP, (ep_rank+1) *
     E/EP), under their local index `local_experts.{e - ep_rank * E/EP}` (megatron's SequentialMLP)."""
@@ -258,7 +315,7 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int
     out["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"]
     if not hf_config.tie_word_embeddings:
         out["output_layer.weight"] = hf_sd["lm_head.weight"]
-    return out
+    return {k: tp_shard(k, v, tp_rank, tp_size) for k, v in out.items()}
 
 
 def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
@@ -300,11 +357,11 @@ def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
     return out
 
 
-def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1
-                    ) -> None:
-    """Copy transformers weights into a megatron GPTModel (this EP rank's experts); every parameter
-    must be covered."""
-    mg_sd = hf_to_megatron(hf_sd, hf_config, ep_rank=ep_rank, ep_size=ep_size)
+def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1,
+                    tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Copy transformers weights into a megatron GPTModel (this EP rank's experts, this TP rank's
+    shards); every parameter must be covered."""
+    mg_sd = hf_to_megatron(hf_sd, hf_config, ep_rank=ep_rank, ep_size=ep_size, tp_rank=tp_rank, tp_size=tp_size)
     missing, unexpected = model.load_state_dict(mg_sd, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -327,5 +384,16 @@ def gpt_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
     dev = input_ids_BS.device
     position_ids_BS = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
     causal_11SS = torch.ones(s, s, dtype=torch.bool, device=dev).triu(1)[None, None]
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1 and s % tp:
+        raise ValueError(f"sequence parallelism splits the sequence over TP = {tp} ranks: S = {s} must be a "
+                         f"multiple of {tp} (right-pad the batch)")
     with cpu_device_scope():
-        return model(input_ids_BS, position_ids_BS, attention_mask=causal_11SS)
+        logits = model(input_ids_BS, position_ids_BS, attention_mask=causal_11SS)
+        if tp > 1:  # vocab-parallel logits [B, S, V / TP] -> [B, S, V] (its backward takes this rank's part)
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits

@@ -40,6 +40,7 @@ class Fp32AdamW:
     def step(self) -> tuple[torch.Tensor, bool]:
         if self.world_size > 1:
             params = list(self.module.parameters())
+            parallel.allreduce_sequence_parallel_grads(params)
             parallel.allreduce_grads(params)
             norm = parallel.clip_grad_norm(params, self.grad_clip)
         else:
@@ -87,8 +88,10 @@ class MegatronMixedPrecision:
             self.optimizer.zero_grad()
 
     def step(self) -> tuple[torch.Tensor, bool]:
-        with cuda_as_cpu():
-            self.module.finish_grad_sync()  # reduce-scatter into the fp32 main-grad shards
+        from megatron.core.distributed import finalize_model_grads
+
+        with cuda_as_cpu():  # DP reduce-scatter into the fp32 main-grad shards; SP norm/router grads over TP
+            finalize_model_grads([self.module])
             ok, grad_norm, _ = self.optimizer.step()  # clip, Adam on fp32 shards, all-gather bf16 params
         norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
         return norm, not ok

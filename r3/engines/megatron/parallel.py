@@ -38,7 +38,8 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Layout:
     """How `world_size` ranks split one model: TP x PP model-parallel groups, DP = the rest; the
-    experts of each MoE layer split EP ways (expert TP = TP, megatron's default)."""
+    experts of each MoE layer split EP ways and are never TP-sharded (expert TP = 1: under TP with
+    sequence parallelism each TP rank routes its own sequence slice through whole experts)."""
 
     world_size: int
     tp: int = 1
@@ -55,10 +56,10 @@ class Layout:
                 f"world size {self.world_size} is not divisible by TP x PP = {self.tp} x {self.pp} = "
                 f"{self.tp * self.pp}: data parallelism needs whole model replicas"
             )
-        if not errors and self.world_size % (self.tp * self.pp * self.ep):
+        if not errors and self.world_size % (self.ep * self.pp):
             errors.append(
-                f"world size {self.world_size} is not divisible by expert TP x EP x PP = {self.tp} x {self.ep} x "
-                f"{self.pp} = {self.tp * self.ep * self.pp}: every expert shard needs whole replicas"
+                f"world size {self.world_size} is not divisible by EP x PP = {self.ep} x {self.pp} = "
+                f"{self.ep * self.pp}: every expert shard needs whole replicas"
             )
         if errors:
             raise ValueError("invalid parallel layout: " + "; ".join(errors) + "; change tensor_parallel / "
@@ -72,7 +73,7 @@ class Layout:
     @property
     def expert_dp(self) -> int:
         """Data-parallel size of the expert parameters (replicas of one expert shard)."""
-        return self.world_size // (self.tp * self.pp * self.ep)
+        return self.world_size // (self.pp * self.ep)
 
     def check_experts(self, num_experts: int) -> None:
         if num_experts and num_experts % self.ep:
@@ -129,7 +130,8 @@ def init_parallel(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> La
                                f"asked for {(tp, pp, ep)}; one layout per process")
     else:
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=1,
         )
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -203,21 +205,28 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global L2 norm of the gradients (after allreduce_grads) and clipping to max_norm, as
     torch.nn.utils.clip_grad_norm_ does on one rank (coef = max_norm / (norm + 1e-6), at most 1).
-    Dense gradients are equal on every rank after the all-reduce; expert gradients differ across the
-    EP group, so their squared norms are summed over it (TP = 1 here: no TP-sharded duplicates)."""
+    Replicated dense gradients are equal on every rank after the all-reduces; TP-sharded ones
+    (`tensor_model_parallel`) differ across the TP group and expert gradients across the EP group,
+    so their squared norms are summed over those groups."""
     from megatron.core import parallel_state
 
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return torch.zeros(())
     dev = with_grad[0].grad.device
-    dense_sq = sum((p.grad.float().pow(2).sum() for p in with_grad if getattr(p, "allreduce", True)),
-                   torch.zeros((), device=dev))
-    expert_sq = sum((p.grad.float().pow(2).sum() for p in with_grad if not getattr(p, "allreduce", True)),
-                    torch.zeros((), device=dev))
+
+    def sq(keep) -> torch.Tensor:
+        return sum((p.grad.float().pow(2).sum() for p in with_grad if keep(p)), torch.zeros((), device=dev))
+
+    expert = lambda p: not getattr(p, "allreduce", True)  # noqa: E731
+    tp_sharded = lambda p: not expert(p) and getattr(p, "tensor_model_parallel", False)  # noqa: E731
+    replicated_sq = sq(lambda p: not expert(p) and not tp_sharded(p))  # equal on every rank
+    sharded_sq, expert_sq = sq(tp_sharded), sq(expert)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded_sq, group=parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
-    norm = (dense_sq + expert_sq).sqrt()
+    norm = (replicated_sq + sharded_sq + expert_sq).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in with_grad:
         p.grad.mul_(coef.to(p.grad.dtype))
@@ -271,3 +280,33 @@ def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str
             for r, part in enumerate(parts):
                 out[f"{m.group(1)}{r * n_local + int(m.group(2))}{m.group(3)}"] = part.to("cpu")
     return out if ep_rank == 0 else None
+
+
+# --- tensor parallelism ------------------------------------------------------------------------------
+def tp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    """Under sequence parallelism each TP rank saw its own sequence slice, so the gradients of the
+    parameters replicated across TP (norms, routers: megatron marks them `sequence_parallel`) are
+    partial sums: add them up over the TP group (megatron's finalize_model_grads does the same)."""
+    _, tp = tp_rank_size()
+    ps = [p for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if tp == 1 or not ps:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in ps])
+    dist.all_reduce(flat, group=tp_group())
+    off = 0
+    for p in ps:
+        n = p.grad.numel()
+        p.grad.copy_(flat[off : off + n].view_as(p.grad))
+        off += n

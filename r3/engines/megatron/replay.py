@@ -19,6 +19,11 @@ experts' logits when moe_router_pre_softmax=False: the paper's g_replay, gradien
 router); REPLAY_BACKWARD pops the queued indices when activation recompute runs the router again
 inside backward -- megatron does not switch to it by itself, the caller must (verl does the same).
 
+Sequence parallelism (TP > 1): the router of TP rank r sees only rows [r * S*B / TP, (r + 1) *
+S*B / TP) of that seq-major order (its sequence slice); a session hands each rank those rows, and a
+recording is all-gathered over the TP group. Dense layers have no router and no trace layer: the
+trace's layer l is the l-th MoE layer.
+
 Every router call is counted: a forward in RECORD/REPLAY mode must consume each layer exactly
 once (r3.replay.ConsumptionCheck), and with recompute the backward must pop each layer's queue
 exactly once.
@@ -85,6 +90,18 @@ def from_megatron_layout(per_layer_NK: list[torch.Tensor], *, batch_size: int, s
     return ids_LNK.view(L, seq_len, batch_size, K).permute(2, 1, 0, 3)[:, : seq_len - 1].contiguous()
 
 
+def _gather_tp(rows_NK: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """A TP rank's recorded rows (its sequence slice) -> all ranks' rows in order (collective)."""
+    if tp_size == 1:
+        return rows_NK
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parts = [torch.empty_like(rows_NK) for _ in range(tp_size)]
+    dist.all_gather(parts, rows_NK.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts)
+
+
 class MegatronRouterReplay:
     """The RouterReplay instances of one megatron model, with a typed mode and consumption checks."""
 
@@ -114,6 +131,15 @@ class MegatronRouterReplay:
         registry[:] = [r for r in registry if not any(r is inst for inst in instances)]
         self.spec = spec
         self._instances = instances
+        # Sequence parallelism (TP > 1): the router of TP rank r sees only its sequence slice, the
+        # contiguous seq-major rows [r * S*B / TP, (r + 1) * S*B / TP) (megatron scatters the
+        # embedding output along the sequence dimension); replay hands each rank those rows and a
+        # recording is all-gathered over the TP group in rank order.
+        from megatron.core import parallel_state
+
+        self.sp = bool(routers[0].config.sequence_parallel)
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.sp else 0
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size() if self.sp else 1
         self._forward = ConsumptionCheck(spec.num_layers)
         self._backward = ConsumptionCheck(spec.num_layers)
         self._rows: int | None = None
@@ -184,9 +210,10 @@ class MegatronRouterReplay:
             if expert_ids_BTLK is None:
                 raise ValueError("ReplayMode.REPLAY needs expert_ids_BTLK (the rollout routing)")
             per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
+            self._rows = seq_len * batch_size // self.tp_size
             for inst, ids_NK in zip(self._instances, per_layer):
-                inst.set_target_indices(ids_NK)  # also queues it for REPLAY_BACKWARD
-            self._rows = seq_len * batch_size
+                # also queues it for REPLAY_BACKWARD; under SP only this rank's sequence slice
+                inst.set_target_indices(ids_NK[self.tp_rank * self._rows : (self.tp_rank + 1) * self._rows])
             self._set_action(RouterReplayAction.REPLAY_FORWARD)
         elif mode is ReplayMode.RECORD:
             self._set_action(RouterReplayAction.RECORD)
@@ -228,7 +255,7 @@ class ReplaySession:
             return
         o._forward.end()
         if self.mode is ReplayMode.RECORD:
-            self._recorded = [inst.get_recorded_indices() for inst in o._instances]
+            self._recorded = [_gather_tp(inst.get_recorded_indices(), o.tp_size) for inst in o._instances]
         if self.recompute:
             o._set_action(RouterReplayAction.REPLAY_BACKWARD)
             o._backward.begin()

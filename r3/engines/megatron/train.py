@@ -12,8 +12,10 @@ Departures from a full Megatron training stack (say so where it matters):
 - Process model (r3.engines.megatron.parallel): one process, or N ranks from the environment
   (torchrun / Slurm) with EP and DP; every rank receives the same global mini-batch and trains on
   its DP slice; per-row results are all-gathered, gradients summed over replicas, metrics summed
-  over the DP group, so every rank returns what one rank would. TP > 1 and PP > 1 are refused
-  (not wired: TP needs sequence parallelism for MoE training, PP a pipeline schedule).
+  over the DP group, so every rank returns what one rank would. TP > 1 runs with sequence
+  parallelism (sequences right-padded to a multiple of TP; norm/router gradients summed over TP;
+  experts whole on every TP rank, reduced over their expert-DP group). PP > 1 is refused (no
+  pipeline schedule wired).
 - Optimizer state is replicated on DP ranks (plain AdamW, not megatron's distributed optimizer).
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
@@ -75,11 +77,10 @@ class MegatronTrainEngine:
         expert_parallel: int = 1,
         precision: str = "fp32",
     ):
-        if tensor_parallel != 1 or pipeline_parallel != 1:
+        if pipeline_parallel != 1:
             raise NotImplementedError(
-                f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel}: this engine runs "
-                f"TP = PP = 1 (megatron refuses TP > 1 MoE training without sequence parallelism, and no "
-                f"pipeline schedule is wired); scale with expert_parallel and data parallelism"
+                f"pipeline_parallel={pipeline_parallel}: this engine runs PP = 1 (no pipeline schedule is "
+                f"wired); scale with tensor_parallel, expert_parallel and data parallelism"
             )
         if isinstance(hf_model_or_path, (str, Path)):  # read lazily: each rank only the tensors it keeps
             from transformers import AutoConfig
@@ -100,7 +101,24 @@ class MegatronTrainEngine:
         self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
                                      tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, precision=precision)
         ep_rank, ep_size = parallel.ep_rank_size()
-        load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size)
+        self.tp_rank, self.tp_size = parallel.tp_rank_size()
+        load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size,
+                        tp_rank=self.tp_rank, tp_size=self.tp_size)
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        from r3.engines.megatron.model import is_tp_sharded
+
+        for name, p in self.model.named_parameters():
+            if self.tp_size > 1 and is_tp_sharded(name):
+                # megatron sets these in its weight initialisation, which is skipped here (weights are
+                # loaded): without them its grad norm takes TP shards for duplicates
+                row_parallel = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
+                set_tensor_model_parallel_attributes(p, True, 1 if row_parallel else 0, 1)
+            if ".local_experts." in name:
+                # Experts are reduced over their expert-DP group, which under TP with sequence
+                # parallelism also holds the TP ranks (each routed its own sequence slice through
+                # whole experts: expert TP = 1). megatron marks experts this way only when EP > 1.
+                p.allreduce = False
         self.dp_rank, self.dp_size = parallel.dp_rank_size()
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
@@ -141,19 +159,36 @@ class MegatronTrainEngine:
 
     def _local(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
         """(this DP rank's rows padded to ceil(B / DP) with copies of its first row, first global row,
-        number of real rows); the whole batch with one DP rank (parallel.dp_slice)."""
+        number of real rows); the whole batch with one DP rank (parallel.dp_slice). Under sequence
+        parallelism the sequence is right-padded to a multiple of TP (pad token 0, masked, dummy
+        routing rows); callers drop the padded positions (`[:, : S - 1]`) from the results."""
         B = batch.input_ids_BS.shape[0]
-        if self.dp_size == 1:
-            return batch, 0, B
-        rows, n = parallel.dp_slice(B, self.dp_size, self.dp_rank)
-        idx = torch.arange(rows.start, rows.stop)
-        idx = torch.cat([idx, idx[:1].expand(n - len(idx))])
-        local = TrainBatch(
-            input_ids_BS=batch.input_ids_BS[idx], attention_mask_BS=batch.attention_mask_BS[idx],
-            loss_mask_BT=batch.loss_mask_BT[idx],
-            expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[idx],
-        )
-        return local, rows.start, rows.stop - rows.start
+        start, real = 0, B
+        if self.dp_size > 1:
+            rows, n = parallel.dp_slice(B, self.dp_size, self.dp_rank)
+            idx = torch.arange(rows.start, rows.stop)
+            idx = torch.cat([idx, idx[:1].expand(n - len(idx))])
+            batch = TrainBatch(
+                input_ids_BS=batch.input_ids_BS[idx], attention_mask_BS=batch.attention_mask_BS[idx],
+                loss_mask_BT=batch.loss_mask_BT[idx],
+                expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[idx],
+            )
+            start, real = rows.start, rows.stop - rows.start
+        pad = -batch.input_ids_BS.shape[1] % self.tp_size
+        if pad:  # right padding: causal attention keeps every real position's numbers unchanged
+            from r3.trace import dummy_rows
+
+            n = batch.input_ids_BS.shape[0]
+            ids = batch.expert_ids_BTLK
+            if ids is not None:
+                dummy = dummy_rows(n * pad, ids.shape[2], ids.shape[3]).view(n, pad, ids.shape[2], ids.shape[3])
+                ids = torch.cat([ids, dummy.to(ids.dtype)], dim=1)
+            batch = TrainBatch(
+                input_ids_BS=torch.nn.functional.pad(batch.input_ids_BS, (0, pad)),
+                attention_mask_BS=torch.nn.functional.pad(batch.attention_mask_BS, (0, pad)),
+                loss_mask_BT=torch.nn.functional.pad(batch.loss_mask_BT, (0, pad)), expert_ids_BTLK=ids,
+            )
+        return batch, start, real
 
     def _row_slices(self, B: int) -> list[slice]:
         n = self.micro_batch or B
@@ -172,7 +207,7 @@ class MegatronTrainEngine:
         self._check_batch(batch, routing)
         self.model.eval()
         mode = routing
-        B = batch.input_ids_BS.shape[0]
+        B, T = batch.loss_mask_BT.shape
         batch, _, real = self._local(batch)
         logps, ents, recs = [], [], []
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
@@ -188,8 +223,8 @@ class MegatronTrainEngine:
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
             logps.append(logp_BT.to(batch.input_ids_BS.device))
             ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
-        def gather(x):  # every DP rank returns the whole batch's rows
-            return parallel.gather_rows(x, real, B, self.dp_size)
+        def gather(x):  # every DP rank returns the whole batch's rows (without SP padding positions)
+            return parallel.gather_rows(x[:, :T], real, B, self.dp_size)
 
         expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
@@ -208,7 +243,7 @@ class MegatronTrainEngine:
         self._check_batch(batch, routing)
         self.model.train()
         self.optim.zero_grad()
-        B = batch.input_ids_BS.shape[0]
+        B, T = batch.loss_mask_BT.shape
         mode = routing
         batch, start, real = self._local(batch)
         totals: dict[str, torch.Tensor] = {}
@@ -224,6 +259,7 @@ class MegatronTrainEngine:
                     if sess is not None:
                         sess.end_forward()
                     logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
+                    logp_BT, ent_BT = logp_BT[:, :T], ent_BT[:, :T]  # drop SP padding positions
                     if k:
                         loss, metrics = loss_fn(logp_BT[:k], ent_BT[:k], global_rows)
                     else:  # padding only: a zero loss still runs the backward's collectives (EP)
@@ -254,7 +290,22 @@ class MegatronTrainEngine:
         among them, the driver): a collective, every rank must call it; ranks that do not hold the
         whole model get an empty dict (only the driver syncs weights to the rollout engine)."""
         n_exp = getattr(self.hf_config, "num_experts", 0) if self.is_moe else 0
-        sd = parallel.gather_experts(self.model.state_dict(), n_exp)
+        sd = self.model.state_dict()
+        if self.tp_size > 1:  # whole tensors from every TP rank's shard (collective over the TP group)
+            import torch.distributed as dist
+
+            from r3.engines.megatron.model import is_tp_sharded, tp_unshard
+
+            full = {}
+            for k, v in sd.items():
+                if k.endswith("_extra_state") or not is_tp_sharded(k):
+                    full[k] = v
+                    continue
+                parts = [torch.empty_like(v) for _ in range(self.tp_size)]
+                dist.all_gather(parts, v.detach().contiguous(), group=parallel.tp_group())
+                full[k] = tp_unshard(k, parts)
+            sd = full
+        sd = parallel.gather_experts(sd, n_exp)
         if sd is None:
             return {}
         return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}  # no shared storage
