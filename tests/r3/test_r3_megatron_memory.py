@@ -61,3 +61,11 @@ def test_invalid_layouts_refused():
         plan_memory(QWEN3_30B_A3B, world=12, ep=8, micro_batch=1, seq_len=10, recompute=True)
     with pytest.raises(ValueError, match="128 experts cannot be split over EP = 3"):
         plan_memory(QWEN3_30B_A3B, world=3, ep=3, micro_batch=1, seq_len=10, recompute=True)
+
+
+def test_tensor_parallel_splits_dense_weights_and_activations_not_experts():
+    one = plan_memory(QWEN3_30B_A3B, world=16, ep=8, micro_batch=1, seq_len=9216, recompute=False)
+    two = plan_memory(QWEN3_30B_A3B, world=16, tp=2, ep=8, micro_batch=1, seq_len=9216, recompute=False)
+    assert two.dense_local == one.dense_local // 2 and two.expert_local == one.expert_local  # expert TP = 1
+    logits = 1 * 9216 * QWEN3_30B_A3B.vocab * 6  # gathered over TP: not split
+    assert two.activations - logits == pytest.approx((one.activations - logits) / 2)

@@ -12,14 +12,14 @@ What it counts, per GPU, for megatron-core's mixed precision with the distribute
   optimizer   12 B/param  fp32 master copy + Adam m + Adam v, sharded over the data-parallel
                           replicas of that parameter (dense: DP; experts: expert-DP);
   activations             one micro-batch of `micro_batch` sequences of `seq_len` tokens:
-      per token and layer, bf16 (2 B), flash attention (no s^2 term), TP without sequence
-      parallelism (activations are not split by TP), no dropout:
+      per token and layer, bf16 (2 B), flash attention (no s^2 term), no dropout, divided by TP
+      (the engine runs TP > 1 with sequence parallelism, which splits them all):
         attention  2 * (4h + q + 2kv + q)    LN in, QKV in/out, core attention out, proj in
         MoE        2 * k * (2h + 3I) + 2 * 2h  per routed copy: permuted input, fc1 out (2I),
                                                 activation out (I), fc2 out; router/LN in
       with full recompute only each layer's input (2h B) is kept, plus one layer in full during
       its recompute; the logits add 6 B per vocabulary entry per token (bf16 logits + fp32
-      log-softmax), divided by TP;
+      log-softmax), not divided by TP (the engine gathers the vocab-parallel logits);
   reserve     a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
 Parameter shards: dense parameters (attention, router, norms, embeddings) over TP x PP, experts
 over EP x PP (expert-TP = 1, as r3.engines.megatron.parallel sets it). PP is assumed to split
@@ -195,7 +195,7 @@ def plan_memory(m: ModelShape, *, world: int, tp: int = 1, pp: int = 1, ep: int 
         act = tokens * (layers_local * 2 * m.hidden + per_layer)
     else:
         act = tokens * layers_local * per_layer
-    act = act * act_scale + tokens * m.vocab * 6 / tp
+    act = act * act_scale / tp + tokens * m.vocab * 6
     layout = (f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; "
               f"micro-batch {micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}")
     return MemoryPlan(layout=layout, dense_local=dense_local, expert_local=expert_local, weights=weights,
