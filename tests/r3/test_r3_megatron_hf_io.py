@@ -49,3 +49,26 @@ def test_an_ep_rank_reads_only_its_experts(saved):
 def test_not_a_checkpoint_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         LazyHFStateDict(tmp_path)
+
+
+@pytest.mark.megatron
+def test_export_hf_loads_into_transformers_with_equal_logits(tmp_path):
+    pytest.importorskip("megatron.core")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from r3.engines.megatron.model import gpt_logits
+    from r3.engines.megatron.train import MegatronTrainEngine
+
+    eng = MegatronTrainEngine(tiny_moe(3, router_std=0.5), lr=1e-3)
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = eng.export_hf(str(tmp_path / "hf"), dtype=torch.float32)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys and not any(k.endswith("gate_up_proj") for k in keys)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - gpt_logits(eng.model.eval(), ids)).abs().max().item() < 1e-5

@@ -310,6 +310,30 @@ class MegatronTrainEngine:
             return {}
         return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}  # no shared storage
 
+    def export_hf(self, path: str, *, dtype: torch.dtype | None = None) -> Path | None:
+        """Write the current weights as a transformers checkpoint directory (config.json +
+        model.safetensors under the on-disk names SGLang, vLLM and transformers load:
+        r3.engines.sglang.to_checkpoint_names), in `dtype` (default: the config's). A collective
+        (rollout_state_dict); the driver (global rank 0) writes and returns the path, others None."""
+        from safetensors.torch import save_file
+
+        from r3.engines.sglang import to_checkpoint_names
+
+        sd = self.rollout_state_dict()
+        if not sd:
+            return None
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or getattr(self.hf_config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                   for k, v in to_checkpoint_names(sd).items()}
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)  # tied: transformers does not store it
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.hf_config.save_pretrained(out)
+        return out
+
     def checkpoint_file(self, path: str) -> Path:
         """This rank's checkpoint file in `path`: its model shard (own experts under EP), optimizer
         state and RNG. One file per rank keeps save/load free of collectives."""
