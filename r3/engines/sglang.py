@@ -87,6 +87,9 @@ class SGLangRolloutConfig:
     """Pass SamplingParams.seed as per-prompt `sampling_seed`."""
     max_response_mb: float = 256.0
     """Upper bound on one /generate response's estimated JSON size; larger batches are split."""
+    check_server_flags: bool = True
+    """Before the first /generate, refuse servers without --enable-return-routed-experts when
+    routing is captured, and warn when seeds are sent to servers without deterministic inference."""
 
 
 LOGPROB_ENTRY_BYTES = 40
@@ -224,6 +227,7 @@ class SGLangRolloutEngine:
         layer_ids: Sequence[int] | None = None,
         num_hidden_layers: int | None = None,
         max_response_mb: float = 256.0,
+        check_server_flags: bool = False,
     ):
         """routing_spec: (L, K, E) of the served model, needed for capture_routing (build it with
         RoutingSpec.from_hf_config; SGLang reports num_hidden_layers rows, so every layer must be
@@ -234,7 +238,8 @@ class SGLangRolloutEngine:
         turn off for servers that predate it). layer_ids / num_hidden_layers: which of SGLang's
         per-decoder-layer routing rows are MoE layers (from_model_config reads them from the
         checkpoint; None: every row). max_response_mb: split batches whose estimated response is
-        larger (response_bytes_estimate)."""
+        larger (response_bytes_estimate). check_server_flags: ask each server's flags once before the
+        first /generate (check_servers; the registry's config turns it on)."""
         urls = [u.rstrip("/") for u in urls]
         if not urls:
             raise ValueError("SGLangRolloutEngine needs at least one server URL (e.g. http://host:30000)")
@@ -257,6 +262,8 @@ class SGLangRolloutEngine:
         self.transport = transport or urllib_transport
         self.weight_version = 0
         self.layer_ids = list(layer_ids) if layer_ids is not None else None
+        self._checked: set[tuple[bool, bool]] = set()
+        self.check_flags = check_server_flags
         self.num_hidden_layers = num_hidden_layers
         if max_response_mb <= 0:
             raise ValueError(f"max_response_mb must be > 0, got {max_response_mb}")
@@ -287,7 +294,8 @@ class SGLangRolloutEngine:
         return cls.from_model_config(
             cfg.urls, cfg.model_path, weight_sync_dir=cfg.weight_sync_dir, batch_size=cfg.batch_size,
             in_flight_per_server=cfg.in_flight_per_server, request_timeout_s=cfg.request_timeout_s,
-            retries=cfg.retries, send_seeds=cfg.send_seeds, max_response_mb=cfg.max_response_mb, **kw,
+            retries=cfg.retries, send_seeds=cfg.send_seeds, max_response_mb=cfg.max_response_mb,
+            check_server_flags=cfg.check_server_flags, **kw,
         )
 
     @property
@@ -425,12 +433,40 @@ class SGLangRolloutEngine:
         spans.append((start, len(prompts)))
         return spans
 
+    def check_servers(self, *, capture_routing: bool, seeded: bool) -> None:
+        """Once per engine, before the first /generate: every server's flags (GET /get_server_info,
+        SGLang's ServerArgs) must allow what is asked. Routing capture without
+        `--enable-return-routed-experts` is refused here, before a large request comes back without
+        routing; per-prompt seeds without `--enable-deterministic-inference` get a warning (SGLang
+        then does not honour them: a resumed run no longer reproduces its samples). A server that
+        does not answer the endpoint or omits a flag is not judged."""
+        key = (capture_routing, seeded)
+        if not self.check_flags or key in self._checked:
+            return
+        for u in self.urls:
+            try:
+                status, info = self.transport("GET", f"{u}/get_server_info", None, 30.0)
+            except (ConnectionError, TimeoutError, OSError):
+                continue
+            if status != 200 or not isinstance(info, dict):
+                continue
+            if capture_routing and info.get("enable_return_routed_experts") is False:
+                raise SGLangError(f"{u} runs without --enable-return-routed-experts, so it cannot return the "
+                                  "routing that R3 replays; restart it with the flag (slurm.servers adds it)")
+            if seeded and info.get("enable_deterministic_inference") is False:
+                import warnings
+
+                warnings.warn(f"{u} runs without --enable-deterministic-inference: SGLang ignores per-prompt "
+                              "sampling seeds, so a resumed run will not reproduce its samples", stacklevel=3)
+        self._checked.add(key)
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  capture_routing: bool = False) -> list[RolloutSample]:
         """One sample per prompt; batches spread over the servers, several in flight each."""
         if capture_routing and self.routing_spec is None:
             raise ValueError("capture_routing=True needs routing_spec (num_layers, top_k, num_experts) to "
                              "decode SGLang's flat routed_experts; build the engine with from_model_config")
+        self.check_servers(capture_routing=capture_routing, seeded=params.seed is not None and self.send_seeds)
         if self.tokenizer is not None:
             vocab = len(self.tokenizer)
             for i, p in enumerate(prompts):

@@ -89,3 +89,27 @@ def test_decode_refuses_wrong_counts_and_ids():
         decode_routed_experts(_b64(np.array([[[1, 9], [3, 4]]])), seqlen=2, spec=spec)
     wide = RoutingSpec(num_layers=1, top_k=2, num_experts=512)
     assert decode_routed_experts(_b64(np.array([[[300, 2]]])), seqlen=2, spec=wide).expert_ids_TLK.dtype == torch.int32
+
+
+def test_server_flags_are_checked_once_before_the_first_request():
+    from r3.engines.sglang import SGLangError
+
+    spec = RoutingSpec(num_layers=2, top_k=2, num_experts=8)
+    info = {"enable_return_routed_experts": False, "enable_deterministic_inference": False}
+    calls = []
+
+    def transport(method, url, body, timeout_s):
+        calls.append(url.rsplit("/", 1)[1])
+        if url.endswith("/get_server_info"):
+            return 200, info
+        return Server(rows=2)(method, url, body, timeout_s)
+
+    eng = SGLangRolloutEngine(["http://a:1"], routing_spec=spec, transport=transport, check_server_flags=True)
+    with pytest.raises(SGLangError, match="without --enable-return-routed-experts"):
+        eng.generate([[1, 2]], SamplingParams(max_new_tokens=1), capture_routing=True)
+    assert calls == ["get_server_info"]  # refused before any /generate
+    info["enable_return_routed_experts"] = True
+    with pytest.warns(UserWarning, match="ignores per-prompt sampling seeds"):
+        eng.generate([[1, 2]], SamplingParams(max_new_tokens=1, seed=3), capture_routing=True)
+    eng.generate([[1, 2]], SamplingParams(max_new_tokens=1, seed=4), capture_routing=True)
+    assert calls.count("get_server_info") == 2  # once per (capture, seeded) kind of request
