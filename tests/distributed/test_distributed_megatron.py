@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import torchrun
 
-pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
+pytestmark = [pytest.mark.distributed, pytest.mark.megatron, pytest.mark.slow]  # torchrun launches: ~1-2 min
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOGIT_TOL = 1e-5  # fp32; measured: logits identical, logprobs within 4.8e-7
 WEIGHT_TOL = 1e-5  # one AdamW step of lr 1e-3 moves weights by ~1e-3; measured max |diff| 3e-6 (TP 2)

@@ -14,7 +14,7 @@ from conftest import torchrun
 
 from experiments.config import RunConfig
 
-pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
+pytestmark = [pytest.mark.distributed, pytest.mark.megatron, pytest.mark.slow]  # torchrun launches: ~1-2 min
 WORKER = Path(__file__).with_name("rl_worker.py")
 REL_TOL = 1e-5  # measured: max relative difference 1.1e-6 (actor/grad_norm), fp32 rollout
 
