@@ -1,6 +1,6 @@
 """The embedded model zoo: tokenizer, tiny Qwen3-MoE Base and SFT models, a dense control.
 
-    python -m experiments.zoo [--zoo-dir runs/zoo] [--size tiny|micro] [--force]
+    python -m experiments.zoo [--zoo-dir runs/zoo] [--size tiny|micro|deep] [--rebuild]
 
 Inputs: nothing but a seed (the synthetic task, experiments.task, generates all text).
 Outputs, in `zoo_dir` (default runs/zoo):
@@ -10,6 +10,12 @@ Outputs, in `zoo_dir` (default runs/zoo):
     zoo.json  the manifest, written LAST: config, parameter counts, measured held-out accuracy
 Each model directory holds transformers `save_pretrained` weights and the tokenizer. A zoo is
 reused only when zoo.json exists and records the same ZooConfig; otherwise it is rebuilt.
+
+Shipped zoo: experiments/shipped_zoo/tiny/ holds the `tiny` zoo this recipe built (16 MB; its
+zoo.json records the recipe, the measured accuracies and the build time). `build_zoo` copies it
+into `zoo_dir` when its recipe equals SIZES["tiny"], so `make demo` starts in seconds instead of
+~15 minutes; `--rebuild` trains from scratch and reproduces it (bit for bit on the same CPU model
+and torch build; floating-point results differ slightly between CPU models).
 
 Departures from the paper: the paper starts from Qwen3-30B-A3B-Base (48 layers, 128 experts,
 top-8) and its SFT model; here a 4-layer, 16-expert, top-4 model (norm_topk_prob=True, as
@@ -39,6 +45,8 @@ from experiments import task
 ZooSize = Literal["micro", "tiny", "deep"]
 MODEL_KINDS = ("base", "sft", "dense")
 MANIFEST = "zoo.json"
+SHIPPED = Path(__file__).resolve().parent / "shipped_zoo"
+"""Zoos shipped with the repository (`tiny`), reused by build_zoo when their recipe matches."""
 PACK_LEN = 128
 """Pretraining row length (tokens); a row holds about four documents at difficulty 2."""
 
@@ -311,6 +319,8 @@ def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: boo
     zoo_dir = Path(zoo_dir or default_zoo_dir()).resolve()
     if not force and is_complete(zoo_dir, cfg):
         return load_manifest(zoo_dir)
+    if not force and is_complete(SHIPPED / size, cfg) and zoo_dir != (SHIPPED / size).resolve():
+        return _copy_shipped(size, zoo_dir)
     (zoo_dir / MANIFEST).unlink(missing_ok=True)
     for k in MODEL_KINDS:
         shutil.rmtree(zoo_dir / k, ignore_errors=True)
@@ -346,6 +356,17 @@ def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: boo
     return manifest
 
 
+def _copy_shipped(size: str, zoo_dir: Path) -> dict:
+    """Copy the shipped zoo of `size` into zoo_dir (models first, manifest last)."""
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    (zoo_dir / MANIFEST).unlink(missing_ok=True)
+    for k in MODEL_KINDS:
+        shutil.rmtree(zoo_dir / k, ignore_errors=True)
+        shutil.copytree(SHIPPED / size / k, zoo_dir / k)
+    shutil.copy2(SHIPPED / size / MANIFEST, zoo_dir / MANIFEST)  # written last
+    return load_manifest(zoo_dir)
+
+
 def check_size(zoo_dir: Path, size: str | None) -> None:
     """Refuse a zoo of another recipe than `size` (None: any); RunConfig.zoo_size."""
     m = load_manifest(zoo_dir)
@@ -372,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--rebuild", "--force", dest="force", action="store_true",
+                    help="train from scratch (ignore a complete zoo in --zoo-dir and the shipped copy)")
     args = ap.parse_args(argv)
     m = build_zoo(args.zoo_dir, size=args.size, force=args.force)
     print(json.dumps(m["models"], indent=2))
