@@ -46,9 +46,9 @@ def global_batch(spec: RoutingSpec) -> tuple[TrainBatch, torch.Tensor]:
     return TrainBatch(input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=loss_mask, expert_ids_BTLK=forced), adv
 
 
-def run(model: str, ep: int, tp: int, micro_batch: int, precision: str) -> dict:
+def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatcher: str | None = None) -> dict:
     eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=micro_batch, expert_parallel=ep, tensor_parallel=tp,
-                              precision=precision)
+                              precision=precision, token_dispatcher=dispatcher)
     batch, adv = global_batch(eng.spec)
     out: dict = {"layout": eng.layout.describe(), "world": dist.get_world_size()}
 
@@ -101,10 +101,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dispatcher", default=None, help="allgather (CPU default) or alltoall")
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
-    out = {prec: run(args.model, args.ep, args.tp, args.micro_batch, prec) for prec in args.precisions.split(",")}
+    out = {prec: run(args.model, args.ep, args.tp, args.micro_batch, prec, args.dispatcher)
+           for prec in args.precisions.split(",")}
     if dist.get_rank() == 0:
         torch.save(out, args.out)
     dist.barrier()

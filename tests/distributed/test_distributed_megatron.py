@@ -4,6 +4,7 @@
   within 1e-5; logprobs under native, recorded and forced (REPLAY) routing equal; each rank was
   handed exactly its own rows to replay; one train_step gives the same weights and metrics.
 - DP = 2 (EP = 1): one train_step gives the same updated weights as one rank.
+- EP = 2 with the alltoall token dispatcher (megatron's GPU default; CPU shim in compat.py).
 - TP = 2 with sequence parallelism (DP = 1): logits and the train step equal one rank; each TP
   rank replays its own sequence slice of the routing (S = 9 is padded to 10 for the split).
 - The same with bf16 parameters, megatron's DDP (fp32 main grads) and distributed optimizer
@@ -40,11 +41,12 @@ def test_bf16_is_bf16_and_close_to_fp32(runs):
 @pytest.fixture(scope="module")
 def runs(tiny_moe_dir, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("dist")
-    layouts = {"ref": (1, 1, 1), "ep2": (2, 2, 1), "dp2": (2, 1, 1), "tp2": (2, 1, 2)}
+    layouts = {"ref": (1, 1, 1, "allgather"), "ep2": (2, 2, 1, "allgather"), "dp2": (2, 1, 1, "allgather"),
+               "tp2": (2, 1, 2, "allgather"), "ep2_alltoall": (2, 2, 1, "alltoall")}
     res = {}
-    for name, (nproc, ep, tp) in layouts.items():
+    for name, (nproc, ep, tp, dispatcher) in layouts.items():
         torchrun(nproc, WORKER, "--model", str(tiny_moe_dir), "--out", str(out / f"{name}.pt"), "--ep", str(ep),
-                 "--tp", str(tp))
+                 "--tp", str(tp), "--dispatcher", dispatcher)
         res[name] = torch.load(out / f"{name}.pt", weights_only=False)
     return res
 
@@ -67,7 +69,7 @@ def test_layouts_are_what_was_asked(runs):
     assert runs["tp2"]["layout"].startswith("world 2 = TP 2 x PP 1 x DP 1")
 
 
-@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2"])
+@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2", "ep2_alltoall"])
 def test_forward_equals_one_rank(runs, name, prec):
     ref, got = runs["ref"][prec], runs[name][prec]
     tol = LOGIT_TOL if prec == "fp32" else BF16_LOGIT_TOL
@@ -80,7 +82,7 @@ def test_forward_equals_one_rank(runs, name, prec):
     assert _maxdiff(ref["logp_replay"], ref["logp_off"]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2"])
+@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2", "ep2_alltoall"])
 def test_each_rank_replays_exactly_its_rows(runs, name, prec):
     flags = runs[name][prec]["per_rank"]
     assert all(f["own_rows_replayed"] for f in flags), flags
@@ -94,7 +96,7 @@ def test_each_rank_replays_exactly_its_rows(runs, name, prec):
     assert all(f["layers_set"] == 4 for f in flags), flags
 
 
-@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2"])
+@pytest.mark.parametrize("name", ["ep2", "dp2", "tp2", "ep2_alltoall"])
 def test_train_step_equals_one_rank(runs, name, prec):
     ref, got = runs["ref"][prec], runs[name][prec]
     assert set(got["weights"]) == set(ref["weights"])

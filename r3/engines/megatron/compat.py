@@ -196,3 +196,31 @@ def allow_sequence_parallel_torch_norm() -> None:
 
     torch_norm.WrappedTorchNorm.__new__ = new
     _SP_NORM_INSTALLED = True
+
+
+_ALLTOALL_INSTALLED = False
+
+
+def install_cpu_alltoall_dispatcher() -> None:
+    """Shim 7 (CPU only, the `alltoall` token dispatcher, megatron's default on GPU): the dispatcher
+    creates a `torch.cuda.Stream` at construction and copies its split sizes device-to-host on that
+    stream (`_maybe_dtoh_and_synchronize`), leaving them as tensors when they are already on the
+    CPU. Here the stream is never created and the split sizes become numpy arrays at the same point,
+    as megatron's own CUDA path leaves them. No-op with CUDA; installed once."""
+    global _ALLTOALL_INSTALLED
+    if _ALLTOALL_INSTALLED or not _cuda_absent():
+        return
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no stream"  # not None: construction skips creating one
+
+    def dtoh(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name, None)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = dtoh
+    _ALLTOALL_INSTALLED = True

@@ -39,6 +39,9 @@ class MegatronTrainConfig:
     parameters, fp32 main gradients and megatron's distributed optimizer (fp32 master weights and
     Adam state sharded over DP): what a 30B model needs on 80 GB GPUs (r3.engines.megatron.optim)."""
 
+    token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
+    """megatron's MoE token dispatcher: auto = alltoall on GPU, allgather on CPU."""
+
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MegatronTrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")

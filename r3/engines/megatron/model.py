@@ -95,8 +95,8 @@ def transformer_config_from_hf(
     router_fusion: megatron's fused top-k kernel (needs TE). It bypasses RouterReplay (the
         fused path returns before the replay hook in topk_routing_with_score_function), so it
         is refused together with replay.
-    token_dispatcher: "allgather" (default without CUDA: "alltoall" creates a CUDA stream)
-        or "alltoall" (default with CUDA).
+    token_dispatcher: "allgather" (default without CUDA) or "alltoall" (default with CUDA; on CPU
+        through compat.install_cpu_alltoall_dispatcher).
     router_dtype: megatron `moe_router_dtype` (None: the input dtype, as transformers does).
     tp, pp, ep: tensor / pipeline / expert model-parallel sizes (must equal megatron's parallel
         state, r3.engines.megatron.parallel.init_parallel).
@@ -120,6 +120,10 @@ def transformer_config_from_hf(
         router_dtype = "fp32"  # routing scores in fp32, as megatron's bf16 recipes do
     if token_dispatcher is None:
         token_dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
+    if token_dispatcher == "alltoall" and not torch.cuda.is_available():
+        from r3.engines.megatron.compat import install_cpu_alltoall_dispatcher
+
+        install_cpu_alltoall_dispatcher()
     kw = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,

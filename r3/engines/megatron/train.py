@@ -76,6 +76,7 @@ class MegatronTrainEngine:
         pipeline_parallel: int = 1,
         expert_parallel: int = 1,
         precision: str = "fp32",
+        token_dispatcher: str | None = None,
     ):
         if pipeline_parallel != 1:
             raise NotImplementedError(
@@ -99,7 +100,8 @@ class MegatronTrainEngine:
         self.layout = parallel.init_parallel(tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, seed=seed)
         self.precision = precision
         self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
-                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, precision=precision)
+                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, precision=precision,
+                                     **({"token_dispatcher": token_dispatcher} if self.is_moe else {}))
         ep_rank, ep_size = parallel.ep_rank_size()
         self.tp_rank, self.tp_size = parallel.tp_rank_size()
         load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size,
@@ -136,7 +138,8 @@ class MegatronTrainEngine:
         return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                    micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute,
                    tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
-                   expert_parallel=cfg.expert_parallel, precision=cfg.precision)
+                   expert_parallel=cfg.expert_parallel, precision=cfg.precision,
+                   token_dispatcher=None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher)
 
     # --- batch handling ---------------------------------------------------------------------
     def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
