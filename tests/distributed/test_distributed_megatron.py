@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
+from dist_helpers import torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.megatron, pytest.mark.slow]  # torchrun launches: ~1-2 min
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import torchrun
+from dist_helpers import torchrun
 
 from experiments.config import RunConfig
 

@@ -1,22 +1,28 @@
 """MegatronTrainEngine: the TrainEngine protocol (r3.engines.base) on a megatron-core GPTModel.
 
-The model is built from a transformers Qwen3-MoE (or dense Qwen3) model and its weights
-(r3.engines.megatron.model); routing replay drives megatron's own RouterReplay through a
-per-engine handle (r3.engines.megatron.replay). fp32 throughout.
+The model is built from a transformers Qwen3-MoE (or dense Qwen3) model or checkpoint directory
+(r3.engines.megatron.model, r3.engines.megatron.hf_io); routing replay drives megatron's own
+RouterReplay through a per-engine handle (r3.engines.megatron.replay).
 
-Departures from a full Megatron training stack (say so where it matters):
-- Optimizer: plain `torch.optim.AdamW` over the GPTModel parameters and
-  `torch.nn.utils.clip_grad_norm_`, not megatron's DistributedOptimizer (it needs the megatron
-  DDP wrapper with contiguous grad buffers and CUDA); with one process the maths is the same.
-  A step whose gradient norm is not finite is skipped (megatron's optimizer skips on found_inf).
-- Process model (r3.engines.megatron.parallel): one process, or N ranks from the environment
-  (torchrun / Slurm) with EP and DP; every rank receives the same global mini-batch and trains on
-  its DP slice; per-row results are all-gathered, gradients summed over replicas, metrics summed
-  over the DP group, so every rank returns what one rank would. TP > 1 runs with sequence
-  parallelism (sequences right-padded to a multiple of TP; norm/router gradients summed over TP;
-  experts whole on every TP rank, reduced over their expert-DP group). PP > 1 is refused (no
-  pipeline schedule wired).
-- Optimizer state is replicated on DP ranks (plain AdamW, not megatron's distributed optimizer).
+Numerics and optimizer (r3.engines.megatron.optim), chosen by `precision`:
+- "fp32" (the embedded default): fp32 parameters, `torch.optim.AdamW` replicated on every DP
+  rank, gradients summed over replicas and clipped by their global norm here;
+- "bf16": bf16 parameters, megatron's DDP with fp32 main gradients and megatron's distributed
+  optimizer (fp32 master weights + Adam state sharded over DP), megatron's clipping.
+A step whose gradient norm is not finite is skipped (megatron's optimizer skips on found_inf).
+
+Process model (r3.engines.megatron.parallel): one process, or N ranks from the environment
+(torchrun / Slurm) with TP, EP and DP; every rank receives the same global mini-batch and trains on
+its DP slice; per-row results are all-gathered, gradients summed over replicas, metrics summed
+over the DP group, so every rank returns what one rank would. TP > 1 runs with sequence
+parallelism (sequences right-padded to a multiple of TP; norm/router gradients summed over TP;
+experts whole on every TP rank, reduced over their expert-DP group). PP > 1 is refused (no
+pipeline schedule wired).
+
+Departures from a full Megatron training stack:
+- Checkpoints are one file per rank (model shard, optimizer state, RNG), resumable with the same
+  layout only; megatron's resharding distributed checkpoints are not used.
+- The local (TE-free) layer spec and no pipeline schedule (PP = 1).
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
 
