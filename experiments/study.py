@@ -77,12 +77,15 @@ def plan_message(plan_name: str, cfgs: dict, out: Path, jobs: int) -> str:
     todo = {n: c for n, c in cfgs.items() if not rundir.is_complete(out / n)}
     steps_left = sum(max(c.global_steps - _steps_done(out / n), 0) for n, c in todo.items())
     sec = measured_step_seconds(out, cfgs) or study_grid.STEP_SECONDS.get(p.zoo_size)
+    eval_s = study_grid.EVAL_SECONDS.get(p.zoo_size, 0.0)
+    evals_left = sum(max(c.global_steps - _steps_done(out / n), 0) // c.eval_every + (_steps_done(out / n) == 0)
+                     for n, c in todo.items())
     msg = (f"[study] plan {plan_name!r}: {len(cfgs)} cells ({len(cfgs) - len(todo)} complete, skipped; "
            f"{len(todo)} to run), {steps_left} global steps left, zoo {p.zoo_size!r}")
     if todo and sec:
-        wall = steps_left * sec / max(1, min(jobs, len(todo)))
-        msg += (f"; at {sec:.1f} s/step/cell and {jobs} parallel cells about {_fmt_hours(wall)} of training "
-                "steps (evaluation every 5 steps adds about 15-25%; collapsed cells stop early)")
+        wall = (steps_left * sec + evals_left * eval_s) / max(1, min(jobs, len(todo)))
+        msg += (f"; at {sec:.1f} s/step and {eval_s:.1f} s/evaluation per cell, {min(jobs, len(todo))} cells in "
+                f"parallel: about {_fmt_hours(wall)} (less when cells collapse and stop; more on a loaded machine)")
     return msg
 
 

@@ -134,10 +134,13 @@ def _smoke() -> _Plan:
 PLANS: dict[str, Callable[[], _Plan]] = {"full": _full, "pilot": _pilot, "deep": _deep, "long": _long,
                                          "smoke": _smoke}
 
-STEP_SECONDS: dict[str, float] = {}
-"""Measured seconds per global step of one cell (one torch thread), per zoo size, for the cost
-estimate printed before a study; filled from docs/study.md's pilot (a size without a value is
-estimated from a completed run's `time/step` in the output directory, if any)."""
+STEP_SECONDS: dict[str, float] = {"tiny": 3.8}
+"""Measured seconds per global step of one cell (one torch thread; rollout with dynamic sampling,
+old logprobs, update, sync; evaluation excluded), per zoo size: the median `time/step` of the
+pilot in docs/study.md (60 steps, 6 cells, 2-core machine shared with other jobs). Used for the
+cost printed before a study when the output directory holds no steps yet."""
+EVAL_SECONDS: dict[str, float] = {"tiny": 6.3}
+"""Measured seconds per evaluation point (512 held-out problems, one sample) in the same pilot."""
 
 
 def zoo_dir_for(size: str) -> Path:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from plots.rundir import Run, method_order
 from plots.style import FULL_WIDTH_IN, METHOD_COLORS, new_figure, no_data
@@ -34,6 +34,8 @@ ARM_FIELDS = ("replay", "tis")
 SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope")
 """Config fields that make the mismatch source; the other differing fields make a `family`."""
 MARKERS = ("o", "s", "^", "D", "v", "P")
+DODGE_DECADES = 0.012
+"""Horizontal offset between methods at one dose (in decades of KL), so equal points stay visible."""
 
 
 # --- per run ------------------------------------------------------------------------------------
@@ -250,7 +252,8 @@ def study_table(runs: list[Run]) -> Table:
 # --- the dose-response figure -------------------------------------------------------------------
 def dose_response_figure(runs: list[Run]) -> Figure:
     """Collapse rate, steps to collapse and best score against the native arm's mean k3 KL, one
-    line per method (colour) and family (marker); error bars are standard errors over seeds."""
+    line per method (colour) and family (marker); error bars are standard errors over seeds.
+    Methods at one dose are dodged by DODGE_DECADES so that equal values stay visible."""
     conds = conditions(runs)
     fig = new_figure(FULL_WIDTH_IN, 2.9)
     axes = fig.subplots(1, 3)
@@ -270,6 +273,8 @@ def dose_response_figure(runs: list[Run]) -> Figure:
             no_data(ax, "mismatch/k3_kl")
             continue
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
         for fi, fam in enumerate(families):
             for mi, method in enumerate(methods):
@@ -279,7 +284,7 @@ def dose_response_figure(runs: list[Run]) -> Figure:
                 if not pts:
                     continue
                 pts.sort()
-                x = np.array([p[0] for p in pts])
+                x = np.array([p[0] for p in pts]) * 10 ** (DODGE_DECADES * (mi - (len(methods) - 1) / 2))
                 y = np.array([p[1] for p in pts])
                 err = np.array([p[2] if math.isfinite(p[2]) else 0.0 for p in pts])
                 color = METHOD_COLORS.get(method, f"C{mi}")

@@ -114,6 +114,7 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
 
 
 def test_dose_response_figure_and_table_from_plots_all(tmp_path):
+    from plots import figures_study
     from plots.all import main
     from plots.figures_study import dose_response_figure
     from plots.rundir import discover
@@ -123,7 +124,8 @@ def test_dose_response_figure_and_table_from_plots_all(tmp_path):
     rate_ax = fig.axes[0]
     ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in rate_ax.containers}
     assert ys == {"GRPO": [0.0, 1.0], "GRPO+R3": [0.0, 0.0]}
-    assert list(rate_ax.containers[0].lines[0].get_xdata()) == pytest.approx([2e-4, 1.5e-3])
+    dodge = 10 ** -(figures_study.DODGE_DECADES / 2)  # GRPO sits left of GRPO+R3
+    assert list(rate_ax.containers[0].lines[0].get_xdata()) == pytest.approx([2e-4 * dodge, 1.5e-3 * dodge])
     out = tmp_path / "plots"
     assert main(["--runs", str(root), "--out", str(out), "--study", "--no-progress"]) == 0
     assert (out / "figures" / "study_dose_response.png").stat().st_size > 10_000
