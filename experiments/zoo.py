@@ -98,7 +98,7 @@ SIZES: dict[str, ZooConfig] = {
         batch_size=32, eval_problems=16, eval_max_new_tokens=48,
     ),
     # The collapse study's scale axis (docs/study.md): twice the depth and twice the experts of
-    # `tiny` (~6.9M params, ~1.1M active), since the share of tokens whose routing differs in at
+    # `tiny` (6.7M params, 1.2M active), since the share of tokens whose routing differs in at
     # least one layer grows with depth (paper: 94% at 48 layers; tiny: 10% at 4). Not yet built
     # or measured; expect about 2-2.5x tiny's build and step times.
     "deep": ZooConfig(

@@ -48,6 +48,46 @@ def test_fp8_scope_reaches_the_rollout_engine_config(tmp_path):
     assert (ro.precision, ro.fp8_scope) == ("fp8", "all")
 
 
+def test_fp8_scope_all_quantises_every_linear_layer_per_row():
+    """`fp8all`: attention, every expert's matrices and the router, one e4m3 scale per output row;
+    embeddings, norms and lm_head stay as they are (what FP8 serving engines keep)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from r3.engines.hf.fp8 import FP8_MAX, apply_fp8, fp8_param_names
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=8, intermediate_size=16)
+    m = Qwen3MoeForCausalLM(cfg)
+    names = {n.removeprefix("model.layers.0.") for n in fp8_param_names(m, "all")}
+    assert names == {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.o_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"}
+    assert {n.removeprefix("model.layers.0.") for n in fp8_param_names(m, "router")} == {"mlp.gate.weight"}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    apply_fp8(m, "all")
+    after = dict(m.named_parameters())
+    for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(before[n], after[n]), n
+    w, q = before["model.layers.0.mlp.experts.gate_up_proj"], after["model.layers.0.mlp.experts.gate_up_proj"]
+    # per (expert, output row): the row's largest |w| maps to 448 exactly, so it survives unchanged
+    scale = w.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    assert torch.allclose(q.abs().amax(dim=-1), w.abs().amax(dim=-1))
+    assert ((q - w).abs() <= 2.0**-4 * w.abs() + 2.0**-10 * scale + 1e-12).all()
+    assert not torch.equal(q, w)
+
+
+def test_zoo_size_is_checked(tmp_path):
+    from experiments import zoo
+
+    (tmp_path / "zoo.json").write_text(json.dumps({"config": {"size": "micro"}}))
+    zoo.check_size(tmp_path, None)
+    zoo.check_size(tmp_path, "micro")
+    with pytest.raises(ValueError, match="holds the 'micro' recipe.*zoo_size='tiny'"):
+        zoo.check_size(tmp_path, "tiny")
+
+
 # --- aggregation on hand-written run directories ------------------------------------------------
 def _cfg(name: str, *, seed: int, replay: bool, precision: str, scope: str = "router") -> RunConfig:
     return RunConfig(name=name, seed=seed, replay=replay, rollout_precision=precision, rollout_fp8_scope=scope,
