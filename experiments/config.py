@@ -151,7 +151,7 @@ class RunConfig:
     wandb_project: str = "r3"
     """W&B project name (with `wandb` in log_to)."""
     rollout_fp8_scope: Literal["router", "all"] = "router"
-    """FP8 rollout (hf engine, rollout_precision fp8): quantise the MoE routers only, or every linear layer (per-row e4m3)."""
+    """FP8 rollout (hf engine, precision fp8): quantise the MoE routers only, or every linear layer (per-row e4m3)."""
     zoo_size: str | None = None
     """Zoo recipe (experiments.zoo.SIZES) expected in zoo_dir when model_path is None; None: whatever zoo is there."""
 
