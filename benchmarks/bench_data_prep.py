@@ -63,13 +63,17 @@ def main() -> None:
         print(f"whole stage: {n_in} rows in {dt:.1f} s = {n_in / dt:.0f} rows/s -> {m['final_count']} rows")
         for f in m["filters"]:
             if f["enabled"]:
-                print(f"  {f['name']:<18} {f['seconds']:>7.2f} s  ({f['rows_in'] / max(f['seconds'], 1e-9):.0f} rows/s)")
+                print(
+                    f"  {f['name']:<18} {f['seconds']:>7.2f} s  ({f['rows_in'] / max(f['seconds'], 1e-9):.0f} rows/s)"
+                )
     base = pool_rows()
     results = []
     for n in a.sizes:
         rows = rows_of_size(base, n)
         t = time.perf_counter()
-        keep, _ = near_duplicates(rows, threshold=cfg.near_dup_threshold, shingle_size=cfg.shingle_size, num_perm=cfg.minhash_perms)
+        keep, _ = near_duplicates(
+            rows, threshold=cfg.near_dup_threshold, shingle_size=cfg.shingle_size, num_perm=cfg.minhash_perms
+        )
         dt = time.perf_counter() - t
         results.append((n, dt))
         print(f"near-dup {n:>7} rows: {dt:6.1f} s  ({n / dt:.0f} rows/s, {len(keep) - sum(keep)} dropped)")

@@ -45,8 +45,10 @@ def build_pairs() -> list[tuple[str, str]]:
     for name in ("aime25", "amc23"):
         for r in benchmarks.load(name):
             for ans in (r["answer"], str(int(r["answer"]) + 7)):
-                resp = (f"We set up the problem: {r['problem'][:200]} ... Simplifying step by step gives "
-                        f"$x = \\frac{{{ans}}}{{1}}$, so the final result is \\boxed{{{ans}}}.")
+                resp = (
+                    f"We set up the problem: {r['problem'][:200]} ... Simplifying step by step gives "
+                    f"$x = \\frac{{{ans}}}{{1}}$, so the final result is \\boxed{{{ans}}}."
+                )
                 pairs.append((resp, r["answer"]))
     return pairs
 
@@ -65,7 +67,9 @@ def available_cores(procs: int, seconds: float = 1.0) -> float:
     """CPU seconds per wall second that `procs` busy-looping processes get right now: the cores
     this benchmark's session can use. Other sessions' jobs lower it (Linux autogroup scheduling
     shares the CPU fairly between sessions, not between processes)."""
-    spin = f"import time\nt=time.perf_counter()\nwhile time.perf_counter()-t<{seconds}: pass\nprint(time.process_time())"
+    spin = (
+        f"import time\nt=time.perf_counter()\nwhile time.perf_counter()-t<{seconds}: pass\nprint(time.process_time())"
+    )
     kids = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     return sum(float(k.communicate()[0]) for k in kids) / seconds
 
@@ -91,8 +95,14 @@ def measure(mode: str, workers: int) -> dict:
             c0, t0 = _cpu_seconds(pids), time.perf_counter()
             res = grade_detailed(pairs, pool=pool)
             dt, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - c0
-    return {"mode": mode, "pairs": len(pairs), "seconds": dt, "cpu_seconds": cpu,
-            "correct": sum(r.correct for r in res), "timeouts": sum(r.timed_out for r in res)}
+    return {
+        "mode": mode,
+        "pairs": len(pairs),
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "correct": sum(r.correct for r in res),
+        "timeouts": sum(r.timed_out for r in res),
+    }
 
 
 def main() -> None:
@@ -108,24 +118,36 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"serial": [], "pool": []}
     for rep in range(args.repeats):
         for mode in ("serial", "pool"):  # alternate, so drifting machine load hits both
-            out = subprocess.run([sys.executable, __file__, "--_child", mode, "--workers", str(args.workers)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, __file__, "--_child", mode, "--workers", str(args.workers)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[mode].append(r)
-            print(f"repeat {rep + 1}/{args.repeats} {mode:>6}: {r['pairs']} pairs in {r['seconds']:.2f} s "
-                  f"= {r['pairs'] / r['seconds']:.1f} pairs/s, {r['cpu_seconds']:.2f} CPU s "
-                  f"(correct {r['correct']}, timeouts {r['timeouts']})", flush=True)
+            print(
+                f"repeat {rep + 1}/{args.repeats} {mode:>6}: {r['pairs']} pairs in {r['seconds']:.2f} s "
+                f"= {r['pairs'] / r['seconds']:.1f} pairs/s, {r['cpu_seconds']:.2f} CPU s "
+                f"(correct {r['correct']}, timeouts {r['timeouts']})",
+                flush=True,
+            )
     rate = {m: statistics.median(r["pairs"] / r["seconds"] for r in rs) for m, rs in runs.items()}
     assert runs["serial"][0]["correct"] == runs["pool"][0]["correct"], "serial and pool disagree"
-    print(f"\ncores: {os.cpu_count()}, load average (1 min) before/after: {load_before:.2f} / "
-          f"{os.getloadavg()[0]:.2f}; cores that {args.workers} busy processes of this session get, before/after: "
-          f"{cores_before:.2f} / {available_cores(args.workers):.2f} (a bound on the wall-clock ratio)")
+    print(
+        f"\ncores: {os.cpu_count()}, load average (1 min) before/after: {load_before:.2f} / "
+        f"{os.getloadavg()[0]:.2f}; cores that {args.workers} busy processes of this session get, before/after: "
+        f"{cores_before:.2f} / {available_cores(args.workers):.2f} (a bound on the wall-clock ratio)"
+    )
     print(f"serial          : {rate['serial']:.1f} pairs/s (median of {args.repeats})")
     print(f"pool ({args.workers} workers): {rate['pool']:.1f} pairs/s (median of {args.repeats})")
     print(f"ratio pool/serial: {rate['pool'] / rate['serial']:.2f}x (target >= 1.7x on 2 cores)")
     cpu = {m: statistics.median(r["cpu_seconds"] for r in rs) for m, rs in runs.items()}
-    print(f"CPU seconds      : serial {cpu['serial']:.2f}, pool {cpu['pool']:.2f} (all processes); "
-          f"CPU-bound ceiling on {args.workers} idle cores: {args.workers * cpu['serial'] / cpu['pool']:.2f}x")
+    print(
+        f"CPU seconds      : serial {cpu['serial']:.2f}, pool {cpu['pool']:.2f} (all processes); "
+        f"CPU-bound ceiling on {args.workers} idle cores: {args.workers * cpu['serial'] / cpu['pool']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

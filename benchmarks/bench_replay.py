@@ -36,9 +36,20 @@ def tiny_moe(seed: int, experts_implementation: str = "eager") -> Qwen3MoeForCau
     """About 1.8M parameters: 4 layers, hidden 128, 8 experts, top-2."""
     torch.manual_seed(seed)
     cfg = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     model = Qwen3MoeForCausalLM(cfg)
     model.set_experts_implementation(experts_implementation)
@@ -76,9 +87,11 @@ def bench_train_replay(repeats: int, seed: int, impl: str) -> tuple[list[float],
 def bench_storage() -> list[tuple[str, str, float, float]]:
     """(geometry, encoding, bytes/token, ratio to the floor)."""
     rows = []
-    for name, spec in [("tiny L4 K2 E8", RoutingSpec(num_layers=4, top_k=2, num_experts=8)),
-                       ("Qwen3-30B-A3B L48 K8 E128", RoutingSpec(num_layers=48, top_k=8, num_experts=128)),
-                       ("E=300 L8 K4", RoutingSpec(num_layers=8, top_k=4, num_experts=300))]:
+    for name, spec in [
+        ("tiny L4 K2 E8", RoutingSpec(num_layers=4, top_k=2, num_experts=8)),
+        ("Qwen3-30B-A3B L48 K8 E128", RoutingSpec(num_layers=48, top_k=8, num_experts=128)),
+        ("E=300 L8 K4", RoutingSpec(num_layers=8, top_k=4, num_experts=300)),
+    ]:
         T = 1000
         g = torch.Generator().manual_seed(0)
         ids = torch.rand(T * spec.num_layers, spec.num_experts, generator=g).argsort(-1)[:, : spec.top_k]
@@ -99,8 +112,9 @@ def bench_rollout(seed: int) -> float:
         tiny_moe(seed).save_pretrained(d)
         eng = registry.build_rollout_engine(registry.rollout_config("hf", model_path=d, precision="bf16", seed=seed))
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, 128, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(128)]
+    prompts = [
+        torch.randint(2, 128, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist() for _ in range(128)
+    ]
     params = SamplingParams(max_new_tokens=48, stop_token_ids=())
     eng.generate(prompts[:8], SamplingParams(max_new_tokens=4))
     t0 = time.perf_counter()
@@ -116,12 +130,14 @@ def bench_megatron(repeats: int, seed: int) -> None:
     try:
         import megatron.core  # noqa: F401  (lazy: megatron is optional)
 
-        from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights
         from r3.engines.megatron.compat import cpu_device_scope
+        from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights
         from r3.engines.megatron.replay import MegatronRouterReplay
         from r3.replay import ReplayMode
     except Exception as exc:  # any import failure means: not available here
-        print(f"[megatron] skipped: megatron-core / r3.engines.megatron.model do not import ({type(exc).__name__}: {exc})")
+        print(
+            f"[megatron] skipped: megatron-core / r3.engines.megatron.model do not import ({type(exc).__name__}: {exc})"
+        )
         return
     shapes = {  # hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
         "brief-tiny": (32, 2, 4, 2, 8, 8, 2, 16, 64),
@@ -130,10 +146,20 @@ def bench_megatron(repeats: int, seed: int) -> None:
     B, S = 32, 80
     for name, (h, nl, nh, nkv, hd, ne, k, fi, v) in shapes.items():
         torch.manual_seed(seed)
-        cfg = Qwen3MoeConfig(vocab_size=v, hidden_size=h, num_hidden_layers=nl, num_attention_heads=nh,
-                             num_key_value_heads=nkv, head_dim=hd, num_experts=ne, num_experts_per_tok=k,
-                             moe_intermediate_size=fi, intermediate_size=k * fi, norm_topk_prob=True,
-                             max_position_embeddings=256)
+        cfg = Qwen3MoeConfig(
+            vocab_size=v,
+            hidden_size=h,
+            num_hidden_layers=nl,
+            num_attention_heads=nh,
+            num_key_value_heads=nkv,
+            head_dim=hd,
+            num_experts=ne,
+            num_experts_per_tok=k,
+            moe_intermediate_size=fi,
+            intermediate_size=k * fi,
+            norm_topk_prob=True,
+            max_position_embeddings=256,
+        )
         hf = Qwen3MoeForCausalLM(cfg).train()
         mg = build_gpt_model(cfg)
         load_hf_weights(mg, hf.state_dict(), cfg)
@@ -158,8 +184,12 @@ def bench_megatron(repeats: int, seed: int) -> None:
                 s.end_forward()
                 logits.logsumexp(-1).mean().backward()
 
-        cases = {"hf_eager": lambda: run_hf("eager"), "hf_grouped_mm": lambda: run_hf("grouped_mm"),
-                 "megatron": lambda: run_mg(ReplayMode.OFF), "megatron_replay": lambda: run_mg(ReplayMode.REPLAY)}
+        cases = {
+            "hf_eager": lambda: run_hf("eager"),
+            "hf_grouped_mm": lambda: run_hf("grouped_mm"),
+            "megatron": lambda: run_mg(ReplayMode.OFF),
+            "megatron_replay": lambda: run_mg(ReplayMode.REPLAY),
+        }
         times = {c: [] for c in cases}
         for fn in cases.values():
             fn()  # warm-up
@@ -172,16 +202,22 @@ def bench_megatron(repeats: int, seed: int) -> None:
         med = {c: statistics.median(t) for c, t in times.items()}
         print(f"[megatron] fwd+bwd {name} (B={B}, S={S}, fp32), {repeats} interleaved repeats:")
         for c in cases:
-            print(f"  {c:16s} min {1e3 * best[c]:8.1f} ms (x{best[c] / best['hf_eager']:.2f} of hf_eager)   "
-                  f"median {1e3 * med[c]:8.1f} ms (x{med[c] / med['hf_eager']:.2f})")
+            print(
+                f"  {c:16s} min {1e3 * best[c]:8.1f} ms (x{best[c] / best['hf_eager']:.2f} of hf_eager)   "
+                f"median {1e3 * med[c]:8.1f} ms (x{med[c] / med['hf_eager']:.2f})"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: least sensitive to other processes; 0: torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: least sensitive to other processes; 0: torch's default)",
+    )
     ap.add_argument("--impls", default="eager,grouped_mm", help="experts implementations to time")
     args = ap.parse_args()
     if args.threads:
@@ -195,8 +231,10 @@ def main() -> None:
         off, on = bench_train_replay(args.repeats, args.seed, impl)
         for stat in (statistics.median, min):
             a, b = stat(off), stat(on)
-            print(f"{impl:12s} {stat.__name__:6s} native {a * 1e3:8.1f} ms   replay {b * 1e3:8.1f} ms   "
-                  f"ratio {b / a:.3f}  (target <= 1.05)")
+            print(
+                f"{impl:12s} {stat.__name__:6s} native {a * 1e3:8.1f} ms   replay {b * 1e3:8.1f} ms   "
+                f"ratio {b / a:.3f}  (target <= 1.05)"
+            )
     print("\n== 2. routing storage, bytes per token (floor = L*K*ceil(log2 E)/8) ==")
     for name, enc, per_tok, ratio in bench_storage():
         print(f"{name:28s} {enc:8s} {per_tok:9.2f} B/token   {ratio:.3f}x floor")

@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--train-engine", default="hf", choices=["hf", "megatron", "both"],
-                    help="both: four interleaved loops, also printing megatron / transformers per phase")
+    ap.add_argument(
+        "--train-engine",
+        default="hf",
+        choices=["hf", "megatron", "both"],
+        help="both: four interleaved loops, also printing megatron / transformers per phase",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -59,15 +63,27 @@ def main(argv: list[str] | None = None) -> None:
     loops = {}
     for engine in engines:
         for replay in (False, True):
-            cfg = RunConfig(name=f"bench-{engine}-r3={replay}", replay=replay, rollout_precision=args.precision,
-                            lr=1e-5, train_engine=engine, prompts_per_step=args.prompts,
-                            group_size=args.group_size, dynamic_sampling=False)
+            cfg = RunConfig(
+                name=f"bench-{engine}-r3={replay}",
+                replay=replay,
+                rollout_precision=args.precision,
+                lr=1e-5,
+                train_engine=engine,
+                prompts_per_step=args.prompts,
+                group_size=args.group_size,
+                dynamic_sampling=False,
+            )
             ro_cfg, tr_cfg = engine_configs(cfg, model_dir, Path(args.zoo_dir or "."))
-            loops[engine, replay] = (cfg, build_rollout_engine(ro_cfg), build_train_engine(tr_cfg),
-                                     task.TrainStream(seed=0, difficulty=2))
+            loops[engine, replay] = (
+                cfg,
+                build_rollout_engine(ro_cfg),
+                build_train_engine(tr_cfg),
+                task.TrainStream(seed=0, difficulty=2),
+            )
     phases = ("rollout", "old_logprob", "train", "sync", "total")
     times = {key: {k: [] for k in phases} for key in loops}
     with grader.make_pool(workers=2) as pool:
+
         def reward(texts, golds):
             return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
@@ -75,11 +91,20 @@ def main(argv: list[str] | None = None) -> None:
             for key, (cfg, ro_eng, tr_eng, stream) in loops.items():
                 t0 = time.perf_counter()
                 ro = rollout.collect(
-                    ro_eng, lambda p: tok(task.format_prompt(p))["input_ids"],
-                    lambda ids: tok.batch_decode(ids, skip_special_tokens=True), stream, reward_fn=reward,
-                    prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                    params=SamplingParams(max_new_tokens=cfg.max_new_tokens), dynamic=False, max_rounds=1,
-                    capture_routing=True, run_seed=0, step=step)
+                    ro_eng,
+                    lambda p: tok(task.format_prompt(p))["input_ids"],
+                    lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
+                    stream,
+                    reward_fn=reward,
+                    prompts_per_step=cfg.prompts_per_step,
+                    group_size=cfg.group_size,
+                    params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
+                    dynamic=False,
+                    max_rounds=1,
+                    capture_routing=True,
+                    run_seed=0,
+                    step=step,
+                )
                 t_roll = time.perf_counter() - t0
                 m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
                 t0 = time.perf_counter()
@@ -87,14 +112,20 @@ def main(argv: list[str] | None = None) -> None:
                 t_sync = time.perf_counter() - t0
                 if step == 1:
                     continue
-                row = {"rollout": t_roll, "old_logprob": m["time/old_logprob"], "train": m["time/train"],
-                       "sync": t_sync}
+                row = {
+                    "rollout": t_roll,
+                    "old_logprob": m["time/old_logprob"],
+                    "train": m["time/train"],
+                    "sync": t_sync,
+                }
                 row["total"] = sum(row.values())
                 for k, v in row.items():
                     times[key][k].append(v)
     med = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
-    print(f"bench_step: {args.steps} steps per loop, interleaved; {args.prompts} prompts x {args.group_size} "
-          f"samples, {args.precision} rollout, {args.threads} torch thread(s); median seconds")
+    print(
+        f"bench_step: {args.steps} steps per loop, interleaved; {args.prompts} prompts x {args.group_size} "
+        f"samples, {args.precision} rollout, {args.threads} torch thread(s); median seconds"
+    )
     for engine in engines:
         print(f"[{engine} trainer]\n{'phase':<12} {'no R3':>9} {'R3':>9} {'R3/no-R3':>9}")
         for k in phases:

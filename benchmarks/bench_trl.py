@@ -70,9 +70,17 @@ def main(argv: list[str] | None = None) -> None:
         return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
     # --- ours: capture + R3, the loop's own pieces ---------------------------------------------------
-    cfg = RunConfig(name="bench-ours", replay=True, rollout_engine=args.rollout_engine,
-                    rollout_precision=args.precision, lr=1e-5, prompts_per_step=args.prompts,
-                    group_size=args.group_size, max_new_tokens=args.max_new_tokens, dynamic_sampling=False)
+    cfg = RunConfig(
+        name="bench-ours",
+        replay=True,
+        rollout_engine=args.rollout_engine,
+        rollout_precision=args.precision,
+        lr=1e-5,
+        prompts_per_step=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        dynamic_sampling=False,
+    )
     scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     ro_cfg, tr_cfg = engine_configs(cfg, model_dir, scratch)
     ro_eng, tr_eng = build_rollout_engine(ro_cfg), build_train_engine(tr_cfg)
@@ -82,17 +90,30 @@ def main(argv: list[str] | None = None) -> None:
     def our_step(step: int) -> None:
         t0 = time.perf_counter()
         ro = rollout.collect(
-            ro_eng, lambda p: tok(task.format_prompt(p))["input_ids"],
-            lambda ids: tok.batch_decode(ids, skip_special_tokens=True), stream, reward_fn=reward,
-            prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-            params=SamplingParams(max_new_tokens=cfg.max_new_tokens), dynamic=False, max_rounds=1,
-            capture_routing=True, run_seed=0, step=step)
+            ro_eng,
+            lambda p: tok(task.format_prompt(p))["input_ids"],
+            lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
+            stream,
+            reward_fn=reward,
+            prompts_per_step=cfg.prompts_per_step,
+            group_size=cfg.group_size,
+            params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
+            dynamic=False,
+            max_rounds=1,
+            capture_routing=True,
+            run_seed=0,
+            step=step,
+        )
         t_roll = time.perf_counter() - t0
         m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
         t0 = time.perf_counter()
         ro_eng.sync_weights(tr_eng.rollout_state_dict())
-        row = {"rollout": t_roll, "old_logprob": float(m["time/old_logprob"]), "train": float(m["time/train"]),
-               "sync": time.perf_counter() - t0}
+        row = {
+            "rollout": t_roll,
+            "old_logprob": float(m["time/old_logprob"]),
+            "train": float(m["time/train"]),
+            "sync": time.perf_counter() - t0,
+        }
         row["total"] = sum(row.values())  # the R3 disagreement probe (a metric) is excluded
         ours.append(row)
 
@@ -105,10 +126,23 @@ def main(argv: list[str] | None = None) -> None:
 
     n = args.prompts * args.group_size
     trl_cfg = GRPOConfig(
-        output_dir=str(scratch / "trl"), per_device_train_batch_size=n, num_generations=args.group_size,
-        steps_per_generation=1, max_completion_length=args.max_new_tokens, temperature=1.0, learning_rate=1e-5,
-        beta=0.0, num_iterations=1, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000,
-        max_steps=args.steps + 1, disable_tqdm=True, shuffle_dataset=False, seed=0,
+        output_dir=str(scratch / "trl"),
+        per_device_train_batch_size=n,
+        num_generations=args.group_size,
+        steps_per_generation=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        learning_rate=1e-5,
+        beta=0.0,
+        num_iterations=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        max_steps=args.steps + 1,
+        disable_tqdm=True,
+        shuffle_dataset=False,
+        seed=0,
     )
     trl_times: list[float] = []
 
@@ -121,18 +155,28 @@ def main(argv: list[str] | None = None) -> None:
             our_step(state.global_step)  # ours right after, outside TRL's timing
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=trl_cfg, train_dataset=data,
-                          processing_class=tok, callbacks=[Interleave()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=trl_reward,
+        args=trl_cfg,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Interleave()],
+    )
     try:
         trainer.train()
     finally:
         pool.close()
     trl_med = statistics.median(trl_times[1:])  # step 1 is a warm-up in both
     our_med = {k: statistics.median(r[k] for r in ours[1:]) for k in ours[0]}
-    print(f"bench_trl: {len(trl_times) - 1} measured steps each, interleaved; {args.prompts} prompts x "
-          f"{args.group_size} samples, <= {args.max_new_tokens} new tokens, {args.threads} torch thread(s)")
-    print(f"ours: rollout {args.rollout_engine}/{args.precision} with routing capture, trainer "
-          f"{cfg.train_engine} fp32 with R3 replay; median seconds per global step")
+    print(
+        f"bench_trl: {len(trl_times) - 1} measured steps each, interleaved; {args.prompts} prompts x "
+        f"{args.group_size} samples, <= {args.max_new_tokens} new tokens, {args.threads} torch thread(s)"
+    )
+    print(
+        f"ours: rollout {args.rollout_engine}/{args.precision} with routing capture, trainer "
+        f"{cfg.train_engine} fp32 with R3 replay; median seconds per global step"
+    )
     for k, v in our_med.items():
         print(f"  {k:<12} {v:8.3f}")
     print(f"TRL GRPOTrainer {__import__('trl').__version__} (generation + training): {trl_med:8.3f}")

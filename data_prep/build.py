@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 
 from data_prep import filters
 from data_prep.config import BuildConfig
-from data_prep.dedup import exact_duplicates, near_duplicates
 from data_prep.decontam import EvalIndex, decontaminate, load_eval_sets
+from data_prep.dedup import exact_duplicates, near_duplicates
 from data_prep.sampling import difficulty_keep, sample_balanced
 from data_prep.sources import file_sha256, load_source, parse_spec
 from data_prep.table import rows_to_table, write_parquet
@@ -64,9 +64,13 @@ def canonicalisation_effect(rows: Sequence[dict[str, Any]], keep: Keep, keep_leg
     alone dropped."""
     only_canon = [r["id"] for r, k, kl in zip(rows, keep, keep_legacy) if not k and kl]
     only_legacy = [r["id"] for r, k, kl in zip(rows, keep, keep_legacy) if k and not kl]
-    return {"dropped_with_legacy_text": sum(not k for k in keep_legacy),
-            "dropped_only_with_canonical_text": len(only_canon), "dropped_only_with_legacy_text": len(only_legacy),
-            "examples_only_canonical": only_canon[:MAX_LISTED], "examples_only_legacy": only_legacy[:MAX_LISTED]}
+    return {
+        "dropped_with_legacy_text": sum(not k for k in keep_legacy),
+        "dropped_only_with_canonical_text": len(only_canon),
+        "dropped_only_with_legacy_text": len(only_legacy),
+        "examples_only_canonical": only_canon[:MAX_LISTED],
+        "examples_only_legacy": only_legacy[:MAX_LISTED],
+    }
 
 
 def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[str, bool, Stage]]:
@@ -75,12 +79,19 @@ def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[
     def exact(rows):
         keep, m = exact_duplicates(rows)
         keep_legacy, _ = exact_duplicates(rows, form=LEGACY)
-        return keep, {"examples": [dataclasses.asdict(x) for x in m[:MAX_LISTED]],
-                      "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy)}
+        return keep, {
+            "examples": [dataclasses.asdict(x) for x in m[:MAX_LISTED]],
+            "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy),
+        }
 
     def near(rows):
-        keep, m = near_duplicates(rows, threshold=cfg.near_dup_threshold, shingle_size=cfg.shingle_size,
-                                  num_perm=cfg.minhash_perms, progress=progress)
+        keep, m = near_duplicates(
+            rows,
+            threshold=cfg.near_dup_threshold,
+            shingle_size=cfg.shingle_size,
+            num_perm=cfg.minhash_perms,
+            progress=progress,
+        )
         return keep, {"examples": [dataclasses.asdict(x) for x in m[:MAX_LISTED]]}
 
     def decon(rows):
@@ -90,10 +101,13 @@ def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[
         legacy = EvalIndex(evals, n=cfg.decontam_ngram, min_coverage=cfg.decontam_min_coverage, form=LEGACY)
         keep_legacy, _ = decontaminate(rows, legacy, honor_source_flags=cfg.decontam_source_flags)
         by_set = collections.Counter(x.eval_item.split("/", 1)[0] for x in m)
-        return keep, {"eval_items": index.size, "by_eval_set": dict(by_set),
-                      "by_method": dict(collections.Counter(x.method for x in m)),
-                      "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy),
-                      "removed": [dataclasses.asdict(x) for x in m]}
+        return keep, {
+            "eval_items": index.size,
+            "by_eval_set": dict(by_set),
+            "by_method": dict(collections.Counter(x.method for x in m)),
+            "canonicalisation": canonicalisation_effect(rows, keep, keep_legacy),
+            "removed": [dataclasses.asdict(x) for x in m],
+        }
 
     def difficulty(rows):
         keep, missing = difficulty_keep(rows, lo=cfg.solve_rate_min, hi=cfg.solve_rate_max)
@@ -101,21 +115,42 @@ def stages(cfg: BuildConfig, *, progress: bool, eval_loader=None) -> list[tuple[
 
     def verifiable(rows):
         out = verify_answers(rows, workers=cfg.verify_workers, timeout_s=cfg.verify_timeout_s, progress=progress)
-        return out.keep, {"by_outcome": out.counts, "examples": [{"id": i, "reason": r} for i, r in list(out.reasons.items())[:MAX_LISTED]]}
+        return out.keep, {
+            "by_outcome": out.counts,
+            "examples": [{"id": i, "reason": r} for i, r in list(out.reasons.items())[:MAX_LISTED]],
+        }
 
     def sample(rows):
         return sample_balanced(rows, target=cfg.target_size, seed=cfg.seed), {}
 
     def length(r):
-        return filters.is_out_of_length(r["problem"], r["answer"], problem_chars=cfg.problem_chars, answer_chars=cfg.answer_chars)
+        return filters.is_out_of_length(
+            r["problem"], r["answer"], problem_chars=cfg.problem_chars, answer_chars=cfg.answer_chars
+        )
 
     return [
         ("length", cfg.length_filter, _predicate_stage(length)),
-        ("multiple_choice", cfg.drop_multiple_choice, _predicate_stage(lambda r: filters.is_multiple_choice(r["problem"], r["answer"]))),
+        (
+            "multiple_choice",
+            cfg.drop_multiple_choice,
+            _predicate_stage(lambda r: filters.is_multiple_choice(r["problem"], r["answer"])),
+        ),
         ("proof", cfg.drop_proofs, _predicate_stage(lambda r: filters.is_proof(r["problem"], r["answer"]))),
-        ("yes_no_true_false", cfg.drop_binary_answers, _predicate_stage(lambda r: filters.is_binary_answer(r["answer"]))),
-        ("missing_figure", cfg.drop_missing_figures, _predicate_stage(lambda r: filters.has_missing_figure(r["problem"]))),
-        ("multi_part", cfg.drop_multipart, _predicate_stage(lambda r: filters.is_unrepresentable_multipart(r["problem"], r["answer"]))),
+        (
+            "yes_no_true_false",
+            cfg.drop_binary_answers,
+            _predicate_stage(lambda r: filters.is_binary_answer(r["answer"])),
+        ),
+        (
+            "missing_figure",
+            cfg.drop_missing_figures,
+            _predicate_stage(lambda r: filters.has_missing_figure(r["problem"])),
+        ),
+        (
+            "multi_part",
+            cfg.drop_multipart,
+            _predicate_stage(lambda r: filters.is_unrepresentable_multipart(r["problem"], r["answer"])),
+        ),
         ("exact_dedup", cfg.exact_dedup, exact),
         ("decontaminate", cfg.decontaminate, decon),
         ("near_dedup", cfg.near_dedup, near),
@@ -135,8 +170,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build(cfg: BuildConfig, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-          eval_loader=None) -> dict[str, Any]:
+def build(
+    cfg: BuildConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    eval_loader=None,
+) -> dict[str, Any]:
     """Run the stage; returns the manifest (also written to out_dir/manifest.json, last)."""
     t0 = time.time()
     specs = [parse_spec(s) for s in cfg.sources]  # a missing path fails here, before any work
@@ -151,9 +192,15 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, progress: bool = True, log: 
     sources_m: dict[str, Any] = {}
     for spec in specs:
         src = load_source(spec, cache_dir=cfg.hub_cache_dir)
-        sources_m[spec.name] = {"kind": spec.kind, "location": spec.location, "sha256": src.sha256,
-                                "rows_read": src.rows_read, "rows_valid": len(src.rows),
-                                "bad_rows": src.bad.to_dict(), "error": src.error}
+        sources_m[spec.name] = {
+            "kind": spec.kind,
+            "location": spec.location,
+            "sha256": src.sha256,
+            "rows_read": src.rows_read,
+            "rows_valid": len(src.rows),
+            "bad_rows": src.bad.to_dict(),
+            "error": src.error,
+        }
         log(f"[data_prep] {spec.name}: {len(src.rows)} valid rows of {src.rows_read} read")
         if src.error:
             log(f"[data_prep]   SOURCE SKIPPED: {src.error}")
@@ -171,17 +218,34 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, progress: bool = True, log: 
         ts = time.time()
         keep, details = stage(rows)
         dropped = collections.Counter(r["source"] for r, k in zip(rows, keep) if not k)
-        filters_m.append({"name": name, "enabled": True, "rows_in": len(rows), "dropped": sum(dropped.values()),
-                          "dropped_by_source": dict(sorted(dropped.items())), "seconds": round(time.time() - ts, 2), **details})
+        filters_m.append(
+            {
+                "name": name,
+                "enabled": True,
+                "rows_in": len(rows),
+                "dropped": sum(dropped.values()),
+                "dropped_by_source": dict(sorted(dropped.items())),
+                "seconds": round(time.time() - ts, 2),
+                **details,
+            }
+        )
         rows = [r for r, k in zip(rows, keep) if k]
-        log(f"[data_prep] {name:<18} in {filters_m[-1]['rows_in']:>7}  dropped {filters_m[-1]['dropped']:>6}  ({filters_m[-1]['seconds']} s)")
+        log(
+            f"[data_prep] {name:<18} in {filters_m[-1]['rows_in']:>7}  dropped {filters_m[-1]['dropped']:>6}  "
+            f"({filters_m[-1]['seconds']} s)"
+        )
         if "canonicalisation" in details:
             c = details["canonicalisation"]
-            log(f"[data_prep] {'':<18} legacy text form would drop {c['dropped_with_legacy_text']} "
-                f"(+{c['dropped_only_with_canonical_text']} only canonical, -{c['dropped_only_with_legacy_text']} only legacy)")
+            log(
+                f"[data_prep] {'':<18} legacy text form would drop {c['dropped_with_legacy_text']} "
+                f"(+{c['dropped_only_with_canonical_text']} only canonical, "
+                f"-{c['dropped_only_with_legacy_text']} only legacy)"
+            )
     if not rows:
-        raise RuntimeError(f"no rows survived the build (sources: {sources_m}); no output written. "
-                           "Check the source errors above or loosen the filters.")
+        raise RuntimeError(
+            f"no rows survived the build (sources: {sources_m}); no output written. "
+            "Check the source errors above or loosen the filters."
+        )
 
     table, json_cols = rows_to_table(rows)
     tmp = out / "train.parquet.tmp"
@@ -191,8 +255,12 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, progress: bool = True, log: 
         "status": "complete",
         "final_count": len(rows),
         "final_by_source": dict(sorted(collections.Counter(r["source"] for r in rows).items())),
-        "output": {"file": "train.parquet", "sha256": file_sha256(out / "train.parquet"),
-                   "columns": table.column_names, "json_encoded_columns": json_cols},
+        "output": {
+            "file": "train.parquet",
+            "sha256": file_sha256(out / "train.parquet"),
+            "columns": table.column_names,
+            "json_encoded_columns": json_cols,
+        },
         "sources": sources_m,
         "filters": filters_m,
         "config": cfg.to_dict(),
@@ -221,13 +289,17 @@ def filter_table(manifest: dict[str, Any]) -> str:
 
 def canonicalisation_table(manifest: dict[str, Any]) -> str:
     """Rows dropped per stage with the canonical vs the legacy text form, as Markdown."""
-    lines = ["| step | rows in | dropped (canonical) | dropped (legacy) | only canonical | only legacy |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| step | rows in | dropped (canonical) | dropped (legacy) | only canonical | only legacy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for f in manifest["filters"]:
         c = f.get("canonicalisation") if f["enabled"] else None
         if c:
-            lines.append(f"| {f['name']} | {f['rows_in']} | {f['dropped']} | {c['dropped_with_legacy_text']} | "
-                         f"{c['dropped_only_with_canonical_text']} | {c['dropped_only_with_legacy_text']} |")
+            lines.append(
+                f"| {f['name']} | {f['rows_in']} | {f['dropped']} | {c['dropped_with_legacy_text']} | "
+                f"{c['dropped_only_with_canonical_text']} | {c['dropped_only_with_legacy_text']} |"
+            )
     return "\n".join(lines)
 
 
@@ -240,8 +312,13 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[BuildConfig, Path, bool, bo
     p.add_argument("--target-size", type=int)
     p.add_argument("--difficulty", nargs=2, type=float, metavar=("MIN", "MAX"), help="keep solve rates in [MIN, MAX]")
     p.add_argument("--workers", type=int, help="math-verify worker processes")
-    p.add_argument("--disable", action="append", default=[], metavar="FIELD",
-                   help="turn off a boolean BuildConfig switch, e.g. --disable near_dedup (repeatable)")
+    p.add_argument(
+        "--disable",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="turn off a boolean BuildConfig switch, e.g. --disable near_dedup (repeatable)",
+    )
     p.add_argument("--print-table", action="store_true", help="print the per-filter Markdown table at the end")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -262,8 +339,10 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[BuildConfig, Path, bool, bo
         kw.update(difficulty_filter=True, solve_rate_min=a.difficulty[0], solve_rate_max=a.difficulty[1])
     for name in a.disable:
         if name not in fields or fields[name].type not in ("bool", bool):
-            p.error(f"--disable {name}: not a boolean BuildConfig field; choose from "
-                    f"{sorted(n for n, f in fields.items() if f.type in ('bool', bool))}")
+            p.error(
+                f"--disable {name}: not a boolean BuildConfig field; choose from "
+                f"{sorted(n for n, f in fields.items() if f.type in ('bool', bool))}"
+            )
         kw[name] = False
     return BuildConfig(**kw), a.out, a.print_table, not a.no_progress
 

@@ -112,9 +112,14 @@ class BuildConfig:
         if self.minhash_perms < 8:
             errors.append(f"minhash_perms must be >= 8, got {self.minhash_perms}")
         if self.verify_workers < 1 or self.verify_timeout_s <= 0:
-            errors.append(f"verify_workers ({self.verify_workers}) must be >= 1 and verify_timeout_s ({self.verify_timeout_s}) > 0")
+            errors.append(
+                f"verify_workers ({self.verify_workers}) must be >= 1 and "
+                f"verify_timeout_s ({self.verify_timeout_s}) > 0"
+            )
         if not 0.0 <= self.solve_rate_min <= self.solve_rate_max <= 1.0:
-            errors.append(f"need 0 <= solve_rate_min <= solve_rate_max <= 1, got {self.solve_rate_min}, {self.solve_rate_max}")
+            errors.append(
+                f"need 0 <= solve_rate_min <= solve_rate_max <= 1, got {self.solve_rate_min}, {self.solve_rate_max}"
+            )
         if self.target_size is not None and self.target_size < 1:
             errors.append(f"target_size must be >= 1 or None, got {self.target_size}")
         if errors:

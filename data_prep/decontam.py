@@ -39,8 +39,9 @@ class EvalIndex:
 
     `form` exists so the build can count what the legacy text form would have removed."""
 
-    def __init__(self, eval_rows: dict[str, Sequence[dict[str, Any]]], *, n: int, min_coverage: float,
-                 form: TextForm = CANONICAL):
+    def __init__(
+        self, eval_rows: dict[str, Sequence[dict[str, Any]]], *, n: int, min_coverage: float, form: TextForm = CANONICAL
+    ):
         self.n, self.min_coverage, self.form = n, min_coverage, form
         self.exact: dict[str, str] = {}
         self.grams: dict[int, tuple[tuple[str, ...], list[str]]] = {}  # hash -> (tokens, eval keys)
@@ -91,7 +92,9 @@ class EvalIndex:
         coverage = shared[best] / self.num_grams[best]
         if coverage < self.min_coverage:
             return None
-        return EvalMatch(id=row_id, eval_item=best, method=f"{self.n}-gram", coverage=round(coverage, 4), evidence=first[best])
+        return EvalMatch(
+            id=row_id, eval_item=best, method=f"{self.n}-gram", coverage=round(coverage, 4), evidence=first[best]
+        )
 
 
 def decontaminate(
@@ -105,15 +108,22 @@ def decontaminate(
         m = index.match(r["problem"], r["id"])
         if m is None and honor_source_flags and r.get("eval_overlap"):
             flag = r["eval_overlap"]
-            m = EvalMatch(id=r["id"], eval_item=f"{flag[0] if isinstance(flag, list) else flag}/?",
-                          method="source-flag", coverage=0.0, evidence=f"eval_overlap={flag}")
+            m = EvalMatch(
+                id=r["id"],
+                eval_item=f"{flag[0] if isinstance(flag, list) else flag}/?",
+                method="source-flag",
+                coverage=0.0,
+                evidence=f"eval_overlap={flag}",
+            )
         keep.append(m is None)
         if m is not None:
             matches.append(m)
     return keep, matches
 
 
-def load_eval_sets(names: Sequence[str], loader: Callable[[str], list[dict[str, Any]]] | None = None) -> dict[str, list[dict[str, Any]]]:
+def load_eval_sets(
+    names: Sequence[str], loader: Callable[[str], list[dict[str, Any]]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """{name: rows} through `eval.benchmarks.load` (the project's own copy of the eval sets)."""
     if loader is None:
         from eval.benchmarks import load as loader

@@ -39,7 +39,9 @@ class DupMatch:
     """Jaccard similarity of the shingle sets (1.0 for exact duplicates)."""
 
 
-def exact_duplicates(rows: Sequence[dict[str, Any]], *, form: TextForm = CANONICAL) -> tuple[list[bool], list[DupMatch]]:
+def exact_duplicates(
+    rows: Sequence[dict[str, Any]], *, form: TextForm = CANONICAL
+) -> tuple[list[bool], list[DupMatch]]:
     """keep [N] and matches: a row is dropped when its problem's key (canonical text by default;
     `form` exists so the build can count what the legacy key would have dropped) equals an
     earlier row's."""
@@ -119,7 +121,9 @@ def near_duplicates(
 ) -> tuple[list[bool], list[DupMatch]]:
     """keep [N] and matches: a row is dropped when the Jaccard similarity of its problem's
     shingle set with an earlier kept row's is >= threshold (candidates from MinHash LSH)."""
-    sets = [shingles(r["problem"], shingle_size) for r in tqdm(rows, desc="shingles", disable=not progress, leave=False)]
+    sets = [
+        shingles(r["problem"], shingle_size) for r in tqdm(rows, desc="shingles", disable=not progress, leave=False)
+    ]
     sigs = minhash_signatures(sets, num_perm) if sets else np.zeros((0, num_perm), np.uint32)
     bands, width = lsh_params(threshold, num_perm)
     buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]

@@ -43,7 +43,9 @@ def is_multiple_choice(problem: str, answer: str) -> bool:
 # --- proofs -------------------------------------------------------------------------------------
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+|\n+")
 _PROOF_ASK = re.compile(r"^(?:\(?\w{1,3}\)\s*)?(?:prove|show|demonstrate|verify|justify)\b", re.I)
-_PROOF_ANSWER = re.compile(r"\s*(?:\\text\s*\{)?\s*(?:proof|q\.?e\.?d\.?|see (?:the )?proof|proven|shown)\b.*", re.I | re.S)
+_PROOF_ANSWER = re.compile(
+    r"\s*(?:\\text\s*\{)?\s*(?:proof|q\.?e\.?d\.?|see (?:the )?proof|proven|shown)\b.*", re.I | re.S
+)
 
 
 def is_proof(problem: str, answer: str) -> bool:
@@ -87,7 +89,9 @@ def has_missing_figure(problem: str) -> bool:
 
 # --- multi-part ---------------------------------------------------------------------------------
 _PART_MARK = re.compile(r"(?:^|[\s:.;])\(\s*(1|2|3|4|I|II|III|IV|i|ii|iii|iv|a|b|c|d)\s*\)")
-_ASKS = re.compile(r"\?|\b(?:find|calculate|compute|determine|evaluate|what|how|solve|simplify|prove|show|express)\b", re.I)
+_ASKS = re.compile(
+    r"\?|\b(?:find|calculate|compute|determine|evaluate|what|how|solve|simplify|prove|show|express)\b", re.I
+)
 _ANSWER_PART_LABEL = re.compile(r"(?:^|[\s,;])\(\s*(?:1|I|i|a)\s*\)|\bpart\b|\\text\s*\{\s*\(", re.I)
 _ANSWER_SEPARATOR = re.compile(r";|\\quad|\\qquad|\n")
 
@@ -129,7 +133,9 @@ def is_unrepresentable_multipart(problem: str, answer: str) -> bool:
 
 
 # --- lengths ------------------------------------------------------------------------------------
-def is_out_of_length(problem: str, answer: str, *, problem_chars: tuple[int, int], answer_chars: tuple[int, int]) -> bool:
+def is_out_of_length(
+    problem: str, answer: str, *, problem_chars: tuple[int, int], answer_chars: tuple[int, int]
+) -> bool:
     """Drop: problem or answer length (characters, after stripping) outside [min, max]."""
     p, a = len(problem.strip()), len(answer.strip())
     return not (problem_chars[0] <= p <= problem_chars[1] and answer_chars[0] <= a <= answer_chars[1])

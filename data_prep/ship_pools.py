@@ -53,8 +53,10 @@ def main(argv=None) -> None:
         src, dst = a.src / f"{name}.jsonl", a.out / f"{name}.parquet"
         write_parquet(jsonl_to_table(read_jsonl(src)), dst)
         n = check_roundtrip(src, dst)
-        print(f"{name}: rows {n}; jsonl {src.stat().st_size} B sha256 {file_sha256(src)}; "
-              f"parquet {dst.stat().st_size} B sha256 {file_sha256(dst)}")
+        print(
+            f"{name}: rows {n}; jsonl {src.stat().st_size} B sha256 {file_sha256(src)}; "
+            f"parquet {dst.stat().st_size} B sha256 {file_sha256(dst)}"
+        )
 
 
 if __name__ == "__main__":

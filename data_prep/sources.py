@@ -214,7 +214,12 @@ def to_row(raw: Any, *, source: str, index: int) -> tuple[dict[str, Any] | None,
         if reason:
             return None, reason
     raw_id = raw.get("id")
-    row = {"id": f"{source}/{raw_id if raw_id not in (None, '') else index}", "problem": raw["problem"], "answer": raw["answer"], "source": source}
+    row = {
+        "id": f"{source}/{raw_id if raw_id not in (None, '') else index}",
+        "problem": raw["problem"],
+        "answer": raw["answer"],
+        "source": source,
+    }
     for k, v in raw.items():
         if k in ("id", "problem", "answer"):
             continue

@@ -22,7 +22,9 @@ def rows_to_table(rows: Sequence[dict[str, Any]]):
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in values], pa.string())
+            columns[name] = pa.array(
+                [None if v is None else json.dumps(v, sort_keys=True) for v in values], pa.string()
+            )
             json_cols.append(name)
     if not rows:
         columns = {k: pa.array([], pa.string()) for k in REQUIRED}
@@ -49,17 +51,22 @@ def _check_manifest(d: Path, data_file: Path) -> None:
         found = f"{data_file.name} without it" if data_file.exists() else f"neither it nor {data_file.name}"
         raise FileNotFoundError(
             f"{d}: expected manifest.json (a data_prep build writes it last, when it finishes), found {found}: "
-            f"the build did not finish or this is not a data_prep output; {fix}")
+            f"the build did not finish or this is not a data_prep output; {fix}"
+        )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath}: expected the JSON manifest of a finished build, found unreadable text ({e}); {fix}") from e
+        raise ValueError(
+            f"{mpath}: expected the JSON manifest of a finished build, found unreadable text ({e}); {fix}"
+        ) from e
     status = manifest.get("status") if isinstance(manifest, dict) else None
     if status != "complete":
         raise ValueError(f"{mpath}: expected status 'complete', found {status!r}: the build did not finish; {fix}")
     out = manifest.get("output") or {}
     if out.get("file", data_file.name) != data_file.name:
-        raise ValueError(f"{mpath} describes {out.get('file')!r}, not {data_file.name!r}; load {d / out['file']} or {fix}")
+        raise ValueError(
+            f"{mpath} describes {out.get('file')!r}, not {data_file.name!r}; load {d / out['file']} or {fix}"
+        )
     if not data_file.is_file():
         raise FileNotFoundError(f"{d}: manifest.json is complete but {data_file.name} is missing; {fix}")
     if "sha256" in out:
@@ -68,8 +75,10 @@ def _check_manifest(d: Path, data_file: Path) -> None:
         got = file_sha256(data_file)
         if got != out["sha256"]:
             raise ValueError(
-                f"{data_file}: expected sha256 {out['sha256'][:16]}... (recorded in manifest.json), found {got[:16]}...: "
-                f"the table changed after its build finished; {fix}")
+                f"{data_file}: expected sha256 {out['sha256'][:16]}... (recorded in manifest.json), "
+                f"found {got[:16]}...: "
+                f"the table changed after its build finished; {fix}"
+            )
 
 
 def load_train(path: str | Path) -> list[dict]:
@@ -92,9 +101,12 @@ def load_train(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(
             f"training data {p} does not exist (expected a data_prep output directory or .parquet); "
-            "build one with `python -m data_prep.build --out DIR`")
+            "build one with `python -m data_prep.build --out DIR`"
+        )
     rows = pq.read_table(p).to_pylist()
     missing = [k for k in REQUIRED if rows and k not in rows[0]]
     if missing:
-        raise ValueError(f"{p}: columns {missing} missing; expected at least {list(REQUIRED)} (is this a data_prep output?)")
+        raise ValueError(
+            f"{p}: columns {missing} missing; expected at least {list(REQUIRED)} (is this a data_prep output?)"
+        )
     return rows

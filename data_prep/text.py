@@ -43,9 +43,21 @@ from collections.abc import Callable
 import numpy as np
 
 _NO_LETTER = r"(?![a-zA-Z])"
-_UNICODE = {"≠": r" \neq ", "≤": r" \leq ", "≥": r" \geq ", "×": r" \times ", "·": r" \times ", "⋅": r" \times ",
-            "π": r" \pi ", "√": r" \sqrt ", "°": r"^\circ ", "∞": r" \infty ", "−": "-", "…": r" \dots ",
-            "÷": r" \div "}
+_UNICODE = {
+    "≠": r" \neq ",
+    "≤": r" \leq ",
+    "≥": r" \geq ",
+    "×": r" \times ",
+    "·": r" \times ",
+    "⋅": r" \times ",
+    "π": r" \pi ",
+    "√": r" \sqrt ",
+    "°": r"^\circ ",
+    "∞": r" \infty ",
+    "−": "-",
+    "…": r" \dots ",
+    "÷": r" \div ",
+}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 # Same symbol, different spelling: fold onto one command. Applied in order, before case folding.
 _SYNONYMS = (
@@ -66,7 +78,8 @@ _SYNONYMS = (
 _DROP = re.compile(
     r"\\(?:qquad|quad|displaystyle|textstyle|scriptstyle|left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|bigg|Bigg"
     r"|big|Big|limits|nolimits|mathrm|mathbf|mathit|mathsf|boldsymbol|textbf|textit|textrm|text|mbox|hbox|operatorname"
-    r"|overline|underline|bar|hspace\*?\{[^}]*\}|vspace\*?\{[^}]*\})" + _NO_LETTER
+    r"|overline|underline|bar|hspace\*?\{[^}]*\}|vspace\*?\{[^}]*\})"
+    + _NO_LETTER
     + r"|\\[,;:! >]"  # \, \; \: \! \> and "\ " (control symbols: no letter check)
 )
 _ESCAPED_DOLLAR = re.compile(r"\\\$")

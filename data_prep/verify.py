@@ -54,7 +54,9 @@ class VerifyOutcome:
     counts: dict[str, int]
 
 
-def verify_answers(rows: Sequence[dict[str, Any]], *, workers: int, timeout_s: float, progress: bool = False) -> VerifyOutcome:
+def verify_answers(
+    rows: Sequence[dict[str, Any]], *, workers: int, timeout_s: float, progress: bool = False
+) -> VerifyOutcome:
     """Parse every distinct gold answer once (in workers) and keep the rows whose answer parses.
 
     The pool's per-message deadline is CHUNK * timeout_s (+ its grace), so a chunk can only be
@@ -67,8 +69,14 @@ def verify_answers(rows: Sequence[dict[str, Any]], *, workers: int, timeout_s: f
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns once per disabled timeout
     answers = sorted({r["answer"] for r in rows})
     chunks = [(answers[i : i + CHUNK], timeout_s) for i in range(0, len(answers), CHUNK)]
-    outcomes = map_in_workers(check_chunk, chunks, workers=workers, timeout_s=timeout_s * CHUNK,
-                              on_error="none", progress="verify answers" if progress else False)
+    outcomes = map_in_workers(
+        check_chunk,
+        chunks,
+        workers=workers,
+        timeout_s=timeout_s * CHUNK,
+        on_error="none",
+        progress="verify answers" if progress else False,
+    )
     status = {}
     for (chunk, _), (res, timed_out) in zip(chunks, outcomes):
         res = res if res is not None else ["timeout" if timed_out else "worker crash"] * len(chunk)

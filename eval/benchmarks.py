@@ -68,16 +68,21 @@ def normalize_rows(rows: list[Row], *, source: str) -> list[Row]:
         if answer is None and isinstance(row.get("solution"), str):
             answer = extract_answer(row["solution"])  # MATH-style rows: the solution's last box
         if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{source}: row {i} has no problem text (looked for {list(_PROBLEM_KEYS)}); "
-                             f"keys present: {sorted(row)}")
+            raise ValueError(
+                f"{source}: row {i} has no problem text (looked for {list(_PROBLEM_KEYS)}); keys present: {sorted(row)}"
+            )
         if answer is None or not str(answer).strip():
-            raise ValueError(f"{source}: row {i} has no answer (looked for {list(_ANSWER_KEYS)} and a "
-                             f"boxed answer in 'solution'); keys present: {sorted(row)}")
+            raise ValueError(
+                f"{source}: row {i} has no answer (looked for {list(_ANSWER_KEYS)} and a "
+                f"boxed answer in 'solution'); keys present: {sorted(row)}"
+            )
         row["problem"], row["answer"] = problem, str(answer).strip()
         row["id"] = str(row.get("id", row.get("unique_id", f"{source}-{i}")))
         if row["id"] in seen:
-            raise ValueError(f"{source}: duplicate id {row['id']!r} at row {i}; ids must be unique "
-                             "(resumable evaluation keys samples by id)")
+            raise ValueError(
+                f"{source}: duplicate id {row['id']!r} at row {i}; ids must be unique "
+                "(resumable evaluation keys samples by id)"
+            )
         seen.add(row["id"])
         out.append(row)
     if not out:
@@ -89,8 +94,10 @@ def _builtin(name: str) -> Loader:
     def load_builtin() -> list[Row]:
         path = DATA_DIR / f"{name}.jsonl"
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the evaluation sets ship in eval/data "
-                                    "(reinstall the package or restore the file from git)")
+            raise FileNotFoundError(
+                f"{path} is missing: the evaluation sets ship in eval/data "
+                "(reinstall the package or restore the file from git)"
+            )
         return _read_local(path)
 
     return load_builtin
@@ -99,8 +106,10 @@ def _builtin(name: str) -> Loader:
 def _math500_l5() -> list[Row]:
     rows = [r for r in _builtin("math500")() if r.get("level") == 5]
     if len(rows) != 134:  # the paper's MATH500 column is this subset
-        raise ValueError(f"math500_l5: expected 134 level-5 problems, found {len(rows)}: "
-                         "eval/data/math500.jsonl differs from the shipped copy (check its sha256)")
+        raise ValueError(
+            f"math500_l5: expected 134 level-5 problems, found {len(rows)}: "
+            "eval/data/math500.jsonl differs from the shipped copy (check its sha256)"
+        )
     return rows
 
 

@@ -135,8 +135,15 @@ def _silence_math_verify() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
-_WARMUP = [("\\frac{1}{2}", "0.5"), ("[2,5)", "[2, 5)"), ("1,2", "\\{2,1\\}"), ("\\text{(C)}", "C"),
-           ("x^2+1", "1+x^2"), ("30^\\circ", "30"), ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}")]
+_WARMUP = [
+    ("\\frac{1}{2}", "0.5"),
+    ("[2,5)", "[2, 5)"),
+    ("1,2", "\\{2,1\\}"),
+    ("\\text{(C)}", "C"),
+    ("x^2+1", "1+x^2"),
+    ("30^\\circ", "30"),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"),
+]
 
 
 _warm = False
@@ -169,8 +176,14 @@ def make_pool(*, workers: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S) -> Work
     _silence_math_verify()
     if workers > 0:
         warm_up()
-    return WorkerPool(_grade_extracted, workers=workers, timeout_s=timeout_s, on_error="none",
-                      initializer=warm_up, affinity=_answers_of)
+    return WorkerPool(
+        _grade_extracted,
+        workers=workers,
+        timeout_s=timeout_s,
+        on_error="none",
+        initializer=warm_up,
+        affinity=_answers_of,
+    )
 
 
 def grade_detailed(
@@ -206,8 +219,16 @@ def grade_detailed(
         _silence_math_verify()
         if workers > 0 and todo:
             warm_up()  # inherited by the forked workers (see make_pool)
-        outcomes = map_in_workers(_grade_extracted, todo, workers=workers, timeout_s=timeout_s, on_error="none",
-                                  progress=progress, initializer=warm_up, affinity=_answers_of)
+        outcomes = map_in_workers(
+            _grade_extracted,
+            todo,
+            workers=workers,
+            timeout_s=timeout_s,
+            on_error="none",
+            progress=progress,
+            initializer=warm_up,
+            affinity=_answers_of,
+        )
     else:
         outcomes = pool.map(todo, progress=progress)
     results = []

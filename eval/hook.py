@@ -57,12 +57,22 @@ def evaluate_step(
         return existing[0]
     template = template or default_template(tokenizer)
     summary = evaluate(
-        engine, tokenizer, benchmarks, samples_path=run_dir / rundir.EVAL_SAMPLES_DIR / f"step_{step}.jsonl",
-        n_samples=n_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        template=template, max_problems=max_problems, seed=seed + step, batch_size=batch_size,
-        grader_workers=grader_workers, grader_pool=grader_pool, progress=progress,
+        engine,
+        tokenizer,
+        benchmarks,
+        samples_path=run_dir / rundir.EVAL_SAMPLES_DIR / f"step_{step}.jsonl",
+        n_samples=n_samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        template=template,
+        max_problems=max_problems,
+        seed=seed + step,
+        batch_size=batch_size,
+        grader_workers=grader_workers,
+        grader_pool=grader_pool,
+        progress=progress,
     )
-    line = {"step": step, "time": time.time(), **summary, "temperature": temperature,
-            "max_new_tokens": max_new_tokens}
+    line = {"step": step, "time": time.time(), **summary, "temperature": temperature, "max_new_tokens": max_new_tokens}
     rundir.append_jsonl(eval_jsonl, line)
     return line

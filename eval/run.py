@@ -61,8 +61,15 @@ def summarize(records: Sequence[dict], *, benchmarks: Sequence[str], n_samples: 
     pass@K  = mean over problems of pass_at_k(K, correct, K)
     avg     = mean of avg@K over the benchmarks
     """
-    out: dict[str, Any] = {"scores": {}, "pass": {}, "problems": {}, "timeouts": {}, "no_answer": {},
-                           "response_len_mean": {}, "truncated_frac": {}}
+    out: dict[str, Any] = {
+        "scores": {},
+        "pass": {},
+        "problems": {},
+        "timeouts": {},
+        "no_answer": {},
+        "response_len_mean": {},
+        "truncated_frac": {},
+    }
     for b in benchmarks:
         rs = [r for r in records if r["benchmark"] == b]
         if not rs:
@@ -118,15 +125,20 @@ def check_model_path(model: str, engine: str) -> None:
             found = sorted(x.name for x in p.iterdir())[:8]
             raise SystemExit(
                 f"eval.run: --model {model}: expected a checkpoint directory with {' or '.join(need)}, found "
-                f"{found or 'an empty directory'}; point --model at the directory written by save_pretrained")
+                f"{found or 'an empty directory'}; point --model at the directory written by save_pretrained"
+            )
         return
     if p.exists():
-        raise SystemExit(f"eval.run: --model {model}: expected a checkpoint directory, got a file; "
-                         "point --model at the directory that holds config.json")
+        raise SystemExit(
+            f"eval.run: --model {model}: expected a checkpoint directory, got a file; "
+            "point --model at the directory that holds config.json"
+        )
     if _HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).is_dir():
         return  # a hub name, resolved by transformers
-    raise SystemExit(f"eval.run: --model {model}: no such directory (expected a checkpoint directory with "
-                     "config.json, or a hub name owner/name); check the path")
+    raise SystemExit(
+        f"eval.run: --model {model}: no such directory (expected a checkpoint directory with "
+        "config.json, or a hub name owner/name); check the path"
+    )
 
 
 def evaluate(
@@ -155,24 +167,32 @@ def evaluate(
     regenerates a missing batch with the same seed as an uninterrupted one would.
     """
     if n_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"n_samples, max_new_tokens and batch_size must be >= 1, got "
-                         f"{n_samples}, {max_new_tokens}, {batch_size}")
+        raise ValueError(
+            f"n_samples, max_new_tokens and batch_size must be >= 1, got {n_samples}, {max_new_tokens}, {batch_size}"
+        )
     if not benchmarks:
         raise ValueError("no benchmarks given")
     keys = [bench_mod.short_name(b) for b in benchmarks]  # file paths are keyed by their stem
     if len(set(keys)) != len(keys):
         raise ValueError(f"benchmark names {list(benchmarks)} collide as keys {keys}; rename a file")
     tpl = templates.get(template)
-    settings = {"template": template, "temperature": temperature, "top_p": top_p,
-                "max_new_tokens": max_new_tokens, "seed": seed}
+    settings = {
+        "template": template,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
     samples_path = Path(samples_path)
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     records = _read_records(samples_path)
     for r in records:
         old = {k: r.get(k) for k in _SETTING_KEYS}
         if old != settings:
-            raise ValueError(f"{samples_path} holds samples made with {old}, this run asks for {settings}; "
-                             "use another output directory (or delete the file) to evaluate new settings")
+            raise ValueError(
+                f"{samples_path} holds samples made with {old}, this run asks for {settings}; "
+                "use another output directory (or delete the file) to evaluate new settings"
+            )
     done = {(r["benchmark"], r["problem_id"], r["sample"]) for r in records}
 
     # Jobs: (benchmark, row, sample index), batched per benchmark.
@@ -196,22 +216,37 @@ def evaluate(
                     if key not in prompt_cache:
                         prompt_cache[key] = tpl.encode(row["problem"], tokenizer)
                     prompts.append(prompt_cache[key])
-                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=_batch_seed(seed, b, bi), stop_token_ids=tpl.stop_token_ids(tokenizer))
+                params = SamplingParams(
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=_batch_seed(seed, b, bi),
+                    stop_token_ids=tpl.stop_token_ids(tokenizer),
+                )
                 samples = engine.generate(prompts, params, capture_routing=False)
                 if len(samples) != len(prompts):
                     raise RuntimeError(f"engine returned {len(samples)} samples for {len(prompts)} prompts")
                 responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-                graded = grader.grade_detailed([(resp, row["answer"]) for resp, (row, _) in zip(responses, jobs)],
-                                               pool=pool)
+                graded = grader.grade_detailed(
+                    [(resp, row["answer"]) for resp, (row, _) in zip(responses, jobs)], pool=pool
+                )
                 for (row, s_idx), sample, resp, g in zip(jobs, samples, responses, graded):
                     if (b, row["id"], s_idx) in done:
                         continue
-                    rec = {"benchmark": b, "problem_id": row["id"], "sample": s_idx, "response": resp,
-                           "extracted": g.extracted, "gold": row["answer"], "correct": g.correct,
-                           "timeout": g.timed_out, "prompt_tokens": len(sample.prompt_ids),
-                           "response_tokens": len(sample.response_ids), "finish_reason": sample.finish_reason,
-                           **settings}
+                    rec = {
+                        "benchmark": b,
+                        "problem_id": row["id"],
+                        "sample": s_idx,
+                        "response": resp,
+                        "extracted": g.extracted,
+                        "gold": row["answer"],
+                        "correct": g.correct,
+                        "timeout": g.timed_out,
+                        "prompt_tokens": len(sample.prompt_ids),
+                        "response_tokens": len(sample.response_ids),
+                        "finish_reason": sample.finish_reason,
+                        **settings,
+                    }
                     out.write(json.dumps(rec) + "\n")
                     records.append(rec)
                     done.add((b, row["id"], s_idx))
@@ -220,8 +255,12 @@ def evaluate(
         if own_pool:
             pool.close()
     wanted = {(b, row["id"], s) for b, _, jobs in batches for row, s in jobs}
-    return summarize([r for r in records if (r["benchmark"], r["problem_id"], r["sample"]) in wanted],
-                     benchmarks=keys, n_samples=n_samples, template=template)
+    return summarize(
+        [r for r in records if (r["benchmark"], r["problem_id"], r["sample"]) in wanted],
+        benchmarks=keys,
+        n_samples=n_samples,
+        template=template,
+    )
 
 
 def registry_names() -> tuple[str, ...]:
@@ -240,8 +279,9 @@ def _build_engine(args) -> RolloutEngine:
             raise SystemExit("--engine sglang needs --sglang-url http://HOST:PORT (one per server)")
         cfg = registry.rollout_config("sglang", urls=urls, model_path=args.model)
     elif args.engine == "hf":
-        cfg = registry.rollout_config("hf", model_path=args.model, precision=args.precision, device=args.device,
-                                      seed=args.seed)
+        cfg = registry.rollout_config(
+            "hf", model_path=args.model, precision=args.precision, device=args.device, seed=args.seed
+        )
     else:
         cfg = registry.rollout_config(args.engine, model_path=args.model, precision=args.precision, seed=args.seed)
     try:
@@ -278,20 +318,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    summary = evaluate(engine, tokenizer, names, samples_path=args.out / "samples.jsonl", n_samples=args.n_samples,
-                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       template=args.template, max_problems=args.max_problems, seed=args.seed,
-                       batch_size=args.batch_size, grader_workers=args.grader_workers)
-    summary.update(model=args.model, engine=args.engine, temperature=args.temperature, top_p=args.top_p,
-                   max_new_tokens=args.max_new_tokens, seed=args.seed, seconds=time.time() - t0)
+    summary = evaluate(
+        engine,
+        tokenizer,
+        names,
+        samples_path=args.out / "samples.jsonl",
+        n_samples=args.n_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        max_problems=args.max_problems,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        grader_workers=args.grader_workers,
+    )
+    summary.update(
+        model=args.model,
+        engine=args.engine,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        seconds=time.time() - t0,
+    )
     tmp = args.out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, args.out / "summary.json")
     k = args.n_samples
     print(f"{'benchmark':<14}{'problems':>9}{f'avg@{k}':>9}{f'pass@{k}':>9}{'timeouts':>9}")
     for b in map(bench_mod.short_name, names):
-        print(f"{b:<14}{summary['problems'][b]:>9}{100 * summary['scores'][b]:>9.2f}"
-              f"{100 * summary['pass'][b]:>9.2f}{summary['timeouts'][b]:>9}")
+        print(
+            f"{b:<14}{summary['problems'][b]:>9}{100 * summary['scores'][b]:>9.2f}"
+            f"{100 * summary['pass'][b]:>9.2f}{summary['timeouts'][b]:>9}"
+        )
     print(f"{'average':<14}{'':>9}{100 * summary['avg']:>9.2f}")
     return summary
 

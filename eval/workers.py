@@ -80,6 +80,7 @@ def call_with_alarm(fn: Callable[[Any], Any], item: Any, timeout_s: float) -> An
 
     Raises ItemTimeout on timeout; ValueError (from `signal.signal`) outside the main thread.
     """
+
     def _on_alarm(signum, frame):  # noqa: ARG001
         raise ItemTimeout(f"item exceeded {timeout_s} s")
 
@@ -106,8 +107,9 @@ def _die_with_parent() -> None:
         return
 
 
-def _worker_main(conn: Connection, fn: Callable[[Any], Any], timeout_s: float,
-                 initializer: Callable[[], None] | None) -> None:
+def _worker_main(
+    conn: Connection, fn: Callable[[Any], Any], timeout_s: float, initializer: Callable[[], None] | None
+) -> None:
     """Receive chunks [(idx, item)]; reply (idx, status, payload, seconds) once per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # Slurm's preemption / time-limit signal (submitit listens for SIGUSR2) is the job's to
@@ -199,7 +201,8 @@ class WorkerPool:
     its first item, outside the time limit (warm caches, so a cold start is not a timeout; with
     fork, warming the parent first lets every worker, and every replacement, inherit the warm
     state). `affinity(item)` (run in the parent) lists the keys of the per-process caches an
-    item will use; items sharing keys are sent to one worker where the load allows. Reuse one pool across calls: starting workers costs a fork each. Use as
+    item will use; items sharing keys are sent to one worker where the load allows. Reuse one pool
+    across calls: starting workers costs a fork each. Use as
     a context manager or call `close()`.
     """
 
@@ -276,8 +279,10 @@ class WorkerPool:
                     idx, status, *_ = w.conn.recv()
                 except (EOFError, OSError):
                     w.kill()
-                    raise RuntimeError(f"a worker process died during its initializer (exit code "
-                                       f"{w.proc.exitcode}); see its traceback on stderr") from None
+                    raise RuntimeError(
+                        f"a worker process died during its initializer (exit code "
+                        f"{w.proc.exitcode}); see its traceback on stderr"
+                    ) from None
                 if status != "ready":  # pragma: no cover - a protocol bug
                     raise RuntimeError(f"worker sent {status!r} for item {idx} before 'ready'")
                 w.ready = True
@@ -292,8 +297,12 @@ class WorkerPool:
     def map(self, items: Iterable[Any], *, progress: bool | str = False) -> list[Outcome]:
         """[(fn(item) | None, timed_out)] in item order."""
         items = list(items)
-        bar = tqdm(total=len(items), desc=progress if isinstance(progress, str) else "items",
-                   disable=not progress or not items, leave=False)
+        bar = tqdm(
+            total=len(items),
+            desc=progress if isinstance(progress, str) else "items",
+            disable=not progress or not items,
+            leave=False,
+        )
         try:
             if self.workers == 0:
                 return self._map_inline(items, bar)
@@ -363,8 +372,9 @@ class WorkerPool:
                 return False
             front = src is shares[slot]
             item_s = self._item_s if self._item_s is not None else limit  # unknown: one item
-            n = max(1, min(self.max_chunk, int(MESSAGE_S / max(item_s, 1e-6)),
-                           math.ceil(unsent / (2 * len(self._pool)))))
+            n = max(
+                1, min(self.max_chunk, int(MESSAGE_S / max(item_s, 1e-6)), math.ceil(unsent / (2 * len(self._pool))))
+            )
             idxs = list(itertools.islice(src if front else reversed(src), n))
             if not front:
                 idxs.reverse()
@@ -409,8 +419,10 @@ class WorkerPool:
             w = self._pool[slot]
             if not w.ready:
                 w.kill()
-                raise RuntimeError(f"a worker process died during its initializer (exit code "
-                                   f"{w.proc.exitcode}); see its traceback on stderr")
+                raise RuntimeError(
+                    f"a worker process died during its initializer (exit code "
+                    f"{w.proc.exitcode}); see its traceback on stderr"
+                )
             if w.queue:  # the item it was on is lost; the ones queued behind it go back first
                 self.stats[stat] += 1
                 settle(w, outcome)
@@ -444,8 +456,10 @@ class WorkerPool:
                     pass
             watch = [s for s, w in enumerate(self._pool) if w.queue or not w.ready or w.dead]
             now = time.monotonic()
-            deadlines = [w.init_deadline if not w.ready else w.deadline if w.queue else now + 0.1
-                         for w in (self._pool[s] for s in watch)]
+            deadlines = [
+                w.init_deadline if not w.ready else w.deadline if w.queue else now + 0.1
+                for w in (self._pool[s] for s in watch)
+            ]
             handles = [self._pool[s].conn for s in watch] + [self._pool[s].proc.sentinel for s in watch]
             ready = set(wait(handles, timeout=max(0.0, min(deadlines) - time.monotonic())))
             for slot in watch:
@@ -484,6 +498,12 @@ def map_in_workers(
 
     fn must be picklable (a module-level function) when the start method is not fork.
     """
-    with WorkerPool(fn, workers=min(workers, max(1, len(items))) if workers else 0, timeout_s=timeout_s,
-                    on_error=on_error, initializer=initializer, affinity=affinity) as pool:
+    with WorkerPool(
+        fn,
+        workers=min(workers, max(1, len(items))) if workers else 0,
+        timeout_s=timeout_s,
+        on_error=on_error,
+        initializer=initializer,
+        affinity=affinity,
+    ) as pool:
         return pool.map(items, progress=progress)

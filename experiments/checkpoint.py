@@ -51,7 +51,7 @@ def save(run_dir: Path, step: int, engine, state: dict, *, keep: int) -> Path:
     (path / "state.json").write_text(json.dumps(full, indent=1) + "\n")
     (path / MARKER).write_text("ok\n")  # written last
     complete = [p for s, p in checkpoint_dirs(run_dir) if (p / MARKER).exists()]
-    for old in complete[max(1, keep):]:
+    for old in complete[max(1, keep) :]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 

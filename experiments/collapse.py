@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def collapse_step(
-    steps: Sequence[int], scores: Sequence[float], *, frac: float = 0.5, patience: int = 2
-) -> int | None:
+def collapse_step(steps: Sequence[int], scores: Sequence[float], *, frac: float = 0.5, patience: int = 2) -> int | None:
     """Return the global step at which the run collapsed, or None.
 
     steps, scores: evaluation points in step order (score = the average over benchmarks).

@@ -35,8 +35,12 @@ from tqdm import tqdm
 from experiments import rundir
 
 DEMO_CELLS = (
-    "sft-single-grpo", "sft-single-grpo-tis", "sft-single-grpo-r3", "sft-single-grpo-tis-r3",
-    "sft-multi-gspo", "sft-multi-gspo-r3",
+    "sft-single-grpo",
+    "sft-single-grpo-tis",
+    "sft-single-grpo-r3",
+    "sft-single-grpo-tis-r3",
+    "sft-multi-gspo",
+    "sft-multi-gspo-r3",
 )
 
 
@@ -138,8 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cells", default=",".join(DEMO_CELLS), help="comma-separated globs of tiny-preset cells")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "bf16"], help="rollout precision of the grid")
     ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro"])
-    ap.add_argument("--static-prompts", type=int, default=None, help="held-out prompts of the static "
-                    "measurement (default: all 512)")
+    ap.add_argument(
+        "--static-prompts", type=int, default=None, help="held-out prompts of the static measurement (default: all 512)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -158,24 +163,29 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[demo] 1/4 zoo in {zoo_dir}", flush=True)
     zm = zoo.build_zoo(zoo_dir, size=args.zoo_size)
     for k, m in zm["models"].items():
-        print(f"[demo]   {k}: {m['params']:,} params ({m['active_params']:,} active), held-out acc "
-              f"T=1 {m.get('heldout_acc_t1', float('nan')):.3f}, "
-              f"greedy {m.get('heldout_acc_greedy', float('nan')):.3f}")
+        print(
+            f"[demo]   {k}: {m['params']:,} params ({m['active_params']:,} active), held-out acc "
+            f"T=1 {m.get('heldout_acc_t1', float('nan')):.3f}, "
+            f"greedy {m.get('heldout_acc_greedy', float('nan')):.3f}"
+        )
 
     print("[demo] 2/4 static mismatch (bf16 engine, FP8 inference engine)", flush=True)
     for prec in tqdm(("bf16", "fp8"), desc="static mismatch"):
         kw = {"n_prompts": args.static_prompts} if args.static_prompts else {}
         rec = static_mismatch.run_static(out, prec, zoo_dir=zoo_dir, **kw)
-        print(f"[demo]   {prec}: k3 KL moe {rec['moe']['k3_kl']:.3g}, moe+R3 {rec['moe_r3']['k3_kl']:.3g}, "
-              f"dense {rec['dense']['k3_kl']:.3g}; routing pairs differ {rec['moe']['routing_pair_disagreement']:.4f}")
+        print(
+            f"[demo]   {prec}: k3 KL moe {rec['moe']['k3_kl']:.3g}, moe+R3 {rec['moe_r3']['k3_kl']:.3g}, "
+            f"dense {rec['dense']['k3_kl']:.3g}; routing pairs differ {rec['moe']['routing_pair_disagreement']:.4f}"
+        )
 
     overrides = {"zoo_dir": str(zoo_dir)}
     if args.steps:
         overrides["global_steps"] = args.steps
     cfgs = grid.cells("tiny", precisions=(args.precision,), pattern=args.cells, **overrides)
     if not cfgs:
-        raise SystemExit(f"--cells {args.cells!r} matches no tiny-preset cell; see `python -m experiments.grid list "
-                         "--preset tiny`")
+        raise SystemExit(
+            f"--cells {args.cells!r} matches no tiny-preset cell; see `python -m experiments.grid list --preset tiny`"
+        )
     print(f"[demo] 3/4 RL grid: {', '.join(cfgs)} ({args.jobs} parallel processes)", flush=True)
     run_cells(cfgs, out, jobs=args.jobs)
 

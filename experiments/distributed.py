@@ -180,8 +180,10 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=
     if _world() <= 1:
         return run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn)
     if cfg.train_engine != "megatron":
-        raise ValueError(f"cell {cfg.name!r}: {_world()} training ranks, but train_engine={cfg.train_engine!r} runs in "
-                         "one process (no gradient exchange); use train_engine='megatron' or one task")
+        raise ValueError(
+            f"cell {cfg.name!r}: {_world()} training ranks, but train_engine={cfg.train_engine!r} runs in "
+            "one process (no gradient exchange); use train_engine='megatron' or one task"
+        )
     _init_process_group()
     run_dir = Path(run_dir)
     rank = dist.get_rank()

@@ -319,7 +319,9 @@ def listing(preset: str, runs: Path, *, seeds=(0,), pattern: str | None = None, 
     for name, c in cells(preset, seeds=seeds, model_paths=model_paths, pattern=pattern, **overrides).items():
         st = run_status(Path(runs) / name)
         rows.append({
-            "cell": name, "model": c.model, "algo": c.algorithm + ("+tis" if c.tis else "") + ("+r3" if c.replay else ""),
+            "cell": name,
+            "model": c.model,
+            "algo": c.algorithm + ("+tis" if c.tis else "") + ("+r3" if c.replay else ""),
             "mini": c.mini_steps, "lr": f"{c.lr:g}", "rollout": c.rollout_precision,
             "steps": f"{_fmt(st.last_step)}/{c.global_steps}", "state": st.state.value,
             "best": _fmt(st.best_score, ".3f"), "collapse": _fmt(st.collapse_step), "detail": st.detail,

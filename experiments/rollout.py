@@ -82,8 +82,10 @@ class TableStream:
 
         rows = load_train(path)
         if not rows:
-            raise ValueError(f"train_data {path}: expected at least one row, found an empty table; "
-                             "rerun `python -m data_prep.build` with looser filters")
+            raise ValueError(
+                f"train_data {path}: expected at least one row, found an empty table; "
+                "rerun `python -m data_prep.build` with looser filters"
+            )
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         self._rows = [rows[i] for i in order]
         self.position = position
@@ -132,8 +134,11 @@ def collect(
         golds = [pr.answer for pr in problems for _ in range(group_size)]
         rewards = [float(r) for r in reward_fn(texts, golds)]
         groups = [
-            Group(problem=pr, samples=samples[i * group_size:(i + 1) * group_size],
-                  rewards=rewards[i * group_size:(i + 1) * group_size])
+            Group(
+                problem=pr,
+                samples=samples[i * group_size : (i + 1) * group_size],
+                rewards=rewards[i * group_size : (i + 1) * group_size],
+            )
             for i, pr in enumerate(problems)
         ]
         kept += select_groups(groups, prompts_per_step - len(kept), dynamic=dynamic)
@@ -145,8 +150,11 @@ def collect(
         if not dynamic:
             break
     return StepRollout(
-        kept=kept, sampled_groups=n_sampled, rounds=rounds,
-        reward_mean=sum(rewards_all) / len(rewards_all), response_len_mean=sum(lens_all) / len(lens_all),
+        kept=kept,
+        sampled_groups=n_sampled,
+        rounds=rounds,
+        reward_mean=sum(rewards_all) / len(rewards_all),
+        response_len_mean=sum(lens_all) / len(lens_all),
         stop_frac=stops / len(lens_all),
     )
 
@@ -168,8 +176,8 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
             raise ValueError(f"sample {b}: logprobs_R has shape {tuple(s.logprobs_R.shape)}, expected ({R},)")
         ids_BS[b, : P + R] = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
         att_BS[b, : P + R] = 1
-        mask_BT[b, P - 1: P - 1 + R] = 1.0
-        infer_BT[b, P - 1: P - 1 + R] = s.logprobs_R.float()
+        mask_BT[b, P - 1 : P - 1 + R] = 1.0
+        infer_BT[b, P - 1 : P - 1 + R] = s.logprobs_R.float()
     expert_ids = None
     if with_routing:
         traces = [s.expert_ids_TLK for s in samples]
@@ -188,7 +196,9 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
         expert_ids = pad_traces(traces, S - 1)
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     return Batch(
-        train=TrainBatch(input_ids_BS=ids_BS, attention_mask_BS=att_BS, loss_mask_BT=mask_BT,
-                         expert_ids_BTLK=expert_ids),
-        infer_logp_BT=infer_BT, rewards_B=rewards,
+        train=TrainBatch(
+            input_ids_BS=ids_BS, attention_mask_BS=att_BS, loss_mask_BT=mask_BT, expert_ids_BTLK=expert_ids
+        ),
+        infer_logp_BT=infer_BT,
+        rewards_B=rewards,
     )

@@ -144,8 +144,10 @@ def write_or_check_config(run_dir: Path, cfg: RunConfig) -> None:
     new = cfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        raise ValueError(f"{run_dir} holds a run of a different config (fields differ: {diff}); "
-                         "use another run directory or delete it")
+        raise ValueError(
+            f"{run_dir} holds a run of a different config (fields differ: {diff}); "
+            "use another run directory or delete it"
+        )
 
 
 # --- markers and state ---------------------------------------------------------------------------
@@ -166,10 +168,16 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
 def write_failed(run_dir: Path, error: BaseException | str, *, job_id: str = "", log: str = "") -> None:
     """The FAILED marker: what raised, where, and the log to read."""
     tb = "".join(tb_mod.format_exception(error)) if isinstance(error, BaseException) else ""
-    write_json_atomic(Path(run_dir) / FAILED, {
-        "error": f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error),
-        "traceback": tb, "job_id": job_id, "time": time.time(), "log": log,
-    })
+    write_json_atomic(
+        Path(run_dir) / FAILED,
+        {
+            "error": f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error),
+            "traceback": tb,
+            "job_id": job_id,
+            "time": time.time(),
+            "log": log,
+        },
+    )
 
 
 def read_failed(run_dir: Path) -> dict[str, Any] | None:

@@ -36,8 +36,12 @@ def _mean(xs: list[float]) -> float | None:
 
 def static_entry(rec: dict) -> dict:
     """M of one static part."""
-    return {"k3_kl": rec["k3_kl"], "extreme_frac@2": rec["extreme_frac@2"],
-            "routing_pair_disagreement": rec.get("routing_pair_disagreement"), "tokens": rec["tokens"]}
+    return {
+        "k3_kl": rec["k3_kl"],
+        "extreme_frac@2": rec["extreme_frac@2"],
+        "routing_pair_disagreement": rec.get("routing_pair_disagreement"),
+        "tokens": rec["tokens"],
+    }
 
 
 def cell_entry(run_dir: Path) -> dict | None:
@@ -49,12 +53,20 @@ def cell_entry(run_dir: Path) -> dict | None:
     ev = read_jsonl(run_dir / EVAL)
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     return {
-        "algorithm": cfg.algorithm, "tis": cfg.tis, "replay": cfg.replay, "mini_steps": cfg.mini_steps,
-        "model": cfg.model, "rollout_precision": cfg.rollout_precision,
+        "algorithm": cfg.algorithm,
+        "tis": cfg.tis,
+        "replay": cfg.replay,
+        "mini_steps": cfg.mini_steps,
+        "model": cfg.model,
+        "rollout_precision": cfg.rollout_precision,
         "steps": metrics[-1]["step"] if metrics else 0,
-        "best_score": best["avg"] if best else None, "best_step": best["step"] if best else None,
-        "collapse_step": collapse_step([e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac,
-                                       patience=cfg.collapse_patience) if ev else None,
+        "best_score": best["avg"] if best else None,
+        "best_step": best["step"] if best else None,
+        "collapse_step": collapse_step(
+            [e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac, patience=cfg.collapse_patience
+        )
+        if ev
+        else None,
         "mean_k3_kl": _mean([m.get("mismatch/k3_kl") for m in metrics]),
         "mean_extreme_frac@2": _mean([m.get("mismatch/extreme_frac@2") for m in metrics]),
     }
@@ -65,10 +77,14 @@ def _extras(run_dir: Path) -> dict:
     cfg = read_config(run_dir).config
     metrics = read_jsonl(run_dir / METRICS)
     ev = read_jsonl(run_dir / EVAL)
-    return {"lr": cfg.lr, "initial": ev[0]["avg"] if ev else None, "final": ev[-1]["avg"] if ev else None,
-            "pair_dis": _mean([m.get("routing/pair_disagreement") for m in metrics]),
-            "step_s": _mean([m.get("time/step") for m in metrics]),
-            "reward": _mean([m.get("rollout/reward_mean") for m in metrics])}
+    return {
+        "lr": cfg.lr,
+        "initial": ev[0]["avg"] if ev else None,
+        "final": ev[-1]["avg"] if ev else None,
+        "pair_dis": _mean([m.get("routing/pair_disagreement") for m in metrics]),
+        "step_s": _mean([m.get("time/step") for m in metrics]),
+        "reward": _mean([m.get("rollout/reward_mean") for m in metrics]),
+    }
 
 
 def build(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "fp8") -> dict:
@@ -77,8 +93,11 @@ def build(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "
     for p in sorted((runs / "static").glob("*/static.json")):
         rec = read_json(p)
         by_prec[rec["precision"]] = {k: static_entry(rec[k]) for k in STATIC_PARTS}
-    names = cells if cells is not None else sorted(
-        d.name for d in runs.iterdir() if d.is_dir() and (d / "config.json").exists())
+    names = (
+        cells
+        if cells is not None
+        else sorted(d.name for d in runs.iterdir() if d.is_dir() and (d / "config.json").exists())
+    )
     out_cells = {n: c for n in names if (c := cell_entry(runs / n)) is not None}
     return {"static": by_prec.get(grid_precision, {}), "static_by_precision": by_prec, "cells": out_cells}
 
@@ -92,47 +111,70 @@ def _pct(x) -> str:
 
 
 def markdown(summary: dict, runs: Path, *, zoo: dict | None, grid_precision: str) -> str:
-    lines = ["# Embedded R3 reproduction: summary", "",
-             "All numbers are measured by this run (`python -m experiments.demo`); none is copied from the paper.", ""]
+    lines = [
+        "# Embedded R3 reproduction: summary",
+        "",
+        "All numbers are measured by this run (`python -m experiments.demo`); none is copied from the paper.",
+        "",
+    ]
     if zoo:
-        lines += ["## Zoo (held-out synthetic problems)", "",
-                  "| model | params | active | acc. T=1 | acc. greedy |", "|---|---|---|---|---|"]
+        lines += [
+            "## Zoo (held-out synthetic problems)",
+            "",
+            "| model | params | active | acc. T=1 | acc. greedy |",
+            "|---|---|---|---|---|",
+        ]
         for k, m in zoo["models"].items():
-            lines.append(f"| {k} | {m['params']:,} | {m['active_params']:,} | {_pct(m.get('heldout_acc_t1'))}% "
-                         f"| {_pct(m.get('heldout_acc_greedy'))}% |")
+            lines.append(
+                f"| {k} | {m['params']:,} | {m['active_params']:,} | {_pct(m.get('heldout_acc_t1'))}% "
+                f"| {_pct(m.get('heldout_acc_greedy'))}% |"
+            )
         lines.append("")
-    lines += ["## Static training-inference mismatch (fp32 trainer vs rollout engine)", "",
-              "`fp8` is an FP8 inference engine (router weights quantised to float8 e4m3, per-row scales), "
-              "not the paper's setting; `bf16` is the default engine.", "",
-              "| precision | model | k3 KL | F(2) | routing pair disagr. | tokens |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Static training-inference mismatch (fp32 trainer vs rollout engine)",
+        "",
+        "`fp8` is an FP8 inference engine (router weights quantised to float8 e4m3, per-row scales), "
+        "not the paper's setting; `bf16` is the default engine.",
+        "",
+        "| precision | model | k3 KL | F(2) | routing pair disagr. | tokens |",
+        "|---|---|---|---|---|---|",
+    ]
     for prec, parts in summary["static_by_precision"].items():
         for k in STATIC_PARTS:
             m = parts[k]
             dis = m["routing_pair_disagreement"]
-            lines.append(f"| {prec} | {k} | {_f(m['k3_kl'])} | {_f(m['extreme_frac@2'])} | "
-                         f"{_pct(dis)}{'%' if dis is not None else ''} | {m['tokens']} |")
+            lines.append(
+                f"| {prec} | {k} | {_f(m['k3_kl'])} | {_f(m['extreme_frac@2'])} | "
+                f"{_pct(dis)}{'%' if dis is not None else ''} | {m['tokens']} |"
+            )
     lines.append("")
     for prec, parts in summary["static_by_precision"].items():
         kl, kl_r3, kl_d = parts["moe"]["k3_kl"], parts["moe_r3"]["k3_kl"], parts["dense"]["k3_kl"]
         f2, f2_r3 = parts["moe"]["extreme_frac@2"], parts["moe_r3"]["extreme_frac@2"]
         ratio = kl / kl_r3 if kl_r3 > 0 else float("inf")
         verdict = "reproduces" if ratio > 1.2 else "does not reproduce"
-        lines.append(f"- {prec}: R3 changes the MoE k3 KL from {kl:.3g} to {kl_r3:.3g} ({ratio:.2f}x; paper: about "
-                     f"2x on Qwen3-30B-A3B): the direction {verdict} at this scale. Dense control: {kl_d:.3g} "
-                     f"(MoE+R3 {'below' if kl_r3 < kl_d else 'above'} dense). F(2): {f2:.3g} native, {f2_r3:.3g} R3.")
-    lines += ["", f"## RL grid ({grid_precision} rollout unless the cell says otherwise)", "",
-              "Scores are held-out accuracy (avg@k, %) at the evaluation points; step 0 is the starting model.",
-              "",
-              "| cell | lr | step-0 | best (step) | final | collapse | mean k3 KL | mean F(2) | routing disagr. "
-              "| s/step |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- {prec}: R3 changes the MoE k3 KL from {kl:.3g} to {kl_r3:.3g} ({ratio:.2f}x; paper: about "
+            f"2x on Qwen3-30B-A3B): the direction {verdict} at this scale. Dense control: {kl_d:.3g} "
+            f"(MoE+R3 {'below' if kl_r3 < kl_d else 'above'} dense). F(2): {f2:.3g} native, {f2_r3:.3g} R3."
+        )
+    lines += [
+        "",
+        f"## RL grid ({grid_precision} rollout unless the cell says otherwise)",
+        "",
+        "Scores are held-out accuracy (avg@k, %) at the evaluation points; step 0 is the starting model.",
+        "",
+        "| cell | lr | step-0 | best (step) | final | collapse | mean k3 KL | mean F(2) | routing disagr. | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in summary["cells"].items():
         x = _extras(Path(runs) / name)
         lines.append(
             f"| {name} | {x['lr']:g} | {_pct(x['initial'])} | {_pct(c['best_score'])} ({_f(c['best_step'], 'd')}) | "
             f"{_pct(x['final'])} | {_f(c['collapse_step'], 'd')} | {_f(c['mean_k3_kl'])} | "
             f"{_f(c['mean_extreme_frac@2'])} | {_pct(x['pair_dis'])}{'%' if x['pair_dis'] is not None else ''} | "
-            f"{_f(x['step_s'], '.2f')} |")
+            f"{_f(x['step_s'], '.2f')} |"
+        )
     lines.append("")
     lines += _claims(summary, runs)
     figs = sorted((Path(runs) / "figures").glob("*.png")) if (Path(runs) / "figures").exists() else []
@@ -158,26 +200,31 @@ def _claims(summary: dict, runs: Path) -> list[str]:
         kl_r3 = _mean([c["mean_k3_kl"] for _, c in r3])
         kl_no = _mean([c["mean_k3_kl"] for _, c in nor3])
         if kl_r3 is not None and kl_no is not None:
-            out.append(f"- Mean training-inference k3 KL during RL: {kl_r3:.3g} with R3 vs {kl_no:.3g} without "
-                       f"({'lower' if kl_r3 < kl_no else 'not lower'} with R3, as the paper "
-                       f"{'reports' if kl_r3 < kl_no else 'reports, which does not reproduce here'}).")
+            out.append(
+                f"- Mean training-inference k3 KL during RL: {kl_r3:.3g} with R3 vs {kl_no:.3g} without "
+                f"({'lower' if kl_r3 < kl_no else 'not lower'} with R3, as the paper "
+                f"{'reports' if kl_r3 < kl_no else 'reports, which does not reproduce here'})."
+            )
         col_r3 = [n for n, c in r3 if c["collapse_step"] is not None]
         col_no = [n for n, c in nor3 if c["collapse_step"] is not None]
-        out.append(f"- Collapses (documented rule, experiments.collapse): without R3 {col_no or 'none'}; with R3 "
-                   f"{col_r3 or 'none'}. The paper's GRPO collapses (steps 60-120 of 180) "
-                   f"{'are seen here' if col_no and not col_r3 else 'do not reproduce at this scale and length'}.")
+        out.append(
+            f"- Collapses (documented rule, experiments.collapse): without R3 {col_no or 'none'}; with R3 "
+            f"{col_r3 or 'none'}. The paper's GRPO collapses (steps 60-120 of 180) "
+            f"{'are seen here' if col_no and not col_r3 else 'do not reproduce at this scale and length'}."
+        )
         best_r3 = _mean([c["best_score"] for _, c in r3])
         best_no = _mean([c["best_score"] for _, c in nor3])
         if best_r3 is not None and best_no is not None:
-            out.append(f"- Mean best score: {100 * best_r3:.1f}% with R3 vs {100 * best_no:.1f}% without "
-                       f"(difference {100 * (best_r3 - best_no):+.1f} points; one seed each, held-out noise is a "
-                       "few points, so a difference this size is "
-                       f"{'notable' if abs(best_r3 - best_no) > 0.05 else 'within noise'}).")
+            out.append(
+                f"- Mean best score: {100 * best_r3:.1f}% with R3 vs {100 * best_no:.1f}% without "
+                f"(difference {100 * (best_r3 - best_no):+.1f} points; one seed each, held-out noise is a "
+                "few points, so a difference this size is "
+                f"{'notable' if abs(best_r3 - best_no) > 0.05 else 'within noise'})."
+            )
     return out
 
 
-def write(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "fp8",
-          zoo: dict | None = None) -> dict:
+def write(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "fp8", zoo: dict | None = None) -> dict:
     summary = build(runs, cells=cells, grid_precision=grid_precision)
     (Path(runs) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (Path(runs) / "summary.md").write_text(markdown(summary, runs, zoo=zoo, grid_precision=grid_precision))

@@ -97,7 +97,7 @@ def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train
     lo, hi, digits, opset = _check_difficulty(difficulty)
     rng = random.Random(f"{seed}:{index}:{difficulty}")
     n = rng.randint(lo, hi)
-    operands = [rng.randint(1 if digits == 1 else 0, 10**rng.randint(1, digits) - 1) for _ in range(n)]
+    operands = [rng.randint(1 if digits == 1 else 0, 10 ** rng.randint(1, digits) - 1) for _ in range(n)]
     ops = [rng.choice(opset) for _ in range(n - 1)]
     expr = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
     value, solution = solve(operands, ops)

@@ -32,24 +32,37 @@ class MetricsSink:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError(f"RunConfig.log_to has 'tensorboard' but it cannot be imported ({e}); "
-                                  "pip install tensorboard, or drop it from log_to") from None
+                raise ImportError(
+                    f"RunConfig.log_to has 'tensorboard' but it cannot be imported ({e}); "
+                    "pip install tensorboard, or drop it from log_to"
+                ) from None
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if "wandb" in cfg.log_to:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("RunConfig.log_to has 'wandb' but wandb is not installed; pip install wandb, "
-                                  "or drop it from log_to") from None
-            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, id=cfg.name, resume="allow",
-                                     dir=str(self.run_dir), config=cfg.to_dict(), reinit="create_new")
+                raise ImportError(
+                    "RunConfig.log_to has 'wandb' but wandb is not installed; pip install wandb, or drop it from log_to"
+                ) from None
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.name,
+                id=cfg.name,
+                resume="allow",
+                dir=str(self.run_dir),
+                config=cfg.to_dict(),
+                reinit="create_new",
+            )
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append the step's record to metrics.jsonl, then mirror its finite numbers."""
         rundir.append_jsonl(self.run_dir / rundir.METRICS, rec)
         step = int(rec["step"])
-        nums = {k: float(v) for k, v in rec.items()
-                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+        nums = {
+            k: float(v)
+            for k, v in rec.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self._tb is not None:
             for k, v in nums.items():
                 self._tb.add_scalar(k, v, global_step=step)

@@ -61,8 +61,15 @@ def f_tau_figure(static: dict[str, dict[str, Any]]) -> Figure:
             ax.set_yscale("log")
         elif all_tau:
             ax.set_yticks([])
-            ax.text(0.5, 0.3, f"F(τ) = 0 at every τ ≥ {min(all_tau):.3g}:\nno token's ratio exceeds the thresholds",
-                    transform=ax.transAxes, ha="center", va="center", color="0.3")
+            ax.text(
+                0.5,
+                0.3,
+                f"F(τ) = 0 at every τ ≥ {min(all_tau):.3g}:\nno token's ratio exceeds the thresholds",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.3",
+            )
         else:
             no_data(ax, "F(τ) curve")
         ax.set_xlabel("threshold τ on max(r, 1/r), r = π_train / π_infer (log)")
@@ -119,8 +126,14 @@ def ratio_hist_figure(static: dict[str, dict[str, Any]]) -> Figure:
             frac = counts / max(counts.sum(), 1.0)
             if (frac > 0).any():
                 lowest = min(lowest, frac[frac > 0].min())
-            ax.stairs(frac, edges, color=ARM_COLORS[arm], label=ARM_LABELS[arm],
-                      linestyle=":" if arm == "dense" else "-", linewidth=1.3)
+            ax.stairs(
+                frac,
+                edges,
+                color=ARM_COLORS[arm],
+                label=ARM_LABELS[arm],
+                linestyle=":" if arm == "dense" else "-",
+                linewidth=1.3,
+            )
             drawn = True
         if not drawn:
             no_data(ax, "ratio histogram")

@@ -89,8 +89,9 @@ def dynamics_figure(setting: Setting, cells: list[Cell]) -> Figure:
             curve = cell.curve("metrics", key)
             if scale == "log":
                 curve = curve[curve["mean"] > 0]
-            plot_band(ax, curve, color=cell_color(cell, i), linestyle=cell_linestyle(cell), label=cell.display,
-                      scale=mult)
+            plot_band(
+                ax, curve, color=cell_color(cell, i), linestyle=cell_linestyle(cell), label=cell.display, scale=mult
+            )
             drawn |= bool(len(curve))
         if drawn and scale == "log":
             ax.set_yscale("log")
@@ -102,13 +103,28 @@ def dynamics_figure(setting: Setting, cells: list[Cell]) -> Figure:
     drawn = False
     for i, cell in enumerate(cells):
         curve = cell.curve("evals", "avg")
-        plot_band(ax, curve, color=cell_color(cell, i), linestyle=cell_linestyle(cell), label=cell.display,
-                  scale=100, marker="o")
+        plot_band(
+            ax,
+            curve,
+            color=cell_color(cell, i),
+            linestyle=cell_linestyle(cell),
+            label=cell.display,
+            scale=100,
+            marker="o",
+        )
         drawn |= bool(len(curve))
         for step in cell.collapse_steps:
             if step is not None and step in curve.index:
-                ax.plot([step], [100 * curve.loc[step, "mean"]], marker="X", color=cell_color(cell, i), markersize=7,
-                        markeredgecolor="k", markeredgewidth=0.5, linestyle="none")
+                ax.plot(
+                    [step],
+                    [100 * curve.loc[step, "mean"]],
+                    marker="X",
+                    color=cell_color(cell, i),
+                    markersize=7,
+                    markeredgecolor="k",
+                    markeredgewidth=0.5,
+                    linestyle="none",
+                )
     if not drawn:
         no_data(ax, "evaluation")
     ax.set_ylabel("eval score, average [%]")
@@ -136,8 +152,15 @@ def eval_figure(setting: Setting, cells: list[Cell]) -> Figure:
     for ax, b in zip(axes, benchmarks):
         ax.set_title(bench_title(b))
         for i, cell in enumerate(cells):
-            plot_band(ax, cell.curve("evals", f"score/{b}"), color=cell_color(cell, i),
-                      linestyle=cell_linestyle(cell), label=cell.display, scale=100, marker="o")
+            plot_band(
+                ax,
+                cell.curve("evals", f"score/{b}"),
+                color=cell_color(cell, i),
+                linestyle=cell_linestyle(cell),
+                label=cell.display,
+                scale=100,
+                marker="o",
+            )
         ax.set_xlabel("global step")
         ax.set_ylabel("score (avg@k) [%]")
     _shared_legend(fig, list(axes[:n]))

@@ -19,15 +19,30 @@ from plots.groups import Cell
 # Paper size: a two-column paper's full width is about 7 in; text at 8 pt stays legible there.
 FULL_WIDTH_IN = 7.0
 RC = {
-    "font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "legend.fontsize": 7,
-    "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.3, "axes.grid": True,
-    "grid.alpha": 0.3, "grid.linewidth": 0.5, "pdf.fonttype": 42, "savefig.dpi": 200,
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "lines.linewidth": 1.3,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "pdf.fonttype": 42,
+    "savefig.dpi": 200,
 }
 
 # Native methods warm (they are the ones that collapse in the paper), R3 methods cool.
 METHOD_COLORS = {
-    "GRPO": "#d62728", "GRPO+TIS": "#ff7f0e", "GSPO": "#8c564b", "GSPO+TIS": "#e377c2",
-    "GRPO+R3": "#1f77b4", "GRPO+TIS+R3": "#17becf", "GSPO+R3": "#2ca02c", "GSPO+TIS+R3": "#9467bd",
+    "GRPO": "#d62728",
+    "GRPO+TIS": "#ff7f0e",
+    "GSPO": "#8c564b",
+    "GSPO+TIS": "#e377c2",
+    "GRPO+R3": "#1f77b4",
+    "GRPO+TIS+R3": "#17becf",
+    "GSPO+R3": "#2ca02c",
+    "GSPO+TIS+R3": "#9467bd",
 }
 ARM_COLORS = {"moe": "#d62728", "moe_r3": "#1f77b4", "dense": "#444444"}
 ARM_LABELS = {"moe": "MoE native", "moe_r3": "MoE + R3", "dense": "dense (no router)"}
@@ -53,17 +68,26 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def plot_band(ax: Axes, curve, *, color: str, linestyle: str, label: str, scale: float = 1.0,
-              marker: str | None = None) -> None:
+def plot_band(
+    ax: Axes, curve, *, color: str, linestyle: str, label: str, scale: float = 1.0, marker: str | None = None
+) -> None:
     """Seed mean as a line, min/max over seeds as a band (only when several seeds)."""
     if not len(curve):
         return
     x = curve.index.to_numpy()
-    ax.plot(x, scale * curve["mean"].to_numpy(), color=color, linestyle=linestyle, label=label, marker=marker,
-            markersize=2.5)
+    ax.plot(
+        x,
+        scale * curve["mean"].to_numpy(),
+        color=color,
+        linestyle=linestyle,
+        label=label,
+        marker=marker,
+        markersize=2.5,
+    )
     if (curve["n"] > 1).any():
-        ax.fill_between(x, scale * curve["min"].to_numpy(), scale * curve["max"].to_numpy(), color=color,
-                        alpha=0.18, linewidth=0)
+        ax.fill_between(
+            x, scale * curve["min"].to_numpy(), scale * curve["max"].to_numpy(), color=color, alpha=0.18, linewidth=0
+        )
     if linestyle != "-":  # running: mark where the run has got to
         ax.plot(x[-1:], scale * curve["mean"].to_numpy()[-1:], color=color, marker=">", markersize=4)
 

@@ -77,9 +77,18 @@ def to_markdown(t: Table) -> str:
 
 
 _TEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "<": r"\textless{}", ">": r"\textgreater{}",  # plain < > print as inverted marks in OT1 fonts
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",  # plain < > print as inverted marks in OT1 fonts
 }
 
 
@@ -91,10 +100,15 @@ def to_latex(t: Table) -> str:
     """A `table` float with a booktabs `tabular` (needs \\usepackage{booktabs})."""
     cols = "l" + "r" * (len(t.header) - 1)
     out = [
-        r"\begin{table}[t]", r"\centering", r"\small",
-        rf"\caption{{{tex_escape(t.title)}}}", rf"\label{{tab:{t.name}}}",
-        rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-        " & ".join(tex_escape(h) for h in t.header) + r" \\", r"\midrule",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{tex_escape(t.title)}}}",
+        rf"\label{{tab:{t.name}}}",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join(tex_escape(h) for h in t.header) + r" \\",
+        r"\midrule",
     ]
     for i, (row, kind) in enumerate(zip(t.rows, t.kinds)):
         if kind == "group":

@@ -23,8 +23,12 @@ from plots.table_format import Table, fmt_num, fmt_sci
 # The paper's column order; the paper's MATH500 column is the level-5 subset, the full 500
 # follows it as a second column (issue 6). Other benchmarks (e.g. `synthetic`) come after.
 BENCH_TITLES = {
-    "aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23",
-    "math500_l5": "MATH500 (L5)", "math500": "MATH500 (all)", "synthetic": "synthetic (held-out)",
+    "aime24": "AIME24",
+    "aime25": "AIME25",
+    "amc23": "AMC23",
+    "math500_l5": "MATH500 (L5)",
+    "math500": "MATH500 (all)",
+    "synthetic": "synthetic (held-out)",
 }
 
 
@@ -65,61 +69,121 @@ def results_table(setting: Setting, cells: list[Cell]) -> Table:
     paper = paper_numbers.main_table_for(setting.model, setting.mini_steps)
     header = ["method", *(bench_title(b) for b in benchmarks), "avg", "best step", "collapse step"]
     csv_header = [
-        "setting", "kind", "method", "label", "status", "seeds", "runs",
-        *(f"score_{b}" for b in benchmarks), "avg", "best_step", "collapse_step", "missing_eval_steps",
+        "setting",
+        "kind",
+        "method",
+        "label",
+        "status",
+        "seeds",
+        "runs",
+        *(f"score_{b}" for b in benchmarks),
+        "avg",
+        "best_step",
+        "collapse_step",
+        "missing_eval_steps",
     ]
     rows, kinds, csv_rows = [], [], []
     notes = [
         "Scores in % (avg@k) at the best evaluation point; best = highest average over evaluation "
         "points (seed mean; earliest on ties; step 0 counts); average over "
-        + ", ".join(bench_title(b) for b in benchmarks) + ".",
+        + ", ".join(bench_title(b) for b in benchmarks)
+        + ".",
         "Collapse step by experiments.collapse (average below frac x running best for patience points, "
         "never recovering); '-' = no collapse; several seeds are joined by '/'.",
     ]
     diffable = setting.preset == "paper"
     for cell in cells:
         res = cell_result(cell, benchmarks)
-        rows.append([
-            cell.display, *(fmt_num(res["scores"].get(b)) for b in benchmarks), fmt_num(res["avg"]),
-            "n/a" if res["best_step"] is None else str(res["best_step"]), _collapse_text(res["collapse"]),
-        ])
+        rows.append(
+            [
+                cell.display,
+                *(fmt_num(res["scores"].get(b)) for b in benchmarks),
+                fmt_num(res["avg"]),
+                "n/a" if res["best_step"] is None else str(res["best_step"]),
+                _collapse_text(res["collapse"]),
+            ]
+        )
         kinds.append("ours")
         missing = cell.missing_eval_steps
-        csv_rows.append([
-            setting.slug, "ours", cell.method, cell.label, cell.status, len(cell.runs),
-            ";".join(r.name for r in cell.runs), *(res["scores"].get(b) for b in benchmarks), res["avg"],
-            res["best_step"], _collapse_text(res["collapse"]) if len(cell.runs) > 1 else res["collapse"][0],
-            ";".join(f"{k}:{','.join(map(str, v))}" for k, v in missing.items()),
-        ])
+        csv_rows.append(
+            [
+                setting.slug,
+                "ours",
+                cell.method,
+                cell.label,
+                cell.status,
+                len(cell.runs),
+                ";".join(r.name for r in cell.runs),
+                *(res["scores"].get(b) for b in benchmarks),
+                res["avg"],
+                res["best_step"],
+                _collapse_text(res["collapse"]) if len(cell.runs) > 1 else res["collapse"][0],
+                ";".join(f"{k}:{','.join(map(str, v))}" for k, v in missing.items()),
+            ]
+        )
         for run_name, steps in missing.items():
             notes.append(f"{cell.label}: run {run_name} has no evaluation at step(s) {steps}.")
         if paper is None or cell.method not in paper.rows:
             continue
         pub = paper.rows[cell.method]
         pub_scores = {b: pub.scores.get(b) for b in benchmarks}
-        rows.append([
-            "paper (published)", *(fmt_num(pub_scores[b]) if pub_scores[b] is not None else "" for b in benchmarks),
-            fmt_num(pub.avg), "", "-" if pub.collapse is None else str(pub.collapse),
-        ])
+        rows.append(
+            [
+                "paper (published)",
+                *(fmt_num(pub_scores[b]) if pub_scores[b] is not None else "" for b in benchmarks),
+                fmt_num(pub.avg),
+                "",
+                "-" if pub.collapse is None else str(pub.collapse),
+            ]
+        )
         kinds.append("paper")
-        csv_rows.append([
-            setting.slug, "paper", cell.method, cell.label, "published", "", "",
-            *(pub_scores[b] for b in benchmarks), pub.avg, None, pub.collapse, "",
-        ])
+        csv_rows.append(
+            [
+                setting.slug,
+                "paper",
+                cell.method,
+                cell.label,
+                "published",
+                "",
+                "",
+                *(pub_scores[b] for b in benchmarks),
+                pub.avg,
+                None,
+                pub.collapse,
+                "",
+            ]
+        )
         if diffable:
             diff = {b: res["scores"][b] - pub_scores[b] for b in benchmarks if pub_scores[b] is not None}
             # The paper's average is over its four columns; ours is over the run's benchmarks, so
             # the average is compared only when the run evaluated at least those four.
             avg_diff = res["avg"] - pub.avg if set(pub.scores) and set(pub.scores) <= set(benchmarks) else None
-            rows.append([
-                "difference (ours - paper)", *(fmt_num(diff.get(b), "+.2f") if b in diff else "" for b in benchmarks),
-                fmt_num(avg_diff, "+.2f") if avg_diff is not None else "", "", "",
-            ])
+            rows.append(
+                [
+                    "difference (ours - paper)",
+                    *(fmt_num(diff.get(b), "+.2f") if b in diff else "" for b in benchmarks),
+                    fmt_num(avg_diff, "+.2f") if avg_diff is not None else "",
+                    "",
+                    "",
+                ]
+            )
             kinds.append("diff")
-            csv_rows.append([
-                setting.slug, "diff", cell.method, cell.label, "", "", "",
-                *(diff.get(b) for b in benchmarks), avg_diff, None, None, "",
-            ])
+            csv_rows.append(
+                [
+                    setting.slug,
+                    "diff",
+                    cell.method,
+                    cell.label,
+                    "",
+                    "",
+                    "",
+                    *(diff.get(b) for b in benchmarks),
+                    avg_diff,
+                    None,
+                    None,
+                    "",
+                ]
+            )
     if paper is not None and any(k == "paper" for k in kinds):
         note = (
             f"'paper (published)' rows: the paper's {paper.title} table (PAPER.md; Qwen3-30B-A3B, 180 global steps, "
@@ -134,8 +198,14 @@ def results_table(setting: Setting, cells: list[Cell]) -> Table:
     if any(c.status != "complete" for c in cells):
         notes.append("(running)/(failed): no manifest.json yet; numbers cover the steps written so far.")
     return Table(
-        name=f"results__{setting.slug}", title=f"Results: {setting.title}", header=header, rows=rows,
-        kinds=kinds, notes=notes, csv_header=csv_header, csv_rows=csv_rows,
+        name=f"results__{setting.slug}",
+        title=f"Results: {setting.title}",
+        header=header,
+        rows=rows,
+        kinds=kinds,
+        notes=notes,
+        csv_header=csv_header,
+        csv_rows=csv_rows,
     )
 
 
@@ -150,10 +220,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def static_table(static: dict[str, dict[str, Any]]) -> Table:
     """Static mismatch per rollout precision: k3 KL and F(2), native / R3, as the paper's appendix."""
-    header = ["model", "F(2) native / R3", "k3 KL native / R3", "KL native / R3 ratio",
-              "routing differs: pairs / tokens (native)", "tokens"]
-    csv_header = ["precision", "kind", "model", "f2_native", "f2_r3", "kl_native", "kl_r3", "kl_ratio",
-                  "routing_pair_disagreement", "routing_token_disagreement", "tokens"]
+    header = [
+        "model",
+        "F(2) native / R3",
+        "k3 KL native / R3",
+        "KL native / R3 ratio",
+        "routing differs: pairs / tokens (native)",
+        "tokens",
+    ]
+    csv_header = [
+        "precision",
+        "kind",
+        "model",
+        "f2_native",
+        "f2_r3",
+        "kl_native",
+        "kl_r3",
+        "kl_ratio",
+        "routing_pair_disagreement",
+        "routing_token_disagreement",
+        "tokens",
+    ]
     rows, kinds, csv_rows = [], [], []
     any_paper = False
     for precision in sorted(static):
@@ -167,29 +254,88 @@ def static_table(static: dict[str, dict[str, Any]]) -> Table:
         pair, tok = moe.get("routing_pair_disagreement"), moe.get("routing_token_disagreement")
         routing = "n/a" if pair is None else f"{100 * pair:.2f}% / " + ("n/a" if tok is None else f"{100 * tok:.2f}%")
         kl_ratio = _ratio(moe["k3_kl"], r3["k3_kl"])
-        rows.append([
-            moe_name, f"{fmt_sci(moe['extreme_frac@2'])} / {fmt_sci(r3['extreme_frac@2'])}",
-            f"{fmt_sci(moe['k3_kl'])} / {fmt_sci(r3['k3_kl'])}", fmt_num(kl_ratio, ".2f") + "x" if kl_ratio else "n/a",
-            routing, str(moe.get("tokens", d.get("tokens", "n/a"))),
-        ])
+        rows.append(
+            [
+                moe_name,
+                f"{fmt_sci(moe['extreme_frac@2'])} / {fmt_sci(r3['extreme_frac@2'])}",
+                f"{fmt_sci(moe['k3_kl'])} / {fmt_sci(r3['k3_kl'])}",
+                fmt_num(kl_ratio, ".2f") + "x" if kl_ratio else "n/a",
+                routing,
+                str(moe.get("tokens", d.get("tokens", "n/a"))),
+            ]
+        )
         kinds.append("ours")
-        csv_rows.append([precision, "ours", moe_name, moe["extreme_frac@2"], r3["extreme_frac@2"], moe["k3_kl"],
-                         r3["k3_kl"], kl_ratio, pair, tok, moe.get("tokens", d.get("tokens"))])
+        csv_rows.append(
+            [
+                precision,
+                "ours",
+                moe_name,
+                moe["extreme_frac@2"],
+                r3["extreme_frac@2"],
+                moe["k3_kl"],
+                r3["k3_kl"],
+                kl_ratio,
+                pair,
+                tok,
+                moe.get("tokens", d.get("tokens")),
+            ]
+        )
         pub_key = _paper_key(moe_name, paper_numbers.STATIC)
         pub = paper_numbers.STATIC[pub_key] if pub_key else None
         if pub is not None:
             any_paper = True
-            rows.append([f"paper (published): {pub_key}", f"{fmt_sci(pub.f2_native)} / {fmt_sci(pub.f2_r3)}",
-                         f"{fmt_sci(pub.kl_native)} / {fmt_sci(pub.kl_r3)}",
-                         f"{pub.kl_native / pub.kl_r3:.2f}x", "", ""])
+            rows.append(
+                [
+                    f"paper (published): {pub_key}",
+                    f"{fmt_sci(pub.f2_native)} / {fmt_sci(pub.f2_r3)}",
+                    f"{fmt_sci(pub.kl_native)} / {fmt_sci(pub.kl_r3)}",
+                    f"{pub.kl_native / pub.kl_r3:.2f}x",
+                    "",
+                    "",
+                ]
+            )
             kinds.append("paper")
-            csv_rows.append([precision, "paper", pub_key, pub.f2_native, pub.f2_r3, pub.kl_native, pub.kl_r3,
-                             pub.kl_native / pub.kl_r3, None, None, None])
-        rows.append([dense_name, f"{fmt_sci(dense['extreme_frac@2'])} / n/a", f"{fmt_sci(dense['k3_kl'])} / n/a", "n/a",
-                     "n/a", str(dense.get("tokens", "n/a"))])
+            csv_rows.append(
+                [
+                    precision,
+                    "paper",
+                    pub_key,
+                    pub.f2_native,
+                    pub.f2_r3,
+                    pub.kl_native,
+                    pub.kl_r3,
+                    pub.kl_native / pub.kl_r3,
+                    None,
+                    None,
+                    None,
+                ]
+            )
+        rows.append(
+            [
+                dense_name,
+                f"{fmt_sci(dense['extreme_frac@2'])} / n/a",
+                f"{fmt_sci(dense['k3_kl'])} / n/a",
+                "n/a",
+                "n/a",
+                str(dense.get("tokens", "n/a")),
+            ]
+        )
         kinds.append("ours")
-        csv_rows.append([precision, "ours", dense_name, dense["extreme_frac@2"], None, dense["k3_kl"], None, None,
-                         None, None, dense.get("tokens")])
+        csv_rows.append(
+            [
+                precision,
+                "ours",
+                dense_name,
+                dense["extreme_frac@2"],
+                None,
+                dense["k3_kl"],
+                None,
+                None,
+                None,
+                None,
+                dense.get("tokens"),
+            ]
+        )
         dense_key = _paper_key(dense_name, paper_numbers.STATIC_DENSE_KL)
         pub_dense = paper_numbers.STATIC_DENSE_KL[dense_key] if dense_key else None
         if pub_dense is not None:
@@ -205,5 +351,13 @@ def static_table(static: dict[str, dict[str, Any]]) -> Table:
     ]
     if any_paper:
         notes.append("'paper (published)' rows: PAPER.md appendix table / main text, beside the same model.")
-    return Table(name="static_mismatch", title="Static training-inference mismatch", header=header, rows=rows,
-                 kinds=kinds, notes=notes, csv_header=csv_header, csv_rows=csv_rows)
+    return Table(
+        name="static_mismatch",
+        title="Static training-inference mismatch",
+        header=header,
+        rows=rows,
+        kinds=kinds,
+        notes=notes,
+        csv_header=csv_header,
+        csv_rows=csv_rows,
+    )

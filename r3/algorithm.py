@@ -62,7 +62,8 @@ class Batch:
 def slice_batch(batch: TrainBatch, rows: slice) -> TrainBatch:
     """Rows `rows` of a TrainBatch (a mini-batch of whole groups)."""
     return TrainBatch(
-        input_ids_BS=batch.input_ids_BS[rows], attention_mask_BS=batch.attention_mask_BS[rows],
+        input_ids_BS=batch.input_ids_BS[rows],
+        attention_mask_BS=batch.attention_mask_BS[rows],
         loss_mask_BT=batch.loss_mask_BT[rows],
         expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[rows],
     )
@@ -88,11 +89,25 @@ def _loss_fn(s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.
 
     def loss_fn(logp_BT, entropy_BT, rows):
         if s.algorithm == "gspo":  # GSPO + TIS is refused by the run config (no published form here)
-            return gspo_loss(logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=s.gspo_clip_low,
-                             clip_high=s.gspo_clip_high, normalizer=n_seq)
+            return gspo_loss(
+                logp_BT,
+                old_BT[rows],
+                adv_B[rows],
+                mask_BT[rows],
+                clip_low=s.gspo_clip_low,
+                clip_high=s.gspo_clip_high,
+                normalizer=n_seq,
+            )
         return ppo_clip_loss(
-            logp_BT, old_BT[rows], adv_B[rows], mask_BT[rows], clip_low=s.clip_low, clip_high=s.clip_high,
-            dual_clip=s.dual_clip, is_weights_BT=None if tis_BT is None else tis_BT[rows], agg=s.loss_agg,
+            logp_BT,
+            old_BT[rows],
+            adv_B[rows],
+            mask_BT[rows],
+            clip_low=s.clip_low,
+            clip_high=s.clip_high,
+            dual_clip=s.dual_clip,
+            is_weights_BT=None if tis_BT is None else tis_BT[rows],
+            agg=s.loss_agg,
             normalizer=n_tok if s.loss_agg == "token-mean" else n_seq,
         )
 
@@ -108,8 +123,10 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
     mask_BT = tb.loss_mask_BT
     moe = engine.is_moe and tb.expert_ids_BTLK is not None
     if s.replay and not moe:
-        raise ValueError("replay is on but the batch has no rollout routing or the model has no experts; "
-                         "the rollout engine must capture routing (DESIGN.md invariant 3)")
+        raise ValueError(
+            "replay is on but the batch has no rollout routing or the model has no experts; "
+            "the rollout engine must capture routing (DESIGN.md invariant 3)"
+        )
     routing = ReplayMode.REPLAY if s.replay else (ReplayMode.RECORD if moe else ReplayMode.OFF)
     m: dict[str, torch.Tensor | float] = {}
     t0 = time.time()
@@ -142,8 +159,15 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
     update_routing = ReplayMode.REPLAY if s.replay else ReplayMode.OFF
     for rows in mini_batch_slices(len(batch.rewards_B) // s.group_size, s.group_size, s.mini_steps):
         mb_mask = mask_BT[rows]
-        loss_fn = _loss_fn(s, old_BT[rows], adv_B[rows], mb_mask, None if tis_BT is None else tis_BT[rows],
-                           mb_mask.sum().clamp(min=1), mb_mask.shape[0])
+        loss_fn = _loss_fn(
+            s,
+            old_BT[rows],
+            adv_B[rows],
+            mb_mask,
+            None if tis_BT is None else tis_BT[rows],
+            mb_mask.sum().clamp(min=1),
+            mb_mask.shape[0],
+        )
         out = engine.train_step(slice_batch(tb, rows), loss_fn, routing=update_routing)
         for k, v in out.items():
             per_step.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))

@@ -49,9 +49,7 @@ def group_advantages(
     return (centred_GS / (std_G1 + eps)).reshape(-1)
 
 
-def _aggregate(
-    loss_BT: torch.Tensor, mask_BT: torch.Tensor, agg: LossAgg, normalizer: float | None
-) -> torch.Tensor:
+def _aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, agg: LossAgg, normalizer: float | None) -> torch.Tensor:
     """Reduce per-token losses to a scalar.
 
     token-mean:          sum_{b,t} m l / sum_{b,t} m            (or / normalizer)

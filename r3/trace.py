@@ -72,8 +72,10 @@ class RoutingTrace:
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"routing ids must be an integer tensor, got {ids.dtype}")
         expected_tokens = ids.shape[0] if (num_tokens is None and ids.ndim == 3) else num_tokens
-        if ids.ndim != 3 or ids.shape[1:] != (spec.num_layers, spec.top_k) or (
-            expected_tokens is not None and ids.shape[0] != expected_tokens
+        if (
+            ids.ndim != 3
+            or ids.shape[1:] != (spec.num_layers, spec.top_k)
+            or (expected_tokens is not None and ids.shape[0] != expected_tokens)
         ):
             t = expected_tokens if expected_tokens is not None else "?"
             exp = t * spec.num_layers * spec.top_k if isinstance(t, int) else "?"
@@ -95,7 +97,8 @@ class RoutingTrace:
         return self.num_tokens
 
     def __repr__(self) -> str:
-        return f"RoutingTrace(T={self.num_tokens}, L={self.spec.num_layers}, K={self.spec.top_k}, E={self.spec.num_experts})"
+        s = self.spec
+        return f"RoutingTrace(T={self.num_tokens}, L={s.num_layers}, K={s.top_k}, E={s.num_experts})"
 
 
 def validate_expert_ids(ids_NLK: torch.Tensor, spec: RoutingSpec, *, check_all_zero: bool = True) -> None:
@@ -191,9 +194,7 @@ def decode(data: bytes, *, encoding: Encoding, num_tokens: int, spec: RoutingSpe
 # --- engines' wire formats --------------------------------------------------------------------
 
 
-def from_sglang(
-    routed_experts_b64: str | bytes, *, seqlen: int, spec: RoutingSpec, start_len: int = 0
-) -> RoutingTrace:
+def from_sglang(routed_experts_b64: str | bytes, *, seqlen: int, spec: RoutingSpec, start_len: int = 0) -> RoutingTrace:
     """SGLang `meta_info["routed_experts"]`: base64 of raw int32, logical shape
     (seqlen - 1 - start_len, num_hidden_layers, top_k) (PAPER.md "Engines' wire formats")."""
     raw = base64.b64decode(routed_experts_b64)

@@ -22,7 +22,6 @@ import torch
 
 from r3.replay import ReplayMode
 
-
 Precision = Literal["fp32", "bf16", "fp8"]
 """Rollout numerics: fp32, bf16, or an FP8 inference engine (e4m3 weights). The trainer is fp32,
 so bf16 and fp8 rollouts are a real training-inference mismatch (PAPER.md)."""
@@ -42,6 +41,7 @@ class RolloutCapabilities:
     prefix_cached_routing: bool = False
     """The engine can return routing from a given prompt position on, so the routing of a prefix
     the caller already holds (multi-turn, r3.prefix_cache) is neither recomputed nor transferred."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:

@@ -74,7 +74,9 @@ def train_config(name: str, **fields: Any):
 def _build(table: dict[str, _Entry], kind: str, config: Any):
     entry = _lookup(table, kind, getattr(type(config), "name", type(config).__name__))
     if type(config) is not entry.config_cls:
-        raise TypeError(f"{kind} engine {config.name!r} takes a {entry.config_cls.__name__}, got {type(config).__name__}")
+        raise TypeError(
+            f"{kind} engine {config.name!r} takes a {entry.config_cls.__name__}, got {type(config).__name__}"
+        )
     return entry.engine_cls().from_config(config)
 
 

@@ -43,7 +43,12 @@ def test_same_seed_same_bytes_and_balanced(tmp_path):
 
 
 def test_difficulty_filter(tmp_path):
-    m = build(small(difficulty_filter=True, solve_rate_min=0.2, solve_rate_max=0.9), tmp_path, progress=False, log=lambda s: None)
+    m = build(
+        small(difficulty_filter=True, solve_rate_min=0.2, solve_rate_max=0.9),
+        tmp_path,
+        progress=False,
+        log=lambda s: None,
+    )
     rows = load_train(tmp_path)
     rates = [r["solve_rate"] for r in rows if r["source"] == "bigmath"]
     assert rates and all(0.2 <= x <= 0.9 for x in rates)
@@ -73,7 +78,9 @@ def test_balanced_quotas_water_filling():
 
 
 def test_difficulty_keep_missing_rates():
-    keep, missing = difficulty_keep([{"solve_rate": 0.5}, {"solve_rate": None}, {"solve_rate": 0.95}, {}], lo=0.0, hi=0.9)
+    keep, missing = difficulty_keep(
+        [{"solve_rate": 0.5}, {"solve_rate": None}, {"solve_rate": 0.95}, {}], lo=0.0, hi=0.9
+    )
     assert keep == [True, True, False, True] and missing == 2
 
 

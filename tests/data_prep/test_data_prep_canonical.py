@@ -17,20 +17,30 @@ from data_prep.text import LEGACY, canonical, match_tokens, ngram_hashes
 
 # eval/data/math500.jsonl, id test/intermediate_algebra/1063.json
 MATH500_ID = "test/intermediate_algebra/1063.json"
-MATH500_FZ = ("Let $F(z)=\\frac{z+i}{z-i}$ for all complex numbers $z\\not= i,$ and let $z_n=F(z_{n-1})$ for all "
-              "positive integers $n.$ Given that $z_0=\\frac 1{137}+i,$ find $z_{2002}.$")
+MATH500_FZ = (
+    "Let $F(z)=\\frac{z+i}{z-i}$ for all complex numbers $z\\not= i,$ and let $z_n=F(z_{n-1})$ for all "
+    "positive integers $n.$ Given that $z_0=\\frac 1{137}+i,$ find $z_{2002}.$"
+)
 # data_prep/pools/deepscaler_40k.parquet, id deepscaler-L3-train-2300 (asks for a+b, answer 275)
-POOL_FZ = ("Let $F(z)=\\dfrac{z+i}{z-i}$ for all complex numbers $z\\neq i$, and let $z_n=F(z_{n-1})$ for all "
-           "positive integers $n$. Given that $z_0=\\dfrac{1}{137}+i$ and $z_{2002}=a+bi$, where $a$ and $b$ are "
-           "real numbers, find $a+b$.")
+POOL_FZ = (
+    "Let $F(z)=\\dfrac{z+i}{z-i}$ for all complex numbers $z\\neq i$, and let $z_n=F(z_{n-1})$ for all "
+    "positive integers $n$. Given that $z_0=\\dfrac{1}{137}+i$ and $z_{2002}=a+bi$, where $a$ and $b$ are "
+    "real numbers, find $a+b$."
+)
 # data_prep/pools/deepscaler_40k.parquet, ids deepscaler-L5-train-3961 and deepscaler-L5-test-8038
-PYRAMID_PLAIN = ("A square pyramid with base $ABCD$ and vertex $E$ has eight edges of length $4$. A plane passes "
-                 "through the midpoints of $AE$, $BC$, and $CD$. The plane's intersection with the pyramid has an "
-                 "area that can be expressed as $\\sqrt{p}$. Find $p$.")
-PYRAMID_OVERLINE = ("A square pyramid with base $ABCD$ and vertex $E$ has eight edges of length 4. A plane passes "
-                    "through the midpoints of $\\overline{AE}$, $\\overline{BC}$, and $\\overline{CD}$. The plane's "
-                    "intersection with the pyramid has an area that can be expressed as $\\sqrt{p}$. Find $p$.")
-UNRELATED = "A jar holds 3 red and 5 green marbles. Two are drawn without replacement. Find the probability both are green."
+PYRAMID_PLAIN = (
+    "A square pyramid with base $ABCD$ and vertex $E$ has eight edges of length $4$. A plane passes "
+    "through the midpoints of $AE$, $BC$, and $CD$. The plane's intersection with the pyramid has an "
+    "area that can be expressed as $\\sqrt{p}$. Find $p$."
+)
+PYRAMID_OVERLINE = (
+    "A square pyramid with base $ABCD$ and vertex $E$ has eight edges of length 4. A plane passes "
+    "through the midpoints of $\\overline{AE}$, $\\overline{BC}$, and $\\overline{CD}$. The plane's "
+    "intersection with the pyramid has an area that can be expressed as $\\sqrt{p}$. Find $p$."
+)
+UNRELATED = (
+    "A jar holds 3 red and 5 green marbles. Two are drawn without replacement. Find the probability both are green."
+)
 
 
 # --- the canonicaliser on a table of spellings ----------------------------------------------------
@@ -63,8 +73,10 @@ SAME = [
     ("$x = 1 \\text{ if } y$", "\\(x=1\\mbox{ if }y\\)"),
     ("In triangle $A B C, \\angle A B C$ is obtuse.", "In triangle \\( ABC \\), \\( \\angle ABC \\) is obtuse."),
     # an unpaired money $ must not glue the words of the prose it encloses
-    ("Each starts with $1. A bell rings every $15$ seconds and gives $1 to a player.",
-     "Each starts with $1$. A bell rings every $15$ seconds and gives $1$ to a player."),
+    (
+        "Each starts with $1. A bell rings every $15$ seconds and gives $1 to a player.",
+        "Each starts with $1$. A bell rings every $15$ seconds and gives $1$ to a player.",
+    ),
     ("costs \\$5 and \\$7", "costs 5 and 7"),
     ("$z_0$", "$z_{0}$"),
     ("Find   THE   value.", "find the value"),
@@ -133,7 +145,11 @@ def test_fz_variant_of_math500_item_is_decontaminated():
     rows = [{"id": "deepscaler-L3-train-2300", "problem": POOL_FZ}, {"id": "other", "problem": UNRELATED}]
     keep, m = decontaminate(rows, EvalIndex(evals, n=13, min_coverage=0.5))
     assert keep == [False, True]
-    assert m[0].eval_item == f"math500/{MATH500_ID}" and m[0].method == "13-gram" and m[0].coverage == pytest.approx(0.8889, abs=1e-4)
+    assert (
+        m[0].eval_item == f"math500/{MATH500_ID}"
+        and m[0].method == "13-gram"
+        and m[0].coverage == pytest.approx(0.8889, abs=1e-4)
+    )
     keep_legacy, _ = decontaminate(rows, EvalIndex(evals, n=13, min_coverage=0.5, form=LEGACY))
     assert keep_legacy == [True, True]
 
@@ -142,19 +158,25 @@ def test_ngram_tokens_ignore_operators_and_brackets():
     """A MATH500 item copied with other parentheses (deepscaler-L3-train-7483 vs
     math500 test/precalculus/742.json) is still caught: n-grams are over words only."""
     item = "Evaluate \\[\\sin (\\arcsin 0.4 + \\arcsin 0.5) \\cdot \\sin (\\arcsin 0.5 - \\arcsin 0.4).\\]"
-    copy = ("Evaluate $\\sin (\\arcsin (0.4)+\\arcsin (0.5)) \\cdot \\sin (\\arcsin (0.5)-\\arcsin (0.4))$ where for "
-            "$x \\in[-1,1]$, $\\arcsin (x)$ denotes the unique real number $y \\in[-\\pi, \\pi]$ such that $\\sin (y)=x$.")
+    copy = (
+        "Evaluate $\\sin (\\arcsin (0.4)+\\arcsin (0.5)) \\cdot \\sin (\\arcsin (0.5)-\\arcsin (0.4))$ where for "
+        "$x \\in[-1,1]$, $\\arcsin (x)$ denotes the unique real number $y \\in[-\\pi, \\pi]$ such that $\\sin (y)=x$."
+    )
     assert canonical(item) != canonical(copy)[: len(canonical(item))]  # the exact key keeps the brackets
     assert " ".join(match_tokens(copy)).startswith(" ".join(match_tokens(item)))
-    keep, m = decontaminate([{"id": "t", "problem": copy}], EvalIndex({"math500": [{"id": "e", "problem": item}]}, n=13, min_coverage=0.5))
+    keep, m = decontaminate(
+        [{"id": "t", "problem": copy}], EvalIndex({"math500": [{"id": "e", "problem": item}]}, n=13, min_coverage=0.5)
+    )
     assert keep == [False] and m[0].coverage == 1.0
 
 
 # --- the pyramid pair: exact dedup -----------------------------------------------------------------
 def test_pyramid_spelled_with_and_without_overline_is_an_exact_duplicate():
-    rows = [{"id": "deepscaler-L5-train-3961", "problem": PYRAMID_PLAIN},
-            {"id": "deepscaler-L5-test-8038", "problem": PYRAMID_OVERLINE},
-            {"id": "other", "problem": UNRELATED}]
+    rows = [
+        {"id": "deepscaler-L5-train-3961", "problem": PYRAMID_PLAIN},
+        {"id": "deepscaler-L5-test-8038", "problem": PYRAMID_OVERLINE},
+        {"id": "other", "problem": UNRELATED},
+    ]
     keep, m = exact_duplicates(rows)
     assert keep == [True, False, True]
     assert (m[0].id, m[0].kept_id, m[0].similarity) == ("deepscaler-L5-test-8038", "deepscaler-L5-train-3961", 1.0)
@@ -165,7 +187,9 @@ def test_pyramid_spelled_with_and_without_overline_is_an_exact_duplicate():
 def test_build_manifest_counts_rows_removed_by_canonicalisation(tmp_path):
     src = tmp_path / "pool.jsonl"
     problems = [POOL_FZ, PYRAMID_PLAIN, PYRAMID_OVERLINE, UNRELATED]
-    src.write_text("".join(json.dumps({"id": f"p{i}", "problem": p, "answer": "1"}) + "\n" for i, p in enumerate(problems)))
+    src.write_text(
+        "".join(json.dumps({"id": f"p{i}", "problem": p, "answer": "1"}) + "\n" for i, p in enumerate(problems))
+    )
     evals = {"math500": [{"id": MATH500_ID, "problem": MATH500_FZ, "answer": "1+274i"}]}
     cfg = BuildConfig(sources=(f"pool={src}",), eval_sets=("math500",), verify_answers=False)
     m = build(cfg, tmp_path / "out", progress=False, log=lambda s: None, eval_loader=lambda name: evals[name])

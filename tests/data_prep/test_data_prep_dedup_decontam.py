@@ -6,10 +6,14 @@ from data_prep.decontam import EvalIndex, decontaminate
 from data_prep.dedup import exact_duplicates, lsh_params, minhash_signatures, near_duplicates, shingles
 from data_prep.text import canonical, match_tokens
 
-EVAL_PROBLEM = ("Let $x,$ $y,$ and $z$ be positive real numbers such that $xyz = 32.$ Find the minimum value of "
-                "\\[x^2 + 4xy + 4y^2 + 2z^2.\\] Express your answer as an integer and justify each step.")
-AIME_LIKE = ("A bag holds 4 red and 6 blue marbles. Two are drawn at random without replacement. The probability "
-             "that both are red is $\\tfrac{m}{n}$, where $m$ and $n$ are relatively prime positive integers. Find $m+n$.")
+EVAL_PROBLEM = (
+    "Let $x,$ $y,$ and $z$ be positive real numbers such that $xyz = 32.$ Find the minimum value of "
+    "\\[x^2 + 4xy + 4y^2 + 2z^2.\\] Express your answer as an integer and justify each step."
+)
+AIME_LIKE = (
+    "A bag holds 4 red and 6 blue marbles. Two are drawn at random without replacement. The probability "
+    "that both are red is $\\tfrac{m}{n}$, where $m$ and $n$ are relatively prime positive integers. Find $m+n$."
+)
 
 
 def rows(*problems):
@@ -31,9 +35,15 @@ def test_exact_duplicates_keep_first():
 
 
 def test_near_duplicates_threshold_and_chain():
-    base = "A train travels 120 miles in 2 hours and then 180 miles in 3 hours. What is its average speed in miles per hour over the whole trip?"
+    base = (
+        "A train travels 120 miles in 2 hours and then 180 miles in 3 hours. "
+        "What is its average speed in miles per hour over the whole trip?"
+    )
     near = base.replace("trip?", "journey?")  # last token changed in a long problem
-    other = "A cyclist rides 30 km uphill at 10 km per hour and back at 30 km per hour. Find her average speed in km per hour for the round trip."
+    other = (
+        "A cyclist rides 30 km uphill at 10 km per hour and back at 30 km per hour. "
+        "Find her average speed in km per hour for the round trip."
+    )
     keep, m = near_duplicates(rows(base, near, other), threshold=0.8, shingle_size=5, num_perm=128)
     assert keep == [True, False, True]
     assert m[0].kept_id == "r0" and 0.8 <= m[0].similarity < 1.0
@@ -62,12 +72,20 @@ def test_short_text_is_one_shingle():
 
 
 def index():
-    return EvalIndex({"math500": [{"id": "e1", "problem": EVAL_PROBLEM}], "aime24": [{"id": "a1", "problem": AIME_LIKE}]},
-                     n=13, min_coverage=0.5)
+    return EvalIndex(
+        {"math500": [{"id": "e1", "problem": EVAL_PROBLEM}], "aime24": [{"id": "a1", "problem": AIME_LIKE}]},
+        n=13,
+        min_coverage=0.5,
+    )
 
 
 def test_decontam_catches_whitespace_and_latex_spacing_changes():
-    changed = EVAL_PROBLEM.replace(" ", "  ").replace("$xyz = 32.$", "$xyz\\,=\\,32$.").replace("\\[", "$$").replace("\\]", "$$")
+    changed = (
+        EVAL_PROBLEM.replace(" ", "  ")
+        .replace("$xyz = 32.$", "$xyz\\,=\\,32$.")
+        .replace("\\[", "$$")
+        .replace("\\]", "$$")
+    )
     keep, m = decontaminate(rows(changed), index())
     assert keep == [False] and m[0].eval_item == "math500/e1"
 
@@ -80,8 +98,10 @@ def test_decontam_catches_embedded_copy_by_ngrams():
 
 def test_decontam_spares_different_problem_sharing_a_sentence():
     # Shares the full boilerplate sentence (more than 13 tokens) with the AIME-like item.
-    other = ("Three fair dice are rolled. The probability that their sum is 10 is $\\tfrac{m}{n}$, where $m$ and $n$ "
-             "are relatively prime positive integers. Find $m+n$.")
+    other = (
+        "Three fair dice are rolled. The probability that their sum is 10 is $\\tfrac{m}{n}$, where $m$ and $n$ "
+        "are relatively prime positive integers. Find $m+n$."
+    )
     keep, _ = decontaminate(rows(other), index())
     assert keep == [True]
 

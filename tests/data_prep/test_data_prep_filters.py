@@ -35,8 +35,19 @@ def test_proof(problem, answer, drop):
     assert F.is_proof(problem, answer) is drop
 
 
-@pytest.mark.parametrize("answer,drop", [("Yes", True), ("\\text{No}", True), ("\\text { No }", True), ("TRUE", True),
-                                         ("false.", True), ("\\text{Tuesday}", False), ("7", False), ("\\text{(C)}", False)])
+@pytest.mark.parametrize(
+    "answer,drop",
+    [
+        ("Yes", True),
+        ("\\text{No}", True),
+        ("\\text { No }", True),
+        ("TRUE", True),
+        ("false.", True),
+        ("\\text{Tuesday}", False),
+        ("7", False),
+        ("\\text{(C)}", False),
+    ],
+)
 def test_binary_answer(answer, drop):
     assert F.is_binary_answer(answer) is drop
 
@@ -57,12 +68,17 @@ def test_missing_figure(problem, drop):
 
 
 MULTI = [
-    ("Given $f(x) = x^2$.\n(1) Find $f(2)$;\n(2) Find $f(3)$.", "4", True),        # one answer, two parts
-    ("Given $f(x) = x^2$.\n(1) Find $f(2)$;\n(2) Find $f(3)$.", "4, 9", False),    # one item per part
-    ("Solve the system.", "(1) x = 2; (2) y = 3", True),                            # labelled answer
-    ("Find both roots.", "2; 3", True),                                             # separator
+    ("Given $f(x) = x^2$.\n(1) Find $f(2)$;\n(2) Find $f(3)$.", "4", True),  # one answer, two parts
+    ("Given $f(x) = x^2$.\n(1) Find $f(2)$;\n(2) Find $f(3)$.", "4, 9", False),  # one item per part
+    ("Solve the system.", "(1) x = 2; (2) y = 3", True),  # labelled answer
+    ("Find both roots.", "2; 3", True),  # separator
     # trap: a list of conditions, not sub-questions
-    ("A number is squarish if (i) none of its digits are zero; (ii) it is a perfect square. How many six-digit squarish numbers are there?", "2", False),
+    (
+        "A number is squarish if (i) none of its digits are zero; (ii) it is a perfect square. "
+        "How many six-digit squarish numbers are there?",
+        "2",
+        False,
+    ),
     ("Find the point of intersection of $y = x$ and $y = 2 - x$.", "(1, 1)", False),
 ]
 

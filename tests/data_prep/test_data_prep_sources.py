@@ -42,13 +42,21 @@ def test_bad_rows_reported_not_fatal_not_altered(tmp_path):
     reasons = src.bad.by_reason
     for r in ("empty problem", "missing answer", "answer is int, expected str", "duplicate id"):
         assert reasons[r] == 1, reasons
-    assert any(r.startswith("invalid JSON") for r in reasons) and any(r.startswith("undecodable UTF-8") for r in reasons)
+    assert any(r.startswith("invalid JSON") for r in reasons) and any(
+        r.startswith("undecodable UTF-8") for r in reasons
+    )
     assert any("lone surrogate" in r for r in reasons)
     assert len(src.bad.examples) == 5
 
 
-@pytest.mark.parametrize("suffix,content", [(".parquet", b"{\"problem\": 1}\n"), (".jsonl", b"PAR1\x00\x00binary"),
-                                            (".json", b"{\"problem\": \"x\", \"answer\": \"1\"}\n{}")])
+@pytest.mark.parametrize(
+    "suffix,content",
+    [
+        (".parquet", b'{"problem": 1}\n'),
+        (".jsonl", b"PAR1\x00\x00binary"),
+        (".json", b'{"problem": "x", "answer": "1"}\n{}'),
+    ],
+)
 def test_file_not_what_extension_says(tmp_path, suffix, content):
     path = tmp_path / f"liar{suffix}"
     path.write_bytes(content)
@@ -60,7 +68,12 @@ def test_orz_fixture_format():
     src = load_source(parse_spec(str(FIXTURES / "orz_sample.json")))
     assert src.bad.count == 0 and len(src.rows) == 8
     r = src.rows[1]
-    assert (r["problem"], r["answer"], r["pass_at_n"], r["source"]) == ("Find all real $x$ with $x^2 = 2x + 3$.", "-1, 3", 0.5, "orz_sample")
+    assert (r["problem"], r["answer"], r["pass_at_n"], r["source"]) == (
+        "Find all real $x$ with $x^2 = 2x + 3$.",
+        "-1, 3",
+        0.5,
+        "orz_sample",
+    )
 
 
 def test_bigmath_fixture_through_datasets_maps_solve_rate():

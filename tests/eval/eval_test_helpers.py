@@ -28,8 +28,14 @@ def char_tokenizer(*, chat: bool = False, bos: bool = True):
     tok.decoder = decoders.Fuse()
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     if chat:
         t.chat_template = CHAT_TEMPLATE
     return t
@@ -68,8 +74,11 @@ class FakeEngine:
             text = f"seed {params.seed} try {j}: \\boxed{{{ans}}}"
             ids = self.tok(text, add_special_tokens=False)["input_ids"][: params.max_new_tokens]
             ids = ids + [self.tok.eos_token_id]
-            out.append(RolloutSample(prompt_ids=list(p), response_ids=ids,
-                                     logprobs_R=torch.zeros(len(ids)), finish_reason="stop"))
+            out.append(
+                RolloutSample(
+                    prompt_ids=list(p), response_ids=ids, logprobs_R=torch.zeros(len(ids)), finish_reason="stop"
+                )
+            )
         return out
 
     def sync_weights(self, state_dict) -> None:  # pragma: no cover - protocol completeness

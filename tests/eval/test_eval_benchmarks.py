@@ -50,8 +50,7 @@ def test_shipped_files_match_readme_sha256():
 @pytest.mark.parametrize("name", ["aime24", "aime25", "amc23", "math500"])
 def test_every_gold_answer_boxed_grades_correct(name, pool):
     rows = benchmarks.load(name)
-    res = grade_detailed([(f"Therefore the answer is \\boxed{{{r['answer']}}}.", r["answer"]) for r in rows],
-                         pool=pool)
+    res = grade_detailed([(f"Therefore the answer is \\boxed{{{r['answer']}}}.", r["answer"]) for r in rows], pool=pool)
     failed = [(r["id"], r["answer"], g) for r, g in zip(rows, res) if not g.correct]
     assert not failed, failed
 
@@ -96,7 +95,10 @@ def test_local_files_with_field_mapping(tmp_path):
     p = tmp_path / "set.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = benchmarks.load(str(p))
-    assert [(r["id"], r["problem"], r["answer"]) for r in got] == [("set-0", "What is 1+1?", "2"), ("set-1", "3*3?", "9")]
+    assert [(r["id"], r["problem"], r["answer"]) for r in got] == [
+        ("set-0", "What is 1+1?", "2"),
+        ("set-1", "3*3?", "9"),
+    ]
     pq = tmp_path / "set2.parquet"
     pd.DataFrame([{"id": "x", "problem": "p", "solution": "so \\boxed{\\frac12}"}]).to_parquet(pq)
     assert benchmarks.load(str(pq))[0]["answer"] == "\\frac12"  # answer from the solution's last box
@@ -110,7 +112,12 @@ def test_bad_rows_fail_loudly(tmp_path):
     p.write_text(json.dumps({"problem": "p"}) + "\n")
     with pytest.raises(ValueError, match=r"bad: row 0 has no answer"):
         benchmarks.load(str(p))
-    p.write_text(json.dumps({"id": 1, "problem": "p", "answer": "1"}) + "\n" + json.dumps({"id": 1, "problem": "q", "answer": "2"}) + "\n")
+    p.write_text(
+        json.dumps({"id": 1, "problem": "p", "answer": "1"})
+        + "\n"
+        + json.dumps({"id": 1, "problem": "q", "answer": "2"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match="duplicate id '1'"):
         benchmarks.load(str(p))
     p.write_text('{"problem": "p", "answer": "1"}\n{not json\n')

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from eval_test_helpers import char_tokenizer
 
-from eval import benchmarks, templates
+from eval import templates
 from eval.run import main
 
-ROWS = [{"id": "c0", "problem": "What is 6*7?", "answer": "42"},
-        {"id": "c1", "problem": "What is 10/4?", "answer": "\\frac{5}{2}"}]
+ROWS = [
+    {"id": "c0", "problem": "What is 6*7?", "answer": "42"},
+    {"id": "c1", "problem": "What is 10/4?", "answer": "\\frac{5}{2}"},
+]
 
 
 @pytest.fixture()
@@ -39,9 +41,15 @@ def fake_sglang(tmp_path):
                 text = "Compute step by step. The final result is \\boxed{" + ans + "}"
                 resp = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
                 assert sp["stop_token_ids"] == [tok.convert_tokens_to_ids("<|im_end|>")]
-                out.append({"output_ids": resp, "meta_info": {
-                    "finish_reason": {"type": "stop", "matched": resp[-1]},
-                    "output_token_logprobs": [[-0.1, t, None] for t in resp]}})
+                out.append(
+                    {
+                        "output_ids": resp,
+                        "meta_info": {
+                            "finish_reason": {"type": "stop", "matched": resp[-1]},
+                            "output_token_logprobs": [[-0.1, t, None] for t in resp],
+                        },
+                    }
+                )
             data = json.dumps(out).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -61,9 +69,26 @@ def test_cli_sglang_end_to_end(fake_sglang, tmp_path, capsys):
     bench = tmp_path / "cli_set.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "out"
-    argv = ["--model", str(model), "--engine", "sglang", "--sglang-url", url, "--benchmarks", str(bench),
-            "--n-samples", "4", "--temperature", "0.7", "--max-new-tokens", "128", "--grader-workers", "1",
-            "--out", str(out)]
+    argv = [
+        "--model",
+        str(model),
+        "--engine",
+        "sglang",
+        "--sglang-url",
+        url,
+        "--benchmarks",
+        str(bench),
+        "--n-samples",
+        "4",
+        "--temperature",
+        "0.7",
+        "--max-new-tokens",
+        "128",
+        "--grader-workers",
+        "1",
+        "--out",
+        str(out),
+    ]
     summary = main(argv)
     recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 8
@@ -101,8 +126,18 @@ def no_engine(monkeypatch):
 def test_cli_missing_model_dir_is_one_clear_line(tmp_path, capsys, no_engine, engine):
     missing = tmp_path / "no" / "such" / "dir"
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(missing), "--engine", engine, "--sglang-url", "http://127.0.0.1:1",
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "--model",
+                str(missing),
+                "--engine",
+                engine,
+                "--sglang-url",
+                "http://127.0.0.1:1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     msg = str(e.value.code)  # SystemExit(str): printed on stderr by the interpreter, exit status 1
     assert e.value.code != 0 and "\n" not in msg
     assert str(missing) in msg and "no such directory" in msg and "config.json" in msg
@@ -128,8 +163,13 @@ def test_cli_model_path_subprocess_exit_status(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "eval.run", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120, check=False,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [sys.executable, "-m", "eval.run", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "no such directory" in r.stderr, r.stderr

@@ -330,7 +330,7 @@ def test_workers_die_with_a_parent_killed_by_sigterm():
     import time
     from pathlib import Path
 
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import time
         from eval.grader import grade_detailed, make_pool
         pool = make_pool(workers=2)
@@ -338,7 +338,7 @@ def test_workers_die_with_a_parent_killed_by_sigterm():
         grade_detailed([("\\\\boxed{1}", "1")] * 4, pool=pool)
         print(" ".join(map(str, pool.pids)), flush=True)
         time.sleep(120)
-    ''')
+    """)
     root = Path(__file__).resolve().parents[2]
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root)
     workers = [int(x) for x in p.stdout.readline().split() if int(x) != p.pid]

@@ -23,8 +23,9 @@ def test_evaluate_step_writes_run_format(tmp_path):
     tok = char_tokenizer()  # no chat template: the default template is "plain"
     engine = FakeEngine(tok, {r["problem"]: (r["answer"], 1) for r in ROWS})
     with make_pool(workers=1) as pool:
-        kw = dict(run_dir=tmp_path, n_samples=2, temperature=1.0, max_new_tokens=32, seed=0, grader_pool=pool,
-                  progress=False)
+        kw = dict(
+            run_dir=tmp_path, n_samples=2, temperature=1.0, max_new_tokens=32, seed=0, grader_pool=pool, progress=False
+        )
         line0 = evaluate_step(engine, tok, ["toy_hook"], step=0, max_problems=4, **kw)
         line5 = evaluate_step(engine, tok, ["toy_hook"], step=5, max_problems=4, **kw)
         calls = engine.calls
@@ -46,8 +47,20 @@ def test_torn_eval_jsonl_line_is_dropped(tmp_path):
     tok = char_tokenizer()
     engine = FakeEngine(tok, {r["problem"]: (r["answer"], 1) for r in ROWS})
     (tmp_path / "eval.jsonl").write_text('{"step": 0, "avg": 0.1}\n{"step": 5, "sco')
-    line = evaluate_step(engine, tok, ["toy_hook"], step=5, run_dir=tmp_path, n_samples=1, temperature=1.0,
-                         max_new_tokens=32, max_problems=2, seed=0, grader_workers=1, progress=False)
+    line = evaluate_step(
+        engine,
+        tok,
+        ["toy_hook"],
+        step=5,
+        run_dir=tmp_path,
+        n_samples=1,
+        temperature=1.0,
+        max_new_tokens=32,
+        max_problems=2,
+        seed=0,
+        grader_workers=1,
+        progress=False,
+    )
     lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 5] and lines[1] == line
 
@@ -55,6 +68,18 @@ def test_torn_eval_jsonl_line_is_dropped(tmp_path):
 def test_chat_tokenizer_defaults_to_qwen_math_template(tmp_path):
     tok = char_tokenizer(chat=True)
     engine = FakeEngine(tok, {r["problem"]: (r["answer"], 1) for r in ROWS})
-    line = evaluate_step(engine, tok, ["toy_hook"], step=0, run_dir=tmp_path, n_samples=1, temperature=1.0,
-                         max_new_tokens=32, max_problems=1, seed=0, grader_workers=1, progress=False)
+    line = evaluate_step(
+        engine,
+        tok,
+        ["toy_hook"],
+        step=0,
+        run_dir=tmp_path,
+        n_samples=1,
+        temperature=1.0,
+        max_new_tokens=32,
+        max_problems=1,
+        seed=0,
+        grader_workers=1,
+        progress=False,
+    )
     assert line["template"] == "qwen-math-boxed" and line["avg"] == 1.0

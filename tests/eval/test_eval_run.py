@@ -10,8 +10,12 @@ from eval_test_helpers import FakeEngine, char_tokenizer
 from eval import benchmarks
 from eval.run import evaluate, pass_at_k, summarize
 
-PROBLEMS = [("p0", "What is 2+3?", "5", 0), ("p1", "What is 4+4?", "8", 1), ("p2", "What is 9-2?", "7", 2),
-            ("p3", "What is 3*3?", "9", 4)]
+PROBLEMS = [
+    ("p0", "What is 2+3?", "5", 0),
+    ("p1", "What is 4+4?", "8", 1),
+    ("p2", "What is 9-2?", "7", 2),
+    ("p3", "What is 3*3?", "9", 4),
+]
 K = 4
 
 
@@ -39,9 +43,19 @@ def test_pass_at_k_golden():
 
 def test_avg_and_pass_at_k(tmp_path):
     tok = char_tokenizer()
-    s = evaluate(_engine(tok), tok, ["toy_run", "toy_run2"], samples_path=tmp_path / "s.jsonl", n_samples=K,
-                 temperature=1.0, max_new_tokens=64, template="plain", batch_size=64, grader_workers=1,
-                 progress=False)
+    s = evaluate(
+        _engine(tok),
+        tok,
+        ["toy_run", "toy_run2"],
+        samples_path=tmp_path / "s.jsonl",
+        n_samples=K,
+        temperature=1.0,
+        max_new_tokens=64,
+        template="plain",
+        batch_size=64,
+        grader_workers=1,
+        progress=False,
+    )
     # n_correct per problem = 0, 1, 2, 4 of K=4: avg@4 = (0 + .25 + .5 + 1) / 4, pass@4 = 3/4
     assert s["scores"]["toy_run"] == pytest.approx(0.4375)
     assert s["pass"]["toy_run"] == pytest.approx(0.75)
@@ -51,15 +65,36 @@ def test_avg_and_pass_at_k(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(recs) == 4 * K + K
     r = recs[0]
-    assert set(r) >= {"benchmark", "problem_id", "sample", "response", "extracted", "gold", "correct", "timeout",
-                      "prompt_tokens", "response_tokens", "finish_reason", "template", "temperature"}
+    assert set(r) >= {
+        "benchmark",
+        "problem_id",
+        "sample",
+        "response",
+        "extracted",
+        "gold",
+        "correct",
+        "timeout",
+        "prompt_tokens",
+        "response_tokens",
+        "finish_reason",
+        "template",
+        "temperature",
+    }
     assert r["extracted"] in ("51", "5") and r["timeout"] is False and r["response_tokens"] > 0
 
 
 def test_resume_skips_done_samples_and_matches_uninterrupted(tmp_path):
     tok = char_tokenizer()
-    kw = dict(n_samples=K, temperature=1.0, max_new_tokens=64, template="plain", batch_size=4, seed=3,
-              grader_workers=1, progress=False)
+    kw = dict(
+        n_samples=K,
+        temperature=1.0,
+        max_new_tokens=64,
+        template="plain",
+        batch_size=4,
+        seed=3,
+        grader_workers=1,
+        progress=False,
+    )
     full = evaluate(_engine(tok), tok, ["toy_run"], samples_path=tmp_path / "a.jsonl", **kw)
     crashing = _engine(tok, fail_after=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -89,8 +124,17 @@ def test_settings_change_is_refused(tmp_path):
 
 
 def test_summarize_checks_sample_counts():
-    recs = [{"benchmark": "b", "problem_id": "x", "correct": True, "timeout": False, "extracted": "1",
-             "response_tokens": 3, "finish_reason": "stop"}]
+    recs = [
+        {
+            "benchmark": "b",
+            "problem_id": "x",
+            "correct": True,
+            "timeout": False,
+            "extracted": "1",
+            "response_tokens": 3,
+            "finish_reason": "stop",
+        }
+    ]
     with pytest.raises(ValueError, match="expected 2 samples per problem"):
         summarize(recs, benchmarks=["b"], n_samples=2, template="plain")
     with pytest.raises(ValueError, match="no records for benchmark 'c'"):

@@ -12,8 +12,10 @@ def test_qwen_math_boxed_through_chat_template():
     tok = char_tokenizer(chat=True)
     tpl = templates.get("qwen-math-boxed")
     text = tpl.render("What is 1+1?", tok)
-    assert text == ("<|im_start|>user\nWhat is 1+1?\nPlease reason step by step, and put your final answer "
-                    "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>user\nWhat is 1+1?\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tpl.encode("What is 1+1?", tok)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # no BOS added on top of the template
     assert tok.decode(ids) == text

@@ -12,8 +12,24 @@ def test_demo_end_to_end_micro(micro_zoo, tmp_path):
     from experiments import demo
 
     out = tmp_path / "demo"
-    s = demo.main(["--out", str(out), "--zoo-dir", str(micro_zoo), "--zoo-size", "micro", "--steps", "2",
-                   "--cells", "sft-single-grpo-r3,sft-multi-gspo", "--jobs", "2", "--static-prompts", "16"])
+    s = demo.main(
+        [
+            "--out",
+            str(out),
+            "--zoo-dir",
+            str(micro_zoo),
+            "--zoo-size",
+            "micro",
+            "--steps",
+            "2",
+            "--cells",
+            "sft-single-grpo-r3,sft-multi-gspo",
+            "--jobs",
+            "2",
+            "--static-prompts",
+            "16",
+        ]
+    )
     assert set(s["cells"]) == {"sft-single-grpo-r3", "sft-multi-gspo"}
     assert set(s["static_by_precision"]) == {"bf16", "fp8"}
     assert s["static"] == s["static_by_precision"]["fp8"]
@@ -39,8 +55,25 @@ def test_ctrl_c_stops_every_cell_and_queued_cells_never_start(micro_zoo, tmp_pat
 
     out = tmp_path / "demo"
     cells = "sft-single-grpo,sft-single-grpo-r3,sft-multi-gspo,sft-multi-gspo-r3"
-    cmd = [sys.executable, "-m", "experiments.demo", "--out", str(out), "--zoo-dir", str(micro_zoo), "--zoo-size",
-           "micro", "--steps", "40", "--cells", cells, "--jobs", "2", "--static-prompts", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.demo",
+        "--out",
+        str(out),
+        "--zoo-dir",
+        str(micro_zoo),
+        "--zoo-size",
+        "micro",
+        "--steps",
+        "40",
+        "--cells",
+        cells,
+        "--jobs",
+        "2",
+        "--static-prompts",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     first_two = ("sft-single-grpo", "sft-single-grpo-r3")
     deadline = time.time() + 240

@@ -14,9 +14,18 @@ from experiments.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_CELLS = [
-    "sft-single-grpo", "sft-single-grpo-tis", "sft-single-grpo-r3", "sft-single-grpo-tis-r3",
-    "base-single-grpo", "base-single-grpo-tis", "base-single-grpo-r3", "base-single-grpo-tis-r3",
-    "sft-multi-grpo", "sft-multi-gspo", "sft-multi-grpo-r3", "sft-multi-gspo-r3",
+    "sft-single-grpo",
+    "sft-single-grpo-tis",
+    "sft-single-grpo-r3",
+    "sft-single-grpo-tis-r3",
+    "base-single-grpo",
+    "base-single-grpo-tis",
+    "base-single-grpo-r3",
+    "base-single-grpo-tis-r3",
+    "sft-multi-grpo",
+    "sft-multi-gspo",
+    "sft-multi-grpo-r3",
+    "sft-multi-gspo-r3",
 ]
 
 
@@ -40,9 +49,26 @@ def test_paper_preset_has_every_cell_with_published_settings():
 def test_tiny_shares_definitions_and_changes_only_scale():
     paper, tiny = grid.cells("paper"), grid.cells("tiny")
     assert list(tiny) == [n + s for n in PAPER_CELLS for s in ("", "-bf16")]
-    scale_fields = {"preset", "model_path", "rollout_engine", "train_engine", "rollout_precision", "global_steps",
-                    "eval_benchmarks", "eval_samples", "eval_temperature", "lr", "prompts_per_step", "group_size",
-                    "max_new_tokens", "train_data", "name", "checkpoint_every", "eval_max_problems", "temperature"}
+    scale_fields = {
+        "preset",
+        "model_path",
+        "rollout_engine",
+        "train_engine",
+        "rollout_precision",
+        "global_steps",
+        "eval_benchmarks",
+        "eval_samples",
+        "eval_temperature",
+        "lr",
+        "prompts_per_step",
+        "group_size",
+        "max_new_tokens",
+        "train_data",
+        "name",
+        "checkpoint_every",
+        "eval_max_problems",
+        "temperature",
+    }
     for name in PAPER_CELLS:
         p, t = paper[name].to_dict(), tiny[name].to_dict()
         differ = {k for k in p if p[k] != t[k]}
@@ -84,7 +110,9 @@ def test_static_cells_one_per_precision():
 def test_select_globs():
     names = list(grid.cells("paper"))
     assert grid.select(names, "sft-single-*") == PAPER_CELLS[:4]
-    assert grid.select(names, "*-r3,base-single-grpo") == [n for n in PAPER_CELLS if n.endswith("-r3") or n == "base-single-grpo"]
+    assert grid.select(names, "*-r3,base-single-grpo") == [
+        n for n in PAPER_CELLS if n.endswith("-r3") or n == "base-single-grpo"
+    ]
 
 
 def _write(run_dir: Path, files: dict) -> None:
@@ -99,12 +127,23 @@ def test_list_cli_shows_states_from_run_directories(tmp_path):
     m = lambda **kw: json.dumps({"steps": 180, "best_score": 0.7, "collapse_step": None, **kw})  # noqa: E731
     _write(runs / "sft-single-grpo-r3", {"manifest.json": m(), "metrics.jsonl": '{"step": 180}\n'})
     _write(runs / "sft-single-grpo", {"manifest.json": m(collapse_step=60)})
-    _write(runs / "sft-single-grpo-tis", {"FAILED": json.dumps({"error": "RuntimeError: NaN"}), "metrics.jsonl": '{"step": 3}\n'})
-    _write(runs / "sft-multi-grpo", {"metrics.jsonl": '{"step": 1}\n{"step": 2}\n', "RUNNING": json.dumps({"host": "n7", "job_id": "5"})})
+    _write(
+        runs / "sft-single-grpo-tis",
+        {"FAILED": json.dumps({"error": "RuntimeError: NaN"}), "metrics.jsonl": '{"step": 3}\n'},
+    )
+    _write(
+        runs / "sft-multi-grpo",
+        {"metrics.jsonl": '{"step": 1}\n{"step": 2}\n', "RUNNING": json.dumps({"host": "n7", "job_id": "5"})},
+    )
     _write(runs / "sft-multi-gspo", {"slurm/job.json": json.dumps({"job_id": "6"})})
     _write(runs / "static" / "bf16", {"static.json": "{}"})
-    p = subprocess.run([sys.executable, "-m", "experiments.grid", "list", "--preset", "paper", "--runs", str(runs)],
-                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.grid", "list", "--preset", "paper", "--runs", str(runs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     rows = {line.split("  ")[0].strip(): line for line in p.stdout.splitlines()[1:] if line.strip()}
     assert "complete" in rows["sft-single-grpo-r3"] and "180/180" in rows["sft-single-grpo-r3"]
@@ -117,11 +156,43 @@ def test_list_cli_shows_states_from_run_directories(tmp_path):
 
 
 def test_list_json_and_show(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "experiments.grid", "list", "--preset", "tiny", "--runs", str(tmp_path),
-                        "--json", "--cells", "sft-multi-*", "--seeds", "0,1"], capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.grid",
+            "list",
+            "--preset",
+            "tiny",
+            "--runs",
+            str(tmp_path),
+            "--json",
+            "--cells",
+            "sft-multi-*",
+            "--seeds",
+            "0,1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     rows = json.loads(p.stdout)
     assert [r["cell"] for r in rows][:2] == ["sft-multi-grpo-s0", "sft-multi-grpo-s1"] and len(rows) == 16
-    p = subprocess.run([sys.executable, "-m", "experiments.grid", "show", "sft-multi-gspo-r3", "--preset", "paper",
-                        "--model-sft", "/s"], capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.grid",
+            "show",
+            "sft-multi-gspo-r3",
+            "--preset",
+            "paper",
+            "--model-sft",
+            "/s",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     cfg = RunConfig.from_dict(json.loads(p.stdout))
     assert cfg.algorithm == "gspo" and cfg.replay and cfg.model_path == "/s" and cfg.mini_steps == 8

@@ -1,4 +1,5 @@
-"""Dynamic sampling bookkeeping, batch alignment, mini-batch splitting and the data_prep table stream (no model needed)."""
+"""Dynamic sampling bookkeeping, batch alignment, mini-batch splitting and the data_prep table
+stream (no model needed)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,34 @@ class FakeEngine:
             resp = [1, 2] if ok else [3]
             T = len(p) + len(resp) - 1
             ids = torch.arange(T * 4).view(T, 2, 2) % 8 if capture_routing else None
-            out.append(RolloutSample(prompt_ids=list(p), response_ids=resp, logprobs_R=torch.full((len(resp),), -0.5),
-                                     expert_ids_TLK=ids, finish_reason="stop"))
+            out.append(
+                RolloutSample(
+                    prompt_ids=list(p),
+                    response_ids=resp,
+                    logprobs_R=torch.full((len(resp),), -0.5),
+                    expert_ids_TLK=ids,
+                    finish_reason="stop",
+                )
+            )
         return out
 
 
 def _collect(engine, *, prompts=2, G=2, rounds=4, dynamic=True):
     stream = task.TrainStream(seed=0, difficulty=2)
     return rollout.collect(
-        engine, lambda text: [5] * (len(text) % 3 + 1), lambda ids: ["ok" if i == [1, 2] else "no" for i in ids],
-        stream, reward_fn=lambda texts, golds: [1.0 if t == "ok" else 0.0 for t in texts],
-        prompts_per_step=prompts, group_size=G, params=SamplingParams(max_new_tokens=4), dynamic=dynamic,
-        max_rounds=rounds, capture_routing=True, run_seed=7, step=3,
+        engine,
+        lambda text: [5] * (len(text) % 3 + 1),
+        lambda ids: ["ok" if i == [1, 2] else "no" for i in ids],
+        stream,
+        reward_fn=lambda texts, golds: [1.0 if t == "ok" else 0.0 for t in texts],
+        prompts_per_step=prompts,
+        group_size=G,
+        params=SamplingParams(max_new_tokens=4),
+        dynamic=dynamic,
+        max_rounds=rounds,
+        capture_routing=True,
+        run_seed=7,
+        step=3,
     )
 
 
@@ -65,12 +82,24 @@ def test_without_dynamic_sampling_everything_is_kept_in_one_round():
 
 
 def test_build_batch_aligns_response_positions_and_traces():
-    g = rollout.Group(problem=task.make_problem(0, 0, 2), rewards=[1.0, 0.0], samples=[
-        RolloutSample(prompt_ids=[9, 9, 9], response_ids=[1, 2], logprobs_R=torch.tensor([-0.1, -0.2]),
-                      expert_ids_TLK=torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]])),
-        RolloutSample(prompt_ids=[9], response_ids=[4], logprobs_R=torch.tensor([-0.3]),
-                      expert_ids_TLK=torch.tensor([[[5, 6]]])),
-    ])
+    g = rollout.Group(
+        problem=task.make_problem(0, 0, 2),
+        rewards=[1.0, 0.0],
+        samples=[
+            RolloutSample(
+                prompt_ids=[9, 9, 9],
+                response_ids=[1, 2],
+                logprobs_R=torch.tensor([-0.1, -0.2]),
+                expert_ids_TLK=torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]]),
+            ),
+            RolloutSample(
+                prompt_ids=[9],
+                response_ids=[4],
+                logprobs_R=torch.tensor([-0.3]),
+                expert_ids_TLK=torch.tensor([[[5, 6]]]),
+            ),
+        ],
+    )
     b = rollout.build_batch([g], pad_id=0, with_routing=True)
     tb = b.train
     assert tb.input_ids_BS.tolist() == [[9, 9, 9, 1, 2], [9, 4, 0, 0, 0]]
@@ -84,8 +113,12 @@ def test_build_batch_aligns_response_positions_and_traces():
 
 
 def test_build_batch_rejects_misaligned_or_missing_traces():
-    s = RolloutSample(prompt_ids=[9, 9], response_ids=[1], logprobs_R=torch.tensor([-0.1]),
-                      expert_ids_TLK=torch.zeros(3, 1, 2, dtype=torch.long))  # 3 rows for 3 tokens: one too many
+    s = RolloutSample(
+        prompt_ids=[9, 9],
+        response_ids=[1],
+        logprobs_R=torch.tensor([-0.1]),
+        expert_ids_TLK=torch.zeros(3, 1, 2, dtype=torch.long),
+    )  # 3 rows for 3 tokens: one too many
     g = rollout.Group(problem=task.make_problem(0, 0, 2), rewards=[1.0], samples=[s])
     with pytest.raises(ValueError, match="has 3 rows, expected 2"):
         rollout.build_batch([g], pad_id=0, with_routing=True)
@@ -115,8 +148,10 @@ def built_table(tmp_path_factory):
     from data_prep.config import BuildConfig
 
     out = tmp_path_factory.mktemp("table") / "build"
-    cfg = BuildConfig(sources=(f"bigmath={FIXTURES / 'bigmath_sample.parquet'}", f"orz={FIXTURES / 'orz_sample.json'}"),
-                      verify_answers=False)
+    cfg = BuildConfig(
+        sources=(f"bigmath={FIXTURES / 'bigmath_sample.parquet'}", f"orz={FIXTURES / 'orz_sample.json'}"),
+        verify_answers=False,
+    )
     m = build(cfg, out, progress=False, log=lambda s: None)
     return out, m
 
@@ -154,12 +189,15 @@ def _table_replaced(d: Path) -> None:  # a second build into the same directory,
     pq.write_table(t.slice(0, 2), d / "train.parquet")
 
 
-@pytest.mark.parametrize("damage, kind, found", [
-    (_interrupted, FileNotFoundError, "found train.parquet without it"),
-    (_torn, ValueError, "found unreadable text"),
-    (_incomplete, ValueError, "found 'running'"),
-    (_table_replaced, ValueError, "expected sha256"),
-])
+@pytest.mark.parametrize(
+    "damage, kind, found",
+    [
+        (_interrupted, FileNotFoundError, "found train.parquet without it"),
+        (_torn, ValueError, "found unreadable text"),
+        (_incomplete, ValueError, "found 'running'"),
+        (_table_replaced, ValueError, "expected sha256"),
+    ],
+)
 def test_table_stream_refuses_a_build_without_a_complete_manifest(built_table, tmp_path, damage, kind, found):
     d = _copy(built_table[0], tmp_path / "build")
     damage(d)

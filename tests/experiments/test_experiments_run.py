@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from experiments import checkpoint
 from experiments.config import RunConfig
 from experiments.run import NonFiniteError, check_engines, run_cell
 
@@ -19,9 +18,21 @@ def parity_reward(texts, golds):
 
 
 def _cfg(zoo, name, **kw):
-    base = dict(name=name, zoo_dir=str(zoo), model="sft", global_steps=3, prompts_per_step=4, group_size=4,
-                max_new_tokens=12, eval_every=2, eval_max_problems=8, checkpoint_every=2, lr=1e-3,
-                rollout_precision="fp8", max_sampling_rounds=2)
+    base = dict(
+        name=name,
+        zoo_dir=str(zoo),
+        model="sft",
+        global_steps=3,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=12,
+        eval_every=2,
+        eval_max_problems=8,
+        checkpoint_every=2,
+        lr=1e-3,
+        rollout_precision="fp8",
+        max_sampling_rounds=2,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -43,8 +54,16 @@ def test_three_step_loop_writes_the_run_directory(micro_zoo, tmp_path, train_eng
     d = tmp_path / cfg.name
     m = _lines(d / "metrics.jsonl")
     assert [r["step"] for r in m] == [1, 2, 3]
-    for key in ("rollout/reward_mean", "actor/grad_norm", "actor/entropy", "mismatch/k3_kl",
-                "mismatch/extreme_frac@2", "routing/pair_disagreement", "actor/tis_weight_mean", "time/sync"):
+    for key in (
+        "rollout/reward_mean",
+        "actor/grad_norm",
+        "actor/entropy",
+        "mismatch/k3_kl",
+        "mismatch/extreme_frac@2",
+        "routing/pair_disagreement",
+        "actor/tis_weight_mean",
+        "time/sync",
+    ):
         assert key in m[0], key
     assert m[0]["actor/grad_norm"] > 0  # the parity reward gives nonzero advantages
     assert [e["step"] for e in _lines(d / "eval.jsonl")] == [0, 2, 3]
@@ -140,6 +159,7 @@ def test_replay_without_routing_capture_fails_at_start():
         check_engines(cfg.replace(rollout_engine="sglang", preset="paper"), Rollout(False), Train())
     with pytest.raises(ValueError, match="cannot take weight syncs"):
         check_engines(cfg, Rollout(True, sync=False), Train())
+
 
 def test_other_config_in_run_dir_is_refused(micro_zoo, tmp_path):
     cfg = _cfg(micro_zoo, "cfg")

@@ -40,17 +40,32 @@ def test_summary_json_shape(fp8_static, tmp_path):
     run = out / "sft-single-grpo-r3"
     run.mkdir()
     RunConfig(name=run.name, replay=True, rollout_precision="fp8").save(run / "config.json")
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "mismatch/k3_kl": 1e-4 * s,
-                                                           "mismatch/extreme_frac@2": 0.0}) + "\n" for s in (1, 2)))
-    (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "avg": a, "scores": {"synthetic": a}}) + "\n"
-                                            for s, a in ((0, 0.4), (2, 0.5))))
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "mismatch/k3_kl": 1e-4 * s, "mismatch/extreme_frac@2": 0.0}) + "\n" for s in (1, 2)
+        )
+    )
+    (run / "eval.jsonl").write_text(
+        "".join(json.dumps({"step": s, "avg": a, "scores": {"synthetic": a}}) + "\n" for s, a in ((0, 0.4), (2, 0.5)))
+    )
     s = summary.write(out, grid_precision="fp8")
     assert set(s) == {"static", "static_by_precision", "cells"}
     assert set(s["static"]) == {"moe", "moe_r3", "dense"}
     assert set(s["static"]["moe"]) == {"k3_kl", "extreme_frac@2", "routing_pair_disagreement", "tokens"}
     c = s["cells"]["sft-single-grpo-r3"]
-    assert c == {"algorithm": "grpo", "tis": False, "replay": True, "mini_steps": 1, "model": "sft",
-                 "rollout_precision": "fp8", "steps": 2, "best_score": 0.5, "best_step": 2, "collapse_step": None,
-                 "mean_k3_kl": pytest.approx(1.5e-4), "mean_extreme_frac@2": 0.0}
+    assert c == {
+        "algorithm": "grpo",
+        "tis": False,
+        "replay": True,
+        "mini_steps": 1,
+        "model": "sft",
+        "rollout_precision": "fp8",
+        "steps": 2,
+        "best_score": 0.5,
+        "best_step": 2,
+        "collapse_step": None,
+        "mean_k3_kl": pytest.approx(1.5e-4),
+        "mean_extreme_frac@2": 0.0,
+    }
     md = (out / "summary.md").read_text()
     assert "sft-single-grpo-r3" in md and "| fp8 | moe |" in md

@@ -25,5 +25,6 @@ def test_build_zoo_copies_the_shipped_zoo(tmp_path):
     assert time.time() - t0 < 30
     assert m == json.loads((zoo.SHIPPED / "tiny" / zoo.MANIFEST).read_text())
     for k in zoo.MODEL_KINDS:
-        assert (tmp_path / "zoo" / k / "model.safetensors").read_bytes() == \
-            (zoo.SHIPPED / "tiny" / k / "model.safetensors").read_bytes()
+        assert (tmp_path / "zoo" / k / "model.safetensors").read_bytes() == (
+            zoo.SHIPPED / "tiny" / k / "model.safetensors"
+        ).read_bytes()

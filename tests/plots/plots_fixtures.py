@@ -69,8 +69,7 @@ def write_run(
     d = root / (dir_name or cfg.name)
     d.mkdir(parents=True)
     cfg.save(d / "config.json")
-    lines = [json.dumps(_metrics_line(s, cfg=cfg, collapsed_from=collapsed_from))
-             for s in range(1, last_step + 1)]
+    lines = [json.dumps(_metrics_line(s, cfg=cfg, collapsed_from=collapsed_from)) for s in range(1, last_step + 1)]
     if torn_tail:
         lines.append('{"step": ' + str(last_step + 1) + ', "time": 17')
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -83,12 +82,21 @@ def write_run(
             offsets = [(-1) ** i * 0.01 * (i + 1) for i in range(len(benches))]
             offsets[-1] = -sum(offsets[:-1])
             scores = {b: avg + o for b, o in zip(benches, offsets)}
-        evals.append(json.dumps({"step": step, "time": 1.7e9 + step, "scores": scores, "avg": avg,
-                                 "n_samples": 1, "template": "fixture"}))
+        evals.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "time": 1.7e9 + step,
+                    "scores": scores,
+                    "avg": avg,
+                    "n_samples": 1,
+                    "template": "fixture",
+                }
+            )
+        )
     (d / "eval.jsonl").write_text("\n".join(evals) + "\n")
     if complete:
-        manifest = {"name": cfg.name, "status": "complete", "steps": last_step, "finished": 1.7e9,
-                    "versions": {}}
+        manifest = {"name": cfg.name, "status": "complete", "steps": last_step, "finished": 1.7e9, "versions": {}}
         (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -101,19 +109,28 @@ def _static_arm(kl: float, f2: float, per_layer: list[float] | None, spread: flo
     centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     counts = [int(1e5 * math.exp(-abs(c) / (0.05 * spread))) for c in centers]
     return {
-        "k3_kl": kl, "extreme_frac@2": f2,
+        "k3_kl": kl,
+        "extreme_frac@2": f2,
         "routing_pair_disagreement": None if per_layer is None else sum(per_layer) / len(per_layer),
         "routing_token_disagreement": None if per_layer is None else 0.12,
-        "per_layer_disagreement": per_layer, "F_curve": {"tau": tau, "F": f},
-        "log_ratio_hist": {"edges": edges, "counts": counts}, "tokens": 20000,
+        "per_layer_disagreement": per_layer,
+        "F_curve": {"tau": tau, "F": f},
+        "log_ratio_hist": {"edges": edges, "counts": counts},
+        "tokens": 20000,
     }
 
 
 STATIC = {
-    "bf16": {"moe": (5.5e-5, 0.0, [0.01, 0.02, 0.015, 0.01]), "moe_r3": (3.5e-5, 0.0, [0.0] * 4),
-             "dense": (2.3e-5, 0.0, None)},
-    "fp8": {"moe": (3.8e-4, 1.7e-4, [0.03, 0.04, 0.035, 0.03]), "moe_r3": (5.2e-5, 1e-6, [0.0] * 4),
-            "dense": (3.0e-5, 0.0, None)},
+    "bf16": {
+        "moe": (5.5e-5, 0.0, [0.01, 0.02, 0.015, 0.01]),
+        "moe_r3": (3.5e-5, 0.0, [0.0] * 4),
+        "dense": (2.3e-5, 0.0, None),
+    },
+    "fp8": {
+        "moe": (3.8e-4, 1.7e-4, [0.03, 0.04, 0.035, 0.03]),
+        "moe_r3": (5.2e-5, 1e-6, [0.0] * 4),
+        "dense": (3.0e-5, 0.0, None),
+    },
 }
 
 
@@ -132,22 +149,50 @@ def tiny_cfg(name: str, **kw) -> RunConfig:
 
 
 def build_runs_root(root: Path) -> Path:
-    write_run(root, tiny_cfg("sft-single-grpo"),
-              dict(zip(range(0, 45, 5), [0.40, 0.45, 0.50, 0.48, 0.20, 0.15, 0.10, 0.12, 0.10])),
-              last_step=40, collapsed_from=20)
-    write_run(root, tiny_cfg("sft-single-grpo-r3", replay=True),
-              {0: 0.40, 5: 0.44, 10: 0.47, 20: 0.52, 25: 0.55, 30: 0.53, 35: 0.55, 40: 0.54}, last_step=40)
-    write_run(root, tiny_cfg("sft-single-grpo-tis", tis=True),
-              {0: 0.40, 5: 0.42, 10: 0.46, 15: 0.45, 20: 0.47}, last_step=23, complete=False, torn_tail=True)
+    write_run(
+        root,
+        tiny_cfg("sft-single-grpo"),
+        dict(zip(range(0, 45, 5), [0.40, 0.45, 0.50, 0.48, 0.20, 0.15, 0.10, 0.12, 0.10])),
+        last_step=40,
+        collapsed_from=20,
+    )
+    write_run(
+        root,
+        tiny_cfg("sft-single-grpo-r3", replay=True),
+        {0: 0.40, 5: 0.44, 10: 0.47, 20: 0.52, 25: 0.55, 30: 0.53, 35: 0.55, 40: 0.54},
+        last_step=40,
+    )
+    write_run(
+        root,
+        tiny_cfg("sft-single-grpo-tis", tis=True),
+        {0: 0.40, 5: 0.42, 10: 0.46, 15: 0.45, 20: 0.47},
+        last_step=23,
+        complete=False,
+        torn_tail=True,
+    )
     for seed, avgs in ((0, [0.40, 0.50, 0.60]), (1, [0.40, 0.60, 0.40])):
         cfg = tiny_cfg(f"sft-single-grpo-tis-r3-s{seed}", tis=True, replay=True, seed=seed)
         write_run(root, cfg, dict(zip((0, 5, 10), avgs)), last_step=10)
-    write_run(root, tiny_cfg("sft-multi-gspo", algorithm="gspo", mini_steps=8),
-              {0: 0.25, 5: 0.28, 10: 0.30, 15: 0.29}, last_step=15)
-    write_run(root, tiny_cfg("sft-multi-gspo-r3", algorithm="gspo", mini_steps=8, replay=True),
-              {0: 0.25, 5: 0.30, 10: 0.33, 15: 0.35}, last_step=15)
-    paper_cfg = RunConfig(name="paper-sft-single-grpo", preset="paper", lr=3e-6, global_steps=180,
-                          eval_benchmarks=PAPER_BENCH, rollout_precision="bf16")
+    write_run(
+        root,
+        tiny_cfg("sft-multi-gspo", algorithm="gspo", mini_steps=8),
+        {0: 0.25, 5: 0.28, 10: 0.30, 15: 0.29},
+        last_step=15,
+    )
+    write_run(
+        root,
+        tiny_cfg("sft-multi-gspo-r3", algorithm="gspo", mini_steps=8, replay=True),
+        {0: 0.25, 5: 0.30, 10: 0.33, 15: 0.35},
+        last_step=15,
+    )
+    paper_cfg = RunConfig(
+        name="paper-sft-single-grpo",
+        preset="paper",
+        lr=3e-6,
+        global_steps=180,
+        eval_benchmarks=PAPER_BENCH,
+        rollout_precision="bf16",
+    )
     write_run(root, paper_cfg, {0: 0.45, 5: 0.50, 10: 0.48}, last_step=10)
     write_static(root)
     return root

@@ -31,7 +31,10 @@ def test_module_entry_point(tmp_path):
     write_run(runs, tiny_cfg("sft-multi-gspo", algorithm="gspo", mini_steps=8), {0: 0.3, 5: 0.35}, last_step=5)
     proc = subprocess.run(
         [sys.executable, "-m", "plots.all", "--runs", str(runs), "--out", str(tmp_path / "out"), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     # 3 figures x (png, pdf) + 1 table x (md, tex, csv) + index.md

@@ -58,8 +58,12 @@ def test_bad_config_names_the_file(tmp_path):
 
 def test_collapse_uses_the_shared_rule(runs_root):
     run = load_run(runs_root / "sft-single-grpo")
-    want = collapse_step(list(run.evals.index), list(run.evals["avg"]), frac=run.config.collapse_frac,
-                         patience=run.config.collapse_patience)
+    want = collapse_step(
+        list(run.evals.index),
+        list(run.evals["avg"]),
+        frac=run.config.collapse_frac,
+        patience=run.config.collapse_patience,
+    )
     assert run.collapse_step == want == 20
     assert load_run(runs_root / "sft-single-grpo-r3").missing_eval_steps == [15]
     # Running run: only points up to its last written step are expected.
@@ -71,7 +75,11 @@ def test_grouping_seeds_and_variants(runs_root, tmp_path):
     cells = {c.label: c for s in settings.values() for c in s}
     assert len(cells["GRPO+TIS+R3"].runs) == 2
     assert [c.method for c in next(s for k, s in settings.items() if k.mini_steps == 1 and k.preset == "tiny")] == [
-        "GRPO", "GRPO+TIS", "GRPO+R3", "GRPO+TIS+R3"]
+        "GRPO",
+        "GRPO+TIS",
+        "GRPO+R3",
+        "GRPO+TIS+R3",
+    ]
     # Two cells with one method label but a different lr are kept apart and labelled by lr.
     write_run(tmp_path, tiny_cfg("lr-a", lr=1e-5), {0: 0.4}, last_step=1)
     write_run(tmp_path, tiny_cfg("lr-b", lr=3e-5), {0: 0.4}, last_step=1)

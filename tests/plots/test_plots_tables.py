@@ -100,8 +100,7 @@ def test_static_table_numbers(plots_out):
         assert float(moe["kl_r3"]) == pytest.approx(arms["moe_r3"][0])
         assert float(moe["kl_ratio"]) == pytest.approx(arms["moe"][0] / arms["moe_r3"][0])
         assert float(moe["f2_native"]) == pytest.approx(arms["moe"][1])
-        assert float(moe["routing_pair_disagreement"]) == pytest.approx(
-            sum(arms["moe"][2]) / len(arms["moe"][2]))
+        assert float(moe["routing_pair_disagreement"]) == pytest.approx(sum(arms["moe"][2]) / len(arms["moe"][2]))
         assert float(dense["kl_native"]) == pytest.approx(arms["dense"][0]) and dense["kl_r3"] == ""
     md = (out / "tables" / "static_mismatch.md").read_text()
     assert "| MoE | 1.70e-4 / 1.00e-6 | 3.80e-4 / 5.20e-5 | 7.31x |" in md
@@ -129,8 +128,12 @@ def test_static_paper_row_when_model_matches(tmp_path):
 def test_every_table_in_three_formats(plots_out):
     out, paths = plots_out
     stems = {p.stem for p in (out / "tables").iterdir()}
-    assert stems == {"static_mismatch", "results__tiny-sft-mini1-fp8", "results__tiny-sft-mini8-fp8",
-                     "results__paper-sft-mini1-bf16"}
+    assert stems == {
+        "static_mismatch",
+        "results__tiny-sft-mini1-fp8",
+        "results__tiny-sft-mini8-fp8",
+        "results__paper-sft-mini1-bf16",
+    }
     for stem in stems:
         for ext in ("md", "tex", "csv"):
             p = out / "tables" / f"{stem}.{ext}"
@@ -145,8 +148,16 @@ def test_table_shape_validation():
     from plots.table_format import Table
 
     with pytest.raises(ValueError, match="row 0 .* has 1 cells, expected 2"):
-        Table(name="x", title="x", header=["a", "b"], rows=[["1"]], kinds=["ours"], notes=[],
-              csv_header=["a"], csv_rows=[[1]])
+        Table(
+            name="x",
+            title="x",
+            header=["a", "b"],
+            rows=[["1"]],
+            kinds=["ours"],
+            notes=[],
+            csv_header=["a"],
+            csv_rows=[[1]],
+        )
 
 
 def test_tex_escape():

@@ -4,12 +4,12 @@ import pytest
 import torch
 from r3_tiny_models import tiny_dense, tiny_moe
 
-from r3.replay import ReplayMode
 from r3.engines.base import RolloutEngine, SamplingParams, TrainBatch, TrainEngine
 from r3.engines.hf.fp8 import quantize_dequantize_fp8
 from r3.engines.hf.rollout import HFRolloutEngine
 from r3.engines.hf.train import HFTrainEngine
 from r3.losses import ppo_clip_loss
+from r3.replay import ReplayMode
 from r3.trace import RoutingSpec, RoutingTrace, pad_traces
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17], [18, 19]]
@@ -44,7 +44,7 @@ def test_fp32_rollout_logprobs_equal_teacher_forced_and_trace_aligned():
         for b, s in enumerate(samples):
             full = torch.tensor([s.prompt_ids + s.response_ids])
             logits = model(full[:, :-1]).logits[0] / 0.7
-            ref = torch.log_softmax(logits, -1).gather(-1, full[0, 1:, None])[:, 0][len(s.prompt_ids) - 1:]
+            ref = torch.log_softmax(logits, -1).gather(-1, full[0, 1:, None])[:, 0][len(s.prompt_ids) - 1 :]
             torch.testing.assert_close(s.logprobs_R, ref, atol=2e-5, rtol=0)
             assert s.logprobs_R.dtype == torch.float32
             assert s.expert_ids_TLK.shape == (len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2)
@@ -61,8 +61,9 @@ def test_sampling_reproducible_stop_tokens_and_top_p():
     p = SamplingParams(max_new_tokens=6, seed=3)
     a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
-    stop = eng.generate(PROMPTS, SamplingParams(max_new_tokens=6, stop_token_ids=tuple(range(64))),
-                        capture_routing=True)
+    stop = eng.generate(
+        PROMPTS, SamplingParams(max_new_tokens=6, stop_token_ids=tuple(range(64))), capture_routing=True
+    )
     for s, prompt in zip(stop, PROMPTS):
         assert len(s.response_ids) == 1 and s.finish_reason == "stop"
         assert s.expert_ids_TLK.shape[0] == len(prompt)
@@ -133,21 +134,35 @@ def test_replay_changes_training_logprobs_to_rollout_routing():
     batch = _rollout_batch(seed=2)
     eng = HFTrainEngine(tiny_moe(seed=2), lr=1e-3)
     native = eng.compute_logprobs(batch, routing=ReplayMode.RECORD)
-    own = TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
-                     loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=native.expert_ids_BTLK)
+    own = TrainBatch(
+        input_ids_BS=batch.input_ids_BS,
+        attention_mask_BS=batch.attention_mask_BS,
+        loss_mask_BT=batch.loss_mask_BT,
+        expert_ids_BTLK=native.expert_ids_BTLK,
+    )
     assert torch.equal(eng.compute_logprobs(own, routing=ReplayMode.REPLAY).logp_BT, native.logp_BT)
     b, t = 0, 2
     changed = native.expert_ids_BTLK.clone()
     E = 8
     changed[b, t] = (changed[b, t] + 1) % E  # other experts, still distinct within each row
     forced = eng.compute_logprobs(
-        TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
-                   loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=changed), routing=ReplayMode.REPLAY)
+        TrainBatch(
+            input_ids_BS=batch.input_ids_BS,
+            attention_mask_BS=batch.attention_mask_BS,
+            loss_mask_BT=batch.loss_mask_BT,
+            expert_ids_BTLK=changed,
+        ),
+        routing=ReplayMode.REPLAY,
+    )
     assert torch.equal(forced.logp_BT[:, :t], native.logp_BT[:, :t])
     assert not torch.allclose(forced.logp_BT[b, t], native.logp_BT[b, t])
     assert torch.equal(forced.logp_BT[1:], native.logp_BT[1:])  # other rows are untouched
-    bad = TrainBatch(input_ids_BS=batch.input_ids_BS, attention_mask_BS=batch.attention_mask_BS,
-                     loss_mask_BT=batch.loss_mask_BT, expert_ids_BTLK=None)
+    bad = TrainBatch(
+        input_ids_BS=batch.input_ids_BS,
+        attention_mask_BS=batch.attention_mask_BS,
+        loss_mask_BT=batch.loss_mask_BT,
+        expert_ids_BTLK=None,
+    )
     with pytest.raises(ValueError, match="capture routing"):
         eng.compute_logprobs(bad, routing=ReplayMode.REPLAY)
 

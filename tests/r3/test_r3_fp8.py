@@ -50,5 +50,7 @@ def test_scope_router_vs_all():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(names)
     names_all = apply_fp8(tiny_moe(), "all")
-    assert "model.layers.0.mlp.experts.gate_up_proj" in names_all and "model.layers.0.self_attn.q_proj.weight" in names_all
+    assert (
+        "model.layers.0.mlp.experts.gate_up_proj" in names_all and "model.layers.0.self_attn.q_proj.weight" in names_all
+    )
     assert not any("embed" in n or n.startswith("lm_head") or "norm" in n for n in names_all)

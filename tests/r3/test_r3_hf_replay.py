@@ -43,8 +43,10 @@ def test_replaying_other_routing_forces_those_experts(impl):
     forced = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2] for i in range(3 * 12 * 2)])
     forced = forced.view(3, 12, 2, 2)
     seen = []
-    handles = [layer.mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(a[1].clone()))
-               for layer in model.model.layers]
+    handles = [
+        layer.mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(a[1].clone()))
+        for layer in model.model.layers
+    ]
     with torch.no_grad():
         native = model(ids).logits
         seen.clear()
@@ -117,13 +119,17 @@ def test_replay_routes_exactly_as_recorded_in_bf16_engine():
     r32, r16 = RoutingReplay(fp32), RoutingReplay(bf16)
     ids = _tokens(8, 48, seed=5)[:, :-1]
     seen = []
-    h = [l.mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(a[1].clone())) for l in fp32.model.layers]
+    handles = [
+        l.mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(a[1].clone())) for l in fp32.model.layers
+    ]
     with torch.no_grad():
         with r16.recording():
             bf16(ids)
         rec16 = r16.recorded_expert_ids()
         with r32.replaying(rec16):
             fp32(ids)
+    for h in handles:
+        h.remove()
     replayed = torch.stack([s.view(8, 47, 2) for s in seen], dim=2)
     assert routing_disagreement(replayed, rec16)["routing/pair_disagreement"] == 0
 
@@ -136,12 +142,18 @@ def test_record_during_generate_matches_full_forward():
     input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])  # left padding
     attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad(), rr.recording():
-        seq = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=6, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
+        seq = model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     token_mask = torch.cat([attn, torch.ones(3, seq.shape[1] - P, dtype=attn.dtype)], dim=1)
     traces = rr.recorded_traces(token_mask)
     for b, p in enumerate(prompts):
-        full = seq[b, P - len(p):][None]
+        full = seq[b, P - len(p) :][None]
         with torch.no_grad(), rr.recording():
             model(full[:, :-1])
         ref = rr.recorded_expert_ids()[0]
@@ -194,8 +206,9 @@ def test_replay_with_gradient_checkpointing_matches_plain():
         rr = RoutingReplay(model)
         calls = []
         model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: calls.append(1))
-        forced = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2]
-                              for i in range(2 * 9 * 2)]).view(2, 9, 2, 2)
+        forced = torch.stack(
+            [torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2] for i in range(2 * 9 * 2)]
+        ).view(2, 9, 2, 2)
         with rr.replaying(forced):
             out = model(ids[:, :-1]).logits
             out.float().logsumexp(-1).mean().backward()

@@ -85,8 +85,9 @@ def test_ppo_micro_batching_with_normalizer_matches_full_batch(agg):
     full, _ = ppo_clip_loss(logp, old, adv, mask, agg=agg)
     (g_full,) = torch.autograd.grad(full, logp)
     norm = float(mask.sum()) if agg == "token-mean" else 6.0
-    parts = [ppo_clip_loss(logp[s], old[s], adv[s], mask[s], agg=agg, normalizer=norm)[0]
-             for s in (slice(0, 2), slice(2, 6))]
+    parts = [
+        ppo_clip_loss(logp[s], old[s], adv[s], mask[s], agg=agg, normalizer=norm)[0] for s in (slice(0, 2), slice(2, 6))
+    ]
     (g_parts,) = torch.autograd.grad(sum(parts), logp)
     torch.testing.assert_close(sum(parts), full)
     torch.testing.assert_close(g_parts, g_full)

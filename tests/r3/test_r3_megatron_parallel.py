@@ -15,11 +15,14 @@ def test_layout_derives_dp_and_expert_dp():
     assert Layout(world_size=4, tp=2, ep=2).expert_dp == 2  # experts are not TP-sharded
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(world_size=6, tp=4), r"world size 6 is not divisible by TP x PP = 4 x 1 = 4"),
-    (dict(world_size=4, ep=3), r"world size 4 is not divisible by EP x PP = 3 x 1 = 3"),
-    (dict(world_size=2, ep=0), r"ep must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(world_size=6, tp=4), r"world size 6 is not divisible by TP x PP = 4 x 1 = 4"),
+        (dict(world_size=4, ep=3), r"world size 4 is not divisible by EP x PP = 3 x 1 = 3"),
+        (dict(world_size=2, ep=0), r"ep must be >= 1, got 0"),
+    ],
+)
 def test_layout_errors_carry_the_numbers(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Layout(**kw)

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from r3.metrics import (extreme_token_curve, log_ratio_histogram, mismatch_metrics, routing_disagreement,
-                        token_entropy)
+from r3.metrics import extreme_token_curve, log_ratio_histogram, mismatch_metrics, routing_disagreement, token_entropy
 
 
 def _case():
@@ -55,9 +54,13 @@ def test_token_entropy():
 
 def test_routing_disagreement_golden():
     a = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[0, 1], [2, 3]]])
-    b = torch.tensor([[[1, 0], [2, 3]],  # same sets, other order: agree
-                      [[4, 6], [6, 7]],  # layer 0 differs
-                      [[0, 2], [3, 1]]])  # both layers differ
+    b = torch.tensor(
+        [
+            [[1, 0], [2, 3]],  # same sets, other order: agree
+            [[4, 6], [6, 7]],  # layer 0 differs
+            [[0, 2], [3, 1]],
+        ]
+    )  # both layers differ
     d = routing_disagreement(a, b)
     torch.testing.assert_close(d["routing/pair_disagreement"], torch.tensor(3 / 6))
     torch.testing.assert_close(d["routing/token_disagreement"], torch.tensor(2 / 3))

@@ -29,11 +29,19 @@ class Server:
         self.bodies.append(json.loads(json.dumps(body)))
         out = []
         for p in body["input_ids"]:
-            ids = np.stack([np.stack([np.array([(t + l) % 8, (t + l + 1) % 8]) for l in range(self.rows)])
-                            for t in range(len(p))])  # seqlen - 1 = len(p) rows (one new token)
+            ids = np.stack(
+                [np.stack([np.array([(t + l) % 8, (t + l + 1) % 8]) for l in range(self.rows)]) for t in range(len(p))]
+            )  # seqlen - 1 = len(p) rows (one new token)
             ids[:, list(self.dense)] = 0  # what a dense layer's row holds is not routing
-            out.append({"meta_info": {"finish_reason": {"type": "length"}, "output_token_logprobs": [[-1.0, 5, None]],
-                                      "routed_experts": _b64(ids)}})
+            out.append(
+                {
+                    "meta_info": {
+                        "finish_reason": {"type": "length"},
+                        "output_token_logprobs": [[-1.0, 5, None]],
+                        "routed_experts": _b64(ids),
+                    }
+                }
+            )
         return 200, out
 
 
@@ -43,8 +51,9 @@ def test_requests_are_bounded_by_estimated_response_size():
     one = response_bytes_estimate(1024, 8192, routing_layers=48, top_k=8)
     assert 19e6 < one < 20e6
     srv = Server(rows=48, k=8)
-    eng = SGLangRolloutEngine(["http://a:1", "http://b:1"], routing_spec=spec, transport=srv, batch_size=64,
-                              max_response_mb=100)
+    eng = SGLangRolloutEngine(
+        ["http://a:1", "http://b:1"], routing_spec=spec, transport=srv, batch_size=64, max_response_mb=100
+    )
     spans = eng.request_spans([[1] * 1024] * 64, SamplingParams(max_new_tokens=8192), capture_routing=True)
     assert [b - a for a, b in spans] == [5] * 12 + [4]  # 64 samples: 13 requests of <= 100 MB, not 1 GB
     assert all(b - a <= 64 for a, b in spans)
@@ -67,9 +76,19 @@ def test_split_batches_keep_per_prompt_seeds_and_order():
 def test_rows_of_dense_layers_are_dropped_and_traces_are_uint8(tmp_path):
     from transformers import Qwen3MoeConfig
 
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0, 2])
+    cfg = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0, 2],
+    )
     cfg.save_pretrained(tmp_path)
     srv = Server(rows=4, dense_rows=(0, 2))
     eng = SGLangRolloutEngine.from_model_config(["http://a:1"], tmp_path, transport=srv)

@@ -7,14 +7,25 @@ import numpy as np
 import pytest
 import torch
 
-from r3.trace import (RoutingSpec, RoutingTrace, decode, default_encoding, encode, encoded_nbytes, from_sglang,
-                      pad_traces, place_traces, to_sglang)
+from r3.trace import (
+    RoutingSpec,
+    RoutingTrace,
+    decode,
+    default_encoding,
+    encode,
+    encoded_nbytes,
+    from_sglang,
+    pad_traces,
+    place_traces,
+    to_sglang,
+)
 
 
 def _random_trace(T, spec, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[: spec.top_k]
-                       for _ in range(T * spec.num_layers)]).view(T, spec.num_layers, spec.top_k)
+    ids = torch.stack(
+        [torch.randperm(spec.num_experts, generator=g)[: spec.top_k] for _ in range(T * spec.num_layers)]
+    ).view(T, spec.num_layers, spec.top_k)
     return RoutingTrace(ids, spec)
 
 
@@ -35,14 +46,25 @@ def test_validation_messages():
 
 def test_spec_from_hf_config_counts_moe_layers():
     from transformers import Qwen3MoeConfig
-    cfg = Qwen3MoeConfig(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[1], num_experts=16,
-                         num_experts_per_tok=4)
+
+    cfg = Qwen3MoeConfig(
+        num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[1], num_experts=16, num_experts_per_tok=4
+    )
     # MoE layers: (i + 1) % 2 == 0 -> 1, 3, 5 ; minus mlp_only 1 -> 3, 5
     assert RoutingSpec.from_hf_config(cfg) == RoutingSpec(num_layers=2, top_k=4, num_experts=16)
 
 
-@pytest.mark.parametrize("E,K,encoding", [(8, 2, "uint8"), (8, 2, "bitpack"), (128, 8, "uint8"),
-                                         (128, 8, "bitpack"), (300, 4, "uint16"), (300, 4, "bitpack")])
+@pytest.mark.parametrize(
+    "E,K,encoding",
+    [
+        (8, 2, "uint8"),
+        (8, 2, "bitpack"),
+        (128, 8, "uint8"),
+        (128, 8, "bitpack"),
+        (300, 4, "uint16"),
+        (300, 4, "bitpack"),
+    ],
+)
 def test_round_trip_exact_and_order_preserved(E, K, encoding):
     spec = RoutingSpec(num_layers=3, top_k=K, num_experts=E)
     tr = _random_trace(37, spec, seed=E)

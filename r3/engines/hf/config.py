@@ -32,8 +32,10 @@ class HFRolloutConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"HFRolloutConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.fp8_scope not in Fp8Scope.__args__:
-            raise ValueError(f"HFRolloutConfig.fp8_scope must be one of {Fp8Scope.__args__} (router only, or every "
-                             f"linear layer: r3.engines.hf.fp8), got {self.fp8_scope!r}")
+            raise ValueError(
+                f"HFRolloutConfig.fp8_scope must be one of {Fp8Scope.__args__} (router only, or every "
+                f"linear layer: r3.engines.hf.fp8), got {self.fp8_scope!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,5 +60,7 @@ class HFTrainConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
-            raise ValueError(f"HFTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
-                             f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}")
+            raise ValueError(
+                f"HFTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
+                f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}"
+            )

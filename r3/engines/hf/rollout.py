@@ -146,8 +146,8 @@ class HFRolloutEngine:
         input_ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
         mask_BS = torch.zeros(B, P + N, dtype=torch.long)
         for b, p in enumerate(prompts):
-            input_ids_BP[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask_BS[b, P - len(p):P] = 1
+            input_ids_BP[b, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask_BS[b, P - len(p) : P] = 1
         input_ids_BP, mask_BS = input_ids_BP.to(dev), mask_BS.to(dev)
         pos_BP = (mask_BS[:, :P].cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(sorted(set(self.eos_ids) | set(params.stop_token_ids)) or [-1], device=dev)
@@ -159,8 +159,14 @@ class HFRolloutEngine:
         stopped_B = torch.zeros(B, dtype=torch.bool, device=dev)
         with ctx:
             cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=input_ids_BP, attention_mask=mask_BS[:, :P], position_ids=pos_BP,
-                             cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=input_ids_BP,
+                attention_mask=mask_BS[:, :P],
+                position_ids=pos_BP,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             next_pos_B1 = pos_BP[:, -1:] + 1
             for step in range(N):
                 tok_B, lp_B = self._sample(out.logits[:, -1], params, gen)
@@ -174,8 +180,13 @@ class HFRolloutEngine:
                 active_B = active_B & ~hit_B
                 if step == N - 1 or not bool(active_B.any()):
                     break
-                out = self.model(input_ids=tok_B[:, None], attention_mask=mask_BS[:, : P + step + 1],
-                                 position_ids=next_pos_B1, cache=cache, use_cache=True)
+                out = self.model(
+                    input_ids=tok_B[:, None],
+                    attention_mask=mask_BS[:, : P + step + 1],
+                    position_ids=next_pos_B1,
+                    cache=cache,
+                    use_cache=True,
+                )
                 next_pos_B1 = next_pos_B1 + 1
             traces = self.replay.recorded_traces(mask_BS[:, : P + len(tokens)]) if record else None
         tok_BN = torch.stack(tokens, dim=1).cpu()
@@ -185,11 +196,13 @@ class HFRolloutEngine:
         samples = []
         for b, p in enumerate(prompts):
             n = n_resp[b]
-            samples.append(RolloutSample(
-                prompt_ids=list(p),
-                response_ids=tok_BN[b, :n].tolist(),
-                logprobs_R=lp_BN[b, :n].clone(),
-                expert_ids_TLK=traces[b].cpu() if traces is not None else None,
-                finish_reason="stop" if stopped[b] else "length",
-            ))
+            samples.append(
+                RolloutSample(
+                    prompt_ids=list(p),
+                    response_ids=tok_BN[b, :n].tolist(),
+                    logprobs_R=lp_BN[b, :n].clone(),
+                    expert_ids_TLK=traces[b].cpu() if traces is not None else None,
+                    finish_reason="stop" if stopped[b] else "length",
+                )
+            )
         return samples

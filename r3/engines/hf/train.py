@@ -26,8 +26,8 @@ from torch import nn
 
 from r3.engines.base import LogprobResult, LossFn, TrainBatch
 from r3.engines.hf.config import HFTrainConfig
-from r3.engines.hf.rollout import load_causal_lm
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
+from r3.engines.hf.rollout import load_causal_lm
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
 
@@ -66,8 +66,15 @@ class HFTrainEngine:
     @classmethod
     def from_config(cls, cfg: HFTrainConfig) -> "HFTrainEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                   micro_batch=cfg.micro_batch, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+        return cls(
+            cfg.model_path,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            micro_batch=cfg.micro_batch,
+            seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -82,13 +89,17 @@ class HFTrainEngine:
         if routing is ReplayMode.OFF:
             return contextlib.nullcontext()
         if self.replay is None:
-            raise ValueError(f"routing={routing.name} but the model has no MoE layers (the dense control has no routing)")
+            raise ValueError(
+                f"routing={routing.name} but the model has no MoE layers (the dense control has no routing)"
+            )
         if routing is ReplayMode.RECORD:
             return self.replay.recording()
         ids = batch.expert_ids_BTLK
         B, S = batch.input_ids_BS.shape
         if ids is None:
-            raise ValueError("routing=REPLAY but batch.expert_ids_BTLK is None; the rollout engine must capture routing")
+            raise ValueError(
+                "routing=REPLAY but batch.expert_ids_BTLK is None; the rollout engine must capture routing"
+            )
         if ids.shape[:2] != (B, S - 1):
             raise ValueError(
                 f"batch routing has [B, T] = {tuple(ids.shape[:2])}, expected [{B}, {S - 1}] for input_ids "
@@ -168,8 +179,13 @@ class HFTrainEngine:
         else:  # a non-finite gradient would poison AdamW's moments: skip this step, say so
             out["actor/skipped_step"] = 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        out.update({"actor/grad_norm": grad_norm_t.detach(), "actor/loss": total_loss,
-                    "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
+        out.update(
+            {
+                "actor/grad_norm": grad_norm_t.detach(),
+                "actor/loss": total_loss,
+                "actor/lr": float(self.optimizer.param_groups[0]["lr"]),
+            }
+        )
         return out
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
