@@ -153,25 +153,23 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     assert md_rows[2][4:6] == ["10/15", "2/2"]
 
 
-def test_dose_response_figure_and_table_from_plots_all(tmp_path):
+def test_dose_response_figure_on_fixture_runs(tmp_path):
     from plots import figures_study
-    from plots.all import main
-    from plots.figures_study import dose_response_figure
     from plots.rundir import discover
+    from plots.style import paper_style, save
 
     root = _study_root(tmp_path / "runs")
-    fig = dose_response_figure(discover(root).runs)
-    rate_ax = fig.axes[0]
+    with paper_style():
+        fig = figures_study.dose_response_figure(discover(root).runs)
+        paths = save(fig, tmp_path / "figures", "study_dose_response")
+    rate_ax, steps_ax, best_ax = fig.axes[:3]
     ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in rate_ax.containers}
     assert ys == {"GRPO": [0.0, 1.0], "GRPO+R3": [0.0, 0.0]}
     dodge = 10 ** -(figures_study.DODGE_DECADES / 2)  # GRPO sits left of GRPO+R3
     assert list(rate_ax.containers[0].lines[0].get_xdata()) == pytest.approx([2e-4 * dodge, 1.5e-3 * dodge])
-    out = tmp_path / "plots"
-    assert main(["--runs", str(root), "--out", str(out), "--study", "--no-progress"]) == 0
-    assert (out / "figures" / "study_dose_response.png").stat().st_size > 10_000
-    md = (out / "tables" / "study_collapse.md").read_text()
-    assert "native k3 KL 1.50e-3" in md and "10/15" in md
-    assert "study_collapse" in (out / "index.md").read_text() or "Collapse study" in (out / "index.md").read_text()
+    assert list(steps_ax.containers[0].lines[0].get_ydata()) == pytest.approx([20.0, 12.5])
+    assert list(best_ax.containers[0].lines[0].get_ydata()) == pytest.approx([51.0, 48.0])
+    assert paths[0].suffix == ".png" and paths[0].stat().st_size > 10_000
 
 
 # --- end to end on the micro zoo ------------------------------------------------------------------
@@ -191,6 +189,8 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
     md = (out / "plots" / "tables" / "study_collapse.md").read_text()
     assert "GRPO+R3" in md and "FP8 rollout, routers only" in md
     assert (out / "plots" / "figures" / "study_dose_response.png").exists()
+    assert "study_collapse" in (out / "plots" / "index.md").read_text() or "Collapse study" in (
+        out / "plots" / "index.md").read_text()
 
     # rerun: every cell is complete, so no worker process starts and no file changes
     mtimes = {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
