@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean-demo
+.PHONY: demo test test-fast lint format install clean-demo
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,9 +23,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m experiments.demo --out runs/demo
 
-# Every test, slow ones included (CI runs exactly this).
-test: $(STAMP)
+# Lint and format check, then every test, slow ones included (CI runs exactly this).
+test: $(STAMP) lint
 	$(VPY) -m pytest -q tests
+
+# ruff (configured in pyproject.toml): lint + format check; `make format` rewrites.
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+format: $(STAMP)
+	$(VPY) -m ruff check --fix .
+	$(VPY) -m ruff format .
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow and not slurm" tests
