@@ -134,6 +134,11 @@ class StudyCell:
         return mean_se([run_metric_mean(r, "mismatch/extreme_frac@2") for r in self.runs])
 
     @property
+    def routing_tokens(self) -> tuple[float, float]:
+        """Share of tokens whose routing differs in at least one layer (measured without replay)."""
+        return mean_se([run_metric_mean(r, "routing/token_disagreement") for r in self.runs])
+
+    @property
     def status(self) -> str:
         st = {r.status for r in self.runs}
         return "running" if "running" in st else "failed" if "failed" in st else "complete"
@@ -208,11 +213,11 @@ def study_table(runs: list[Run]) -> Table:
     """The paper's layout (best score (step), final score, collapse step) per condition and method,
     mean +/- standard error over seeds, with the measured mismatch beside it."""
     header = ["method", "seeds", "best score (step)", "final score", "collapse step", "collapsed",
-              "steps to collapse", "mean k3 KL", "mean F(2)"]
+              "steps to collapse", "mean k3 KL", "mean F(2)", "tokens with a routing difference"]
     csv_header = ["condition", "source", "family", "dose_k3_native", "dose_k3_native_se", "method", "status",
                   "seeds", "runs", "best_mean", "best_se", "best_steps", "final_mean", "final_se",
                   "collapse_steps", "collapse_rate", "steps_to_collapse_mean", "steps_to_collapse_se",
-                  "k3_mean", "k3_se", "f2_mean", "f2_se"]
+                  "k3_mean", "k3_se", "f2_mean", "f2_se", "routing_token_mean"]
     rows: list[list[str]] = []
     kinds: list = []
     csv_rows: list[list[object]] = []
@@ -225,12 +230,14 @@ def study_table(runs: list[Run]) -> Table:
                 label, str(c.n), f"{_pm(c.best)} ({_steps_text(c.best_steps)})", _pm(c.final),
                 _steps_text(c.collapse_steps), f"{sum(s is not None for s in c.collapse_steps)}/{c.n}",
                 _pm(c.steps_to_collapse), fmt_sci(c.k3[0]), fmt_sci(c.f2[0]),
+                "n/a" if not math.isfinite(c.routing_tokens[0]) else f"{100 * c.routing_tokens[0]:.1f}%",
             ])  # fmt: skip
             kinds.append("ours")
             csv_rows.append([
                 cond.label, cond.source, cond.family, cond.dose[0], cond.dose[1], c.method, c.status, c.n,
                 ";".join(r.name for r in c.runs), *c.best, _steps_text(c.best_steps), *c.final,
                 _steps_text(c.collapse_steps), c.collapse_rate, *c.steps_to_collapse, *c.k3, *c.f2,
+                c.routing_tokens[0],
             ])  # fmt: skip
     notes = [
         "Scores: held-out accuracy in % (eval average); best = highest evaluation point of each seed "
@@ -241,7 +248,9 @@ def study_table(runs: list[Run]) -> Table:
         "recovers; '-' = no collapse; seeds joined by '/'. Steps to collapse: a seed that did not collapse "
         "counts as its last step (a lower bound).",
         "Mismatch: mean over global steps of mismatch/k3_kl and mismatch/extreme_frac@2 (F(2)) between the "
-        "trainer's old logprobs and the rollout engine's; a condition's dose is its native (GRPO) arm's k3 KL.",
+        "trainer's old logprobs and the rollout engine's; a condition's dose is its native (GRPO) arm's k3 KL. "
+        "Routing: share of tokens whose top-k differs in at least one MoE layer between the engines (measured "
+        "without replay, so R3 rows show what replay removed).",
     ]
     if any(k == "ours" and "(" in r[0] for r, k in zip(rows, kinds)):
         notes.append("(running)/(failed): no manifest.json yet; numbers cover the steps written so far.")
