@@ -94,7 +94,9 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
     # ignored (a background job of a script); the parent then stops the workers itself.
     prev = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tqdm(total=total, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
+        # steps already done (a resumed grid) are the bar's start, so the ETA counts only new work
+        done_before = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
+        with tqdm(total=total, initial=done_before, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
             for n in cfgs:
                 rundir.clear_failed(out / n)
             futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
