@@ -199,12 +199,26 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=
     engine = build_train_engine(tr_cfg)  # collective: megatron's parallel state on every rank
     if rank != 0:
         follow(engine)
+        _shutdown()
         return None
     driver = DriverEngine(engine)
     try:
-        return run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn, train_engine=driver)
+        out = run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn, train_engine=driver)
     finally:
         driver.close()
+    _shutdown()
+    return out
+
+
+def _shutdown() -> None:
+    """Leave torch.distributed cleanly at the end of a run (a gloo process that exits without it may
+    abort when its peer closes first); megatron's groups go with it."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
