@@ -1,7 +1,7 @@
 """Worker launched by tests/distributed under `torch.distributed.run` (1 or 2 gloo ranks).
 
     python -m torch.distributed.run --nproc-per-node N tests/distributed/dist_worker.py \
-        --model DIR --out FILE.pt [--ep 2]
+        --model DIR --out OUT_DIR --layouts ep2:2:1:allgather,tp2:1:2:allgather
 
 Builds the megatron train engine from the tiny Qwen3-MoE in DIR with the given expert-parallel
 size (DP = world size / TP / PP), and on one fixed global batch of B = 5 sequences (uneven over
@@ -98,18 +98,22 @@ def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--dispatcher", default=None, help="allgather (CPU default) or alltoall")
+    ap.add_argument("--out", required=True, help="a directory: <name>.pt per layout")
+    ap.add_argument("--layouts", required=True,
+                    help="comma-separated name:ep:tp:dispatcher, run one after the other in this process")
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
-    out = {prec: run(args.model, args.ep, args.tp, args.micro_batch, prec, args.dispatcher)
-           for prec in args.precisions.split(",")}
-    if dist.get_rank() == 0:
-        torch.save(out, args.out)
-    dist.barrier()
+    from megatron.core import parallel_state
+
+    for layout in args.layouts.split(","):
+        name, ep, tp, dispatcher = layout.split(":")
+        out = {prec: run(args.model, int(ep), int(tp), args.micro_batch, prec, dispatcher)
+               for prec in args.precisions.split(",")}
+        if dist.get_rank() == 0:
+            torch.save(out, f"{args.out}/{name}.pt")
+        dist.barrier()
+        parallel_state.destroy_model_parallel()  # the next layout builds its own groups
     dist.destroy_process_group()
 
 
