@@ -54,10 +54,6 @@ PROBE_LEN = 48
 """Tokens of the post-sync probe sequence (47 logprobs compared)."""
 
 
-_LIVE: "weakref.WeakSet[VLLMRolloutEngine]" = weakref.WeakSet()
-"""In-process engines holding an LLM (see VLLMRolloutEngine.close)."""
-
-
 class SyncCheckError(RuntimeError):
     """After a weight sync the engine does not compute what the synced weights compute."""
 
@@ -140,7 +136,6 @@ class VLLMRolloutEngine:
             random.setstate(rng[1])
             np.random.set_state(rng[2])
         self.startup_s = time.time() - t0
-        _LIVE.add(self)
 
     @classmethod
     def from_config(cls, cfg: VLLMRolloutConfig):
@@ -160,18 +155,15 @@ class VLLMRolloutEngine:
     def close(self) -> None:
         """Release the engine and remove the temporary sync directory (idempotent).
 
-        In-process vLLM engines share process-global state (vLLM's parallel groups): shutting one
-        engine core down destroys it under the others ("pipeline model parallel group is not
-        initialized"), so the engine core is shut down only when this is the last live engine;
-        otherwise the LLM is dropped and garbage-collected."""
+        The engine core is not shut down: in-process, vLLM's `EngineCore.shutdown` ends with
+        `cleanup_dist_env_and_memory()` (vllm/v1/engine/core.py), which destroys torch.distributed's
+        default group and vLLM's parallel groups, under any other in-process engine ("pipeline model
+        parallel group is not initialized") and under a megatron-core trainer in the same process
+        ("group should not be None"). Instead the LLM is dropped, the gc.freeze() of its start-up is
+        undone and the garbage collector frees it."""
         llm = self.__dict__.pop("llm", None)
-        _LIVE.discard(self)
-        if llm is not None and not any("llm" in e.__dict__ for e in _LIVE):
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001  (best effort at teardown)
-                pass
         del llm
+        gc.unfreeze()
         gc.collect()
         if self._own_sync_dir:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
