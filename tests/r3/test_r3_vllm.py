@@ -219,15 +219,13 @@ def parity_reward(texts, golds):
     return [float(len(t) % 2 == 0) for t in texts]
 
 
-def test_three_step_rl_cell_with_vllm_rollout_and_r3(micro_zoo, tmp_path):
-    """run_cell with rollout_engine='vllm', replay on: an MoE with the micro zoo's tokenizer and
-    vLLM-servable heads (random weights; the parity reward gives nonzero advantages)."""
+@pytest.fixture(scope="module")
+def loop_model(micro_zoo, tmp_path_factory):
+    """An MoE with the micro zoo's tokenizer and vLLM-servable heads (random weights; the parity
+    reward gives nonzero advantages), for run_cell."""
     from transformers import AutoTokenizer
 
-    from experiments.config import RunConfig
-    from experiments.run import run_cell
-
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path_factory.mktemp("vllm_loop_model")
     src = micro_zoo / "sft"
     tok = AutoTokenizer.from_pretrained(src)
     cfg = json.loads((src / "config.json").read_text())
@@ -236,15 +234,66 @@ def test_three_step_rl_cell_with_vllm_rollout_and_r3(micro_zoo, tmp_path):
     for f in src.iterdir():  # the tokenizer files
         if f.is_file() and f.name not in ("config.json", "generation_config.json", "model.safetensors"):
             shutil.copy2(f, model_dir / f.name)
-    rc = RunConfig(name="vllm-r3", model_path=str(model_dir), rollout_engine="vllm", rollout_precision="bf16",
-                   replay=True, global_steps=3, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=3,
-                   eval_max_problems=8, checkpoint_every=3, lr=1e-3, max_sampling_rounds=2)
+    return model_dir
+
+
+def _loop_cfg(model_dir, name, **kw):
+    from experiments.config import RunConfig
+
+    base = dict(name=name, model_path=str(model_dir), rollout_engine="vllm", rollout_precision="bf16", replay=True,
+                global_steps=3, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=3, eval_max_problems=8,
+                checkpoint_every=3, lr=1e-3, max_sampling_rounds=2)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_three_step_rl_cell_with_vllm_rollout_and_r3(loop_model, tmp_path):
+    from experiments.run import run_cell
+
+    rc = _loop_cfg(loop_model, "vllm-r3")
     man = run_cell(rc, tmp_path / rc.name, progress=False, reward_fn=parity_reward)
-    lines = [json.loads(x) for x in (tmp_path / rc.name / "metrics.jsonl").read_text().splitlines()]
+    lines = _lines(tmp_path / rc.name / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert man["status"] == "complete" and man["steps"] == 3
     trained = [r for r in lines if "actor/grad_norm" in r]
-    assert trained and all("time/sync" in r and "mismatch/k3_kl" in r for r in trained)
+    # routing/pair_disagreement: the trainer's native routing vs the vLLM trace that was replayed
+    assert trained and all(k in r for r in trained for k in ("time/sync", "mismatch/k3_kl", "routing/pair_disagreement"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_rl_cell_with_vllm_rollout_resumes_to_identical_metrics(loop_model, tmp_path):
+    """fp32 vLLM rollout: a run killed in step 3 and resumed from its step-2 checkpoint (a fresh engine,
+    synced to the checkpoint's weights) writes the metrics of the uninterrupted run."""
+    from experiments.run import run_cell
+
+    rc = _loop_cfg(loop_model, "vllm-resume", rollout_precision="fp32", global_steps=4, eval_every=2,
+                   checkpoint_every=2)
+    run_cell(rc, tmp_path / "a", progress=False, reward_fn=parity_reward)
+    b = tmp_path / "b"
+
+    def dies_after_two(texts, golds):
+        if (b / "metrics.jsonl").exists() and len((b / "metrics.jsonl").read_text().splitlines()) >= 2:
+            raise Killed
+        return parity_reward(texts, golds)
+
+    with pytest.raises(Killed):
+        run_cell(rc, b, progress=False, reward_fn=dies_after_two)
+    run_cell(rc, b, progress=False, reward_fn=parity_reward)
+    ma, mb = _lines(tmp_path / "a" / "metrics.jsonl"), _lines(b / "metrics.jsonl")
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):
+        sa = {k: v for k, v in ra.items() if not k.startswith("time")}
+        sb = {k: v for k, v in rb.items() if not k.startswith("time")}
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sb[k] == pytest.approx(sa[k], rel=1e-6, abs=1e-9), (ra["step"], k)
 
 
 def _free_port() -> int:
