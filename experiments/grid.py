@@ -33,6 +33,7 @@ from typing import Literal
 
 from eval.benchmarks import PAPER_BENCHMARKS
 from experiments.config import Algorithm, ModelKind, Precision, RunConfig
+from slurm.resources import TRAIN_LAYOUT
 
 Preset = Literal["tiny", "paper"]
 Mini = Literal["single", "multi"]
@@ -46,58 +47,67 @@ def model_placeholder(kind: str) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Scale:
-    """Everything a preset changes: scale, engines and checkpoints, never the cell definitions."""
+    """Everything a preset changes: scale, engines and checkpoints, never the cell definitions.
+    RunConfig fields are not re-declared here: `run` holds the preset's values of them (documented
+    on RunConfig), checked against RunConfig's fields when the preset is built."""
 
     preset: Preset
-    rollout_engine: Literal["hf", "sglang"]
-    train_engine: Literal["hf", "megatron"]
     model_paths: Mapping[str, str | None]
     """Checkpoint per model kind (base / sft / dense); None: the embedded zoo's model."""
     precisions: tuple[Precision, ...]
     """Rollout precisions with a cell each; the first one is the default (no name suffix)."""
-    global_steps: int
-    eval_every: int
-    eval_benchmarks: tuple[str, ...]
-    eval_samples: int
-    eval_temperature: float
-    eval_max_problems: int
     lr_single: float
+    """RunConfig.lr of single-mini-step cells."""
     lr_multi: float
+    """RunConfig.lr of multi-mini-step cells."""
     multi_mini_steps: int
-    prompts_per_step: int
-    group_size: int
-    max_new_tokens: int
-    temperature: float
-    checkpoint_every: int
+    """RunConfig.mini_steps of multi-mini-step cells."""
+    run: Mapping[str, object]
+    """RunConfig fields every cell of the preset shares."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.run) - {f.name for f in dataclasses.fields(RunConfig)})
+        if unknown:
+            raise ValueError(f"preset {self.preset!r}: {unknown} are not RunConfig fields")
 
 
 # The tiny preset: ONE block, edited by whoever tunes the embedded runs (helper G's LR sweep).
 _TINY = _Scale(
-    preset="tiny", rollout_engine="hf", train_engine="hf",
+    preset="tiny",
     model_paths={"base": None, "sft": None, "dense": None},
     precisions=("fp8", "bf16"),
-    global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
-    eval_max_problems=0,
     # lr_single from the embedded LR sweep on GRPO+R3 (docs/embedded.md); lr_multi not swept.
-    lr_single=3e-5, lr_multi=1e-5,
-    multi_mini_steps=8, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
-    checkpoint_every=5,
+    lr_single=3e-5,
+    lr_multi=1e-5,
+    multi_mini_steps=8,
+    run=dict(
+        rollout_engine="hf", train_engine="hf", train_data="synthetic",
+        global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
+        eval_max_problems=0, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
+        checkpoint_every=5,
+    ),
 )  # fmt: skip
 
 _PAPER = _Scale(
-    preset="paper", rollout_engine="sglang", train_engine="megatron",
+    preset="paper",
     model_paths={k: model_placeholder(k) for k in ("base", "sft", "dense")},
     precisions=("bf16",),  # SGLang's default bf16 rollout, as in the paper
-    global_steps=180, eval_every=5, eval_benchmarks=PAPER_BENCHMARKS,
-    eval_samples=8,  # avg@k: k not published
-    eval_temperature=0.6,  # not published (Qwen3's recommended sampling temperature)
-    eval_max_problems=0,
     lr_single=3e-6, lr_multi=1e-6, multi_mini_steps=8,  # published
-    prompts_per_step=128,  # not published
-    group_size=8,  # not published
-    max_new_tokens=8192,  # not published
-    temperature=1.0,  # not published
-    checkpoint_every=5,  # ours: at most 5 steps lost to a preemption
+    run=dict(
+        rollout_engine="sglang", train_engine="megatron", train_data="<set --train-data DIR>",
+        global_steps=180, eval_every=5, eval_benchmarks=PAPER_BENCHMARKS,
+        eval_samples=8,  # avg@k: k not published
+        eval_temperature=0.6,  # not published (Qwen3's recommended sampling temperature)
+        eval_max_problems=0,
+        prompts_per_step=128,  # not published
+        group_size=8,  # not published
+        max_new_tokens=8192,  # not published
+        temperature=1.0,  # not published
+        checkpoint_every=5,  # ours: at most 5 steps lost to a preemption
+        # the training layout of Qwen3-30B-A3B per 8-GPU node: bf16 + distributed optimizer, EP 8,
+        # full recompute (slurm.submit prints its memory plan; r3/engines/megatron/memory.py)
+        **TRAIN_LAYOUT["paper"],
+    ),
 )  # fmt: skip
 
 SCALES: dict[Preset, _Scale] = {"paper": _PAPER, "tiny": _TINY}
@@ -116,13 +126,7 @@ def _rl(s: _Scale, *, model: ModelKind, mini: Mini, algorithm: Algorithm, tis: b
         lr=s.lr_single if mini == "single" else s.lr_multi,
         # GSPO aggregates seq-mean-token-mean (PAPER.md "Setup"); GRPO keeps RunConfig's token-mean.
         loss_agg="seq-mean-token-mean" if algorithm == "gspo" else "token-mean",
-        global_steps=s.global_steps, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        rollout_engine=s.rollout_engine, rollout_precision=s.precisions[0], train_engine=s.train_engine,
-        train_data="synthetic" if s.preset == "tiny" else "<set --train-data DIR>",
-        eval_every=s.eval_every, eval_benchmarks=s.eval_benchmarks, eval_samples=s.eval_samples,
-        eval_temperature=s.eval_temperature, eval_max_problems=s.eval_max_problems,
-        checkpoint_every=s.checkpoint_every,
+        rollout_precision=s.precisions[0], **s.run,
     )  # fmt: skip
 
 
@@ -290,8 +294,8 @@ def static_cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterab
             name = "static" + _suffix(prec, s, seed, seeds)
             out[name] = StaticCell(
                 name=name, preset=s.preset, precision=prec, seed=seed, model_moe=s.model_paths.get("sft"),
-                model_dense=s.model_paths.get("dense"), rollout_engine=s.rollout_engine,
-                train_engine=s.train_engine,
+                model_dense=s.model_paths.get("dense"), rollout_engine=s.run["rollout_engine"],
+                train_engine=s.run["train_engine"],
             )  # fmt: skip
     return out
 

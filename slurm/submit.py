@@ -37,7 +37,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor write
 from experiments import grid
 from slurm import state
 from slurm.job import RL_BODY, STATIC_BODY, CellJob, JobSpec
-from slurm.resources import PROMPT_TOKENS, TRAIN_LAYOUT, Resources, parse_time_min, resources_for
+from slurm.resources import PROMPT_TOKENS, Resources, parse_time_min, resources_for
 
 REPO = Path(__file__).resolve().parent.parent
 SIGNAL_DELAY_S = 120
@@ -61,8 +61,10 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
         st = grid.static_cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp)
         static_names = grid.select(st, args.cells)
         if args.preset == "paper" and static_names and not args.static_body:
-            print(f"skip {', '.join(static_names)}: the static measurement of the paper's checkpoints (SGLang vs "
-                  "megatron) is not implemented; experiments.static_mismatch measures the embedded zoo only")
+            print(
+                f"skip {', '.join(static_names)}: the static measurement of the paper's checkpoints (SGLang vs "
+                "megatron) is not implemented; experiments.static_mismatch measures the embedded zoo only"
+            )
             static_names = []
         for name in static_names:
             specs.append(JobSpec(name=name, kind="static", run_dir=str(st[name].run_dir(runs)),
@@ -89,7 +91,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    out = {**TRAIN_LAYOUT.get(args.preset, {}), **grid.overrides_from(args)}  # the preset's layout, then flags
+    out = grid.overrides_from(args)  # the preset's training layout is part of its cells (experiments.grid)
     for item in args.override or ():
         key, sep, value = item.partition("=")
         if not sep:
@@ -137,9 +139,15 @@ def memory_plan(spec: JobSpec, preset: str):
     batch = p["prompts_per_step"] * p["group_size"] // p["mini_steps"]
     dp = world // (p.get("train_tensor_parallel", 1) * p.get("train_pipeline_parallel", 1))
     micro = p.get("train_micro_batch") or -(-batch // max(1, dp))  # 0: the rank's whole mini-batch share
-    kw = dict(world=world, tp=p.get("train_tensor_parallel", 1), pp=p.get("train_pipeline_parallel", 1),
-              ep=p.get("train_expert_parallel", 1), micro_batch=micro, seq_len=PROMPT_TOKENS + p["max_new_tokens"],
-              recompute=p.get("train_recompute", False))
+    kw = dict(
+        world=world,
+        tp=p.get("train_tensor_parallel", 1),
+        pp=p.get("train_pipeline_parallel", 1),
+        ep=p.get("train_expert_parallel", 1),
+        micro_batch=micro,
+        seq_len=PROMPT_TOKENS + p["max_new_tokens"],
+        recompute=p.get("train_recompute", False),
+    )
     precision = p.get("train_precision", "fp32")
     if precision == "fp32":
         note += "; train_precision='bf16' (bf16 + fp32 main grads + distributed optimizer) needs far less"
@@ -160,19 +168,25 @@ def check_memory(specs: Sequence[JobSpec], preset: str) -> None:
         if plan is None:
             continue
         fits = plan.total <= s.resources.gpu_mem_gb * GB
-        print(f"{s.name}: {plan.table()}\n  ({note}; prompts assumed <= {PROMPT_TOKENS} tokens; "
-              f"{s.resources.gpu_mem_gb} GB per GPU: {'fits' if fits else 'DOES NOT FIT'})")
+        print(
+            f"{s.name}: {plan.table()}\n  ({note}; prompts assumed <= {PROMPT_TOKENS} tokens; "
+            f"{s.resources.gpu_mem_gb} GB per GPU: {'fits' if fits else 'DOES NOT FIT'})"
+        )
         if not fits:
             bad.append(f"{s.name}: {plan.total / GB:.1f} GB per GPU needed, {s.resources.gpu_mem_gb} GB available")
     if bad:
-        raise SystemExit("refusing layouts that cannot fit:\n  " + "\n  ".join(bad) + "\nraise "
-                         "train_expert_parallel (experts dominate), set train_precision=bf16, train_recompute=true "
-                         "or train_micro_batch=1 (--override KEY=VALUE), add training nodes (--nodes), or set "
-                         "--gpu-mem-gb")
+        raise SystemExit(
+            "refusing layouts that cannot fit:\n  " + "\n  ".join(bad) + "\nraise "
+            "train_expert_parallel (experts dominate), set train_precision=bf16, train_recompute=true "
+            "or train_micro_batch=1 (--override KEY=VALUE), add training nodes (--nodes), or set "
+            "--gpu-mem-gb"
+        )
 
 
 def _check_placeholders(specs: Sequence[JobSpec]) -> None:
-    bad = sorted({f"{k}={v}" for s in specs for k, v in s.payload.items() if isinstance(v, str) and v.startswith("<set ")})
+    bad = sorted(
+        {f"{k}={v}" for s in specs for k, v in s.payload.items() if isinstance(v, str) and v.startswith("<set ")}
+    )
     if bad:
         raise SystemExit(f"cells still hold placeholders: {bad}; pass the flags they name "
                          "(paper checkpoints and data live on your cluster)")  # fmt: skip
@@ -301,8 +315,10 @@ def run_local(specs: Sequence[JobSpec], args: argparse.Namespace) -> None:
             if s.resources.nodes != 1:
                 raise SystemExit(f"--executor local runs one node; cell {s.name} needs {s.resources.nodes}")
             if s.resources.cpu_tasks_per_node != 1:
-                raise SystemExit(f"--executor local runs one task per cell; for {s.resources.cpu_tasks_per_node} "
-                                 f"ranks use Slurm or `torchrun -m experiments.distributed`")
+                raise SystemExit(
+                    f"--executor local runs one task per cell; for {s.resources.cpu_tasks_per_node} "
+                    f"ranks use Slurm or `torchrun -m experiments.distributed`"
+                )
             folder = Path(s.run_dir) / "slurm"
             ex = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
             ex.update_parameters(timeout_min=s.resources.time_min, tasks_per_node=1,

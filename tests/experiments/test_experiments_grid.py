@@ -68,6 +68,11 @@ def test_tiny_shares_definitions_and_changes_only_scale():
         "checkpoint_every",
         "eval_max_problems",
         "temperature",
+        # the paper's training layout (slurm.resources.TRAIN_LAYOUT): scale, not algorithm
+        "train_expert_parallel",
+        "train_recompute",
+        "train_micro_batch",
+        "train_precision",
     }
     for name in PAPER_CELLS:
         p, t = paper[name].to_dict(), tiny[name].to_dict()
