@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
                 tps[n, p, cap].append(sum(len(s.response_ids) for s in out) / dt)
 
     med = {c: statistics.median(v) for c, v in tps.items()}
-    print(f"rollout: {len(prompts)} samples ({args.prompts} prompts x {args.group_size}), max {args.max_new_tokens} "
-          f"new tokens, {args.threads} torch thread(s), median of {args.repeats}; start-up s: {startup}")
+    print(
+        f"rollout: {len(prompts)} samples ({args.prompts} prompts x {args.group_size}), max {args.max_new_tokens} "
+        f"new tokens, {args.threads} torch thread(s), median of {args.repeats}; start-up s: {startup}"
+    )
     print(f"{'engine':<8}{'precision':<11}{'capture':<9}{'tokens/s':>10}")
     for (n, p, cap), v in med.items():
         print(f"{n:<8}{p:<11}{'on' if cap else 'off':<9}{v:>10.0f}")
@@ -87,11 +89,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:<34}{v:6.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "startup_s": startup, "ratios": ratios,
-            "tokens_per_s": {f"{n}/{p}/capture={'on' if c else 'off'}": v for (n, p, c), v in tps.items()},
-        }, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "startup_s": startup,
+                    "ratios": ratios,
+                    "tokens_per_s": {f"{n}/{p}/capture={'on' if c else 'off'}": v for (n, p, c), v in tps.items()},
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     for e in engines.values():
         if callable(close := getattr(e, "close", None)):
             close()

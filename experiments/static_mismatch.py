@@ -55,7 +55,8 @@ def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str, 
     from r3.engines import registry
 
     ro = registry.build_rollout_engine(
-        registry.rollout_config(rollout_engine, model_path=str(model_dir), precision=precision, seed=seed))
+        registry.rollout_config(rollout_engine, model_path=str(model_dir), precision=precision, seed=seed)
+    )
     # no step is taken; lr must be > 0
     tr = registry.build_train_engine(registry.train_config(train_engine, model_path=str(model_dir), lr=1e-6, seed=seed))
     return ro, tr
@@ -68,10 +69,13 @@ def _metrics(train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT) -> dic
     taus, F = extreme_token_curve(train_BT, infer_BT, mask_BT, TAUS)
     edges, counts = log_ratio_histogram(train_BT, infer_BT, mask_BT)
     out = {
-        "k3_kl": float(mm["mismatch/k3_kl"]), "extreme_frac@2": float(mm["mismatch/extreme_frac@2"]),
+        "k3_kl": float(mm["mismatch/k3_kl"]),
+        "extreme_frac@2": float(mm["mismatch/extreme_frac@2"]),
         "abs_log_ratio_mean": float(mm["mismatch/abs_log_ratio_mean"]),
         "abs_log_ratio_max": float(mm["mismatch/abs_log_ratio_max"]),
-        "routing_pair_disagreement": None, "routing_token_disagreement": None, "per_layer_disagreement": None,
+        "routing_pair_disagreement": None,
+        "routing_token_disagreement": None,
+        "per_layer_disagreement": None,
         "F_curve": {"tau": taus.tolist(), "F": F.tolist()},
         "log_ratio_hist": {"edges": edges.tolist(), "counts": counts.tolist()},
         "tokens": int(mask_BT.sum()),
@@ -85,8 +89,18 @@ def _metrics(train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT) -> dic
     return out
 
 
-def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_size: int, max_new_tokens: int,
-                   seed: int, difficulty: int, train_engine: str, rollout_engine: str = "hf"):
+def _rollout_batch(
+    model_dir: Path,
+    precision: str,
+    *,
+    n_prompts: int,
+    group_size: int,
+    max_new_tokens: int,
+    seed: int,
+    difficulty: int,
+    train_engine: str,
+    rollout_engine: str = "hf",
+):
     """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe)."""
     from transformers import AutoTokenizer
 
@@ -97,26 +111,51 @@ def _rollout_batch(model_dir: Path, precision: str, *, n_prompts: int, group_siz
     moe = ro.capabilities.captures_routing and tr.is_moe
     probs = task.heldout_problems(n_prompts, difficulty=difficulty)
     prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
-    samples = ro.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
-                          capture_routing=moe)
+    samples = ro.generate(
+        prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), capture_routing=moe
+    )
     if callable(close := getattr(ro, "close", None)):  # vLLM: release the engine (and its KV cache) now
         close()
-    groups = [rollout.Group(problem=p, samples=samples[i * group_size:(i + 1) * group_size],
-                            rewards=[0.0] * group_size) for i, p in enumerate(probs)]
+    groups = [
+        rollout.Group(problem=p, samples=samples[i * group_size : (i + 1) * group_size], rewards=[0.0] * group_size)
+        for i, p in enumerate(probs)
+    ]
     return rollout.build_batch(groups, pad_id=tok.pad_token_id, with_routing=moe), tr, moe
 
 
-def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = task.HELDOUT_N, group_size: int = 8,
-            max_new_tokens: int = 48, seed: int = 0, difficulty: int = 2, train_engine: str = "hf",
-            rollout_engine: str = "hf") -> dict:
+def measure(
+    moe_dir: Path,
+    dense_dir: Path,
+    precision: str,
+    *,
+    n_prompts: int = task.HELDOUT_N,
+    group_size: int = 8,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    difficulty: int = 2,
+    train_engine: str = "hf",
+    rollout_engine: str = "hf",
+) -> dict:
     """The static.json record of one rollout precision."""
     from r3.replay import ReplayMode
 
-    kw = dict(n_prompts=n_prompts, group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
-              difficulty=difficulty, train_engine=train_engine, rollout_engine=rollout_engine)
-    out: dict = {"precision": precision, "rollout_engine": rollout_engine, "train_engine": train_engine,
-                 "n_prompts": n_prompts,
-                 "group_size": group_size, "fp8_scope": "router" if precision == "fp8" else None}
+    kw = dict(
+        n_prompts=n_prompts,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        difficulty=difficulty,
+        train_engine=train_engine,
+        rollout_engine=rollout_engine,
+    )
+    out: dict = {
+        "precision": precision,
+        "rollout_engine": rollout_engine,
+        "train_engine": train_engine,
+        "n_prompts": n_prompts,
+        "group_size": group_size,
+        "fp8_scope": "router" if precision == "fp8" else None,
+    }
     batch, tr, moe = _rollout_batch(moe_dir, precision, **kw)
     if not moe:
         raise ValueError(f"{moe_dir} is not an MoE model (no router found); the static measurement needs one")
@@ -135,8 +174,7 @@ def measure(moe_dir: Path, dense_dir: Path, precision: str, *, n_prompts: int = 
     return out
 
 
-def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, force: bool = False,
-               **kw) -> dict:
+def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, force: bool = False, **kw) -> dict:
     """Measure (or reuse) <out_root>/static/<static_dir_name(...)>/static.json."""
     from experiments import zoo
 
@@ -160,26 +198,47 @@ def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Static training-inference mismatch of the zoo models.")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--precision", nargs="+", default=None, choices=["bf16", "fp8", "fp32"],
-                    help="rollout precisions (default: bf16 fp8 for hf, bf16 fp32 for vllm)")
+    ap.add_argument(
+        "--precision",
+        nargs="+",
+        default=None,
+        choices=["bf16", "fp8", "fp32"],
+        help="rollout precisions (default: bf16 fp8 for hf, bf16 fp32 for vllm)",
+    )
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--n-prompts", type=int, default=task.HELDOUT_N)
     ap.add_argument("--group-size", type=int, default=8)
     from r3.engines.registry import rollout_engine_names, train_engine_names
 
     ap.add_argument("--train-engine", choices=train_engine_names(), default="hf")
-    ap.add_argument("--rollout-engine", choices=rollout_engine_names(), default="hf",
-                    help="the inference engine (an in-process one: hf, or vllm when installed)")
+    ap.add_argument(
+        "--rollout-engine",
+        choices=rollout_engine_names(),
+        default="hf",
+        help="the inference engine (an in-process one: hf, or vllm when installed)",
+    )
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     if args.precision is None:
         args.precision = ["bf16", "fp32"] if args.rollout_engine == "vllm" else ["bf16", "fp8"]
     for prec in tqdm(args.precision, desc="static mismatch"):
-        rec = run_static(args.out, prec, zoo_dir=args.zoo_dir, force=args.force, n_prompts=args.n_prompts,
-                         group_size=args.group_size, train_engine=args.train_engine,
-                         rollout_engine=args.rollout_engine)
-        print(prec, {k: {m: rec[k][m] for m in ("k3_kl", "extreme_frac@2", "routing_pair_disagreement")}
-                     for k in ("moe", "moe_r3", "dense")})
+        rec = run_static(
+            args.out,
+            prec,
+            zoo_dir=args.zoo_dir,
+            force=args.force,
+            n_prompts=args.n_prompts,
+            group_size=args.group_size,
+            train_engine=args.train_engine,
+            rollout_engine=args.rollout_engine,
+        )
+        print(
+            prec,
+            {
+                k: {m: rec[k][m] for m in ("k3_kl", "extreme_frac@2", "routing_pair_disagreement")}
+                for k in ("moe", "moe_r3", "dense")
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from typing import Protocol, runtime_checkable
 from r3.engines.base import Precision
 
 
-
 @runtime_checkable
 class ServerLauncher(Protocol):
     """Starts inference servers and tells the rollout engine where they are."""
@@ -118,10 +117,18 @@ def sglang_specs(
     return [
         ServerSpec(
             name=f"{host}-{port + i}",
-            command=tuple(sglang_command(
-                model_path=model_path, port=port + i, tp=tp, base_gpu_id=i * tp,
-                capture_routing=capture_routing, precision=precision, seed=seed, extra=extra,
-            )),
+            command=tuple(
+                sglang_command(
+                    model_path=model_path,
+                    port=port + i,
+                    tp=tp,
+                    base_gpu_id=i * tp,
+                    capture_routing=capture_routing,
+                    precision=precision,
+                    seed=seed,
+                    extra=extra,
+                )
+            ),
             url=f"http://{host}:{port + i}",
         )  # fmt: skip
         for i in range(servers)
@@ -174,10 +181,13 @@ def vllm_command(
 def vllm_env(*, cpu_kvcache_space_gb: int = 1) -> tuple[tuple[str, str], ...]:
     """Environment of a vLLM server: dev-mode endpoints (/collective_rpc, /reset_prefix_cache) for
     weight sync; on the CPU build unbound OpenMP threads and the KV-cache size (ignored on GPU)."""
-    return (("VLLM_SERVER_DEV_MODE", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
-            ("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gb)),
-            # a server runs its engine core in a child process (an in-process engine sets this to 0)
-            ("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    return (
+        ("VLLM_SERVER_DEV_MODE", "1"),
+        ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        ("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gb)),
+        # a server runs its engine core in a child process (an in-process engine sets this to 0)
+        ("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
+    )
 
 
 def vllm_specs(
@@ -197,8 +207,17 @@ def vllm_specs(
     return [
         ServerSpec(
             name=f"{host}-{port + i}",
-            command=tuple(vllm_command(model_path=model_path, port=port + i, tp=tp, capture_routing=capture_routing,
-                                       precision=precision, seed=seed, extra=extra)),
+            command=tuple(
+                vllm_command(
+                    model_path=model_path,
+                    port=port + i,
+                    tp=tp,
+                    capture_routing=capture_routing,
+                    precision=precision,
+                    seed=seed,
+                    extra=extra,
+                )
+            ),
             url=f"http://{host}:{port + i}",
             env=(*vllm_env(), ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(i * tp, (i + 1) * tp)))),
         )  # fmt: skip
@@ -285,8 +304,9 @@ class ProcessServers:
                 names = [self.specs[i].name for i in pending]
                 self.stop()
                 raise TimeoutError(
-                    f"servers {names} not healthy after {self.ready_timeout_s:.0f} s (GET {self.specs[0].health_path}); "
-                    f"see {self.log_dir}; raise ready_timeout_s if the model is still loading"
+                    f"servers {names} not healthy after {self.ready_timeout_s:.0f} s "
+                    f"(GET {self.specs[0].health_path}); see {self.log_dir}; raise ready_timeout_s if the model is "
+                    "still loading"
                 )
             if pending:
                 time.sleep(self.poll_s)
@@ -344,14 +364,17 @@ def stop_on_sigterm(launcher: ServerLauncher) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--servers", type=int, default=1, help="servers on this node")
     ap.add_argument("--tp", type=int, default=1, help="GPUs per server")
     ap.add_argument("--port", type=int, default=30000, help="port of server 0 (server i: port + i)")
     ap.add_argument("--engine", choices=["sglang", "vllm"], default="sglang", help="which inference server")
-    ap.add_argument("--precision", choices=["bf16", "fp8", "fp32"], default="bf16",
-                    help="sglang: bf16 or fp8; vllm: bf16 or fp32")
+    ap.add_argument(
+        "--precision", choices=["bf16", "fp8", "fp32"], default="bf16", help="sglang: bf16 or fp8; vllm: bf16 or fp32"
+    )
     ap.add_argument("--no-routing", action="store_true", help="do not pass --enable-return-routed-experts")
     ap.add_argument("--log-dir", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for /health")

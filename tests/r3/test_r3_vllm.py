@@ -36,10 +36,24 @@ def moe_model(seed: int, vocab: int = VOCAB, **over):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=8,
-               num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-               pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg.update(over)
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**cfg))
     with torch.no_grad():
@@ -55,10 +69,22 @@ def dense_model(seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +100,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    eng = build_rollout_engine(rollout_config("vllm", model_path=str(models["dir"] / "moe_a"), precision="fp32", seed=0))
+    eng = build_rollout_engine(
+        rollout_config("vllm", model_path=str(models["dir"] / "moe_a"), precision="fp32", seed=0)
+    )
     assert isinstance(eng, VLLMRolloutEngine)
     yield eng
     eng.close()
@@ -88,8 +116,9 @@ def _compare_with_trainer(samples, train_engine):
     """(fraction of fed (token, layer) rows with equal top-k lists, max |logprob diff| on responses)."""
     from experiments import rollout
 
-    batch = rollout.build_batch([rollout.Group(problem=None, samples=samples, rewards=[0.0] * len(samples))],
-                                pad_id=0, with_routing=True)
+    batch = rollout.build_batch(
+        [rollout.Group(problem=None, samples=samples, rewards=[0.0] * len(samples))], pad_id=0, with_routing=True
+    )
     res = train_engine.compute_logprobs(batch.train, routing=ReplayMode.RECORD)
     fed = batch.train.attention_mask_BS[:, 1:].bool()
     same = (res.expert_ids_BTLK[fed] == batch.train.expert_ids_BTLK[fed]).all(-1)  # ordered top-k lists
@@ -169,8 +198,11 @@ def test_wrong_routing_is_rejected_at_the_boundary(engine):
     from vllm import SamplingParams as VSP
     from vllm.inputs import TokensPrompt
 
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])],
-                              [VSP(max_tokens=6, seed=1, detokenize=False, ignore_eos=True)], use_tqdm=False)[0]
+    out = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=PROMPTS[0])],
+        [VSP(max_tokens=6, seed=1, detokenize=False, ignore_eos=True)],
+        use_tqdm=False,
+    )[0]
     re = out.outputs[0].routed_experts
     P, R = len(PROMPTS[0]), len(out.outputs[0].token_ids)
     assert isinstance(re, np.ndarray) and re.dtype == np.uint8 and re.shape == (P + R - 1, 2, 2)
@@ -229,8 +261,14 @@ def loop_model(micro_zoo, tmp_path_factory):
     src = micro_zoo / "sft"
     tok = AutoTokenizer.from_pretrained(src)
     cfg = json.loads((src / "config.json").read_text())
-    moe_model(2, vocab=cfg["vocab_size"], pad_token_id=tok.pad_token_id, eos_token_id=cfg.get("eos_token_id"),
-              bos_token_id=cfg.get("bos_token_id"), max_position_embeddings=512).save_pretrained(model_dir)
+    moe_model(
+        2,
+        vocab=cfg["vocab_size"],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=cfg.get("eos_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        max_position_embeddings=512,
+    ).save_pretrained(model_dir)
     for f in src.iterdir():  # the tokenizer files
         if f.is_file() and f.name not in ("config.json", "generation_config.json", "model.safetensors"):
             shutil.copy2(f, model_dir / f.name)
@@ -240,9 +278,22 @@ def loop_model(micro_zoo, tmp_path_factory):
 def _loop_cfg(model_dir, name, **kw):
     from experiments.config import RunConfig
 
-    base = dict(name=name, model_path=str(model_dir), rollout_engine="vllm", rollout_precision="bf16", replay=True,
-                global_steps=3, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=3, eval_max_problems=8,
-                checkpoint_every=3, lr=1e-3, max_sampling_rounds=2)
+    base = dict(
+        name=name,
+        model_path=str(model_dir),
+        rollout_engine="vllm",
+        rollout_precision="bf16",
+        replay=True,
+        global_steps=3,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=12,
+        eval_every=3,
+        eval_max_problems=8,
+        checkpoint_every=3,
+        lr=1e-3,
+        max_sampling_rounds=2,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -261,7 +312,9 @@ def test_three_step_rl_cell_with_vllm_rollout_and_r3(loop_model, tmp_path):
     assert man["status"] == "complete" and man["steps"] == 3
     trained = [r for r in lines if "actor/grad_norm" in r]
     # routing/pair_disagreement: the trainer's native routing vs the vLLM trace that was replayed
-    assert trained and all(k in r for r in trained for k in ("time/sync", "mismatch/k3_kl", "routing/pair_disagreement"))
+    assert trained and all(
+        k in r for r in trained for k in ("time/sync", "mismatch/k3_kl", "routing/pair_disagreement")
+    )
 
 
 class Killed(Exception):
@@ -273,8 +326,9 @@ def test_killed_rl_cell_with_vllm_rollout_resumes_to_identical_metrics(loop_mode
     synced to the checkpoint's weights) writes the metrics of the uninterrupted run."""
     from experiments.run import run_cell
 
-    rc = _loop_cfg(loop_model, "vllm-resume", rollout_precision="fp32", global_steps=4, eval_every=2,
-                   checkpoint_every=2)
+    rc = _loop_cfg(
+        loop_model, "vllm-resume", rollout_precision="fp32", global_steps=4, eval_every=2, checkpoint_every=2
+    )
     run_cell(rc, tmp_path / "a", progress=False, reward_fn=parity_reward)
     b = tmp_path / "b"
 
@@ -312,11 +366,21 @@ def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
     from slurm.servers import ProcessServers, vllm_specs
 
     moe_a = str(models["dir"] / "moe_a")
-    specs = vllm_specs(model_path=moe_a, host="127.0.0.1", servers=1, tp=1, port=_free_port(), precision="fp32",
-                       extra=("--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"))
+    specs = vllm_specs(
+        model_path=moe_a,
+        host="127.0.0.1",
+        servers=1,
+        tp=1,
+        port=_free_port(),
+        precision="fp32",
+        extra=("--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"),
+    )
     with ProcessServers(specs, tmp_path / "logs", ready_timeout_s=300, poll_s=1.0) as urls:
-        client = build_rollout_engine(rollout_config("vllm", model_path=moe_a, precision="fp32", urls=tuple(urls),
-                                                     weight_sync_dir=str(tmp_path / "sync")))
+        client = build_rollout_engine(
+            rollout_config(
+                "vllm", model_path=moe_a, precision="fp32", urls=tuple(urls), weight_sync_dir=str(tmp_path / "sync")
+            )
+        )
         assert isinstance(client, VLLMServerEngine) and client.capabilities.captures_routing
         engine.sync_weights(models["a"].state_dict())  # the shared engine serves model a again
         params = SamplingParams(max_new_tokens=12, seed=11)
@@ -327,8 +391,9 @@ def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
             assert torch.equal(h.expert_ids_TLK, loc.expert_ids_TLK) and h.expert_ids_TLK.dtype == torch.uint8
             assert torch.allclose(h.logprobs_R, loc.logprobs_R, atol=1e-5)
         client.sync_weights(models["b"].state_dict())
-        same, max_dlogp = _compare_with_trainer(client.generate(PROMPTS, params, capture_routing=True),
-                                                _train_engine(models["dir"] / "moe_b"))
+        same, max_dlogp = _compare_with_trainer(
+            client.generate(PROMPTS, params, capture_routing=True), _train_engine(models["dir"] / "moe_b")
+        )
         assert same == 1.0 and max_dlogp < 1e-5
 
 
@@ -338,8 +403,11 @@ def test_server_that_is_down_is_a_clear_error(models):
     cfg = rollout_config("vllm", model_path=str(models["dir"] / "moe_a"), urls=(f"http://127.0.0.1:{_free_port()}",))
     client = VLLMServerEngine(cfg, retries=1, backoff_s=0.01)
     assert client.health() == {cfg.urls[0]: False}
-    with pytest.raises(ConnectionError, match=r"failed after 2 attempts .* is the vLLM server up\? check `curl "
-                                              r"http://127.0.0.1:\d+/health`"):
+    with pytest.raises(
+        ConnectionError,
+        match=r"failed after 2 attempts .* is the vLLM server up\? check `curl "
+        r"http://127.0.0.1:\d+/health`",
+    ):
         client.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2), capture_routing=True)
 
 

@@ -46,8 +46,15 @@ class VLLMServerError(RuntimeError):
 class VLLMServerEngine:
     """RolloutEngine over one or more vLLM servers (r3.engines.base.RolloutEngine)."""
 
-    def __init__(self, cfg: VLLMRolloutConfig, *, transport=None, retries: int = 3, backoff_s: float = 1.0,
-                 in_flight_per_server: int = 16):
+    def __init__(
+        self,
+        cfg: VLLMRolloutConfig,
+        *,
+        transport=None,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        in_flight_per_server: int = 16,
+    ):
         from r3.engines.vllm.engine import model_routing
 
         if not cfg.urls:
@@ -68,8 +75,11 @@ class VLLMServerEngine:
 
     @property
     def capabilities(self) -> RolloutCapabilities:
-        return RolloutCapabilities(captures_routing=self.spec is not None,
-                                   weight_sync=self.cfg.weight_sync_dir is not None, prefix_cached_routing=False)
+        return RolloutCapabilities(
+            captures_routing=self.spec is not None,
+            weight_sync=self.cfg.weight_sync_dir is not None,
+            prefix_cached_routing=False,
+        )
 
     def close(self) -> None:
         """Nothing to release (the servers belong to their launcher)."""
@@ -93,7 +103,8 @@ class VLLMServerEngine:
         base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
         raise ConnectionError(
             f"{method} {url} failed after {self.retries + 1} attempts (last: {last}); is the vLLM server up? check "
-            f"`curl {base}/health` and the server's log") from last
+            f"`curl {base}/health` and the server's log"
+        ) from last
 
     def health(self) -> dict[str, bool]:
         out = {}
@@ -107,10 +118,16 @@ class VLLMServerEngine:
     # --- generation ---------------------------------------------------------------------------
     def request_body(self, prompt: Sequence[int], params: SamplingParams, seed: int | None) -> dict:
         # no "model": the server's only model answers (whatever --served-model-name says)
-        body = {"prompt": [int(t) for t in prompt], "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
-                "stop_token_ids": sorted(set(self.eos_ids) | set(params.stop_token_ids)),
-                "skip_special_tokens": False}
+        body = {
+            "prompt": [int(t) for t in prompt],
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "stop_token_ids": sorted(set(self.eos_ids) | set(params.stop_token_ids)),
+            "skip_special_tokens": False,
+        }
         if seed is not None:
             body["seed"] = seed
         return body
@@ -125,20 +142,32 @@ class VLLMServerEngine:
         ids = c.get("token_ids")
         lps = (c.get("logprobs") or {}).get("token_logprobs")
         if ids is None or lps is None or len(ids) != len(lps) or any(x is None for x in lps):
-            raise VLLMServerError(f"prompt {i}: token_ids / logprobs.token_logprobs missing or of different lengths "
-                                  f"({None if ids is None else len(ids)} vs {None if lps is None else len(lps)}); "
-                                  "the request sets return_token_ids and logprobs=0")
+            raise VLLMServerError(
+                f"prompt {i}: token_ids / logprobs.token_logprobs missing or of different lengths "
+                f"({None if ids is None else len(ids)} vs {None if lps is None else len(lps)}); "
+                "the request sets return_token_ids and logprobs=0"
+            )
         trace = None
         if capture_routing:
             re = c.get("routed_experts")
-            trace = routing_trace(None if re is None else decode_npy_b64(re), prompt_len=len(prompt),
-                                  response_len=len(ids), spec=self.spec, where=f"prompt {i}")
-        return RolloutSample(prompt_ids=list(prompt), response_ids=[int(t) for t in ids],
-                             logprobs_R=torch.tensor([float(x) for x in lps], dtype=torch.float32),
-                             expert_ids_TLK=trace, finish_reason=c["finish_reason"])
+            trace = routing_trace(
+                None if re is None else decode_npy_b64(re),
+                prompt_len=len(prompt),
+                response_len=len(ids),
+                spec=self.spec,
+                where=f"prompt {i}",
+            )
+        return RolloutSample(
+            prompt_ids=list(prompt),
+            response_ids=[int(t) for t in ids],
+            logprobs_R=torch.tensor([float(x) for x in lps], dtype=torch.float32),
+            expert_ids_TLK=trace,
+            finish_reason=c["finish_reason"],
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 capture_routing: bool = False) -> list[RolloutSample]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
+    ) -> list[RolloutSample]:
         if capture_routing and self.spec is None:
             raise ValueError(f"capture_routing=True, but {self.cfg.model_path} has no routed experts")
         if not prompts:
@@ -160,11 +189,17 @@ class VLLMServerEngine:
         (it needs an fp32 forward of the whole model on the driver); the run loop's mismatch metrics
         (mismatch/k3_kl) watch the same thing every step."""
         if self.cfg.weight_sync_dir is None:
-            raise ValueError("sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read")
+            raise ValueError(
+                "sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read"
+            )
         self.weight_version += 1
         root = Path(self.cfg.weight_sync_dir)
-        out = write_checkpoint(root / f"v{self.weight_version:06d}", state_dict, base_model_path=self.cfg.model_path,
-                               tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)))
+        out = write_checkpoint(
+            root / f"v{self.weight_version:06d}",
+            state_dict,
+            base_model_path=self.cfg.model_path,
+            tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
+        )
         for u in self.urls:
             self._request("POST", f"{u}/collective_rpc", {"method": "r3_reload_weights", "args": [str(out)]})
             self._request("POST", f"{u}/reset_prefix_cache", None)

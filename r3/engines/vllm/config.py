@@ -65,9 +65,15 @@ class VLLMRolloutConfig:
             )
         if self.precision not in _DEFAULT_SYNC_ATOL:
             raise ValueError(f"VLLMRolloutConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if (self.max_model_len is not None and self.max_model_len < 2) or self.max_num_seqs < 1 or self.cpu_kvcache_space_gb < 1:
-            raise ValueError(f"VLLMRolloutConfig needs max_model_len >= 2, max_num_seqs >= 1, cpu_kvcache_space_gb "
-                             f">= 1; got {self.max_model_len}, {self.max_num_seqs}, {self.cpu_kvcache_space_gb}")
+        if (
+            (self.max_model_len is not None and self.max_model_len < 2)
+            or self.max_num_seqs < 1
+            or self.cpu_kvcache_space_gb < 1
+        ):
+            raise ValueError(
+                f"VLLMRolloutConfig needs max_model_len >= 2, max_num_seqs >= 1, cpu_kvcache_space_gb "
+                f">= 1; got {self.max_model_len}, {self.max_num_seqs}, {self.cpu_kvcache_space_gb}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]

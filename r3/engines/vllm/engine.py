@@ -94,8 +94,10 @@ class VLLMRolloutEngine:
 
     def __init__(self, cfg: VLLMRolloutConfig, *, probe_ids: Sequence[int] | None = None):
         if cfg.urls:
-            raise ValueError("VLLMRolloutEngine is the in-process engine; with urls use VLLMRolloutEngine.from_config "
-                             "(it builds the server client r3.engines.vllm.client.VLLMServerEngine)")
+            raise ValueError(
+                "VLLMRolloutEngine is the in-process engine; with urls use VLLMRolloutEngine.from_config "
+                "(it builds the server client r3.engines.vllm.client.VLLMServerEngine)"
+            )
         self.cfg = cfg
         self.hf_config, self.spec, self.eos_ids = model_routing(cfg.model_path)
         self.model_path = Path(cfg.model_path)
@@ -109,8 +111,9 @@ class VLLMRolloutEngine:
             weakref.finalize(self, shutil.rmtree, str(self.sync_dir), True)
         gen = torch.Generator().manual_seed(12345)
         vocab = int(self.hf_config.vocab_size)
-        self.probe_ids = list(probe_ids) if probe_ids is not None else \
-            torch.randint(0, vocab, (PROBE_LEN,), generator=gen).tolist()
+        self.probe_ids = (
+            list(probe_ids) if probe_ids is not None else torch.randint(0, vocab, (PROBE_LEN,), generator=gen).tolist()
+        )
         self._reference = None  # fp32 transformers model for the post-sync check (built on first use)
         self.last_sync: dict[str, float] = {}
 
@@ -123,11 +126,19 @@ class VLLMRolloutEngine:
         t0 = time.time()
         try:
             self.llm = LLM(
-                model=str(cfg.model_path), dtype=_DTYPES[cfg.precision], seed=cfg.seed, skip_tokenizer_init=True,
-                enable_return_routed_experts=self.spec is not None, max_model_len=self.max_model_len,
-                max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager,
-                enable_prefix_caching=cfg.enable_prefix_caching, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+                model=str(cfg.model_path),
+                dtype=_DTYPES[cfg.precision],
+                seed=cfg.seed,
+                skip_tokenizer_init=True,
+                enable_return_routed_experts=self.spec is not None,
+                max_model_len=self.max_model_len,
+                max_num_seqs=cfg.max_num_seqs,
+                enforce_eager=cfg.enforce_eager,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=WORKER_EXTENSION,
+                disable_log_stats=True,
             )
         finally:
             torch.set_num_threads = set_threads
@@ -149,8 +160,9 @@ class VLLMRolloutEngine:
     @property
     def capabilities(self) -> RolloutCapabilities:
         # routed_experts_prompt_start lets vLLM skip a known prefix's rows; not wired into the loop yet
-        return RolloutCapabilities(captures_routing=self.spec is not None, weight_sync=True,
-                                   prefix_cached_routing=False)
+        return RolloutCapabilities(
+            captures_routing=self.spec is not None, weight_sync=True, prefix_cached_routing=False
+        )
 
     def close(self) -> None:
         """Release the engine and remove the temporary sync directory (idempotent).
@@ -173,11 +185,21 @@ class VLLMRolloutEngine:
         from vllm import SamplingParams as VSP
 
         stop = sorted(set(self.eos_ids) | set(params.stop_token_ids))
-        return VSP(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                   seed=seed, logprobs=0, stop_token_ids=stop, detokenize=False, **kw)
+        return VSP(
+            n=1,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=seed,
+            logprobs=0,
+            stop_token_ids=stop,
+            detokenize=False,
+            **kw,
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 capture_routing: bool = False) -> list[RolloutSample]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
+    ) -> list[RolloutSample]:
         """One sample per prompt. Routing (when captured): uint8 [len(prompt) + len(response) - 1, L, K]."""
         from vllm.inputs import TokensPrompt
 
@@ -188,21 +210,28 @@ class VLLMRolloutEngine:
         if params.temperature < 0 or not 0 < params.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {params.temperature}, {params.top_p}")
         if capture_routing and self.spec is None:
-            raise ValueError(f"capture_routing=True, but {self.model_path} has no routed experts (config has no "
-                             "num_experts); a dense model has no routing to replay")
+            raise ValueError(
+                f"capture_routing=True, but {self.model_path} has no routed experts (config has no "
+                "num_experts); a dense model has no routing to replay"
+            )
         vocab = int(self.hf_config.vocab_size)
         for i, p in enumerate(prompts):
             if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (min {min(p)}, max {max(p)}): "
-                                 "encoded with a different tokenizer?")
+                raise ValueError(
+                    f"prompt {i} has token ids outside [0, {vocab}) (min {min(p)}, max {max(p)}): "
+                    "encoded with a different tokenizer?"
+                )
             if len(p) + params.max_new_tokens > self.max_model_len:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
-                                 f"max_model_len {self.max_model_len}; raise VLLMRolloutConfig.max_model_len")
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
+                    f"max_model_len {self.max_model_len}; raise VLLMRolloutConfig.max_model_len"
+                )
         base = params.seed if params.seed is not None else self._seeds.randrange(2**31)
         # distinct per-prompt seeds, or the G samples of a group would be identical
         sps = [self._vllm_params(params, base + i) for i in range(len(prompts))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], sps,
-                                 use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], sps, use_tqdm=False
+        )
         if len(outs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outs)} results for {len(prompts)} prompts")
         return [self._sample(i, p, o, capture_routing) for i, (p, o) in enumerate(zip(prompts, outs))]
@@ -218,11 +247,16 @@ class VLLMRolloutEngine:
         lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)]
         trace = None
         if capture_routing:
-            trace = routing_trace(c.routed_experts, prompt_len=len(prompt), response_len=len(ids), spec=self.spec,
-                                  where=f"prompt {i}")
-        return RolloutSample(prompt_ids=list(prompt), response_ids=ids,
-                             logprobs_R=torch.tensor(lps, dtype=torch.float32), expert_ids_TLK=trace,
-                             finish_reason=c.finish_reason)
+            trace = routing_trace(
+                c.routed_experts, prompt_len=len(prompt), response_len=len(ids), spec=self.spec, where=f"prompt {i}"
+            )
+        return RolloutSample(
+            prompt_ids=list(prompt),
+            response_ids=ids,
+            logprobs_R=torch.tensor(lps, dtype=torch.float32),
+            expert_ids_TLK=trace,
+            finish_reason=c.finish_reason,
+        )
 
     # --- weight sync --------------------------------------------------------------------------
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor], *, _repack_cpu_moe: bool = True) -> None:
@@ -234,8 +268,12 @@ class VLLMRolloutEngine:
         t0 = time.time()
         self.weight_version += 1
         out = self.sync_dir / f"v{self.weight_version:06d}"
-        write_checkpoint(out, state_dict, base_model_path=self.model_path,
-                         tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)))
+        write_checkpoint(
+            out,
+            state_dict,
+            base_model_path=self.model_path,
+            tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
+        )
         t1 = time.time()
         self.llm.collective_rpc("r3_reload_weights", args=(str(out), _repack_cpu_moe))
         self.llm.reset_prefix_cache()
@@ -262,10 +300,13 @@ class VLLMRolloutEngine:
         out = self.llm.generate([TokensPrompt(prompt_token_ids=self.probe_ids)], [sp], use_tqdm=False)[0]
         plp = out.prompt_logprobs
         if plp is None or len(plp) != len(self.probe_ids):
-            raise SyncCheckError(f"vLLM returned {None if plp is None else len(plp)} prompt logprobs for a "
-                                 f"{len(self.probe_ids)}-token probe")
-        return torch.tensor([float(plp[t][tok].logprob) for t, tok in enumerate(self.probe_ids) if t > 0],
-                            dtype=torch.float32)
+            raise SyncCheckError(
+                f"vLLM returned {None if plp is None else len(plp)} prompt logprobs for a "
+                f"{len(self.probe_ids)}-token probe"
+            )
+        return torch.tensor(
+            [float(plp[t][tok].logprob) for t, tok in enumerate(self.probe_ids) if t > 0], dtype=torch.float32
+        )
 
     @torch.no_grad()
     def reference_logprobs(self, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -293,5 +334,6 @@ class VLLMRolloutEngine:
                 f"{len(self.probe_ids)}-token probe differ from an fp32 transformers forward of the synced weights by "
                 f"median {med:.3g} / mean {mean:.3g} / max {mx:.3g} nats per token; expected median <= {tol:g}. "
                 "Likely cause: the reload left stale or mis-laid-out weights (vLLM's CPU reload skips the MoE "
-                "prepack unless r3.engines.vllm.worker re-runs it), or the state dict is not this model's")
+                "prepack unless r3.engines.vllm.worker re-runs it), or the state dict is not this model's"
+            )
         return {"probe_median_abs_diff": med, "probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}

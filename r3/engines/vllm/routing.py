@@ -28,8 +28,15 @@ def decode_npy_b64(data: str) -> np.ndarray:
         raise ValueError(f"routed_experts is not base64 of a .npy array ({len(data)} chars): {e}") from e
 
 
-def routing_trace(routed_experts: np.ndarray | None, *, prompt_len: int, response_len: int, spec: RoutingSpec,
-                  prompt_start: int = 0, where: str = "completion") -> torch.Tensor:
+def routing_trace(
+    routed_experts: np.ndarray | None,
+    *,
+    prompt_len: int,
+    response_len: int,
+    spec: RoutingSpec,
+    prompt_start: int = 0,
+    where: str = "completion",
+) -> torch.Tensor:
     """Validated uint8 expert_ids_TLK [prompt_len + response_len - 1 - prompt_start, L, K].
 
     Raises ValueError with got/expected numbers on a missing capture, a wrong shape (off-by-one,
@@ -37,7 +44,8 @@ def routing_trace(routed_experts: np.ndarray | None, *, prompt_len: int, respons
     if routed_experts is None:
         raise ValueError(
             f"{where}: routed_experts is missing although routing capture was requested; the engine must be "
-            "started with enable_return_routed_experts=True (server: --enable-return-routed-experts)")
+            "started with enable_return_routed_experts=True (server: --enable-return-routed-experts)"
+        )
     arr = np.asarray(routed_experts)
     tokens = prompt_len + response_len - 1 - prompt_start
     if arr.ndim != 3 or arr.shape != (tokens, spec.num_layers, spec.top_k):
@@ -46,7 +54,8 @@ def routing_trace(routed_experts: np.ndarray | None, *, prompt_len: int, respons
             f"{tuple(arr.shape)}), expected={tokens * spec.num_layers * spec.top_k} (tokens={tokens} = prompt "
             f"{prompt_len} + response {response_len} - 1 - prompt_start {prompt_start}, num_layers="
             f"{spec.num_layers}, topk={spec.top_k}); likely cause: a model whose MoE layer count / top-k differs "
-            "from the trainer's config, or an off-by-one in the prompt/response split")
+            "from the trainer's config, or an off-by-one in the prompt/response split"
+        )
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{where}: routed_experts must hold integers, got dtype {arr.dtype}")
     if arr.dtype not in (np.uint8, np.int32, np.int64):

@@ -24,8 +24,9 @@ _SIDE_FILES = (".json", ".txt", ".model", ".jinja")
 """Files copied beside the weights (config, generation config, tokenizer); index files are not."""
 
 
-def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor], *, tie_word_embeddings: bool = False
-                        ) -> dict[str, torch.Tensor]:
+def to_checkpoint_names(
+    state_dict: Mapping[str, torch.Tensor], *, tie_word_embeddings: bool = False
+) -> dict[str, torch.Tensor]:
     """Per-expert checkpoint tensors (contiguous, CPU) from a transformers in-memory state dict (the
     name mapping is the SGLang client's, r3.engines.sglang.to_checkpoint_names); a tied lm_head is
     dropped. Already per-expert names pass through unchanged."""
@@ -35,8 +36,13 @@ def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor], *, tie_word_embe
     return {k: v.detach().to("cpu").contiguous() for k, v in names(sd).items()}
 
 
-def write_checkpoint(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], *, base_model_path: str | Path,
-                     tie_word_embeddings: bool = False) -> Path:
+def write_checkpoint(
+    out_dir: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    base_model_path: str | Path,
+    tie_word_embeddings: bool = False,
+) -> Path:
     """Write `state_dict` (transformers names) as <out_dir>/model.safetensors in checkpoint names, with
     the base model's config/tokenizer files beside it. Written to a temporary name first and renamed,
     so a reader never sees half a file."""

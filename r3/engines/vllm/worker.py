@@ -42,9 +42,10 @@ def repack_cpu_moe_weights(model: torch.nn.Module) -> int:
         padded = experts._padded_intermediate_size(experts.moe_config)
         if padded != experts.moe_config.intermediate_size_per_partition:
             raise NotImplementedError(
-                f"{name}: the CPU MoE kernel pads the expert width {experts.moe_config.intermediate_size_per_partition} "
-                f"to {padded}; reloading such a layer is not supported here (use a moe_intermediate_size divisible "
-                "by 32)")
+                f"{name}: the CPU MoE kernel pads the expert width "
+                f"{experts.moe_config.intermediate_size_per_partition} to {padded}; reloading such a layer is not "
+                "supported here (use a moe_intermediate_size divisible by 32)"
+            )
         with torch.no_grad():
             for pname in ("w13_weight", "w2_weight"):
                 p = getattr(layer, pname)
