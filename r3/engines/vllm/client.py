@@ -15,7 +15,8 @@ Protocol used (vllm/entrypoints/openai/completion/protocol.py, vllm 0.30.0):
   base64 of a .npy array (prompt + completion - 1, layers, top_k) (serving.py: numpy2base64).
 - Weight sync: the checkpoint is written to `weight_sync_dir` (a file system the servers read),
   then POST /collective_rpc {"method": "r3_reload_weights", "args": [dir]} (the worker extension:
-  reload + the CPU MoE prepack fix, a no-op on GPU builds) and POST /reset_prefix_cache.
+  reload + the CPU MoE prepack fix, a no-op on GPU builds) and POST /reset_prefix_cache; then, with
+  verify_sync, each server scores the probe of r3.engines.vllm.check (`prompt_logprobs: 0`).
 - GET /health -> 200 when the server is up.
 Tested against a real CPU server in tests/r3/test_r3_vllm.py; the GPU build is untested here.
 """
@@ -32,6 +33,7 @@ import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
 from r3.engines.sglang import urllib_transport
+from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import decode_npy_b64, routing_trace
 from r3.engines.vllm.weights import write_checkpoint
@@ -65,6 +67,12 @@ class VLLMServerEngine:
         self.transport = transport or urllib_transport
         self.retries, self.backoff_s, self.in_flight = retries, backoff_s, in_flight_per_server
         self.weight_version = 0
+        self.checker = (
+            SyncChecker(self.hf_config, precision=cfg.precision, tolerance=cfg.sync_tolerance)
+            if cfg.verify_sync
+            else None
+        )
+        self.last_sync: dict[str, float] = {}
         import random
 
         self._seeds = random.Random(cfg.seed)
@@ -183,15 +191,25 @@ class VLLMServerEngine:
             return list(ex.map(run, range(len(prompts))))
 
     # --- weights ------------------------------------------------------------------------------
+    def probe_logprobs(self, url: str) -> torch.Tensor:
+        """The server's logprobs of the post-sync probe (r3.engines.vllm.check), from prompt_logprobs."""
+        body = {"prompt": self.checker.probe, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+        payload = self._request("POST", f"{url}/v1/completions", body)
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not choices:
+            raise VLLMServerError(f"{url}: probe request returned no choice: {str(payload)[:300]}")
+        return prompt_logprobs_of(self.checker.probe, choices[0].get("prompt_logprobs"))
+
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Write the checkpoint into weight_sync_dir; every server reloads it (+ CPU prepack fix) and
-        drops its prefix cache. The post-sync logprob check of the in-process engine is not run here
-        (it needs an fp32 forward of the whole model on the driver); the run loop's mismatch metrics
-        (mismatch/k3_kl) watch the same thing every step."""
+        """Write the checkpoint into weight_sync_dir; every server reloads it (+ CPU prepack fix), drops
+        its prefix cache and, with verify_sync, passes the post-sync probe check (r3.engines.vllm.check;
+        it runs an fp32 forward of the whole model on this process: turn verify_sync off for models
+        too large for that, and watch the run's mismatch/k3_kl instead)."""
         if self.cfg.weight_sync_dir is None:
             raise ValueError(
                 "sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read"
             )
+        t0 = time.time()
         self.weight_version += 1
         root = Path(self.cfg.weight_sync_dir)
         out = write_checkpoint(
@@ -203,6 +221,12 @@ class VLLMServerEngine:
         for u in self.urls:
             self._request("POST", f"{u}/collective_rpc", {"method": "r3_reload_weights", "args": [str(out)]})
             self._request("POST", f"{u}/reset_prefix_cache", None)
+        self.last_sync = {"sync_s": time.time() - t0}
+        if self.checker is not None:
+            for u in self.urls:
+                self.last_sync.update(
+                    self.checker.compare(self.probe_logprobs(u), state_dict, version=self.weight_version)
+                )
         prev = root / f"v{self.weight_version - 1:06d}"
         if prev.exists():
             import shutil

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import routing_trace
 from r3.engines.vllm.weights import write_checkpoint
@@ -50,12 +51,6 @@ from r3.trace import RoutingSpec
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
-PROBE_LEN = 48
-"""Tokens of the post-sync probe sequence (47 logprobs compared)."""
-
-
-class SyncCheckError(RuntimeError):
-    """After a weight sync the engine does not compute what the synced weights compute."""
 
 
 def _set_cpu_env(kvcache_gb: int) -> None:
@@ -109,12 +104,9 @@ class VLLMRolloutEngine:
         else:
             self.sync_dir, self._own_sync_dir = Path(tempfile.mkdtemp(prefix="r3-vllm-sync-")), True
             weakref.finalize(self, shutil.rmtree, str(self.sync_dir), True)
-        gen = torch.Generator().manual_seed(12345)
-        vocab = int(self.hf_config.vocab_size)
-        self.probe_ids = (
-            list(probe_ids) if probe_ids is not None else torch.randint(0, vocab, (PROBE_LEN,), generator=gen).tolist()
+        self.checker = SyncChecker(
+            self.hf_config, precision=cfg.precision, tolerance=cfg.sync_tolerance, probe=probe_ids
         )
-        self._reference = None  # fp32 transformers model for the post-sync check (built on first use)
         self.last_sync: dict[str, float] = {}
 
         _set_cpu_env(cfg.cpu_kvcache_space_gb)
@@ -297,43 +289,10 @@ class VLLMRolloutEngine:
         from vllm.inputs import TokensPrompt
 
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=self.probe_ids)], [sp], use_tqdm=False)[0]
-        plp = out.prompt_logprobs
-        if plp is None or len(plp) != len(self.probe_ids):
-            raise SyncCheckError(
-                f"vLLM returned {None if plp is None else len(plp)} prompt logprobs for a "
-                f"{len(self.probe_ids)}-token probe"
-            )
-        return torch.tensor(
-            [float(plp[t][tok].logprob) for t, tok in enumerate(self.probe_ids) if t > 0], dtype=torch.float32
-        )
-
-    @torch.no_grad()
-    def reference_logprobs(self, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The same probe through an fp32 transformers forward of `state_dict`."""
-        from transformers import AutoModelForCausalLM
-
-        if self._reference is None:
-            self._reference = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32).eval()
-        self._reference.load_state_dict({k: v.detach().float() for k, v in state_dict.items()}, strict=True)
-        ids = torch.tensor([self.probe_ids])
-        logp_TV = torch.log_softmax(self._reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        return logp_TV.gather(1, ids[0, 1:, None])[:, 0]
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=self.checker.probe)], [sp], use_tqdm=False)[0]
+        return prompt_logprobs_of(self.checker.probe, out.prompt_logprobs)
 
     def check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Raise SyncCheckError unless the median |logprob difference| per probe token between the
-        engine and `state_dict` is within the precision's tolerance (VLLMRolloutConfig.sync_atol);
-        returns the measured differences (median, mean, max)."""
-        got, ref = self.probe_logprobs(), self.reference_logprobs(state_dict)
-        diff = (got - ref).abs()
-        med, mean, mx = float(diff.median()), float(diff.mean()), float(diff.max())
-        tol = self.cfg.sync_tolerance
-        if not med <= tol:  # also catches NaN
-            raise SyncCheckError(
-                f"after weight sync v{self.weight_version}: the {self.cfg.precision} vLLM engine's logprobs of a "
-                f"{len(self.probe_ids)}-token probe differ from an fp32 transformers forward of the synced weights by "
-                f"median {med:.3g} / mean {mean:.3g} / max {mx:.3g} nats per token; expected median <= {tol:g}. "
-                "Likely cause: the reload left stale or mis-laid-out weights (vLLM's CPU reload skips the MoE "
-                "prepack unless r3.engines.vllm.worker re-runs it), or the state dict is not this model's"
-            )
-        return {"probe_median_abs_diff": med, "probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}
+        """Raise SyncCheckError unless the engine's probe logprobs match an fp32 forward of `state_dict`
+        (r3.engines.vllm.check); returns the measured differences (median, mean, max)."""
+        return self.checker.compare(self.probe_logprobs(), state_dict, version=self.weight_version)

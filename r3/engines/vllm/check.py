@@ -1,0 +1,86 @@
+"""The post-sync check: does the engine compute what the synced weights compute? (light: torch)
+
+A fixed probe sequence (PROBE_LEN token ids drawn once from a seeded generator) is scored by the
+engine (vLLM `prompt_logprobs`, from raw logits: temperature does not enter) and by an fp32
+transformers forward of the state dict that was synced. The median |logprob difference| per probe
+token must be within the precision's tolerance (VLLMRolloutConfig.sync_tolerance; measured numbers
+in docs/vllm.md): a reload that leaves stale or mis-laid-out weights (vLLM's CPU MoE prepack bug,
+r3.engines.vllm.worker) is off by nats, a correct bf16 engine by hundredths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+PROBE_LEN = 48
+"""Tokens of the probe sequence (47 logprobs compared)."""
+
+
+class SyncCheckError(RuntimeError):
+    """After a weight sync the engine does not compute what the synced weights compute."""
+
+
+def probe_ids(vocab_size: int, length: int = PROBE_LEN) -> list[int]:
+    gen = torch.Generator().manual_seed(12345)
+    return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
+
+
+class SyncChecker:
+    """Reference logprobs of the probe under a state dict, and the comparison with the engine's."""
+
+    def __init__(self, hf_config, *, precision: str, tolerance: float, probe: Sequence[int] | None = None):
+        self.hf_config, self.precision, self.tolerance = hf_config, precision, tolerance
+        self.probe = list(probe) if probe is not None else probe_ids(int(hf_config.vocab_size))
+        self._model = None  # fp32 transformers model, built on first use and reloaded per check
+
+    @torch.no_grad()
+    def reference_logprobs(self, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float32 [len(probe) - 1]: log p(probe[t+1] | probe[:t+1]) under an fp32 forward of `state_dict`."""
+        from transformers import AutoModelForCausalLM
+
+        if self._model is None:
+            self._model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32).eval()
+        self._model.load_state_dict({k: v.detach().float() for k, v in state_dict.items()}, strict=True)
+        ids = torch.tensor([self.probe])
+        logp_TV = torch.log_softmax(self._model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        return logp_TV.gather(1, ids[0, 1:, None])[:, 0]
+
+    def compare(
+        self, engine_logprobs: torch.Tensor, state_dict: Mapping[str, torch.Tensor], *, version: int
+    ) -> dict[str, float]:
+        """Raise SyncCheckError unless the median |difference| is within tolerance; return the numbers."""
+        ref = self.reference_logprobs(state_dict)
+        if engine_logprobs.shape != ref.shape:
+            raise SyncCheckError(
+                f"the engine scored {tuple(engine_logprobs.shape)} probe tokens, expected {tuple(ref.shape)}"
+            )
+        diff = (engine_logprobs.float() - ref).abs()
+        med, mean, mx = float(diff.median()), float(diff.mean()), float(diff.max())
+        if not med <= self.tolerance:  # also catches NaN
+            raise SyncCheckError(
+                f"after weight sync v{version}: the {self.precision} vLLM engine's logprobs of a "
+                f"{len(self.probe)}-token probe differ from an fp32 transformers forward of the synced weights by "
+                f"median {med:.3g} / mean {mean:.3g} / max {mx:.3g} nats per token; expected median <= "
+                f"{self.tolerance:g}. Likely cause: the reload left stale or mis-laid-out weights (vLLM's CPU reload "
+                "skips the MoE prepack unless r3.engines.vllm.worker re-runs it), or the state dict is not this "
+                "model's"
+            )
+        return {"probe_median_abs_diff": med, "probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}
+
+
+def prompt_logprobs_of(probe: Sequence[int], prompt_logprobs: Sequence) -> torch.Tensor:
+    """float32 [len(probe) - 1] from vLLM prompt_logprobs (entry t: {token id: Logprob or its JSON dict},
+    entry 0 None); token ids may be JSON string keys."""
+    if prompt_logprobs is None or len(prompt_logprobs) != len(probe):
+        n = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise SyncCheckError(f"vLLM returned {n} prompt logprobs for a {len(probe)}-token probe")
+    out = []
+    for t in range(1, len(probe)):
+        entry = prompt_logprobs[t]
+        lp = entry.get(probe[t], entry.get(str(probe[t]))) if isinstance(entry, dict) else None
+        if lp is None:
+            raise SyncCheckError(f"prompt logprobs at position {t} lack the probe token {probe[t]}: {str(entry)[:200]}")
+        out.append(float(lp["logprob"] if isinstance(lp, dict) else lp.logprob))
+    return torch.tensor(out, dtype=torch.float32)
