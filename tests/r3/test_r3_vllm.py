@@ -189,6 +189,31 @@ def test_reload_without_the_prepack_fix_is_caught(engine, models):
     assert engine.last_sync["probe_mean_abs_diff"] < 1e-5
 
 
+def test_multi_turn_routing_from_the_prefix_cache_equals_a_fresh_capture(engine, models):
+    """Turn 2 continues turn 1's prompt + response + a tool-style result; only the rows after turn 1's
+    known rows are requested (routed_experts_prompt_start) and the assembled trace equals a fresh
+    capture of the whole turn-2 prompt on the same engine."""
+    engine.sync_weights(models["a"].state_dict())
+    assert engine.capabilities.prefix_cached_routing
+    turn1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=5), capture_routing=True)
+    tool = [9, 10, 11]
+    prompts2 = [s.prompt_ids + s.response_ids + tool for s in turn1]
+    params2 = SamplingParams(max_new_tokens=8, seed=6)
+    cont = engine.generate_continuations(prompts2, params2, known_routing=[s.expert_ids_TLK for s in turn1])
+    fresh = engine.generate(prompts2, params2, capture_routing=True)
+    for c, f, s1 in zip(cont, fresh, turn1):
+        assert c.response_ids == f.response_ids
+        assert c.expert_ids_TLK.dtype == torch.uint8
+        assert torch.equal(c.expert_ids_TLK, f.expert_ids_TLK)
+        assert c.expert_ids_TLK.shape[0] == len(c.prompt_ids) + len(c.response_ids) - 1
+        assert torch.equal(c.expert_ids_TLK[: len(s1.expert_ids_TLK)], s1.expert_ids_TLK)
+    st = engine.last_prefix_stats
+    assert st["cached_rows"] == sum(len(s.expert_ids_TLK) for s in turn1)
+    assert st["bytes_saved"] == st["cached_rows"] * 2 * 2 and 0 < st["hit_rate"] < 1
+    with pytest.raises(ValueError, match=r"at most len\(prompt\) - 1"):
+        engine.generate_continuations([[3, 4]], params2, known_routing=[turn1[0].expert_ids_TLK])
+
+
 def test_sync_check_rejects_weights_that_are_not_the_engines(engine, models):
     """The check compares against the state dict it was given: another model's weights fail it."""
     with pytest.raises(SyncCheckError, match=r"differ from an fp32 transformers forward"):

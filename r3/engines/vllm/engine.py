@@ -151,9 +151,12 @@ class VLLMRolloutEngine:
 
     @property
     def capabilities(self) -> RolloutCapabilities:
-        # routed_experts_prompt_start lets vLLM skip a known prefix's rows; not wired into the loop yet
+        # routed_experts_prompt_start lets vLLM skip a known prefix's rows (generate_continuations);
+        # the RL loop has no multi-turn task that uses it yet
         return RolloutCapabilities(
-            captures_routing=self.spec is not None, weight_sync=True, prefix_cached_routing=False
+            captures_routing=self.spec is not None,
+            weight_sync=True,
+            prefix_cached_routing=self.spec is not None,  # generate_continuations
         )
 
     def close(self) -> None:
@@ -193,8 +196,10 @@ class VLLMRolloutEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
     ) -> list[RolloutSample]:
         """One sample per prompt. Routing (when captured): uint8 [len(prompt) + len(response) - 1, L, K]."""
-        from vllm.inputs import TokensPrompt
+        self._check(prompts, params, capture_routing)
+        return self._run(prompts, params, capture_routing, known=None)
 
+    def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams, capture_routing: bool) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt at least one token")
         if params.max_new_tokens < 1:
@@ -218,17 +223,74 @@ class VLLMRolloutEngine:
                     f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
                     f"max_model_len {self.max_model_len}; raise VLLMRolloutConfig.max_model_len"
                 )
+
+    def generate_continuations(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        known_routing: Sequence[torch.Tensor],
+    ) -> list[RolloutSample]:
+        """Multi-turn rollout with router-mask caching (PAPER.md "Router mask caching"): prompt i
+        continues a sequence whose first k_i = len(known_routing[i]) routing rows the caller already
+        holds (e.g. turn 1's trace: prompt + response - 1 rows). vLLM is asked only for rows from k_i
+        on (`SamplingParams.routed_experts_prompt_start`), so the prefix's routing is neither
+        recomputed (its KV is in vLLM's prefix cache unless a weight sync reset it) nor transferred;
+        the returned trace is the known rows followed by the new ones, [len(prompt) + len(response)
+        - 1, L, K] uint8, as a fresh full capture would give. `last_prefix_stats` counts the rows and
+        bytes not transferred."""
+        self._check(prompts, params, True)
+        if len(known_routing) != len(prompts):
+            raise ValueError(f"got {len(known_routing)} known traces for {len(prompts)} prompts")
+        for i, (p, known) in enumerate(zip(prompts, known_routing)):
+            if known.ndim != 3 or tuple(known.shape[1:]) != (self.spec.num_layers, self.spec.top_k):
+                raise ValueError(
+                    f"prompt {i}: known routing has shape {tuple(known.shape)}, expected [k, "
+                    f"{self.spec.num_layers}, {self.spec.top_k}]"
+                )
+            if not 0 <= known.shape[0] <= len(p) - 1:
+                raise ValueError(
+                    f"prompt {i}: {known.shape[0]} known routing rows for a {len(p)}-token prompt; at most "
+                    f"len(prompt) - 1 = {len(p) - 1} rows are fed prompt tokens"
+                )
+        return self._run(prompts, params, True, known=known_routing)
+
+    def _run(self, prompts, params: SamplingParams, capture_routing: bool, known) -> list[RolloutSample]:
+        from vllm.inputs import TokensPrompt
+
         base = params.seed if params.seed is not None else self._seeds.randrange(2**31)
         # distinct per-prompt seeds, or the G samples of a group would be identical
-        sps = [self._vllm_params(params, base + i) for i in range(len(prompts))]
+        starts = [0] * len(prompts) if known is None else [int(k.shape[0]) for k in known]
+        sps = [
+            self._vllm_params(params, base + i, **({"routed_experts_prompt_start": k} if k else {}))
+            for i, k in enumerate(starts)
+        ]
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], sps, use_tqdm=False
         )
         if len(outs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outs)} results for {len(prompts)} prompts")
-        return [self._sample(i, p, o, capture_routing) for i, (p, o) in enumerate(zip(prompts, outs))]
+        samples = [
+            self._sample(i, p, o, capture_routing, prompt_start=k)
+            for i, (p, o, k) in enumerate(zip(prompts, outs, starts))
+        ]
+        if known is not None:
+            for s, k in zip(samples, known):
+                s.expert_ids_TLK = torch.cat([k.to(s.expert_ids_TLK.dtype), s.expert_ids_TLK])
+            rows = sum(starts)
+            total = sum(s.expert_ids_TLK.shape[0] for s in samples)
+            per_row = self.spec.num_layers * self.spec.top_k  # uint8 ids: one byte each
+            self.last_prefix_stats = {
+                "cached_rows": rows,
+                "total_rows": total,
+                "hit_rate": rows / max(total, 1),
+                "bytes_saved": rows * per_row,
+            }
+        return samples
 
-    def _sample(self, i: int, prompt: Sequence[int], out: Any, capture_routing: bool) -> RolloutSample:
+    def _sample(
+        self, i: int, prompt: Sequence[int], out: Any, capture_routing: bool, prompt_start: int = 0
+    ) -> RolloutSample:
         c = out.outputs[0]
         ids = [int(t) for t in c.token_ids]
         if c.finish_reason not in ("stop", "length"):
@@ -240,7 +302,12 @@ class VLLMRolloutEngine:
         trace = None
         if capture_routing:
             trace = routing_trace(
-                c.routed_experts, prompt_len=len(prompt), response_len=len(ids), spec=self.spec, where=f"prompt {i}"
+                c.routed_experts,
+                prompt_len=len(prompt),
+                response_len=len(ids),
+                spec=self.spec,
+                prompt_start=prompt_start,
+                where=f"prompt {i}",
             )
         return RolloutSample(
             prompt_ids=list(prompt),
