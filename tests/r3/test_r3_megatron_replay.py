@@ -146,14 +146,18 @@ def test_each_layer_consumed_exactly_once(engine):
     replay = engine.replay
     ids = _batch().input_ids_BS
     with pytest.raises(RuntimeError, match="exactly once per forward.*layer 0: 2 times"):
-        with torch.no_grad(), replay.session(ReplayMode.REPLAY, batch_size=B, seq_len=S,
-                                             expert_ids_BTLK=_random_routing(3)) as sess:
+        with (
+            torch.no_grad(),
+            replay.session(ReplayMode.REPLAY, batch_size=B, seq_len=S, expert_ids_BTLK=_random_routing(3)) as sess,
+        ):
             gpt_logits(engine.model, ids)
             gpt_logits(engine.model, ids)  # a second forward in one session
             sess.end_forward()
     with pytest.raises(ValueError, match="router sees 20 token rows"):  # batch differs from the trace's
-        with torch.no_grad(), replay.session(ReplayMode.REPLAY, batch_size=B, seq_len=S,
-                                             expert_ids_BTLK=_random_routing(3)):
+        with (
+            torch.no_grad(),
+            replay.session(ReplayMode.REPLAY, batch_size=B, seq_len=S, expert_ids_BTLK=_random_routing(3)),
+        ):
             gpt_logits(engine.model, ids[:2])
     out = engine.compute_logprobs(_batch())  # state was cleared after the errors
     assert torch.isfinite(out.logp_BT).all()
@@ -178,3 +182,25 @@ def test_train_step_reduces_loss_and_resume_is_exact(hf, tmp_path):
     assert resumed == nxt
     a, b = eng.rollout_state_dict(), other.rollout_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _RunsCode:
+    """A pickle payload that would run code on load (what a crafted checkpoint can carry)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creating the marker file = code ran
+
+
+def test_crafted_checkpoint_is_refused_without_running_code(engine, tmp_path):
+    """Regression (issue 10, bug 6): load() used torch.load(weights_only=False) on a run
+    directory's file, so a crafted checkpoint ran code. It must now refuse the file unexecuted."""
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": {}, "payload": _RunsCode(marker)}, engine.checkpoint_file(str(ckpt)))
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|not allowed|unsupported global"):
+        engine.load(str(ckpt))
+    assert not marker.exists()

@@ -1,0 +1,45 @@
+"""RunConfig refuses, at construction, every value that used to crash late or be silently ignored
+(issue 10, bugs 2 and 3): each message names the field, what was given and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.config import RunConfig
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        # used to divide by zero at step 5 (step % eval_every)
+        (dict(eval_every=0), r"eval_every must be >= 1, got 0"),
+        (dict(checkpoint_every=0), r"checkpoint_every must be >= 1, got 0"),
+        # used to be checked only inside the loss, at step 1
+        (dict(dual_clip=1.0), r"dual_clip must be > 1 \(common value 3\) or None to disable, got 1.0"),
+        (dict(tis_cap=0.0), r"tis_cap must be > 0 \(common value 2\), got 0.0"),
+        # used to build the SGLang client silently
+        (dict(rollout_engine="vlm"), r"rollout_engine='vlm' is not one of \[.*'hf'.*'sglang'.*\]"),
+        (dict(train_engine="deepspeed"), r"train_engine='deepspeed' is not one of \['hf', 'megatron'\]"),
+        (dict(rollout_precision="int4"), r"rollout_precision='int4' is not one of \['bf16', 'fp32', 'fp8'\]"),
+        (dict(mini_steps=0), r"mini_steps must be >= 1, got 0"),
+        (dict(loss_agg="mean"), r"loss_agg='mean' is not one of"),
+        # bug 2: the GSPO loss takes no importance weights, so TIS would be logged but not applied
+        (dict(algorithm="gspo", tis=True), r"tis=True with algorithm='gspo' is not supported"),
+    ],
+)
+def test_bad_values_fail_at_construction_with_what_and_how(changes, message):
+    with pytest.raises(ValueError, match=message) as e:
+        RunConfig(name="cell", **changes)
+    assert "invalid RunConfig 'cell'" in str(e.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValueError) as e:
+        RunConfig(name="cell", eval_every=0, tis_cap=-1.0, rollout_engine="nope")
+    msg = str(e.value)
+    assert "eval_every" in msg and "tis_cap" in msg and "rollout_engine" in msg
+
+
+def test_valid_edges_are_accepted():
+    RunConfig(name="cell", dual_clip=None, eval_every=1, algorithm="gspo", tis=False)
+    RunConfig(name="cell", algorithm="grpo", tis=True, tis_cap=1.5)
