@@ -8,10 +8,10 @@ pytest.importorskip("megatron.core")
 from r3_tiny_models import tiny_moe  # noqa: E402
 
 from r3.engines.base import TrainBatch  # noqa: E402
-from r3.engines.megatron.model import gpt_logits  # noqa: E402
-from r3.engines.megatron.train import MegatronTrainEngine  # noqa: E402
 from r3.engines.hf.replay import RoutingReplay  # noqa: E402
+from r3.engines.megatron.model import gpt_logits  # noqa: E402
 from r3.engines.megatron.replay import MegatronRouterReplay, from_megatron_layout, to_megatron_layout  # noqa: E402
+from r3.engines.megatron.train import MegatronTrainEngine  # noqa: E402
 from r3.replay import ReplayMode  # noqa: E402
 from r3.trace import RoutingSpec  # noqa: E402
 
