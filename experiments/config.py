@@ -171,8 +171,17 @@ class RunConfig:
         choice("train_engine", train_engine_names())
         choice("rollout_precision", PRECISIONS)
         choice("loss_agg", LossAgg.__args__)
-        for field in ("eval_every", "checkpoint_every", "keep_checkpoints", "global_steps", "prompts_per_step",
-                      "max_new_tokens", "max_sampling_rounds", "eval_samples", "collapse_patience"):
+        for field in (
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "global_steps",
+            "prompts_per_step",
+            "max_new_tokens",
+            "max_sampling_rounds",
+            "eval_samples",
+            "collapse_patience",
+        ):
             if getattr(self, field) < 1:
                 errors.append(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.train_micro_batch < 0:
@@ -180,9 +189,11 @@ class RunConfig:
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
         megatron_only = par != (1, 1, 1) or self.train_recompute or self.train_precision != "fp32"
         if min(par) < 1 or (megatron_only and self.train_engine != "megatron"):
-            errors.append(f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 (or "
-                          f"train_recompute, train_precision='bf16') need train_engine='megatron' "
-                          f"(got {self.train_engine!r})")
+            errors.append(
+                f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 (or "
+                f"train_recompute, train_precision='bf16') need train_engine='megatron' "
+                f"(got {self.train_engine!r})"
+            )
         if self.train_precision not in ("fp32", "bf16"):
             errors.append(f"train_precision must be 'fp32' or 'bf16', got {self.train_precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
@@ -202,8 +213,10 @@ class RunConfig:
             # The GSPO loss here has no importance-weight input, and the paper publishes no GSPO+TIS
             # form (its GSPO cells are GSPO and GSPO+R3 only): refuse rather than log a TIS that
             # is not applied.
-            errors.append("tis=True with algorithm='gspo' is not supported (TIS would not be applied); "
-                          "use algorithm='grpo' for TIS, or tis=False")
+            errors.append(
+                "tis=True with algorithm='gspo' is not supported (TIS would not be applied); "
+                "use algorithm='grpo' for TIS, or tis=False"
+            )
         if self.replay and self.rollout_engine == "sglang" and not self.sglang_urls and self.preset == "tiny":
             errors.append("replay with the sglang engine needs a cluster (preset 'paper')")
         if self.mini_steps < 1:

@@ -78,18 +78,36 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
 
     model = str(model_dir)
     if cfg.rollout_engine == "hf":
-        ro = rollout_config("hf", model_path=model, precision=cfg.rollout_precision,
-                            fp8_scope=cfg.rollout_fp8_scope, seed=cfg.seed)
+        ro = rollout_config(
+            "hf", model_path=model, precision=cfg.rollout_precision, fp8_scope=cfg.rollout_fp8_scope, seed=cfg.seed
+        )
     elif cfg.rollout_engine == "sglang":
-        ro = rollout_config("sglang", urls=tuple(cfg.sglang_urls), model_path=model,
-                            weight_sync_dir=str(run_dir / "weight_sync"))
+        ro = rollout_config(
+            "sglang", urls=tuple(cfg.sglang_urls), model_path=model, weight_sync_dir=str(run_dir / "weight_sync")
+        )
     else:
         ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
-    par = {} if cfg.train_engine != "megatron" else dict(
-        tensor_parallel=cfg.train_tensor_parallel, pipeline_parallel=cfg.train_pipeline_parallel,
-        expert_parallel=cfg.train_expert_parallel, recompute=cfg.train_recompute, precision=cfg.train_precision)
-    tr = train_config(cfg.train_engine, model_path=model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      grad_clip=cfg.grad_clip, micro_batch=cfg.train_micro_batch, seed=cfg.seed, **par)
+    par = (
+        {}
+        if cfg.train_engine != "megatron"
+        else dict(
+            tensor_parallel=cfg.train_tensor_parallel,
+            pipeline_parallel=cfg.train_pipeline_parallel,
+            expert_parallel=cfg.train_expert_parallel,
+            recompute=cfg.train_recompute,
+            precision=cfg.train_precision,
+        )
+    )
+    tr = train_config(
+        cfg.train_engine,
+        model_path=model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        micro_batch=cfg.train_micro_batch,
+        seed=cfg.seed,
+        **par,
+    )
     return ro, tr
 
 
@@ -98,8 +116,11 @@ def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
     engine that captures routing; training requires one that takes weight syncs."""
     caps = rollout_engine.capabilities
     if cfg.replay and not caps.captures_routing:
-        hint = ("start the SGLang servers with --enable-return-routed-experts and serve an MoE model"
-                if cfg.rollout_engine == "sglang" else "use an MoE model (model='base'/'sft' or an MoE model_path)")
+        hint = (
+            "start the SGLang servers with --enable-return-routed-experts and serve an MoE model"
+            if cfg.rollout_engine == "sglang"
+            else "use an MoE model (model='base'/'sft' or an MoE model_path)"
+        )
         raise ValueError(
             f"cell {cfg.name!r}: RunConfig.replay=True but the {cfg.rollout_engine!r} rollout engine "
             f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or {hint}"
@@ -107,8 +128,10 @@ def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
     if cfg.replay and not train_engine.is_moe:
         raise ValueError(f"cell {cfg.name!r}: RunConfig.replay=True but the training model has no routed experts")
     if not caps.weight_sync:
-        raise ValueError(f"cell {cfg.name!r}: the {cfg.rollout_engine!r} rollout engine cannot take weight syncs, "
-                         "so rollout would keep the initial policy while training moves on")
+        raise ValueError(
+            f"cell {cfg.name!r}: the {cfg.rollout_engine!r} rollout engine cannot take weight syncs, "
+            "so rollout would keep the initial policy while training moves on"
+        )
 
 
 def _versions() -> dict[str, str]:
@@ -122,8 +145,14 @@ def _finite(x: float) -> bool:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
-             reward_fn: rollout.RewardFn | None = None, train_engine=None) -> dict:
+def run_cell(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    reward_fn: rollout.RewardFn | None = None,
+    train_engine=None,
+) -> dict:
     """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
     Engines come from r3.engines.registry (`engine_configs`); files from experiments.rundir.
 
@@ -158,13 +187,18 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
     train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
     check_engines(cfg, rollout_engine, train_engine)
     moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe
-    log(f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
-        f"train {cfg.train_engine}, replay={cfg.replay}")
+    log(
+        f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
+        f"train {cfg.train_engine}, replay={cfg.replay}"
+    )
 
     state = checkpoint.load_latest(run_dir, train_engine, log=log)
     start = 0 if state is None else state["step"]
-    stream = (task.TrainStream(seed=cfg.seed, difficulty=cfg.task_difficulty) if synthetic
-              else rollout.TableStream(cfg.train_data, seed=cfg.seed))
+    stream = (
+        task.TrainStream(seed=cfg.seed, difficulty=cfg.task_difficulty)
+        if synthetic
+        else rollout.TableStream(cfg.train_data, seed=cfg.seed)
+    )
     if state is not None:
         stream.position = state["stream_position"]
         rollout_engine.sync_weights(train_engine.rollout_state_dict())
@@ -178,8 +212,9 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
     sink = MetricsSink(run_dir, cfg)
     pool = grader.make_pool(workers=2)
     stop_ids = template.stop_token_ids(tokenizer)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop_token_ids=stop_ids)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids
+    )
 
     def grader_reward(texts, golds):
         return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
@@ -191,34 +226,64 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
         return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def evaluate(step: int) -> None:
-        evaluate_step(rollout_engine, tokenizer, cfg.eval_benchmarks, step=step, run_dir=run_dir,
-                      n_samples=cfg.eval_samples, temperature=cfg.eval_temperature,
-                      max_new_tokens=cfg.max_new_tokens, max_problems=cfg.eval_max_problems, seed=cfg.seed,
-                      template=template.name, grader_pool=pool, progress=False)
+        evaluate_step(
+            rollout_engine,
+            tokenizer,
+            cfg.eval_benchmarks,
+            step=step,
+            run_dir=run_dir,
+            n_samples=cfg.eval_samples,
+            temperature=cfg.eval_temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            max_problems=cfg.eval_max_problems,
+            seed=cfg.seed,
+            template=template.name,
+            grader_pool=pool,
+            progress=False,
+        )
 
     def save_ckpt(step: int) -> None:
-        checkpoint.save(run_dir, step, train_engine, {"stream_position": stream.position},
-                        keep=cfg.keep_checkpoints)
+        checkpoint.save(run_dir, step, train_engine, {"stream_position": stream.position}, keep=cfg.keep_checkpoints)
 
     try:
         if start == 0:
             evaluate(0)
-        bar = tqdm(range(start + 1, cfg.global_steps + 1), desc=cfg.name, unit="step", disable=not progress,
-                   initial=start, total=cfg.global_steps)
+        bar = tqdm(
+            range(start + 1, cfg.global_steps + 1),
+            desc=cfg.name,
+            unit="step",
+            disable=not progress,
+            initial=start,
+            total=cfg.global_steps,
+        )
         for step in bar:
             t_step = time.time()
             t0 = time.time()
             ro = rollout.collect(
-                rollout_engine, encode, decode, stream, prompts_per_step=cfg.prompts_per_step,
-                group_size=cfg.group_size, params=params, dynamic=cfg.dynamic_sampling,
-                max_rounds=cfg.max_sampling_rounds, capture_routing=moe, run_seed=cfg.seed, step=step,
+                rollout_engine,
+                encode,
+                decode,
+                stream,
+                prompts_per_step=cfg.prompts_per_step,
+                group_size=cfg.group_size,
+                params=params,
+                dynamic=cfg.dynamic_sampling,
+                max_rounds=cfg.max_sampling_rounds,
+                capture_routing=moe,
+                run_seed=cfg.seed,
+                step=step,
                 reward_fn=reward_fn or grader_reward,
             )
-            rec: dict = {"step": step, "time/rollout": time.time() - t0,
-                         "rollout/reward_mean": ro.reward_mean, "rollout/response_len_mean": ro.response_len_mean,
-                         "rollout/stop_frac": ro.stop_frac, "rollout/kept_groups": float(len(ro.kept)),
-                         "rollout/sampled_groups": float(ro.sampled_groups),
-                         "rollout/sampling_rounds": float(ro.rounds)}
+            rec: dict = {
+                "step": step,
+                "time/rollout": time.time() - t0,
+                "rollout/reward_mean": ro.reward_mean,
+                "rollout/response_len_mean": ro.response_len_mean,
+                "rollout/stop_frac": ro.stop_frac,
+                "rollout/kept_groups": float(len(ro.kept)),
+                "rollout/sampled_groups": float(ro.sampled_groups),
+                "rollout/sampling_rounds": float(ro.rounds),
+            }
             if ro.kept:
                 batch = rollout.build_batch(ro.kept, pad_id=tokenizer.pad_token_id, with_routing=moe)
                 rec.update(to_host(policy_update(cfg, train_engine, batch)))
@@ -255,8 +320,9 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True,
 
 def _collapse(cfg: RunConfig, run_dir: Path) -> int | None:
     ev = rundir.read_jsonl(run_dir / rundir.EVAL)
-    return collapse_step([e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac,
-                         patience=cfg.collapse_patience)
+    return collapse_step(
+        [e["step"] for e in ev], [e["avg"] for e in ev], frac=cfg.collapse_frac, patience=cfg.collapse_patience
+    )
 
 
 def _write_manifest(cfg: RunConfig, run_dir: Path) -> dict:
@@ -264,10 +330,16 @@ def _write_manifest(cfg: RunConfig, run_dir: Path) -> dict:
     metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
     manifest = {
-        "name": cfg.name, "status": "complete", "steps": metrics[-1]["step"] if metrics else 0,
-        "best_step": best["step"] if best else None, "best_score": best["avg"] if best else None,
-        "initial_score": ev[0]["avg"] if ev else None, "final_score": ev[-1]["avg"] if ev else None,
-        "collapse_step": _collapse(cfg, run_dir), "finished": time.time(), "versions": _versions(),
+        "name": cfg.name,
+        "status": "complete",
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "best_step": best["step"] if best else None,
+        "best_score": best["avg"] if best else None,
+        "initial_score": ev[0]["avg"] if ev else None,
+        "final_score": ev[-1]["avg"] if ev else None,
+        "collapse_step": _collapse(cfg, run_dir),
+        "finished": time.time(),
+        "versions": _versions(),
     }
     rundir.write_manifest(run_dir, manifest)  # written last, atomically
     return manifest

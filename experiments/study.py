@@ -78,14 +78,20 @@ def plan_message(plan_name: str, cfgs: dict, out: Path, jobs: int) -> str:
     steps_left = sum(max(c.global_steps - _steps_done(out / n), 0) for n, c in todo.items())
     sec = measured_step_seconds(out, cfgs) or study_grid.STEP_SECONDS.get(p.zoo_size)
     eval_s = study_grid.EVAL_SECONDS.get(p.zoo_size, 0.0)
-    evals_left = sum(max(c.global_steps - _steps_done(out / n), 0) // c.eval_every + (_steps_done(out / n) == 0)
-                     for n, c in todo.items())
-    msg = (f"[study] plan {plan_name!r}: {len(cfgs)} cells ({len(cfgs) - len(todo)} complete, skipped; "
-           f"{len(todo)} to run), {steps_left} global steps left, zoo {p.zoo_size!r}")
+    evals_left = sum(
+        max(c.global_steps - _steps_done(out / n), 0) // c.eval_every + (_steps_done(out / n) == 0)
+        for n, c in todo.items()
+    )
+    msg = (
+        f"[study] plan {plan_name!r}: {len(cfgs)} cells ({len(cfgs) - len(todo)} complete, skipped; "
+        f"{len(todo)} to run), {steps_left} global steps left, zoo {p.zoo_size!r}"
+    )
     if todo and sec:
         wall = (steps_left * sec + evals_left * eval_s) / max(1, min(jobs, len(todo)))
-        msg += (f"; at {sec:.1f} s/step and {eval_s:.1f} s/evaluation per cell, {min(jobs, len(todo))} cells in "
-                f"parallel: about {_fmt_hours(wall)} (less when cells collapse and stop; more on a loaded machine)")
+        msg += (
+            f"; at {sec:.1f} s/step and {eval_s:.1f} s/evaluation per cell, {min(jobs, len(todo))} cells in "
+            f"parallel: about {_fmt_hours(wall)} (less when cells collapse and stop; more on a loaded machine)"
+        )
     return msg
 
 
@@ -134,8 +140,10 @@ def collapse(args: argparse.Namespace) -> int:
         make_all(out, out / "plots", study=True, progress=False)
         table = out / "plots" / "tables" / "study_collapse.md"
         print(table.read_text())
-        print(f"[study] figures and tables under {out / 'plots'} (dose-response: "
-              f"{out / 'plots' / 'figures' / 'study_dose_response.png'})")
+        print(
+            f"[study] figures and tables under {out / 'plots'} (dose-response: "
+            f"{out / 'plots' / 'figures' / 'study_dose_response.png'})"
+        )
     print(f"[study] done in {(time.time() - t0) / 60:.1f} min", flush=True)
     if failed:
         print(f"[study] {failed}", file=sys.stderr)
@@ -148,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="study", required=True)
     c = sub.add_parser("collapse", help="the collapse study: arms x mismatch levels x seeds (issue 11)")
     c.add_argument("--out", type=Path, default=Path("runs/study"))
-    c.add_argument("--plan", default="full", choices=sorted(study_grid.PLANS),
-                   help="which plan of experiments.study_grid (default: full)")
+    c.add_argument(
+        "--plan",
+        default="full",
+        choices=sorted(study_grid.PLANS),
+        help="which plan of experiments.study_grid (default: full)",
+    )
     c.add_argument("--pilot", action="store_true", help="the pilot plan (same as --plan pilot)")
     c.add_argument("--jobs", type=int, default=2, help="cells run in parallel (one torch thread each)")
     c.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (tiny) or runs/zoo-<size>")

@@ -98,41 +98,84 @@ def _full() -> _Plan:
     """The planned sweep: 3 arms x 3 mismatch levels x 3 seeds, 150 steps each (or to collapse).
     lr 1e-4: 3x the demo's (which collapses nothing in 60 steps) and below 3e-4, where the LR
     sweep in docs/embedded.md degrades R3 runs too; the pilot checks this choice."""
-    return _Plan(name="full", zoo_size="tiny", levels=("bf16", "fp8router", "fp8all"),
-                 arms=("grpo", "grpo-tis", "grpo-r3"), seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150)
+    return _Plan(
+        name="full",
+        zoo_size="tiny",
+        levels=("bf16", "fp8router", "fp8all"),
+        arms=("grpo", "grpo-tis", "grpo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        global_steps=150,
+    )
 
 
 def _pilot() -> _Plan:
     """Find the regime first: one seed, GRPO vs GRPO+R3, every default level, two learning rates,
     30 steps. A cell that collapses here (or a native/R3 gap) picks the full sweep's level and lr."""
-    return _Plan(name="pilot", zoo_size="tiny", levels=("bf16", "fp8router", "fp8all"),
-                 arms=("grpo", "grpo-r3"), seeds=(0,), lrs=(1e-4, 3e-4), global_steps=30)
+    return _Plan(
+        name="pilot",
+        zoo_size="tiny",
+        levels=("bf16", "fp8router", "fp8all"),
+        arms=("grpo", "grpo-r3"),
+        seeds=(0,),
+        lrs=(1e-4, 3e-4),
+        global_steps=30,
+    )
 
 
 def _deep() -> _Plan:
     """The scale axis: the `deep` zoo (8 layers, 32 experts), FP8 levels only, 3 seeds."""
-    return _Plan(name="deep", zoo_size="deep", levels=("fp8router", "fp8all"),
-                 arms=("grpo", "grpo-tis", "grpo-r3"), seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150)
+    return _Plan(
+        name="deep",
+        zoo_size="deep",
+        levels=("fp8router", "fp8all"),
+        arms=("grpo", "grpo-tis", "grpo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        global_steps=150,
+    )
 
 
 def _long() -> _Plan:
     """The response-length axis: difficulty 3 (3-5 operands, about 1.5x longer chains of thought),
     96 new tokens, on the tiny zoo, strongest default level only."""
-    return _Plan(name="long", zoo_size="tiny", levels=("fp8all",), arms=("grpo", "grpo-tis", "grpo-r3"),
-                 seeds=(0, 1, 2), lrs=(1e-4,), global_steps=150, task_difficulty=3, max_new_tokens=96)
+    return _Plan(
+        name="long",
+        zoo_size="tiny",
+        levels=("fp8all",),
+        arms=("grpo", "grpo-tis", "grpo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        global_steps=150,
+        task_difficulty=3,
+        max_new_tokens=96,
+    )
 
 
 def _smoke() -> _Plan:
     """Seconds per cell on the micro zoo (tests): proves the command end to end, measures nothing.
     No dynamic sampling, so every step trains and logs its mismatch even when all rewards are 0."""
-    return _Plan(name="smoke", zoo_size="micro", levels=("fp8router",), arms=("grpo", "grpo-r3"), seeds=(0,),
-                 lrs=(1e-3,), global_steps=2, max_new_tokens=12, prompts_per_step=4, group_size=4, eval_every=1,
-                 eval_max_problems=8, dynamic_sampling=False, max_sampling_rounds=1, checkpoint_every=1,
-                 stop_on_collapse=False)
+    return _Plan(
+        name="smoke",
+        zoo_size="micro",
+        levels=("fp8router",),
+        arms=("grpo", "grpo-r3"),
+        seeds=(0,),
+        lrs=(1e-3,),
+        global_steps=2,
+        max_new_tokens=12,
+        prompts_per_step=4,
+        group_size=4,
+        eval_every=1,
+        eval_max_problems=8,
+        dynamic_sampling=False,
+        max_sampling_rounds=1,
+        checkpoint_every=1,
+        stop_on_collapse=False,
+    )
 
 
-PLANS: dict[str, Callable[[], _Plan]] = {"full": _full, "pilot": _pilot, "deep": _deep, "long": _long,
-                                         "smoke": _smoke}
+PLANS: dict[str, Callable[[], _Plan]] = {"full": _full, "pilot": _pilot, "deep": _deep, "long": _long, "smoke": _smoke}
 
 STEP_SECONDS: dict[str, float] = {"tiny": 3.8}
 """Measured seconds per global step of one cell (one torch thread; rollout with dynamic sampling,

@@ -86,25 +86,57 @@ class ZooConfig:
 SIZES: dict[str, ZooConfig] = {
     # ~1.8M params, 0.6M active (the issue's calibration size); accuracy: docs/embedded.md.
     "tiny": ZooConfig(
-        size="tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-        num_experts=16, top_k=4, moe_intermediate=64,
-        pretrain_steps=700, sft_steps=300, dense_pretrain_steps=700, dense_sft_steps=300,
+        size="tiny",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        num_experts=16,
+        top_k=4,
+        moe_intermediate=64,
+        pretrain_steps=700,
+        sft_steps=300,
+        dense_pretrain_steps=700,
+        dense_sft_steps=300,
     ),
     # For tests and Slurm tests: seconds to build, accuracy near zero.
     "micro": ZooConfig(
-        size="micro", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        num_experts=8, top_k=2, moe_intermediate=32,
-        pretrain_steps=30, sft_steps=10, dense_pretrain_steps=15, dense_sft_steps=5,
-        batch_size=32, eval_problems=16, eval_max_new_tokens=48,
+        size="micro",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate=32,
+        pretrain_steps=30,
+        sft_steps=10,
+        dense_pretrain_steps=15,
+        dense_sft_steps=5,
+        batch_size=32,
+        eval_problems=16,
+        eval_max_new_tokens=48,
     ),
     # The collapse study's scale axis (docs/study.md): twice the depth and twice the experts of
     # `tiny` (6.7M params, 1.2M active), since the share of tokens whose routing differs in at
     # least one layer grows with depth (paper: 94% at 48 layers; tiny: 10% at 4). Not yet built
     # or measured; expect about 2-2.5x tiny's build and step times.
     "deep": ZooConfig(
-        size="deep", hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32,
-        num_experts=32, top_k=4, moe_intermediate=64,
-        pretrain_steps=700, sft_steps=300, dense_pretrain_steps=700, dense_sft_steps=300,
+        size="deep",
+        hidden_size=128,
+        num_layers=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        num_experts=32,
+        top_k=4,
+        moe_intermediate=64,
+        pretrain_steps=700,
+        sft_steps=300,
+        dense_pretrain_steps=700,
+        dense_sft_steps=300,
     ),
 }
 
@@ -118,16 +150,29 @@ def model_configs(cfg: ZooConfig, tokenizer) -> tuple:
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     moe = Qwen3MoeConfig(
-        **common, num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
-        moe_intermediate_size=cfg.moe_intermediate, intermediate_size=cfg.top_k * cfg.moe_intermediate,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        output_router_logits=False, router_aux_loss_coef=cfg.router_aux_coef,
+        **common,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.moe_intermediate,
+        intermediate_size=cfg.top_k * cfg.moe_intermediate,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=False,
+        router_aux_loss_coef=cfg.router_aux_coef,
     )
     dense = Qwen3Config(**common, intermediate_size=cfg.top_k * cfg.moe_intermediate)
     return moe, dense
@@ -183,8 +228,19 @@ class _Packer:
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def train_lm(model, tokenizer, stream: task.TrainStream, *, steps: int, lr: float, batch_size: int,
-             sft: bool, desc: str, seed: int, position: int = 0) -> list[float]:
+def train_lm(
+    model,
+    tokenizer,
+    stream: task.TrainStream,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    sft: bool,
+    desc: str,
+    seed: int,
+    position: int = 0,
+) -> list[float]:
     """AdamW with linear warmup (5%) and cosine decay to 10%; returns the loss curve.
 
     sft: `batch_size` padded prompt/response documents, loss on the response; otherwise
@@ -227,15 +283,17 @@ def _save(model, tokenizer, path: Path) -> None:
 
 def measure_accuracy(model_dir: Path, cfg: ZooConfig, *, temperature: float, seed: int = 0, pool=None) -> float:
     """Held-out accuracy with the rollout engine (fp32) and the project's grader."""
-    from eval.grader import grade_many
-    from r3.engines.base import SamplingParams
-    from r3.engines import registry
     from transformers import AutoTokenizer
+
+    from eval.grader import grade_many
+    from r3.engines import registry
+    from r3.engines.base import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     probs = task.heldout_problems(cfg.eval_problems, difficulty=cfg.difficulty)
     engine = registry.build_rollout_engine(
-        registry.rollout_config("hf", model_path=str(model_dir), precision="fp32", seed=seed))
+        registry.rollout_config("hf", model_path=str(model_dir), precision="fp32", seed=seed)
+    )
     prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs]
     params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=temperature, seed=seed)
     samples = engine.generate(prompts, params)
@@ -272,12 +330,32 @@ def _train_moe(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     torch.manual_seed(cfg.seed)
     moe_cfg.output_router_logits = True  # load-balancing loss while pretraining
     moe = Qwen3MoeForCausalLM(moe_cfg)
-    curves = {"base": train_lm(moe, tok, _stream(cfg, 0), steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                               batch_size=cfg.batch_size, sft=False, desc="zoo: pretrain Base (MoE)", seed=cfg.seed)}
+    curves = {
+        "base": train_lm(
+            moe,
+            tok,
+            _stream(cfg, 0),
+            steps=cfg.pretrain_steps,
+            lr=cfg.pretrain_lr,
+            batch_size=cfg.batch_size,
+            sft=False,
+            desc="zoo: pretrain Base (MoE)",
+            seed=cfg.seed,
+        )
+    }
     _save(moe, tok, zoo_dir / "base")
     moe.config.output_router_logits = True
-    curves["sft"] = train_lm(moe, tok, _stream(cfg, 1), steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
-                             sft=True, desc="zoo: SFT (MoE)", seed=cfg.seed + 1)
+    curves["sft"] = train_lm(
+        moe,
+        tok,
+        _stream(cfg, 1),
+        steps=cfg.sft_steps,
+        lr=cfg.sft_lr,
+        batch_size=cfg.batch_size,
+        sft=True,
+        desc="zoo: SFT (MoE)",
+        seed=cfg.seed + 1,
+    )
     _save(moe, tok, zoo_dir / "sft")
     return curves
 
@@ -292,10 +370,32 @@ def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     torch.manual_seed(cfg.seed)
     dense = Qwen3ForCausalLM(dense_cfg)
     bs = cfg.batch_size
-    curves = {"dense_base": train_lm(dense, tok, _stream(cfg, 0), steps=cfg.dense_pretrain_steps, lr=cfg.pretrain_lr,
-                                     batch_size=bs, sft=False, desc="zoo: pretrain dense", seed=cfg.seed, position=1)}
-    curves["dense"] = train_lm(dense, tok, _stream(cfg, 1), steps=cfg.dense_sft_steps, lr=cfg.sft_lr,
-                               batch_size=bs, sft=True, desc="zoo: SFT dense", seed=cfg.seed + 1, position=1)
+    curves = {
+        "dense_base": train_lm(
+            dense,
+            tok,
+            _stream(cfg, 0),
+            steps=cfg.dense_pretrain_steps,
+            lr=cfg.pretrain_lr,
+            batch_size=bs,
+            sft=False,
+            desc="zoo: pretrain dense",
+            seed=cfg.seed,
+            position=1,
+        )
+    }
+    curves["dense"] = train_lm(
+        dense,
+        tok,
+        _stream(cfg, 1),
+        steps=cfg.dense_sft_steps,
+        lr=cfg.sft_lr,
+        batch_size=bs,
+        sft=True,
+        desc="zoo: SFT dense",
+        seed=cfg.seed + 1,
+        position=1,
+    )
     _save(dense, tok, zoo_dir / "dense")
     return curves
 
@@ -305,8 +405,14 @@ def _stream(cfg: ZooConfig, stage: int) -> task.TrainStream:
     return task.TrainStream(seed=cfg.seed + 100 + stage, difficulty=cfg.difficulty)
 
 
-def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: bool = False,
-              measure: bool = True, parallel: bool = True) -> dict:
+def build_zoo(
+    zoo_dir: Path | None = None,
+    *,
+    size: ZooSize = "tiny",
+    force: bool = False,
+    measure: bool = True,
+    parallel: bool = True,
+) -> dict:
     """Build (or reuse) the zoo in `zoo_dir`; returns its manifest.
 
     parallel: train the dense control in a second process (1 torch thread) beside the MoE.
@@ -340,18 +446,27 @@ def build_zoo(zoo_dir: Path | None = None, *, size: ZooSize = "tiny", force: boo
     models = {}
     for kind in MODEL_KINDS:
         m = AutoModelForCausalLM.from_pretrained(zoo_dir / kind)
-        models[kind] = {"params": sum(p.numel() for p in m.parameters()), "active_params": active_params(m),
-                        "final_loss": sum(curves[kind][-10:]) / len(curves[kind][-10:])}
+        models[kind] = {
+            "params": sum(p.numel() for p in m.parameters()),
+            "active_params": active_params(m),
+            "final_loss": sum(curves[kind][-10:]) / len(curves[kind][-10:]),
+        }
     if measure:
         from eval.grader import make_pool
 
         with make_pool(workers=2) as pool:
             for kind in tqdm(MODEL_KINDS, desc="zoo: held-out accuracy", leave=False):
                 for key, temp in (("heldout_acc_t1", 1.0), ("heldout_acc_greedy", 0.0)):
-                    models[kind][key] = measure_accuracy(zoo_dir / kind, cfg, temperature=temp, seed=cfg.seed,
-                                                         pool=pool)
-    manifest = {"config": dataclasses.asdict(cfg), "models": models, "train_seconds": round(train_s, 1),
-                "eval_problems": cfg.eval_problems, "finished": time.time()}
+                    models[kind][key] = measure_accuracy(
+                        zoo_dir / kind, cfg, temperature=temp, seed=cfg.seed, pool=pool
+                    )
+    manifest = {
+        "config": dataclasses.asdict(cfg),
+        "models": models,
+        "train_seconds": round(train_s, 1),
+        "eval_problems": cfg.eval_problems,
+        "finished": time.time(),
+    }
     (zoo_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last
     return manifest
 
@@ -372,8 +487,10 @@ def check_size(zoo_dir: Path, size: str | None) -> None:
     m = load_manifest(zoo_dir)
     have = (m or {}).get("config", {}).get("size")
     if size is not None and m is not None and have != size:
-        raise ValueError(f"zoo {zoo_dir} holds the {have!r} recipe, but the run asks for zoo_size={size!r}; "
-                         f"point zoo_dir at a {size!r} zoo (python -m experiments.zoo --size {size} --zoo-dir DIR)")
+        raise ValueError(
+            f"zoo {zoo_dir} holds the {have!r} recipe, but the run asks for zoo_size={size!r}; "
+            f"point zoo_dir at a {size!r} zoo (python -m experiments.zoo --size {size} --zoo-dir DIR)"
+        )
 
 
 def model_dir(kind: str, zoo_dir: Path | None = None) -> Path:
@@ -393,8 +510,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--rebuild", "--force", dest="force", action="store_true",
-                    help="train from scratch (ignore a complete zoo in --zoo-dir and the shipped copy)")
+    ap.add_argument(
+        "--rebuild",
+        "--force",
+        dest="force",
+        action="store_true",
+        help="train from scratch (ignore a complete zoo in --zoo-dir and the shipped copy)",
+    )
     args = ap.parse_args(argv)
     m = build_zoo(args.zoo_dir, size=args.size, force=args.force)
     print(json.dumps(m["models"], indent=2))

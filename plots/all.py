@@ -91,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, required=True, help="runs root holding cell directories and static/")
     ap.add_argument("--out", type=Path, required=True, help="output directory (figures/, tables/, index.md)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ap.add_argument("--study", action="store_true", help="also the collapse study's table and dose-response "
-                    "figure (runs of python -m experiments.study)")
+    ap.add_argument(
+        "--study",
+        action="store_true",
+        help="also the collapse study's table and dose-response figure (runs of python -m experiments.study)",
+    )
     args = ap.parse_args(argv)
     try:
         paths = make_all(args.runs, args.out, progress=not args.no_progress, study=args.study)

@@ -212,12 +212,43 @@ def _steps_text(steps: Sequence[int | None]) -> str:
 def study_table(runs: list[Run]) -> Table:
     """The paper's layout (best score (step), final score, collapse step) per condition and method,
     mean +/- standard error over seeds, with the measured mismatch beside it."""
-    header = ["method", "seeds", "best score (step)", "final score", "collapse step", "collapsed",
-              "steps to collapse", "mean k3 KL", "mean F(2)", "tokens with a routing difference"]
-    csv_header = ["condition", "source", "family", "dose_k3_native", "dose_k3_native_se", "method", "status",
-                  "seeds", "runs", "best_mean", "best_se", "best_steps", "final_mean", "final_se",
-                  "collapse_steps", "collapse_rate", "steps_to_collapse_mean", "steps_to_collapse_se",
-                  "k3_mean", "k3_se", "f2_mean", "f2_se", "routing_token_mean"]
+    header = [
+        "method",
+        "seeds",
+        "best score (step)",
+        "final score",
+        "collapse step",
+        "collapsed",
+        "steps to collapse",
+        "mean k3 KL",
+        "mean F(2)",
+        "tokens with a routing difference",
+    ]
+    csv_header = [
+        "condition",
+        "source",
+        "family",
+        "dose_k3_native",
+        "dose_k3_native_se",
+        "method",
+        "status",
+        "seeds",
+        "runs",
+        "best_mean",
+        "best_se",
+        "best_steps",
+        "final_mean",
+        "final_se",
+        "collapse_steps",
+        "collapse_rate",
+        "steps_to_collapse_mean",
+        "steps_to_collapse_se",
+        "k3_mean",
+        "k3_se",
+        "f2_mean",
+        "f2_se",
+        "routing_token_mean",
+    ]
     rows: list[list[str]] = []
     kinds: list = []
     csv_rows: list[list[object]] = []
@@ -254,8 +285,16 @@ def study_table(runs: list[Run]) -> Table:
     ]
     if any(k == "ours" and "(" in r[0] for r, k in zip(rows, kinds)):
         notes.append("(running)/(failed): no manifest.json yet; numbers cover the steps written so far.")
-    return Table(name="study_collapse", title="Collapse study: single-mini-step GRPO, mismatch x method x seeds",
-                 header=header, rows=rows, kinds=kinds, notes=notes, csv_header=csv_header, csv_rows=csv_rows)
+    return Table(
+        name="study_collapse",
+        title="Collapse study: single-mini-step GRPO, mismatch x method x seeds",
+        header=header,
+        rows=rows,
+        kinds=kinds,
+        notes=notes,
+        csv_header=csv_header,
+        csv_rows=csv_rows,
+    )
 
 
 # --- the dose-response figure -------------------------------------------------------------------
@@ -287,8 +326,13 @@ def dose_response_figure(runs: list[Run]) -> Figure:
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
         for fi, fam in enumerate(families):
             for mi, method in enumerate(methods):
-                pts = [(c.dose[0], *stat(cell), cell.status) for c in conds if c.family == fam
-                       for cell in c.cells if cell.method == method and math.isfinite(c.dose[0]) and c.dose[0] > 0]
+                pts = [
+                    (c.dose[0], *stat(cell), cell.status)
+                    for c in conds
+                    if c.family == fam
+                    for cell in c.cells
+                    if cell.method == method and math.isfinite(c.dose[0]) and c.dose[0] > 0
+                ]
                 pts = [p for p in pts if math.isfinite(p[1])]
                 if not pts:
                     continue
@@ -299,8 +343,17 @@ def dose_response_figure(runs: list[Run]) -> Figure:
                 color = METHOD_COLORS.get(method, f"C{mi}")
                 running = any(p[3] != "complete" for p in pts)
                 label = method + (f" [{fam}]" if fam else "") + (" (running)" if running else "")
-                ax.errorbar(x, y, yerr=err if err.any() else None, color=color, marker=MARKERS[fi % len(MARKERS)],
-                            markersize=3.5, linestyle="--" if running else "-", capsize=2, label=label)
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=err if err.any() else None,
+                    color=color,
+                    marker=MARKERS[fi % len(MARKERS)],
+                    markersize=3.5,
+                    linestyle="--" if running else "-",
+                    capsize=2,
+                    label=label,
+                )
         if title == "collapse rate":
             ax.set_ylim(-0.05, 1.05)
     handles, labels = axes[-1].get_legend_handles_labels()

@@ -232,7 +232,9 @@ def run_static_cell(cell: dict, out_dir: Path) -> dict:
 
     out_dir = Path(out_dir)
     if (out_dir.parent.name, out_dir.name) != ("static", cell["precision"]):
-        raise ValueError(f"static cell {cell['name']}: out_dir must be <runs>/static/{cell['precision']}, got {out_dir}")
+        raise ValueError(
+            f"static cell {cell['name']}: out_dir must be <runs>/static/{cell['precision']}, got {out_dir}"
+        )
     if cell.get("model_moe") or cell.get("model_dense"):
         raise NotImplementedError(
             f"static cell {cell['name']}: experiments.static_mismatch measures the embedded zoo only; "

@@ -155,7 +155,9 @@ def _stop(proc: subprocess.Popen, name: str, timeout: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def local_slurm(root: Path, *, cpus: int | None = None, mem_mb: int = 20000, timeout: float = 60) -> Iterator[LocalSlurm]:
+def local_slurm(
+    root: Path, *, cpus: int | None = None, mem_mb: int = 20000, timeout: float = 60
+) -> Iterator[LocalSlurm]:
     """Start munged, slurmctld and slurmd with all state under `root`; yield; stop them.
 
     Raises RuntimeError (with the daemons' log tails) if the node is not idle within `timeout` s.
@@ -183,7 +185,9 @@ def local_slurm(root: Path, *, cpus: int | None = None, mem_mb: int = 20000, tim
             f"--pid-file={root / 'run' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
             f"--seed-file={root / 'munge' / 'munged.seed'}",
         ]  # fmt: skip
-        procs.append(("munged", subprocess.Popen(munge_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)))
+        procs.append(
+            ("munged", subprocess.Popen(munge_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        )
         _wait_for(lambda: (root / "munge" / "munge.socket.2").exists(), 10, "munged socket", cluster)
         procs.append(("slurmctld", _daemon([_which("slurmctld"), "-D", "-i", "-f", str(conf)], env, root, "slurmctld")))
         procs.append(("slurmd", _daemon([_which("slurmd"), "-D", "-f", str(conf), "-N", node], env, root, "slurmd")))

@@ -93,9 +93,7 @@ def plan(task: TaskInfo, res: Resources) -> Plan:
     per_node = res.tasks_per_node
     train_hosts = task.hostnames[: res.train_nodes]
     rollout_hosts = task.hostnames[res.train_nodes :]
-    urls = tuple(
-        f"http://{h}:{SERVER_PORT + i}" for h in rollout_hosts for i in range(res.servers_per_node)
-    )
+    urls = tuple(f"http://{h}:{SERVER_PORT + i}" for h in rollout_hosts for i in range(res.servers_per_node))
     if task.node < res.train_nodes:
         rank = task.node * per_node + task.local_rank
         env = {

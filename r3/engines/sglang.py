@@ -103,8 +103,14 @@ def response_bytes_estimate(prompt_len: int, max_new_tokens: int, *, routing_lay
     return fed * routing_layers * top_k * 4 * 4 // 3 + max_new_tokens * LOGPROB_ENTRY_BYTES
 
 
-def decode_routed_experts(b64: str | bytes, *, seqlen: int, spec: RoutingSpec,
-                          layer_ids: Sequence[int] | None = None, num_rows: int | None = None) -> RoutingTrace:
+def decode_routed_experts(
+    b64: str | bytes,
+    *,
+    seqlen: int,
+    spec: RoutingSpec,
+    layer_ids: Sequence[int] | None = None,
+    num_rows: int | None = None,
+) -> RoutingTrace:
     """SGLang's `meta_info.routed_experts` -> a validated RoutingTrace of the MoE layers, uint8 when
     E <= 256 (int32 otherwise).
 
@@ -247,8 +253,10 @@ class SGLangRolloutEngine:
         if bad:
             raise ValueError(f"server URLs must start with http:// or https://, got {bad}")
         if batch_size < 1 or in_flight_per_server < 1 or retries < 0:
-            raise ValueError(f"batch_size ({batch_size}) and in_flight_per_server ({in_flight_per_server}) "
-                             f"must be >= 1, retries ({retries}) >= 0")
+            raise ValueError(
+                f"batch_size ({batch_size}) and in_flight_per_server ({in_flight_per_server}) "
+                f"must be >= 1, retries ({retries}) >= 0"
+            )
         self.urls = urls
         self.tokenizer = tokenizer_or_none
         self.routing_spec = routing_spec
@@ -283,8 +291,9 @@ class SGLangRolloutEngine:
         if spec is not None:  # SGLang sends a routing row per decoder layer; keep the MoE layers'
             step = getattr(hf_cfg, "decoder_sparse_step", 1) or 1
             only = set(getattr(hf_cfg, "mlp_only_layers", []) or [])
-            kw.setdefault("layer_ids", [i for i in range(hf_cfg.num_hidden_layers)
-                                        if i not in only and (i + 1) % step == 0])
+            kw.setdefault(
+                "layer_ids", [i for i in range(hf_cfg.num_hidden_layers) if i not in only and (i + 1) % step == 0]
+            )
             kw.setdefault("num_hidden_layers", hf_cfg.num_hidden_layers)
         return cls(urls, routing_spec=spec, base_model_path=kw.pop("base_model_path", model_path), **kw)
 
@@ -292,17 +301,27 @@ class SGLangRolloutEngine:
     def from_config(cls, cfg: SGLangRolloutConfig, **kw: Any) -> "SGLangRolloutEngine":
         """The registry's constructor (r3.engines.registry); kw: test seams (transport)."""
         return cls.from_model_config(
-            cfg.urls, cfg.model_path, weight_sync_dir=cfg.weight_sync_dir, batch_size=cfg.batch_size,
-            in_flight_per_server=cfg.in_flight_per_server, request_timeout_s=cfg.request_timeout_s,
-            retries=cfg.retries, send_seeds=cfg.send_seeds, max_response_mb=cfg.max_response_mb,
-            check_server_flags=cfg.check_server_flags, **kw,
+            cfg.urls,
+            cfg.model_path,
+            weight_sync_dir=cfg.weight_sync_dir,
+            batch_size=cfg.batch_size,
+            in_flight_per_server=cfg.in_flight_per_server,
+            request_timeout_s=cfg.request_timeout_s,
+            retries=cfg.retries,
+            send_seeds=cfg.send_seeds,
+            max_response_mb=cfg.max_response_mb,
+            check_server_flags=cfg.check_server_flags,
+            **kw,
         )
 
     @property
     def capabilities(self) -> RolloutCapabilities:
         # routed_experts_start_len lets the server skip a prefix's rows (prefix-cached routing)
-        return RolloutCapabilities(captures_routing=self.routing_spec is not None,
-                                   weight_sync=self.weight_sync_dir is not None, prefix_cached_routing=True)
+        return RolloutCapabilities(
+            captures_routing=self.routing_spec is not None,
+            weight_sync=self.weight_sync_dir is not None,
+            prefix_cached_routing=True,
+        )
 
     # --- HTTP ---------------------------------------------------------------------------------
     def _request(self, method: str, url: str, body: dict | None, *, timeout_s: float | None = None) -> Any:
@@ -347,26 +366,32 @@ class SGLangRolloutEngine:
             time.sleep(poll_s)
 
     # --- generation ---------------------------------------------------------------------------
-    def request_body(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                     capture_routing: bool, seed_offset: int = 0) -> dict:
+    def request_body(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool, seed_offset: int = 0
+    ) -> dict:
         """The /generate body for one batch (prompts are token ids)."""
-        sp: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                              "top_p": params.top_p}
+        sp: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
         if params.stop_token_ids:
             sp["stop_token_ids"] = list(params.stop_token_ids)
         body: dict[str, Any] = {"input_ids": [list(map(int, p)) for p in prompts], "return_logprob": True}
         if params.seed is None or not self.send_seeds:
             body["sampling_params"] = sp
         else:  # distinct per-prompt seeds, or the G samples of a group would be identical
-            body["sampling_params"] = [{**sp, "sampling_seed": params.seed + seed_offset + i}
-                                       for i in range(len(prompts))]
+            body["sampling_params"] = [
+                {**sp, "sampling_seed": params.seed + seed_offset + i} for i in range(len(prompts))
+            ]
         if capture_routing:
             body["return_routed_experts"] = True
             body["routed_experts_start_len"] = 0
         return body
 
-    def parse_response(self, prompts: Sequence[Sequence[int]], payload: Any, *,
-                       capture_routing: bool) -> list[RolloutSample]:
+    def parse_response(
+        self, prompts: Sequence[Sequence[int]], payload: Any, *, capture_routing: bool
+    ) -> list[RolloutSample]:
         """RolloutSamples from a /generate response, validated against the request."""
         outs = [payload] if isinstance(payload, dict) and len(prompts) == 1 else payload
         if not isinstance(outs, list) or len(outs) != len(prompts):
@@ -380,19 +405,26 @@ class SGLangRolloutEngine:
             fr = meta.get("finish_reason")
             kind = fr.get("type") if isinstance(fr, dict) else fr
             if kind not in ("stop", "length"):
-                raise SGLangError(f"result {i} finished with {fr!r} (expected stop or length): the request "
-                                  "was aborted or is unfinished; see the server log")
+                raise SGLangError(
+                    f"result {i} finished with {fr!r} (expected stop or length): the request "
+                    "was aborted or is unfinished; see the server log"
+                )
             olp = meta.get("output_token_logprobs")
             if olp is None:
-                raise SGLangError(f"result {i} lacks meta_info.output_token_logprobs although return_logprob "
-                                  "was true; the server is older than this client expects")
+                raise SGLangError(
+                    f"result {i} lacks meta_info.output_token_logprobs although return_logprob "
+                    "was true; the server is older than this client expects"
+                )
             ids = [int(e[1]) for e in olp]
             if any(e[0] is None for e in olp):
-                raise SGLangError(f"result {i} has null logprobs at positions "
-                                  f"{[j for j, e in enumerate(olp) if e[0] is None][:5]}")
+                raise SGLangError(
+                    f"result {i} has null logprobs at positions {[j for j, e in enumerate(olp) if e[0] is None][:5]}"
+                )
             if "output_ids" in out and list(out["output_ids"]) != ids:
-                raise SGLangError(f"result {i}: output_ids ({len(out['output_ids'])} tokens) disagree with "
-                                  f"output_token_logprobs ({len(ids)} tokens)")
+                raise SGLangError(
+                    f"result {i}: output_ids ({len(out['output_ids'])} tokens) disagree with "
+                    f"output_token_logprobs ({len(ids)} tokens)"
+                )
             trace = None
             if capture_routing:
                 if "routed_experts" not in meta or meta["routed_experts"] is None:
@@ -400,9 +432,13 @@ class SGLangRolloutEngine:
                         f"result {i} has no meta_info.routed_experts although return_routed_experts was true: "
                         "start the SGLang server with --enable-return-routed-experts (needed for R3 replay)"
                     )
-                trace = decode_routed_experts(meta["routed_experts"], seqlen=len(prompt) + len(ids),
-                                              spec=self.routing_spec, layer_ids=self.layer_ids,
-                                              num_rows=self.num_hidden_layers).expert_ids_TLK
+                trace = decode_routed_experts(
+                    meta["routed_experts"],
+                    seqlen=len(prompt) + len(ids),
+                    spec=self.routing_spec,
+                    layer_ids=self.layer_ids,
+                    num_rows=self.num_hidden_layers,
+                ).expert_ids_TLK
             served = meta.get("weight_version")
             if self.weight_version and served is not None and str(served) != str(self.weight_version):
                 raise SGLangError(
@@ -410,15 +446,20 @@ class SGLangRolloutEngine:
                     f"version {self.weight_version}: the server did not take the synced weights (restarted, or "
                     f"its update failed); rollout would sample an old policy. See the server log"
                 )
-            samples.append(RolloutSample(
-                prompt_ids=list(prompt), response_ids=ids,
-                logprobs_R=torch.tensor([float(e[0]) for e in olp], dtype=torch.float32),
-                expert_ids_TLK=trace, finish_reason=kind,
-            ))
+            samples.append(
+                RolloutSample(
+                    prompt_ids=list(prompt),
+                    response_ids=ids,
+                    logprobs_R=torch.tensor([float(e[0]) for e in olp], dtype=torch.float32),
+                    expert_ids_TLK=trace,
+                    finish_reason=kind,
+                )
+            )
         return samples
 
-    def request_spans(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                      capture_routing: bool) -> list[tuple[int, int]]:
+    def request_spans(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool
+    ) -> list[tuple[int, int]]:
         """[start, stop) prompt ranges of the /generate requests: at most batch_size prompts and at
         most max_response_mb of estimated response each (a single prompt may exceed it alone)."""
         rows = (self.num_hidden_layers or self.routing_spec.num_layers) if capture_routing else 0
@@ -451,28 +492,38 @@ class SGLangRolloutEngine:
             if status != 200 or not isinstance(info, dict):
                 continue
             if capture_routing and info.get("enable_return_routed_experts") is False:
-                raise SGLangError(f"{u} runs without --enable-return-routed-experts, so it cannot return the "
-                                  "routing that R3 replays; restart it with the flag (slurm.servers adds it)")
+                raise SGLangError(
+                    f"{u} runs without --enable-return-routed-experts, so it cannot return the "
+                    "routing that R3 replays; restart it with the flag (slurm.servers adds it)"
+                )
             if seeded and info.get("enable_deterministic_inference") is False:
                 import warnings
 
-                warnings.warn(f"{u} runs without --enable-deterministic-inference: SGLang ignores per-prompt "
-                              "sampling seeds, so a resumed run will not reproduce its samples", stacklevel=3)
+                warnings.warn(
+                    f"{u} runs without --enable-deterministic-inference: SGLang ignores per-prompt "
+                    "sampling seeds, so a resumed run will not reproduce its samples",
+                    stacklevel=3,
+                )
         self._checked.add(key)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 capture_routing: bool = False) -> list[RolloutSample]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, capture_routing: bool = False
+    ) -> list[RolloutSample]:
         """One sample per prompt; batches spread over the servers, several in flight each."""
         if capture_routing and self.routing_spec is None:
-            raise ValueError("capture_routing=True needs routing_spec (num_layers, top_k, num_experts) to "
-                             "decode SGLang's flat routed_experts; build the engine with from_model_config")
+            raise ValueError(
+                "capture_routing=True needs routing_spec (num_layers, top_k, num_experts) to "
+                "decode SGLang's flat routed_experts; build the engine with from_model_config"
+            )
         self.check_servers(capture_routing=capture_routing, seeded=params.seed is not None and self.send_seeds)
         if self.tokenizer is not None:
             vocab = len(self.tokenizer)
             for i, p in enumerate(prompts):
                 if p and (max(p) >= vocab or min(p) < 0):
-                    raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (max {max(p)}): "
-                                     "encoded with a different tokenizer?")
+                    raise ValueError(
+                        f"prompt {i} has token ids outside [0, {vocab}) (max {max(p)}): "
+                        "encoded with a different tokenizer?"
+                    )
         if not prompts:
             return []
         spans = self.request_spans(prompts, params, capture_routing=capture_routing)
@@ -507,8 +558,10 @@ class SGLangRolloutEngine:
         checkpoint's dtype (bf16 for Qwen3-30B-A3B), then have every server load them; the previous
         version's directory is deleted afterwards."""
         if self.weight_sync_dir is None:
-            raise ValueError("sync_weights needs weight_sync_dir: a directory on a file system the SGLang "
-                             "servers can read (pass weight_sync_dir=... to SGLangRolloutEngine)")
+            raise ValueError(
+                "sync_weights needs weight_sync_dir: a directory on a file system the SGLang "
+                "servers can read (pass weight_sync_dir=... to SGLangRolloutEngine)"
+            )
         from safetensors.torch import save_file
 
         self.weight_version += 1
@@ -519,8 +572,12 @@ class SGLangRolloutEngine:
                 if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and "index" not in f.name:
                     shutil.copy2(f, out / f.name)
         dtype = checkpoint_dtype(self.base_model_path)
-        tensors = {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-                   .contiguous() for k, v in to_checkpoint_names(state_dict).items()}
+        tensors = {
+            k: v.detach()
+            .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            .contiguous()
+            for k, v in to_checkpoint_names(state_dict).items()
+        }
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.update_weights_from_disk(out, weight_version=str(self.weight_version))
         prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"

@@ -17,10 +17,24 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=256, decoder_sparse_step=1, mlp_only_layers=[1],
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     model = Qwen3MoeForCausalLM(config)
     with torch.no_grad():  # spread router logits so that top-2 choices are well separated

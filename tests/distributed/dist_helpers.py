@@ -22,10 +22,25 @@ def free_port() -> int:
 
 def torchrun(nproc: int, script: Path, *args: str, timeout: float = 240.0, env: dict | None = None) -> str:
     """Run `script` on `nproc` local gloo ranks; returns stdout+stderr, raises with its tail on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args]
-    full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # torchrun sets its own
         if k not in (env or {}):
             full_env.pop(k, None)
@@ -33,6 +48,7 @@ def torchrun(nproc: int, script: Path, *args: str, timeout: float = 240.0, env: 
     out = p.stdout + p.stderr
     if p.returncode:
         lines = [ln for ln in out.splitlines() if "Warning" not in ln and "warn(" not in ln]
-        raise AssertionError(f"torchrun {nproc} x {script.name} {' '.join(args)} exited {p.returncode}:\n"
-                             + "\n".join(lines[-60:]))
+        raise AssertionError(
+            f"torchrun {nproc} x {script.name} {' '.join(args)} exited {p.returncode}:\n" + "\n".join(lines[-60:])
+        )
     return out

@@ -40,15 +40,23 @@ def global_batch(spec: RoutingSpec) -> tuple[TrainBatch, torch.Tensor]:
     ids[1, 6:] = 0
     loss_mask = am[:, 1:].float()
     loss_mask[:, :3] = 0  # the "prompt"
-    forced = torch.stack([torch.randperm(spec.num_experts, generator=g)[: spec.top_k]
-                          for _ in range(B * (S - 1) * spec.num_layers)]).view(B, S - 1, spec.num_layers, spec.top_k)
+    forced = torch.stack(
+        [torch.randperm(spec.num_experts, generator=g)[: spec.top_k] for _ in range(B * (S - 1) * spec.num_layers)]
+    ).view(B, S - 1, spec.num_layers, spec.top_k)
     adv = torch.linspace(-1.0, 1.0, B)
     return TrainBatch(input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=loss_mask, expert_ids_BTLK=forced), adv
 
 
 def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatcher: str | None = None) -> dict:
-    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=micro_batch, expert_parallel=ep, tensor_parallel=tp,
-                              precision=precision, token_dispatcher=dispatcher)
+    eng = MegatronTrainEngine(
+        model,
+        lr=1e-3,
+        micro_batch=micro_batch,
+        expert_parallel=ep,
+        tensor_parallel=tp,
+        precision=precision,
+        token_dispatcher=dispatcher,
+    )
     batch, adv = global_batch(eng.spec)
     out: dict = {"layout": eng.layout.describe(), "world": dist.get_world_size()}
 
@@ -77,8 +85,10 @@ def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatch
         own += [x[eng.tp_rank * n : (eng.tp_rank + 1) * n] for x in layers]
     ok = len(given) == len(own) and all(torch.equal(g[1], o) for g, o in zip(given, own))
     flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, {"rank": dist.get_rank(), "rows": (start, start + real), "own_rows_replayed": ok,
-                                   "layers_set": len(given)})
+    dist.all_gather_object(
+        flags,
+        {"rank": dist.get_rank(), "rows": (start, start + real), "own_rows_replayed": ok, "layers_set": len(given)},
+    )
     out["per_rank"] = flags
 
     n_tok = batch.loss_mask_BT.sum()
@@ -86,8 +96,10 @@ def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatch
     def loss_fn(logp_BT, entropy_BT, rows):
         m = batch.loss_mask_BT[rows]
         loss = -(adv[rows, None] * logp_BT * m).sum() / n_tok
-        return loss, {"test/logp_mean": (logp_BT * m).sum() / m.sum().clamp(min=1),
-                      "test/entropy_mean": (entropy_BT * m).sum() / m.sum().clamp(min=1)}
+        return loss, {
+            "test/logp_mean": (logp_BT * m).sum() / m.sum().clamp(min=1),
+            "test/entropy_mean": (entropy_BT * m).sum() / m.sum().clamp(min=1),
+        }
 
     metrics = eng.train_step(batch, loss_fn, routing=ReplayMode.REPLAY)
     out["metrics"] = {k: float(v) for k, v in metrics.items()}
@@ -99,8 +111,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True, help="a directory: <name>.pt per layout")
-    ap.add_argument("--layouts", required=True,
-                    help="comma-separated name:ep:tp:dispatcher, run one after the other in this process")
+    ap.add_argument(
+        "--layouts",
+        required=True,
+        help="comma-separated name:ep:tp:dispatcher, run one after the other in this process",
+    )
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
@@ -108,8 +123,10 @@ def main() -> None:
 
     for layout in args.layouts.split(","):
         name, ep, tp, dispatcher = layout.split(":")
-        out = {prec: run(args.model, int(ep), int(tp), args.micro_batch, prec, dispatcher)
-               for prec in args.precisions.split(",")}
+        out = {
+            prec: run(args.model, int(ep), int(tp), args.micro_batch, prec, dispatcher)
+            for prec in args.precisions.split(",")
+        }
         if dist.get_rank() == 0:
             torch.save(out, f"{args.out}/{name}.pt")
         dist.barrier()

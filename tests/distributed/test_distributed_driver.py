@@ -20,8 +20,15 @@ def test_followers_replay_every_call_and_report_failures(tmp_path):
     assert out["logp"] == [0.0, 2.0, 4.0, 6.0]
     assert out["metrics"] == 7.0  # the closure's tensor travelled with it
     driver, follower = out["calls"]
-    assert driver == follower == [
-        ["compute_logprobs", 6.0, "REPLAY", True], ["train_step", 7.0], ["save", "/ckpt/step_1"],
-        ["load", "/ckpt/step_1"], ["rollout_state_dict"],
-    ]
+    assert (
+        driver
+        == follower
+        == [
+            ["compute_logprobs", 6.0, "REPLAY", True],
+            ["train_step", 7.0],
+            ["save", "/ckpt/step_1"],
+            ["load", "/ckpt/step_1"],
+            ["rollout_state_dict"],
+        ]
+    )
     assert out["load_error"].startswith("train_engine.load failed on rank(s) 1: FileNotFoundError: no shard for rank 1")

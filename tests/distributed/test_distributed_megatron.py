@@ -43,8 +43,10 @@ def runs(tiny_moe_dir, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("dist")
     # one launch per world size; the layouts of a launch run one after the other (megatron's
     # parallel state rebuilt in between), which saves the start-up of a launch per layout
-    launches = {1: "ref:1:1:allgather",
-                2: "ep2:2:1:allgather,dp2:1:1:allgather,tp2:1:2:allgather,ep2_alltoall:2:1:alltoall"}
+    launches = {
+        1: "ref:1:1:allgather",
+        2: "ep2:2:1:allgather,dp2:1:1:allgather,tp2:1:2:allgather,ep2_alltoall:2:1:alltoall",
+    }
     for nproc, layouts in launches.items():
         torchrun(nproc, WORKER, "--model", str(tiny_moe_dir), "--out", str(out), "--layouts", layouts, timeout=480)
     names = [spec.split(":")[0] for layouts in launches.values() for spec in layouts.split(",")]

@@ -20,10 +20,25 @@ REL_TOL = 1e-5  # measured: max relative difference 1.1e-6 (actor/grad_norm), fp
 
 
 def _cfg(zoo: Path, name: str, **kw) -> RunConfig:
-    return RunConfig(name=name, zoo_dir=str(zoo), model="sft", global_steps=3, prompts_per_step=4, group_size=4,
-                     max_new_tokens=12, eval_every=3, eval_max_problems=4, checkpoint_every=2, lr=1e-3,
-                     rollout_precision="fp32", max_sampling_rounds=2, train_engine="megatron", replay=True,
-                     tis=True, **kw)
+    return RunConfig(
+        name=name,
+        zoo_dir=str(zoo),
+        model="sft",
+        global_steps=3,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=12,
+        eval_every=3,
+        eval_max_problems=4,
+        checkpoint_every=2,
+        lr=1e-3,
+        rollout_precision="fp32",
+        max_sampling_rounds=2,
+        train_engine="megatron",
+        replay=True,
+        tis=True,
+        **kw,
+    )
 
 
 def _lines(p: Path) -> list[dict]:

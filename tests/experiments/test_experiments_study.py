@@ -34,8 +34,9 @@ def test_full_plan_cells_are_arms_x_levels_x_seeds(tmp_path):
 
 def test_pilot_has_an_lr_axis_and_one_seed(tmp_path):
     cells = study_grid.cells("pilot", zoo_dir=tmp_path, pattern="*-grpo-lr*")
-    assert sorted(cells) == sorted(f"pilot-{lv}-grpo-lr{lr}-s0" for lv in ("bf16", "fp8router", "fp8all")
-                                   for lr in ("1e-4", "3e-4"))
+    assert sorted(cells) == sorted(
+        f"pilot-{lv}-grpo-lr{lr}-s0" for lv in ("bf16", "fp8router", "fp8all") for lr in ("1e-4", "3e-4")
+    )
     assert {c.lr for c in cells.values()} == {1e-4, 3e-4}
     assert study_grid.cells("pilot", zoo_dir=tmp_path, global_steps=7)["pilot-bf16-grpo-r3-lr1e-4-s0"].global_steps == 7
 
@@ -57,13 +58,29 @@ def test_fp8_scope_all_quantises_every_linear_layer_per_row():
     from r3.engines.hf.fp8 import FP8_MAX, apply_fp8, fp8_param_names
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=8, intermediate_size=16)
+    cfg = Qwen3MoeConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        intermediate_size=16,
+    )
     m = Qwen3MoeForCausalLM(cfg)
     names = {n.removeprefix("model.layers.0.") for n in fp8_param_names(m, "all")}
-    assert names == {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                     "self_attn.o_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"}
+    assert names == {
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj",
+        "mlp.gate.weight",
+    }
     assert {n.removeprefix("model.layers.0.") for n in fp8_param_names(m, "router")} == {"mlp.gate.weight"}
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     apply_fp8(m, "all")
@@ -90,36 +107,77 @@ def test_zoo_size_is_checked(tmp_path):
 
 # --- aggregation on hand-written run directories ------------------------------------------------
 def _cfg(name: str, *, seed: int, replay: bool, precision: str, scope: str = "router") -> RunConfig:
-    return RunConfig(name=name, seed=seed, replay=replay, rollout_precision=precision, rollout_fp8_scope=scope,
-                     global_steps=20, stop_on_collapse=True)
+    return RunConfig(
+        name=name,
+        seed=seed,
+        replay=replay,
+        rollout_precision=precision,
+        rollout_fp8_scope=scope,
+        global_steps=20,
+        stop_on_collapse=True,
+    )
 
 
 def _write(root: Path, cfg: RunConfig, avgs: dict[int, float], *, k3: float, last_step: int) -> None:
     """A complete run whose k3 KL is `k3` at every step (so its mean is exactly k3)."""
     d = write_run(root, cfg, avgs, last_step=last_step)
-    lines = [{"step": s, "time": 1.7e9 + s, "mismatch/k3_kl": k3, "mismatch/extreme_frac@2": k3 / 10,
-              "actor/grad_norm": 0.5, "actor/entropy": 0.8, "rollout/response_len_mean": 30.0}
-             for s in range(1, last_step + 1)]
+    lines = [
+        {
+            "step": s,
+            "time": 1.7e9 + s,
+            "mismatch/k3_kl": k3,
+            "mismatch/extreme_frac@2": k3 / 10,
+            "actor/grad_norm": 0.5,
+            "actor/entropy": 0.8,
+            "rollout/response_len_mean": 30.0,
+        }
+        for s in range(1, last_step + 1)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
 def _study_root(root: Path) -> Path:
     flat = {0: 0.40, 5: 0.45, 10: 0.47, 15: 0.46, 20: 0.46}
     # low mismatch (bf16): nothing collapses
-    _write(root, _cfg("bf16-grpo-s0", seed=0, replay=False, precision="bf16"),
-           {0: 0.40, 5: 0.50, 10: 0.45, 15: 0.48, 20: 0.48}, k3=1e-4, last_step=20)
-    _write(root, _cfg("bf16-grpo-s1", seed=1, replay=False, precision="bf16"),
-           {0: 0.40, 5: 0.46, 10: 0.52, 15: 0.50, 20: 0.50}, k3=3e-4, last_step=20)
+    _write(
+        root,
+        _cfg("bf16-grpo-s0", seed=0, replay=False, precision="bf16"),
+        {0: 0.40, 5: 0.50, 10: 0.45, 15: 0.48, 20: 0.48},
+        k3=1e-4,
+        last_step=20,
+    )
+    _write(
+        root,
+        _cfg("bf16-grpo-s1", seed=1, replay=False, precision="bf16"),
+        {0: 0.40, 5: 0.46, 10: 0.52, 15: 0.50, 20: 0.50},
+        k3=3e-4,
+        last_step=20,
+    )
     for s in (0, 1):
         _write(root, _cfg(f"bf16-grpo-r3-s{s}", seed=s, replay=True, precision="bf16"), flat, k3=5e-5, last_step=20)
     # high mismatch (FP8, every linear layer): GRPO collapses (at 10 and at 15; stopped there), R3 does not
-    _write(root, _cfg("fp8all-grpo-s0", seed=0, replay=False, precision="fp8", scope="all"),
-           {0: 0.40, 5: 0.50, 10: 0.20, 15: 0.10}, k3=1e-3, last_step=15)
-    _write(root, _cfg("fp8all-grpo-s1", seed=1, replay=False, precision="fp8", scope="all"),
-           {0: 0.40, 5: 0.44, 10: 0.46, 15: 0.20, 20: 0.10}, k3=2e-3, last_step=20)
+    _write(
+        root,
+        _cfg("fp8all-grpo-s0", seed=0, replay=False, precision="fp8", scope="all"),
+        {0: 0.40, 5: 0.50, 10: 0.20, 15: 0.10},
+        k3=1e-3,
+        last_step=15,
+    )
+    _write(
+        root,
+        _cfg("fp8all-grpo-s1", seed=1, replay=False, precision="fp8", scope="all"),
+        {0: 0.40, 5: 0.44, 10: 0.46, 15: 0.20, 20: 0.10},
+        k3=2e-3,
+        last_step=20,
+    )
     for s in (0, 1):
-        _write(root, _cfg(f"fp8all-grpo-r3-s{s}", seed=s, replay=True, precision="fp8", scope="all"), flat,
-               k3=6e-5, last_step=20)
+        _write(
+            root,
+            _cfg(f"fp8all-grpo-r3-s{s}", seed=s, replay=True, precision="fp8", scope="all"),
+            flat,
+            k3=6e-5,
+            last_step=20,
+        )
     return root
 
 
@@ -189,8 +247,10 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
     md = (out / "plots" / "tables" / "study_collapse.md").read_text()
     assert "GRPO+R3" in md and "FP8 rollout, routers only" in md
     assert (out / "plots" / "figures" / "study_dose_response.png").exists()
-    assert "study_collapse" in (out / "plots" / "index.md").read_text() or "Collapse study" in (
-        out / "plots" / "index.md").read_text()
+    assert (
+        "study_collapse" in (out / "plots" / "index.md").read_text()
+        or "Collapse study" in (out / "plots" / "index.md").read_text()
+    )
 
     # rerun: every cell is complete, so no worker process starts and no file changes
     mtimes = {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}

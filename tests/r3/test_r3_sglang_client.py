@@ -39,16 +39,34 @@ REQUEST = {
     "routed_experts_start_len": 0,
 }
 RESPONSE = [
-    {"text": "ab", "output_ids": [31, 2],
-     "meta_info": {"id": "5f1e", "finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 3,
-                   "completion_tokens": 2, "cached_tokens": 0, "e2e_latency": 0.12,
-                   "output_token_logprobs": [[-0.25, 31, None], [-1.5, 2, None]],
-                   "routed_experts": _b64_routing(ROUTING_0)}},
-    {"text": "c", "output_ids": [41],
-     "meta_info": {"id": "9a0c", "finish_reason": {"type": "length", "length": 1}, "prompt_tokens": 2,
-                   "completion_tokens": 1, "cached_tokens": 2, "e2e_latency": 0.1,
-                   "output_token_logprobs": [[-0.75, 41, None]],
-                   "routed_experts": _b64_routing(ROUTING_1)}},
+    {
+        "text": "ab",
+        "output_ids": [31, 2],
+        "meta_info": {
+            "id": "5f1e",
+            "finish_reason": {"type": "stop", "matched": 2},
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "cached_tokens": 0,
+            "e2e_latency": 0.12,
+            "output_token_logprobs": [[-0.25, 31, None], [-1.5, 2, None]],
+            "routed_experts": _b64_routing(ROUTING_0),
+        },
+    },
+    {
+        "text": "c",
+        "output_ids": [41],
+        "meta_info": {
+            "id": "9a0c",
+            "finish_reason": {"type": "length", "length": 1},
+            "prompt_tokens": 2,
+            "completion_tokens": 1,
+            "cached_tokens": 2,
+            "e2e_latency": 0.1,
+            "output_token_logprobs": [[-0.75, 41, None]],
+            "routed_experts": _b64_routing(ROUTING_1),
+        },
+    },
 ]
 PARAMS = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.95, seed=7, stop_token_ids=(2,))
 
@@ -71,8 +89,11 @@ def test_request_body_matches_recorded():
     eng = SGLangRolloutEngine(["http://h:1"], routing_spec=SPEC, transport=Recorder([]))
     assert eng.request_body(REQUEST["input_ids"], PARAMS, capture_routing=True) == REQUEST
     plain = eng.request_body([[1]], SamplingParams(max_new_tokens=3), capture_routing=False)
-    assert plain == {"input_ids": [[1]], "return_logprob": True,
-                     "sampling_params": {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0}}
+    assert plain == {
+        "input_ids": [[1]],
+        "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0},
+    }
 
 
 def test_generate_parses_recorded_response():
@@ -107,12 +128,15 @@ def test_wrong_routing_size_is_refused():
         eng.generate(REQUEST["input_ids"], PARAMS, capture_routing=True)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda r: r[0]["meta_info"].update(finish_reason={"type": "abort", "message": "oom"}), "aborted"),
-    (lambda r: r[0]["meta_info"].pop("output_token_logprobs"), "lacks meta_info.output_token_logprobs"),
-    (lambda r: r[0].update(output_ids=[31]), "disagree"),
-    (lambda r: r.pop(), "returned 1 results for 2 prompts"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda r: r[0]["meta_info"].update(finish_reason={"type": "abort", "message": "oom"}), "aborted"),
+        (lambda r: r[0]["meta_info"].pop("output_token_logprobs"), "lacks meta_info.output_token_logprobs"),
+        (lambda r: r[0].update(output_ids=[31]), "disagree"),
+        (lambda r: r.pop(), "returned 1 results for 2 prompts"),
+    ],
+)
 def test_malformed_responses(mutate, match):
     resp = json.loads(json.dumps(RESPONSE))
     mutate(resp)
@@ -123,8 +147,16 @@ def test_malformed_responses(mutate, match):
 
 def _answer_for(body):
     """A server stand-in: response token = prompt's first token + 100, logprob -0.5."""
-    return [{"output_ids": [p[0] + 100], "meta_info": {"finish_reason": {"type": "length", "length": 1},
-             "output_token_logprobs": [[-0.5, p[0] + 100, None]]}} for p in body["input_ids"]]
+    return [
+        {
+            "output_ids": [p[0] + 100],
+            "meta_info": {
+                "finish_reason": {"type": "length", "length": 1},
+                "output_token_logprobs": [[-0.5, p[0] + 100, None]],
+            },
+        }
+        for p in body["input_ids"]
+    ]
 
 
 def test_batches_round_robin_and_keep_order():
@@ -133,16 +165,20 @@ def test_batches_round_robin_and_keep_order():
 
     def transport(method, url, body, timeout_s):
         with lock:
-            calls.append((url, [p[0] for p in body["input_ids"]], [s["sampling_seed"] for s in body["sampling_params"]]))
+            calls.append(
+                (url, [p[0] for p in body["input_ids"]], [s["sampling_seed"] for s in body["sampling_params"]])
+            )
         return 200, _answer_for(body)
 
     eng = SGLangRolloutEngine(["http://a:1", "http://b:2"], batch_size=3, transport=transport)
     prompts = [[i] for i in range(8)]
     out = eng.generate(prompts, SamplingParams(max_new_tokens=1, seed=100))
     assert [s.response_ids for s in out] == [[i + 100] for i in range(8)]
-    assert sorted(calls) == [("http://a:1/generate", [0, 1, 2], [100, 101, 102]),
-                             ("http://a:1/generate", [6, 7], [106, 107]),
-                             ("http://b:2/generate", [3, 4, 5], [103, 104, 105])]  # distinct seeds per prompt
+    assert sorted(calls) == [
+        ("http://a:1/generate", [0, 1, 2], [100, 101, 102]),
+        ("http://a:1/generate", [6, 7], [106, 107]),
+        ("http://b:2/generate", [3, 4, 5], [103, 104, 105]),
+    ]  # distinct seeds per prompt
 
 
 def test_retries_with_backoff_then_gives_up():
@@ -150,8 +186,12 @@ def test_retries_with_backoff_then_gives_up():
     eng = SGLangRolloutEngine(["http://h:1"], retries=2, backoff_s=0.0, transport=rec)
     assert eng.generate([[1]], SamplingParams(max_new_tokens=1))[0].response_ids == [101]
     assert len(rec.calls) == 3
-    dead = SGLangRolloutEngine(["http://h:1"], retries=1, backoff_s=0.0,
-                               transport=Recorder([ConnectionResetError("x"), ConnectionResetError("y")]))
+    dead = SGLangRolloutEngine(
+        ["http://h:1"],
+        retries=1,
+        backoff_s=0.0,
+        transport=Recorder([ConnectionResetError("x"), ConnectionResetError("y")]),
+    )
     with pytest.raises(ConnectionError, match="failed after 2 attempts"):
         dead.generate([[1]], SamplingParams(max_new_tokens=1))
     bad = SGLangRolloutEngine(["http://h:1"], backoff_s=0.0, transport=Recorder([(400, {"error": "bad top_p"})]))
@@ -192,8 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, RESPONSE if body == REQUEST else _answer_for(body))
         elif self.path == "/update_weights_from_disk":
             self.updates.append(body)
-            self._send(200, {"success": True, "message": "Succeeded to update model weights.",
-                             "num_paused_requests": 0})
+            self._send(
+                200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+            )
         else:
             self._send(404, {"detail": "Not Found"})
 
@@ -227,7 +268,9 @@ def test_http_round_trip_health_and_weight_sync(server, tmp_path):
     assert (v2 / "config.json").exists()
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(str(v2 / "model.safetensors"))["model.embed_tokens.weight"], sd["model.embed_tokens.weight"] + 1)
+    assert torch.equal(
+        load_file(str(v2 / "model.safetensors"))["model.embed_tokens.weight"], sd["model.embed_tokens.weight"] + 1
+    )
 
 
 def test_http_errors(server):

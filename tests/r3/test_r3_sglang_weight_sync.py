@@ -32,8 +32,9 @@ class _Server:
 
 def _sync(state_dict, base_dir, tmp_path):
     server = _Server()
-    eng = SGLangRolloutEngine(["http://sglang:30000"], weight_sync_dir=tmp_path / "sync", base_model_path=base_dir,
-                              transport=server)
+    eng = SGLangRolloutEngine(
+        ["http://sglang:30000"], weight_sync_dir=tmp_path / "sync", base_model_path=base_dir, transport=server
+    )
     eng.sync_weights(state_dict)
     return server.loaded[-1]
 
@@ -81,8 +82,12 @@ def test_sync_casts_to_the_served_dtype(tmp_path):
 
 def test_fused_split_follows_transformers_gate_up_order():
     gate_up = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # E=2, 2I=4, H=3
-    out = to_checkpoint_names({"model.layers.0.mlp.experts.gate_up_proj": gate_up,
-                               "model.layers.0.mlp.experts.down_proj": torch.zeros(2, 3, 2)})
+    out = to_checkpoint_names(
+        {
+            "model.layers.0.mlp.experts.gate_up_proj": gate_up,
+            "model.layers.0.mlp.experts.down_proj": torch.zeros(2, 3, 2),
+        }
+    )
     assert torch.equal(out["model.layers.0.mlp.experts.1.gate_proj.weight"], gate_up[1, :2])
     assert torch.equal(out["model.layers.0.mlp.experts.1.up_proj.weight"], gate_up[1, 2:])
     assert out["model.layers.0.mlp.experts.0.down_proj.weight"].shape == (3, 2)
@@ -121,8 +126,15 @@ def test_a_server_still_on_old_weights_stops_the_step(tmp_path):
     def transport(method, url, body, timeout_s):
         if url.endswith("/update_weights_from_disk"):
             return 200, {"success": True}
-        return 200, [{"meta_info": {"finish_reason": {"type": "length"}, "weight_version": version["v"],
-                                    "output_token_logprobs": [[-1.0, 5, None]]}}]
+        return 200, [
+            {
+                "meta_info": {
+                    "finish_reason": {"type": "length"},
+                    "weight_version": version["v"],
+                    "output_token_logprobs": [[-1.0, 5, None]],
+                }
+            }
+        ]
 
     eng = SGLangRolloutEngine(["http://sglang:30000"], weight_sync_dir=tmp_path / "sync", transport=transport)
     params = SamplingParams(max_new_tokens=1)

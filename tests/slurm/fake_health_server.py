@@ -27,11 +27,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 if a.exit_after is not None:
+
     def _die():
         time.sleep(a.exit_after)
         print("fake server: exiting on purpose", flush=True)
         import os
+
         os._exit(3)
+
     threading.Thread(target=_die, daemon=True).start()
 print(f"fake server on port {a.port}", flush=True)
 sys.stdout.flush()

@@ -28,8 +28,15 @@ TOY = "tests.slurm.toyrun:run_cell"
 REAL = "experiments.run:run_cell"
 # The real loop at its smallest: 2 prompts x 2 samples, 16 new tokens, no dynamic sampling (the
 # micro zoo solves nothing, so every group would be dropped), eval on 2 problems.
-SMALL = {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16, "dynamic_sampling": False,
-         "eval_max_problems": 2, "checkpoint_every": 2, "eval_every": 4}
+SMALL = {
+    "prompts_per_step": 2,
+    "group_size": 2,
+    "max_new_tokens": 16,
+    "dynamic_sampling": False,
+    "eval_max_problems": 2,
+    "checkpoint_every": 2,
+    "eval_every": 4,
+}
 
 
 # `micro_zoo` (tests/conftest.py) is shared with tests/experiments: built once per session.
@@ -40,8 +47,27 @@ def _overrides(d: dict) -> list[str]:
 
 
 def _submit(cluster, runs: Path, cells: str, *extra: str, body: str = TOY) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--cells", cells, "--precisions", "fp8",
-           "--no-static", "--runs", str(runs), "--body", body, "--cpus-per-task", "1", "--mem-gb", "2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "--preset",
+        "tiny",
+        "--cells",
+        cells,
+        "--precisions",
+        "fp8",
+        "--no-static",
+        "--runs",
+        str(runs),
+        "--body",
+        body,
+        "--cpus-per-task",
+        "1",
+        "--mem-gb",
+        "2",
+        *extra,
+    ]
     return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
@@ -106,8 +132,12 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluste
     metrics = run_dir / "metrics.jsonl"
     # Mid-run (after a checkpoint, before the end): preempt the way submitit's own
     # SlurmJob._interrupt does: SIGTERM, then the preemption signal SIGUSR2, to the job's steps.
-    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= signal_at, 120,
-          f"step {signal_at}", slurm_cluster)
+    _wait(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= signal_at,
+        120,
+        f"step {signal_at}",
+        slurm_cluster,
+    )
     slurm_cluster.run(["scancel", "--signal", "TERM", job_id])
     slurm_cluster.run(["scancel", "--signal", "USR2", job_id])
     assert len(metrics.read_text().splitlines()) < steps, "the run ended before the signal: lengthen it"
@@ -117,8 +147,12 @@ def test_preempted_job_requeues_and_ends_with_uninterrupted_metrics(slurm_cluste
         out = slurm_cluster.run(["scontrol", "show", "job", job_id], check=False)
         return int(out.split("Restarts=")[1].split()[0]) if "Restarts=" in out else 0
 
-    _wait(lambda: not slurm_cluster.run(["squeue", "-h", "-j", job_id], check=False).strip(), 120,
-          "the requeued job to finish", slurm_cluster)
+    _wait(
+        lambda: not slurm_cluster.run(["squeue", "-h", "-j", job_id], check=False).strip(),
+        120,
+        "the requeued job to finish",
+        slurm_cluster,
+    )
     assert _restarts() == 1
     log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.out"))
     assert "checkpoint requested" in log and "Requeued job" in log

@@ -20,19 +20,49 @@ from slurm import state
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm, pytest.mark.megatron]
 REPO = Path(__file__).resolve().parents[2]
 CELL = "sft-single-grpo-r3"
-OVER = {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 12, "dynamic_sampling": False,
-        "eval_max_problems": 2, "eval_every": 3, "checkpoint_every": 2, "global_steps": 3,
-        "train_engine": "megatron", "train_expert_parallel": 2}
+OVER = {
+    "prompts_per_step": 2,
+    "group_size": 2,
+    "max_new_tokens": 12,
+    "dynamic_sampling": False,
+    "eval_max_problems": 2,
+    "eval_every": 3,
+    "checkpoint_every": 2,
+    "global_steps": 3,
+    "train_engine": "megatron",
+    "train_expert_parallel": 2,
+}
 
 
 def test_two_slurm_tasks_train_one_cell(slurm_cluster, micro_zoo, tmp_path):
     pytest.importorskip("megatron.core")
     runs = tmp_path / "runs"
     over = {**OVER, "model_path": str(micro_zoo / "sft")}
-    cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--cells", CELL, "--precisions", "fp8",
-           "--no-static", "--no-array", "--runs", str(runs), "--cpus-per-task", "1", "--mem-gb", "4",
-           "--cpu-tasks-per-node", "2", "--wait", "--wait-timeout", "300",
-           *[x for k, v in over.items() for x in ("--override", f"{k}={json.dumps(v)}")]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "--preset",
+        "tiny",
+        "--cells",
+        CELL,
+        "--precisions",
+        "fp8",
+        "--no-static",
+        "--no-array",
+        "--runs",
+        str(runs),
+        "--cpus-per-task",
+        "1",
+        "--mem-gb",
+        "4",
+        "--cpu-tasks-per-node",
+        "2",
+        "--wait",
+        "--wait-timeout",
+        "300",
+        *[x for k, v in over.items() for x in ("--override", f"{k}={json.dumps(v)}")],
+    ]
     p = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, cwd=REPO, timeout=400)
     run_dir = runs / CELL
     assert p.returncode == 0, p.stdout + p.stderr + slurm_cluster.logs()
@@ -50,8 +80,13 @@ def test_two_slurm_tasks_train_one_cell(slurm_cluster, micro_zoo, tmp_path):
     run_cell(cfg, tmp_path / "ref", progress=False)
     want = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     for g, w in zip(rows, want):
-        for k in ("rollout/reward_mean", "rollout/response_len_mean", "mismatch/k3_kl", "actor/entropy",
-                  "routing/pair_disagreement"):
+        for k in (
+            "rollout/reward_mean",
+            "rollout/response_len_mean",
+            "mismatch/k3_kl",
+            "actor/entropy",
+            "routing/pair_disagreement",
+        ):
             assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (g["step"], k)
 
 
@@ -63,8 +98,10 @@ def _wait(cond, timeout: float, what: str, cluster):
         if cond():
             return
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; squeue: "
-                         f"{cluster.run(['squeue', '-h', '-o', '%i %T %r'], check=False)!r}\n{cluster.logs()}")
+    raise AssertionError(
+        f"timed out waiting for {what}; squeue: "
+        f"{cluster.run(['squeue', '-h', '-o', '%i %T %r'], check=False)!r}\n{cluster.logs()}"
+    )
 
 
 @pytest.mark.slow
@@ -76,9 +113,28 @@ def test_two_task_job_preempted_requeues_and_resumes_without_gap(slurm_cluster, 
     runs = tmp_path / "runs"
     steps = 6
     over = {**OVER, "global_steps": steps, "eval_every": 10, "model_path": str(micro_zoo / "sft")}
-    cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--cells", CELL, "--precisions", "fp8",
-           "--no-static", "--no-array", "--runs", str(runs), "--cpus-per-task", "1", "--mem-gb", "4",
-           "--cpu-tasks-per-node", "2", *[x for k, v in over.items() for x in ("--override", f"{k}={json.dumps(v)}")]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "--preset",
+        "tiny",
+        "--cells",
+        CELL,
+        "--precisions",
+        "fp8",
+        "--no-static",
+        "--no-array",
+        "--runs",
+        str(runs),
+        "--cpus-per-task",
+        "1",
+        "--mem-gb",
+        "4",
+        "--cpu-tasks-per-node",
+        "2",
+        *[x for k, v in over.items() for x in ("--override", f"{k}={json.dumps(v)}")],
+    ]
     p = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     run_dir = runs / CELL
@@ -89,8 +145,12 @@ def test_two_task_job_preempted_requeues_and_resumes_without_gap(slurm_cluster, 
     slurm_cluster.run(["scancel", "--signal", "TERM", job_id])
     slurm_cluster.run(["scancel", "--signal", "USR2", job_id])
     assert len(metrics.read_text().splitlines()) < steps, "the run ended before the signal: lengthen it"
-    _wait(lambda: not slurm_cluster.run(["squeue", "-h", "-j", job_id], check=False).strip(), 300,
-          "the requeued job to finish", slurm_cluster)
+    _wait(
+        lambda: not slurm_cluster.run(["squeue", "-h", "-j", job_id], check=False).strip(),
+        300,
+        "the requeued job to finish",
+        slurm_cluster,
+    )
     out = slurm_cluster.run(["scontrol", "show", "job", job_id], check=False)
     assert "Restarts=1" in out, out
     assert state.run_status(run_dir).state == state.RunState.COMPLETE, sorted(p.name for p in run_dir.iterdir())

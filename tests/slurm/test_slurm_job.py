@@ -30,8 +30,14 @@ def failing_body(cfg, run_dir):
 
 def _spec(tmp_path, body: str) -> JobSpec:
     cfg = grid.cells("tiny", precisions=["fp8"])["sft-single-grpo-r3"]
-    return JobSpec(name=cfg.name, kind="rl", run_dir=str(tmp_path / cfg.name), payload=cfg.to_dict(),
-                   resources=Resources(train_nodes=1), body=body)
+    return JobSpec(
+        name=cfg.name,
+        kind="rl",
+        run_dir=str(tmp_path / cfg.name),
+        payload=cfg.to_dict(),
+        resources=Resources(train_nodes=1),
+        body=body,
+    )
 
 
 def test_body_runs_with_config_markers_and_rank_env(tmp_path, monkeypatch):
@@ -118,8 +124,12 @@ def test_forked_children_ignore_the_preemption_signal(tmp_path):
         assert calls == [os.getpid()]
         # From then on SIGTERM is ignored, also by the `scontrol requeue` child the handler starts.
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-        child = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM); print('alive')"],
-                               capture_output=True, text=True, timeout=30)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM); print('alive')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert child.stdout.strip() == "alive"
     finally:
         signal.signal(signal.SIGUSR2, old)

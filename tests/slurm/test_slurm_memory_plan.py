@@ -7,8 +7,18 @@ import pytest
 
 from slurm import submit
 
-PAPER = ["--preset", "paper", "--model-base", "/ckpt/base", "--model-sft", "/ckpt/sft", "--train-data", "/data/rl",
-         "--dry-run", "--no-static"]
+PAPER = [
+    "--preset",
+    "paper",
+    "--model-base",
+    "/ckpt/base",
+    "--model-sft",
+    "/ckpt/sft",
+    "--train-data",
+    "/data/rl",
+    "--dry-run",
+    "--no-static",
+]
 
 
 def test_paper_dry_run_prints_fitting_plans(tmp_path, capsys):
@@ -21,8 +31,9 @@ def test_paper_dry_run_prints_fitting_plans(tmp_path, capsys):
 
 def test_paper_dry_run_refuses_a_layout_that_cannot_fit(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"sft-single-grpo: 223\.6 GB per GPU needed, 80 GB available"):
-        submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override",
-                             "train_expert_parallel=1"])
+        submit.main(
+            PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override", "train_expert_parallel=1"]
+        )
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert not (tmp_path / "slurm" / "dry-run").exists()  # nothing written
 
@@ -31,10 +42,15 @@ def test_paper_cells_carry_the_layout(tmp_path):
     todo, _ = submit.plan_cells(submit.parse_args(PAPER + ["--runs", str(tmp_path), "--cells", "sft-multi-gspo"]))
     p = todo[0].payload
     assert (p["train_expert_parallel"], p["train_recompute"], p["train_micro_batch"], p["train_precision"]) == (
-        8, True, 1, "bf16")
+        8,
+        True,
+        1,
+        "bf16",
+    )
 
 
 def test_fp32_training_is_refused_for_the_paper_layout(tmp_path):
     with pytest.raises(SystemExit, match=r"103\.3 GB per GPU needed, 80 GB available"):
-        submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override",
-                             "train_precision=fp32"])
+        submit.main(
+            PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override", "train_precision=fp32"]
+        )

@@ -5,8 +5,10 @@ import pytest
 from slurm.resources import RESOURCES, Resources, parse_time_min, resources_for
 
 
-@pytest.mark.parametrize("text,minutes", [("90", 90), ("2:00:00", 120), ("1-12:00:00", 2160), ("0:30", 1),
-                                          ("1-2", 1560), ("1-0:30", 1470), ("10:01", 11)])
+@pytest.mark.parametrize(
+    "text,minutes",
+    [("90", 90), ("2:00:00", 120), ("1-12:00:00", 2160), ("0:30", 1), ("1-2", 1560), ("1-0:30", 1470), ("10:01", 11)],
+)
 def test_parse_time(text, minutes):
     assert parse_time_min(text) == minutes
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from slurm.servers import ProcessServers, ServerLauncher, ServerSpec, is_healthy, sglang_command, sglang_specs, wait_healthy
+from slurm.servers import (
+    ProcessServers,
+    ServerLauncher,
+    ServerSpec,
+    is_healthy,
+    sglang_command,
+    sglang_specs,
+    wait_healthy,
+)
 
 FAKE = str(Path(__file__).with_name("fake_health_server.py"))
 
@@ -26,8 +34,9 @@ def _port() -> int:
 
 
 def _spec(port: int, *extra: str) -> ServerSpec:
-    return ServerSpec(name=f"fake-{port}", command=(sys.executable, FAKE, "--port", str(port), *extra),
-                      url=f"http://127.0.0.1:{port}")
+    return ServerSpec(
+        name=f"fake-{port}", command=(sys.executable, FAKE, "--port", str(port), *extra), url=f"http://127.0.0.1:{port}"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -80,7 +89,8 @@ def test_sigterm_to_the_launcher_stops_its_servers(tmp_path):
     """A launcher process (as on a rollout node) gets SIGTERM: its servers go down with it."""
     port = _port()
     script = tmp_path / "launcher.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from slurm.servers import ProcessServers, ServerSpec, stop_on_sigterm
@@ -89,7 +99,8 @@ def test_sigterm_to_the_launcher_stops_its_servers(tmp_path):
         with stop_on_sigterm(servers), servers:
             print("up", servers.procs[0].pid, flush=True)
             time.sleep(60)
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().split()
     assert line[0] == "up", line
@@ -107,8 +118,15 @@ def test_sglang_command_line():
     cmd = sglang_command(model_path="/ckpt/sft", port=30001, tp=4, base_gpu_id=4, precision="fp8", seed=3, python="py")
     assert cmd[:3] == ["py", "-m", "sglang.launch_server"]
     joined = " ".join(cmd)
-    for part in ("--model-path /ckpt/sft", "--port 30001", "--tp-size 4", "--base-gpu-id 4", "--random-seed 3",
-                 "--enable-return-routed-experts", "--quantization fp8"):
+    for part in (
+        "--model-path /ckpt/sft",
+        "--port 30001",
+        "--tp-size 4",
+        "--base-gpu-id 4",
+        "--random-seed 3",
+        "--enable-return-routed-experts",
+        "--quantization fp8",
+    ):
         assert part in joined
     assert "--enable-return-routed-experts" not in sglang_command(model_path="m", port=1, capture_routing=False)
     with pytest.raises(ValueError, match="bf16 or fp8"):

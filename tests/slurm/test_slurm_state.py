@@ -6,7 +6,17 @@ import json
 import os
 import time
 
-from slurm.state import FAILED, JOB_JSON, RUNNING, STALE_S, RunningMarker, RunState, run_status, static_status, write_json_atomic
+from slurm.state import (
+    FAILED,
+    JOB_JSON,
+    RUNNING,
+    STALE_S,
+    RunningMarker,
+    RunState,
+    run_status,
+    static_status,
+    write_json_atomic,
+)
 
 
 def _metrics(run_dir, steps, torn=False):

@@ -18,30 +18,88 @@ PAPER_FLAGS = ["--model-base", "/m/base", "--model-sft", "/m/sft", "--model-dens
 
 
 def test_dry_run_writes_one_array_per_resource_group(tmp_path, capsys):
-    main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS,
-          "--partition", "gpu", "--account", "proj", "--time", "2-00:00:00", "--setup", "module load cuda"])
+    main(
+        [
+            "--preset",
+            "paper",
+            "--runs",
+            str(tmp_path),
+            "--dry-run",
+            *PAPER_FLAGS,
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--time",
+            "2-00:00:00",
+            "--setup",
+            "module load cuda",
+        ]
+    )
     out = capsys.readouterr().out
     scripts = sorted((tmp_path / "slurm" / "dry-run").glob("*.sbatch"))
     assert [p.name for p in scripts] == ["rl-sft-single-grpo-array.sbatch"]
     assert "skip static: the static measurement of the paper's checkpoints" in out
     rl = scripts[0].read_text()
-    for line in ("#SBATCH --array=0-11%4", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
-                 "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
-                 "#SBATCH --time=2880", "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --mem=0",
-                 "module load cuda", "-m submitit.core._submit"):
+    for line in (
+        "#SBATCH --array=0-11%4",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=2880",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        "#SBATCH --mem=0",
+        "module load cuda",
+        "-m submitit.core._submit",
+    ):
         assert line in rl, line
     assert "#   [11] sft-multi-gspo-r3 -> " in rl and rl in out
     # With a static body of one's own, the static job gets its own resources (1 train + 1 rollout node).
-    main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS, "--cells", "static",
-          "--static-body", "mypkg.static:run"])
+    main(
+        [
+            "--preset",
+            "paper",
+            "--runs",
+            str(tmp_path),
+            "--dry-run",
+            *PAPER_FLAGS,
+            "--cells",
+            "static",
+            "--static-body",
+            "mypkg.static:run",
+        ]
+    )
     assert "#SBATCH --nodes=2" in (tmp_path / "slurm" / "dry-run" / "static-static.sbatch").read_text()
     assert not any((tmp_path / c / "slurm" / "job.json").exists() for c in ("sft-single-grpo",))  # nothing submitted
 
 
 def test_resource_flags_and_no_array(tmp_path):
-    main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS, "--cells", "sft-multi-*",
-          "--no-array", "--nodes", "3", "--rollout-nodes", "1", "--gpus-per-node", "4", "--server-tp", "2",
-          "--gpu-mem-gb", "141"])  # 8 training GPUs: 94 GB per GPU by the memory plan, so H200-sized GPUs
+    main(
+        [
+            "--preset",
+            "paper",
+            "--runs",
+            str(tmp_path),
+            "--dry-run",
+            *PAPER_FLAGS,
+            "--cells",
+            "sft-multi-*",
+            "--no-array",
+            "--nodes",
+            "3",
+            "--rollout-nodes",
+            "1",
+            "--gpus-per-node",
+            "4",
+            "--server-tp",
+            "2",
+            "--gpu-mem-gb",
+            "141",
+        ]
+    )  # 8 training GPUs: 94 GB per GPU by the memory plan, so H200-sized GPUs
     scripts = sorted((tmp_path / "slurm" / "dry-run").glob("*.sbatch"))
     assert len(scripts) == 4 and not any("--array" in p.read_text() for p in scripts)
     text = scripts[0].read_text()
@@ -53,8 +111,19 @@ def test_refusals_name_the_missing_flags(tmp_path):
     with pytest.raises(SystemExit, match=r"placeholders.*--model-sft"):
         main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run"])
     with pytest.raises(SystemExit, match="no rollout nodes; pass --rollout-nodes"):
-        main(["--preset", "paper", "--runs", str(tmp_path), "--dry-run", *PAPER_FLAGS, "--rollout-nodes", "0",
-              "--no-static"])
+        main(
+            [
+                "--preset",
+                "paper",
+                "--runs",
+                str(tmp_path),
+                "--dry-run",
+                *PAPER_FLAGS,
+                "--rollout-nodes",
+                "0",
+                "--no-static",
+            ]
+        )
     with pytest.raises(SystemExit, match="matches --cells"):
         main(["--preset", "tiny", "--runs", str(tmp_path), "--dry-run", "--cells", "nope-*"])
     with pytest.raises(SystemExit, match="leaves 0 training nodes"):
@@ -63,9 +132,26 @@ def test_refusals_name_the_missing_flags(tmp_path):
 
 def test_local_executor_runs_cells_and_skips_complete_and_failed(tmp_path):
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "slurm.submit", "--preset", "tiny", "--executor", "local", "--no-static",
-           "--cells", "sft-multi-gspo,sft-multi-gspo-r3", "--precisions", "fp8", "--runs", str(runs),
-           "--body", "tests.slurm.toyrun:run_cell", "--override", "global_steps=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "--preset",
+        "tiny",
+        "--executor",
+        "local",
+        "--no-static",
+        "--cells",
+        "sft-multi-gspo,sft-multi-gspo-r3",
+        "--precisions",
+        "fp8",
+        "--runs",
+        str(runs),
+        "--body",
+        "tests.slurm.toyrun:run_cell",
+        "--override",
+        "global_steps=4",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     for cell in ("sft-multi-gspo", "sft-multi-gspo-r3"):
@@ -79,7 +165,9 @@ def test_local_executor_runs_cells_and_skips_complete_and_failed(tmp_path):
     p = subprocess.run([*cmd[:9], "sft-multi-*", *cmd[10:]], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "skip sft-multi-gspo: complete" in p.stdout and "skip sft-multi-gspo-r3: complete" in p.stdout
-    assert "skip sft-multi-grpo: FAILED" in p.stdout and "NaN loss at step 3" in p.stdout and "step 3 loss=nan" in p.stdout
+    assert (
+        "skip sft-multi-grpo: FAILED" in p.stdout and "NaN loss at step 3" in p.stdout and "step 3 loss=nan" in p.stdout
+    )
     assert "started sft-multi-grpo-r3" in p.stdout and "started sft-multi-grpo:" not in p.stdout
 
 

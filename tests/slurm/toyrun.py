@@ -68,7 +68,15 @@ def run_cell(cfg, run_dir: Path) -> dict:
                 d.mkdir(parents=True)
                 (d / "state.json").write_text(json.dumps({"value": value, "rng": rng.getstate()}))
                 (d / "COMPLETE").write_text("")
-    manifest = {"name": cfg.name, "status": "complete", "steps": cfg.global_steps, "best_step": cfg.global_steps,
-                "best_score": value, "collapse_step": None, "finished": time.time(), "versions": {}}
+    manifest = {
+        "name": cfg.name,
+        "status": "complete",
+        "steps": cfg.global_steps,
+        "best_step": cfg.global_steps,
+        "best_score": value,
+        "collapse_step": None,
+        "finished": time.time(),
+        "versions": {},
+    }
     (run_dir / "manifest.json").write_text(json.dumps(manifest) + "\n")
     return manifest

@@ -149,7 +149,7 @@ def cuda_as_cpu() -> Iterator[None]:
     def cuda_type_name(self, *args, **kwargs):
         out = tensor_type(self, *args, **kwargs)
         if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and ".cuda." not in out:
-            return "torch.cuda." + out[len("torch."):]
+            return "torch.cuda." + out[len("torch.") :]
         return out
 
     current = torch.cuda.current_device

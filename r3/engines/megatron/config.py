@@ -46,9 +46,13 @@ class MegatronTrainConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MegatronTrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
-            raise ValueError(f"MegatronTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
-                             f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}")
+            raise ValueError(
+                f"MegatronTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
+                f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}"
+            )
         sizes = (self.tensor_parallel, self.pipeline_parallel, self.expert_parallel)
         if min(sizes) < 1:
-            raise ValueError(f"parallel sizes must be >= 1, got tensor_parallel={sizes[0]}, "
-                             f"pipeline_parallel={sizes[1]}, expert_parallel={sizes[2]}")
+            raise ValueError(
+                f"parallel sizes must be >= 1, got tensor_parallel={sizes[0]}, "
+                f"pipeline_parallel={sizes[1]}, expert_parallel={sizes[2]}"
+            )

@@ -39,8 +39,13 @@ class ExpertStack:
         if not 0 <= e < self.shape[0]:
             raise IndexError(f"{self.prefix}: expert {e} of {self.shape[0]}")
         if self.kind == "gate_up":
-            return torch.cat([self.owner.read(f"{self.prefix}{e}.gate_proj.weight"),
-                              self.owner.read(f"{self.prefix}{e}.up_proj.weight")], dim=0)
+            return torch.cat(
+                [
+                    self.owner.read(f"{self.prefix}{e}.gate_proj.weight"),
+                    self.owner.read(f"{self.prefix}{e}.up_proj.weight"),
+                ],
+                dim=0,
+            )
         return self.owner.read(f"{self.prefix}{e}.down_proj.weight")
 
 
@@ -58,8 +63,10 @@ class LazyHFStateDict(Mapping):
             with safe_open(str(self.path / "model.safetensors"), "pt") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
-            raise FileNotFoundError(f"{self.path} holds no model.safetensors(.index.json): not a transformers "
-                                    "checkpoint directory in safetensors format")
+            raise FileNotFoundError(
+                f"{self.path} holds no model.safetensors(.index.json): not a transformers "
+                "checkpoint directory in safetensors format"
+            )
         self.file_of: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
         experts: dict[str, set[int]] = {}

@@ -70,12 +70,20 @@ class ModelShape:
             moe_layers = sum(1 for i in range(n_layers) if i not in only and (i + 1) % step == 0)
         else:
             experts, moe_layers = 0, 0
-        return cls(vocab=c["vocab_size"], hidden=c["hidden_size"], layers=n_layers, heads=c["num_attention_heads"],
-                   kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-                   head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-                   ffn=c.get("intermediate_size", 0), moe_ffn=c.get("moe_intermediate_size", 0) if experts else 0,
-                   experts=experts, top_k=c.get("num_experts_per_tok", 0) if experts else 0, moe_layers=moe_layers,
-                   tied=bool(c.get("tie_word_embeddings", False)))
+        return cls(
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            layers=n_layers,
+            heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            ffn=c.get("intermediate_size", 0),
+            moe_ffn=c.get("moe_intermediate_size", 0) if experts else 0,
+            experts=experts,
+            top_k=c.get("num_experts_per_tok", 0) if experts else 0,
+            moe_layers=moe_layers,
+            tied=bool(c.get("tie_word_embeddings", False)),
+        )
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "ModelShape":
@@ -109,8 +117,18 @@ class ModelShape:
 
 
 QWEN3_30B_A3B = ModelShape(
-    vocab=151936, hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, ffn=6144, moe_ffn=768,
-    experts=128, top_k=8, moe_layers=48, tied=False,
+    vocab=151936,
+    hidden=2048,
+    layers=48,
+    heads=32,
+    kv_heads=4,
+    head_dim=128,
+    ffn=6144,
+    moe_ffn=768,
+    experts=128,
+    top_k=8,
+    moe_layers=48,
+    tied=False,
 )
 """Qwen/Qwen3-30B-A3B(-Base) config.json as published on the Hugging Face hub (30.5B parameters,
 3.3B activated): used when the checkpoint directory is not readable where the plan is made."""
@@ -134,18 +152,27 @@ class MemoryPlan:
         return self.weights + self.grads + self.optimizer + self.activations + self.reserve
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("grads", self.grads), ("optimizer state", self.optimizer),
-                ("activations", self.activations),
-                ("reserve (context, NCCL, fragmentation)", self.reserve), ("total per GPU", self.total)]
-        head = (f"memory plan per GPU: {self.layout}; params on this rank: {self.dense_local / 1e9:.2f}B dense + "
-                f"{self.expert_local / 1e9:.2f}B expert")
+        rows = [
+            ("weights", self.weights),
+            ("grads", self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("reserve (context, NCCL, fragmentation)", self.reserve),
+            ("total per GPU", self.total),
+        ]
+        head = (
+            f"memory plan per GPU: {self.layout}; params on this rank: {self.dense_local / 1e9:.2f}B dense + "
+            f"{self.expert_local / 1e9:.2f}B expert"
+        )
         return head + "\n" + "\n".join(f"  {name:<40} {b / GB:8.1f} GB" for name, b in rows)
 
     def check(self, gpu_gb: float) -> None:
         if self.total > gpu_gb * GB:
-            raise ValueError(f"the layout does not fit: {self.total / GB:.1f} GB per GPU needed, {gpu_gb:.0f} GB "
-                             f"available\n{self.table()}\nraise expert_parallel (experts dominate), enable "
-                             f"recompute, lower the micro-batch, or add training nodes")
+            raise ValueError(
+                f"the layout does not fit: {self.total / GB:.1f} GB per GPU needed, {gpu_gb:.0f} GB "
+                f"available\n{self.table()}\nraise expert_parallel (experts dominate), enable "
+                f"recompute, lower the micro-batch, or add training nodes"
+            )
 
 
 def activation_bytes_per_token_layer(m: ModelShape, *, moe: bool) -> int:
@@ -158,9 +185,19 @@ def activation_bytes_per_token_layer(m: ModelShape, *, moe: bool) -> int:
     return attention + mlp
 
 
-def plan_memory(m: ModelShape, *, world: int, tp: int = 1, pp: int = 1, ep: int = 1, micro_batch: int,
-                seq_len: int, recompute: bool, reserve_gb: float = RESERVE_GB,
-                precision: Literal["bf16", "fp32"] = "bf16") -> MemoryPlan:
+def plan_memory(
+    m: ModelShape,
+    *,
+    world: int,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    micro_batch: int,
+    seq_len: int,
+    recompute: bool,
+    reserve_gb: float = RESERVE_GB,
+    precision: Literal["bf16", "fp32"] = "bf16",
+) -> MemoryPlan:
     """Per-GPU memory of one training rank; see the module docstring. micro_batch: sequences per
     forward/backward; seq_len: tokens per sequence (prompt + response). precision "bf16": megatron's
     mixed precision with the distributed optimizer (the cluster target); "fp32": what
@@ -189,14 +226,25 @@ def plan_memory(m: ModelShape, *, world: int, tp: int = 1, pp: int = 1, ep: int 
     tokens = micro_batch * seq_len
     layers_local = -(-m.layers // pp)
     moe_frac = m.moe_layers / m.layers if m.layers else 0.0
-    per_layer = (moe_frac * activation_bytes_per_token_layer(m, moe=True)
-                 + (1 - moe_frac) * activation_bytes_per_token_layer(m, moe=False))
+    per_layer = moe_frac * activation_bytes_per_token_layer(m, moe=True) + (
+        1 - moe_frac
+    ) * activation_bytes_per_token_layer(m, moe=False)
     if recompute:
         act = tokens * (layers_local * 2 * m.hidden + per_layer)
     else:
         act = tokens * layers_local * per_layer
     act = act * act_scale / tp + tokens * m.vocab * 6
-    layout = (f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; "
-              f"micro-batch {micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}")
-    return MemoryPlan(layout=layout, dense_local=dense_local, expert_local=expert_local, weights=weights,
-                      grads=grads, optimizer=optimizer, activations=act, reserve=reserve_gb * GB)
+    layout = (
+        f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; "
+        f"micro-batch {micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}"
+    )
+    return MemoryPlan(
+        layout=layout,
+        dense_local=dense_local,
+        expert_local=expert_local,
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
+        activations=act,
+        reserve=reserve_gb * GB,
+    )

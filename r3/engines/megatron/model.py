@@ -198,8 +198,10 @@ def build_gpt_model(hf_config, **config_kw):
         from r3.engines.megatron.compat import allow_sequence_parallel_torch_norm
 
         if hf_config.num_key_value_heads % layout.tp or hf_config.vocab_size % layout.tp:
-            raise ValueError(f"TP = {layout.tp} must divide num_key_value_heads ({hf_config.num_key_value_heads}) "
-                             f"and vocab_size ({hf_config.vocab_size})")
+            raise ValueError(
+                f"TP = {layout.tp} must divide num_key_value_heads ({hf_config.num_key_value_heads}) "
+                f"and vocab_size ({hf_config.vocab_size})"
+            )
         allow_sequence_parallel_torch_norm()
     config = transformer_config_from_hf(hf_config, **config_kw)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
@@ -265,8 +267,11 @@ def tp_shard(key: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.
 
 def is_tp_sharded(key: str) -> bool:
     """Whether tp_shard splits this tensor (else it is replicated on every TP rank)."""
-    return key.endswith(_VOCAB_OR_QKV + _ROW_PARALLEL) or _is_dense_mlp(key, "linear_fc1") or _is_dense_mlp(
-        key, "linear_fc2")
+    return (
+        key.endswith(_VOCAB_OR_QKV + _ROW_PARALLEL)
+        or _is_dense_mlp(key, "linear_fc1")
+        or _is_dense_mlp(key, "linear_fc2")
+    )
 
 
 def tp_unshard(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -283,8 +288,15 @@ def tp_unshard(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0]
 
 
-def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1,
-                   tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
+def hf_to_megatron(
+    hf_sd: Mapping[str, torch.Tensor],
+    hf_config,
+    *,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> dict[str, torch.Tensor]:
     """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict. With expert
     parallelism (ep_size > 1) only this EP rank's experts, global ids [ep_rank * E/EP, (ep_rank+1) *
     E/EP), under their local index `local_experts.{e - ep_rank * E/EP}` (megatron's SequentialMLP)."""
@@ -294,8 +306,12 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int
         a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = hf_sd[a + "input_layernorm.weight"]
         out[m + "self_attention.linear_qkv.weight"] = _qkv_pack(
-            hf_sd[a + "self_attn.q_proj.weight"], hf_sd[a + "self_attn.k_proj.weight"],
-            hf_sd[a + "self_attn.v_proj.weight"], nh, ng, d,
+            hf_sd[a + "self_attn.q_proj.weight"],
+            hf_sd[a + "self_attn.k_proj.weight"],
+            hf_sd[a + "self_attn.v_proj.weight"],
+            nh,
+            ng,
+            d,
         )
         out[m + "self_attention.linear_proj.weight"] = hf_sd[a + "self_attn.o_proj.weight"]
         out[m + "self_attention.q_layernorm.weight"] = hf_sd[a + "self_attn.q_norm.weight"]
@@ -357,12 +373,22 @@ def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
             out[a + "mlp.gate_proj.weight"], out[a + "mlp.up_proj.weight"] = gate, up
             out[a + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
     out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
-    out["lm_head.weight"] = sd["embedding.word_embeddings.weight" if hf_config.tie_word_embeddings else "output_layer.weight"]
+    out["lm_head.weight"] = sd[
+        "embedding.word_embeddings.weight" if hf_config.tie_word_embeddings else "output_layer.weight"
+    ]
     return out
 
 
-def load_hf_weights(model, hf_sd: Mapping[str, torch.Tensor], hf_config, *, ep_rank: int = 0, ep_size: int = 1,
-                    tp_rank: int = 0, tp_size: int = 1) -> None:
+def load_hf_weights(
+    model,
+    hf_sd: Mapping[str, torch.Tensor],
+    hf_config,
+    *,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> None:
     """Copy transformers weights into a megatron GPTModel (this EP rank's experts, this TP rank's
     shards); every parameter must be covered."""
     mg_sd = hf_to_megatron(hf_sd, hf_config, ep_rank=ep_rank, ep_size=ep_size, tp_rank=tp_rank, tp_size=tp_size)
@@ -392,8 +418,10 @@ def gpt_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp > 1 and s % tp:
-        raise ValueError(f"sequence parallelism splits the sequence over TP = {tp} ranks: S = {s} must be a "
-                         f"multiple of {tp} (right-pad the batch)")
+        raise ValueError(
+            f"sequence parallelism splits the sequence over TP = {tp} ranks: S = {s} must be a "
+            f"multiple of {tp} (right-pad the batch)"
+        )
     with cpu_device_scope():
         logits = model(input_ids_BS, position_ids_BS, attention_mask=causal_11SS)
         if tp > 1:  # vocab-parallel logits [B, S, V / TP] -> [B, S, V] (its backward takes this rank's part)

@@ -44,8 +44,9 @@ class Fp32AdamW:
             parallel.allreduce_grads(params)
             norm = parallel.clip_grad_norm(params, self.grad_clip)
         else:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None],
-                                                  self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.grad is not None], self.grad_clip
+            )
         skipped = not math.isfinite(float(norm))  # one sync: the skip decision needs it on the host
         if skipped:  # megatron's optimizer skips a step on found_inf; so does this one
             self.zero_grad()
@@ -66,13 +67,27 @@ class MegatronMixedPrecision:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         if not model.config.bf16 or not model.config.calculate_per_token_loss:
-            raise ValueError("MegatronMixedPrecision needs a model built with precision='bf16' (bf16 params, "
-                             "calculate_per_token_loss: gradients summed over DP)")
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                                   overlap_grad_reduce=False, overlap_param_gather=False)
-        opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, bf16=True,
-                                     use_distributed_optimizer=True, clip_grad=grad_clip,
-                                     adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)  # torch AdamW defaults
+            raise ValueError(
+                "MegatronMixedPrecision needs a model built with precision='bf16' (bf16 params, "
+                "calculate_per_token_loss: gradients summed over DP)"
+            )
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=True,
+            overlap_grad_reduce=False,
+            overlap_param_gather=False,
+        )
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            weight_decay=weight_decay,
+            bf16=True,
+            use_distributed_optimizer=True,
+            clip_grad=grad_clip,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_eps=1e-8,
+        )  # torch AdamW defaults
         with cuda_as_cpu():
             self.module = DistributedDataParallel(model.config, ddp_config, model)
             self.optimizer = get_megatron_optimizer(opt_config, [self.module])
@@ -103,8 +118,12 @@ class MegatronMixedPrecision:
         """This rank's fp32 master shards and Adam state (same layout on load: same world and TP/PP/EP)."""
         out = []
         for sub in self._subs():
-            out.append({"inner": sub.optimizer.state_dict(),
-                        "main": [[t.detach().clone() for t in group] for group in sub.shard_fp32_from_float16_groups]})
+            out.append(
+                {
+                    "inner": sub.optimizer.state_dict(),
+                    "main": [[t.detach().clone() for t in group] for group in sub.shard_fp32_from_float16_groups],
+                }
+            )
         return {"subs": out}
 
     def load_state_dict(self, state: dict) -> None:

@@ -62,8 +62,10 @@ class Layout:
                 f"{self.ep * self.pp}: every expert shard needs whole replicas"
             )
         if errors:
-            raise ValueError("invalid parallel layout: " + "; ".join(errors) + "; change tensor_parallel / "
-                             "pipeline_parallel / expert_parallel or the number of training ranks")
+            raise ValueError(
+                "invalid parallel layout: " + "; ".join(errors) + "; change tensor_parallel / "
+                "pipeline_parallel / expert_parallel or the number of training ranks"
+            )
 
     @property
     def dp(self) -> int:
@@ -77,12 +79,16 @@ class Layout:
 
     def check_experts(self, num_experts: int) -> None:
         if num_experts and num_experts % self.ep:
-            raise ValueError(f"{num_experts} experts cannot be split over EP = {self.ep} ranks evenly; "
-                             f"choose expert_parallel dividing {num_experts}")
+            raise ValueError(
+                f"{num_experts} experts cannot be split over EP = {self.ep} ranks evenly; "
+                f"choose expert_parallel dividing {num_experts}"
+            )
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp} "
-                f"(experts: EP {self.ep} x expert-DP {self.expert_dp})")
+        return (
+            f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp} "
+            f"(experts: EP {self.ep} x expert-DP {self.expert_dp})"
+        )
 
 
 def env_world() -> tuple[int, int, int] | None:
@@ -91,8 +97,10 @@ def env_world() -> tuple[int, int, int] | None:
         return None
     missing = [k for k in ENV_KEYS if k not in os.environ and not (k == "LOCAL_RANK")]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE is set but {missing} are not: the env:// rendezvous needs all of "
-                           f"{list(ENV_KEYS)} (torchrun and slurm.topology export them)")
+        raise RuntimeError(
+            f"WORLD_SIZE is set but {missing} are not: the env:// rendezvous needs all of "
+            f"{list(ENV_KEYS)} (torchrun and slurm.topology export them)"
+        )
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -122,15 +130,21 @@ def init_parallel(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> La
             dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp, ep=ep)
     if parallel_state.model_parallel_is_initialized():
-        have = (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size(),
-                parallel_state.get_expert_model_parallel_world_size())
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
         if have != (tp, pp, ep):
-            raise RuntimeError(f"megatron's parallel state is already initialised with (TP, PP, EP) = {have}, "
-                               f"asked for {(tp, pp, ep)}; one layout per process")
+            raise RuntimeError(
+                f"megatron's parallel state is already initialised with (TP, PP, EP) = {have}, "
+                f"asked for {(tp, pp, ep)}; one layout per process"
+            )
     else:
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             expert_tensor_parallel_size=1,
         )
     if torch.cuda.is_available():
@@ -159,8 +173,10 @@ def dp_slice(batch_size: int, dp_size: int, dp_rank: int) -> tuple[slice, int]:
     """(this rank's rows of the global batch, padded rows per rank). Rows split into dp_size
     contiguous slices whose sizes differ by at most one; every rank pads to ceil(B / dp)."""
     if batch_size < dp_size:
-        raise ValueError(f"a mini-batch of {batch_size} sequences cannot feed {dp_size} data-parallel ranks "
-                         f"(each needs at least one row); use more prompts per mini-step or fewer DP ranks")
+        raise ValueError(
+            f"a mini-batch of {batch_size} sequences cannot feed {dp_size} data-parallel ranks "
+            f"(each needs at least one row); use more prompts per mini-step or fewer DP ranks"
+        )
     base, extra = divmod(batch_size, dp_size)
     start = dp_rank * base + min(dp_rank, extra)
     size = base + (dp_rank < extra)
@@ -182,9 +198,10 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     the expert-DP group (megatron marks expert weights `allreduce = False`). Missing grads count as 0."""
     from megatron.core import parallel_state
 
-    groups = ((True, parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()),
-              (False, parallel_state.get_expert_data_parallel_group(),
-               parallel_state.get_expert_data_parallel_world_size()))
+    groups = (
+        (True, parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()),
+        (False, parallel_state.get_expert_data_parallel_group(), parallel_state.get_expert_data_parallel_world_size()),
+    )
     for dense, group, size in groups:
         if size == 1:
             continue

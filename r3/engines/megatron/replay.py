@@ -52,14 +52,20 @@ def to_megatron_layout(expert_ids_BTLK: torch.Tensor, *, seq_len: int, spec: Rou
     if ids.ndim != 4 or tuple(ids.shape[1:]) != expected[1:]:
         got = tuple(ids.shape)
         if ids.ndim == 4 and ids.shape[1] == seq_len and tuple(ids.shape[2:]) == expected[2:]:
-            cause = (f"T = S = {seq_len}: the trace has a row for the last token, which is never fed "
-                     f"(n tokens have n-1 rows); drop its last row")
+            cause = (
+                f"T = S = {seq_len}: the trace has a row for the last token, which is never fed "
+                f"(n tokens have n-1 rows); drop its last row"
+            )
         elif ids.ndim == 4 and tuple(ids.shape[2:]) == expected[2:]:
-            cause = (f"the trace was padded to a different length than input_ids (S = {seq_len}); pad "
-                     f"traces to S - 1 rows with r3.trace.pad_traces")
+            cause = (
+                f"the trace was padded to a different length than input_ids (S = {seq_len}); pad "
+                f"traces to S - 1 rows with r3.trace.pad_traces"
+            )
         elif ids.ndim == 4 and ids.shape[2] != spec.num_layers:
-            cause = (f"the trace has {ids.shape[2]} layers but the model has {spec.num_layers} MoE layers "
-                     f"(dense layers have no rows; or a different model)")
+            cause = (
+                f"the trace has {ids.shape[2]} layers but the model has {spec.num_layers} MoE layers "
+                f"(dense layers have no rows; or a different model)"
+            )
         else:
             cause = "a trace from a model with a different top-k, or not batched as [B, T, L, K]"
         raise ValueError(

@@ -105,13 +105,27 @@ class MegatronTrainEngine:
         self.is_moe = self.hf_config.model_type == "qwen3_moe"
         self.layout = parallel.init_parallel(tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, seed=seed)
         self.precision = precision
-        self.model = build_gpt_model(self.hf_config, routing_replay=self.is_moe, recompute=recompute,
-                                     tp=tensor_parallel, pp=pipeline_parallel, ep=expert_parallel, precision=precision,
-                                     **({"token_dispatcher": token_dispatcher} if self.is_moe else {}))
+        self.model = build_gpt_model(
+            self.hf_config,
+            routing_replay=self.is_moe,
+            recompute=recompute,
+            tp=tensor_parallel,
+            pp=pipeline_parallel,
+            ep=expert_parallel,
+            precision=precision,
+            **({"token_dispatcher": token_dispatcher} if self.is_moe else {}),
+        )
         ep_rank, ep_size = parallel.ep_rank_size()
         self.tp_rank, self.tp_size = parallel.tp_rank_size()
-        load_hf_weights(self.model, hf_sd, self.hf_config, ep_rank=ep_rank, ep_size=ep_size,
-                        tp_rank=self.tp_rank, tp_size=self.tp_size)
+        load_hf_weights(
+            self.model,
+            hf_sd,
+            self.hf_config,
+            ep_rank=ep_rank,
+            ep_size=ep_size,
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+        )
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         from r3.engines.megatron.model import is_tp_sharded
@@ -133,34 +147,50 @@ class MegatronTrainEngine:
         if precision == "bf16":
             self.optim = MegatronMixedPrecision(self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
         else:
-            self.optim = Fp32AdamW(self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                                   world_size=self.layout.world_size)
+            self.optim = Fp32AdamW(
+                self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, world_size=self.layout.world_size
+            )
         self.device = next(self.model.parameters()).device
         self.steps = 0
 
     @classmethod
     def from_config(cls, cfg: MegatronTrainConfig) -> "MegatronTrainEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(cfg.model_path, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                   micro_batch=cfg.micro_batch, seed=cfg.seed, recompute=cfg.recompute,
-                   tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
-                   expert_parallel=cfg.expert_parallel, precision=cfg.precision,
-                   token_dispatcher=None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher)
+        return cls(
+            cfg.model_path,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            micro_batch=cfg.micro_batch,
+            seed=cfg.seed,
+            recompute=cfg.recompute,
+            tensor_parallel=cfg.tensor_parallel,
+            pipeline_parallel=cfg.pipeline_parallel,
+            expert_parallel=cfg.expert_parallel,
+            precision=cfg.precision,
+            token_dispatcher=None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher,
+        )
 
     # --- batch handling ---------------------------------------------------------------------
     def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
         ids, am = batch.input_ids_BS, batch.attention_mask_BS
         if ids.ndim != 2 or am.shape != ids.shape:
-            raise ValueError(f"input_ids_BS {tuple(ids.shape)} and attention_mask_BS {tuple(am.shape)} must be equal [B, S]")
+            raise ValueError(
+                f"input_ids_BS {tuple(ids.shape)} and attention_mask_BS {tuple(am.shape)} must be equal [B, S]"
+            )
         B, S = ids.shape
         if S < 2:
             raise ValueError(f"sequences need >= 2 tokens to have a target, got S={S}")
         if batch.loss_mask_BT.shape != (B, S - 1):
-            raise ValueError(f"loss_mask_BT has shape {tuple(batch.loss_mask_BT.shape)}, expected ({B}, {S - 1}) = [B, S-1]")
+            raise ValueError(
+                f"loss_mask_BT has shape {tuple(batch.loss_mask_BT.shape)}, expected ({B}, {S - 1}) = [B, S-1]"
+            )
         am = am.bool()
         if (am[:, 1:] & ~am[:, :-1]).any():
-            raise ValueError("attention_mask_BS is not right-padded (a real token follows padding); "
-                             "the megatron engine uses causal masking only: right-pad the batch")
+            raise ValueError(
+                "attention_mask_BS is not right-padded (a real token follows padding); "
+                "the megatron engine uses causal masking only: right-pad the batch"
+            )
         if routing is not ReplayMode.OFF and not self.is_moe:
             raise ValueError(f"routing={routing.name} but the model is dense: it has no router to replay or record")
         if routing is ReplayMode.REPLAY and batch.expert_ids_BTLK is None:
@@ -178,7 +208,8 @@ class MegatronTrainEngine:
             idx = torch.arange(rows.start, rows.stop)
             idx = torch.cat([idx, idx[:1].expand(n - len(idx))])
             batch = TrainBatch(
-                input_ids_BS=batch.input_ids_BS[idx], attention_mask_BS=batch.attention_mask_BS[idx],
+                input_ids_BS=batch.input_ids_BS[idx],
+                attention_mask_BS=batch.attention_mask_BS[idx],
                 loss_mask_BT=batch.loss_mask_BT[idx],
                 expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[idx],
             )
@@ -195,7 +226,8 @@ class MegatronTrainEngine:
             batch = TrainBatch(
                 input_ids_BS=torch.nn.functional.pad(batch.input_ids_BS, (0, pad)),
                 attention_mask_BS=torch.nn.functional.pad(batch.attention_mask_BS, (0, pad)),
-                loss_mask_BT=torch.nn.functional.pad(batch.loss_mask_BT, (0, pad)), expert_ids_BTLK=ids,
+                loss_mask_BT=torch.nn.functional.pad(batch.loss_mask_BT, (0, pad)),
+                expert_ids_BTLK=ids,
             )
         return batch, start, real
 
@@ -232,12 +264,14 @@ class MegatronTrainEngine:
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
             logps.append(logp_BT.to(batch.input_ids_BS.device))
             ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
+
         def gather(x):  # every DP rank returns the whole batch's rows (without SP padding positions)
             return parallel.gather_rows(x[:, :T], real, B, self.dp_size)
 
         expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
-            logp_BT=gather(torch.cat(logps)), entropy_BT=gather(torch.cat(ents)) if with_entropy else None,
+            logp_BT=gather(torch.cat(logps)),
+            entropy_BT=gather(torch.cat(ents)) if with_entropy else None,
             expert_ids_BTLK=expert_ids,
         )
 
@@ -262,8 +296,11 @@ class MegatronTrainEngine:
             k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
             global_rows = slice(start + rows.start, start + rows.start + k)
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
-                with (self._session(mode, batch, rows, recompute=self.recompute) if self.is_moe
-                      else contextlib.nullcontext()) as sess:
+                with (
+                    self._session(mode, batch, rows, recompute=self.recompute)
+                    if self.is_moe
+                    else contextlib.nullcontext()
+                ) as sess:
                     logits = gpt_logits(self.optim.module, ids_BS)
                     if sess is not None:
                         sess.end_forward()
@@ -285,12 +322,14 @@ class MegatronTrainEngine:
         grad_norm_t, skipped = self.optim.step()  # sum over replicas, clip, step (skipped if not finite)
         if not skipped:
             self.steps += 1
-        totals.update({
-            "actor/loss": loss_total,
-            "actor/grad_norm": grad_norm_t,
-            "actor/lr": self.optim.lr,
-            "actor/skipped_step": float(skipped),
-        })
+        totals.update(
+            {
+                "actor/loss": loss_total,
+                "actor/grad_norm": grad_norm_t,
+                "actor/lr": self.optim.lr,
+                "actor/skipped_step": float(skipped),
+            }
+        )
         return totals
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
@@ -335,8 +374,9 @@ class MegatronTrainEngine:
         out.mkdir(parents=True, exist_ok=True)
         dtype = dtype or getattr(self.hf_config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-                   for k, v in to_checkpoint_names(sd).items()}
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in to_checkpoint_names(sd).items()
+        }
         if getattr(self.hf_config, "tie_word_embeddings", False):
             tensors.pop("lm_head.weight", None)  # tied: transformers does not store it
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -376,8 +416,10 @@ class MegatronTrainEngine:
     def load(self, path: str) -> None:
         f = self.checkpoint_file(path)
         if not f.is_file():
-            raise FileNotFoundError(f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save "
-                                    f"with {self.layout.describe()}; a different layout writes other files)")
+            raise FileNotFoundError(
+                f"no megatron train-engine checkpoint at {f} (written by MegatronTrainEngine.save "
+                f"with {self.layout.describe()}; a different layout writes other files)"
+            )
         # weights_only: a run directory's file must not be able to run code (pickle)
         state = torch.load(f, map_location="cpu", weights_only=True)
         for key in _SHAPE_KEYS:
@@ -387,10 +429,14 @@ class MegatronTrainEngine:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"checkpoint {f} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         if state.get("precision", "fp32") != self.precision:
-            raise ValueError(f"checkpoint {f} was written with precision {state.get('precision', 'fp32')!r}, this "
-                             f"engine runs {self.precision!r}")
+            raise ValueError(
+                f"checkpoint {f} was written with precision {state.get('precision', 'fp32')!r}, this "
+                f"engine runs {self.precision!r}"
+            )
         self.optim.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
         torch.set_rng_state(state["torch_rng"])
