@@ -92,7 +92,8 @@ def build(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "
     by_prec = {}
     for p in sorted((runs / "static").glob("*/static.json")):
         rec = read_json(p)
-        by_prec[rec["precision"]] = {k: static_entry(rec[k]) for k in STATIC_PARTS}
+        # keyed by directory (as plots.rundir does): `bf16` (transformers) and `vllm-bf16` share a precision
+        by_prec[p.parent.name] = {k: static_entry(rec[k]) for k in STATIC_PARTS}
     names = (
         cells
         if cells is not None
