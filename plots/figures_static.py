@@ -100,6 +100,9 @@ def routing_figure(static: dict[str, dict[str, Any]]) -> Figure:
         if not drawn:
             no_data(ax, "per-layer routing")
         else:
+            if not static[precision].get("moe_r3", {}).get("per_layer_disagreement"):
+                # the R3 arm forces the rollout's experts: nothing to measure (static_mismatch.py)
+                ax.bar([], [], color=ARM_COLORS["moe_r3"], label=ARM_LABELS["moe_r3"] + ": rollout routing forced")
             ax.legend(loc="best")
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("pairs with a different top-k set [%]")
