@@ -99,7 +99,8 @@ class RunConfig:
     rollout_precision: Precision = "bf16"
     """Rollout numerics: bf16 (default engine) or an FP8 inference engine (e4m3, per-row)."""
     sglang_urls: tuple[str, ...] = ()
-    """SGLang server URLs (cluster mode); launched by the Slurm job when empty."""
+    """Rollout server URLs (cluster mode) of whichever server engine `rollout_engine` names, SGLang's
+    or vLLM's (the name predates vLLM); the Slurm job launches them and fills this when empty."""
     train_engine: TrainEngineName = "hf"
     """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
     train_micro_batch: int = 0

@@ -85,6 +85,15 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         ro = rollout_config(
             "sglang", urls=tuple(cfg.sglang_urls), model_path=model, weight_sync_dir=str(run_dir / "weight_sync")
         )
+    elif cfg.rollout_engine == "vllm" and cfg.sglang_urls:  # vLLM servers (cluster): weights synced via disk
+        ro = rollout_config(
+            "vllm",
+            model_path=model,
+            precision=cfg.rollout_precision,
+            seed=cfg.seed,
+            urls=tuple(cfg.sglang_urls),
+            weight_sync_dir=str(run_dir / "weight_sync"),
+        )
     else:
         ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
     par = (

@@ -39,7 +39,7 @@ import submitit
 
 from slurm import state, topology
 from slurm.resources import CellKind, Resources
-from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, wait_healthy
+from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, vllm_specs, wait_healthy
 
 log = logging.getLogger("submitit.r3")  # a child of submitit's logger: lands in the job log
 
@@ -188,8 +188,10 @@ class CellJob(submitit.helpers.Checkpointable):
         if not model:
             raise ValueError(f"cell {spec.name}: rollout servers need a model path, got {model!r}")
         if plan.owns_servers:
+            # RunConfig.rollout_engine chooses the servers: vLLM's or SGLang's (both with routing capture)
+            specs_for = vllm_specs if p.get("rollout_engine") == "vllm" else sglang_specs
             servers = ProcessServers(
-                sglang_specs(model_path=model, host=plan.server_host, servers=res.servers_per_node,
+                specs_for(model_path=model, host=plan.server_host, servers=res.servers_per_node,
                              tp=res.server_tp, port=topology.SERVER_PORT,
                              precision=p.get("rollout_precision", p.get("precision", "bf16")), seed=p.get("seed", 0)),
                 run_dir / "servers", ready_timeout_s=spec.server_ready_timeout_s,
@@ -208,7 +210,7 @@ class CellJob(submitit.helpers.Checkpointable):
                 if stop.stat().st_mtime >= started:  # a stop file from before a requeue is stale
                     return
             if servers is not None and not servers.alive():
-                raise RuntimeError(f"an SGLang server of cell {self.spec.name} exited; see {run_dir / 'servers'}")
+                raise RuntimeError(f"a rollout server of cell {self.spec.name} exited; see {run_dir / 'servers'}")
             time.sleep(WAIT_POLL_S)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -191,7 +191,7 @@ def _check_placeholders(specs: Sequence[JobSpec]) -> None:
         raise SystemExit(f"cells still hold placeholders: {bad}; pass the flags they name "
                          "(paper checkpoints and data live on your cluster)")  # fmt: skip
     for s in specs:
-        needs_servers = s.payload.get("rollout_engine") == "sglang" and not s.payload.get("sglang_urls")
+        needs_servers = s.payload.get("rollout_engine") in ("sglang", "vllm") and not s.payload.get("sglang_urls")
         if needs_servers and s.resources.rollout_nodes == 0:
             raise SystemExit(f"cell {s.name} rolls out with SGLang but its job has no rollout nodes; "
                              "pass --rollout-nodes N (or set sglang_urls with --override)")  # fmt: skip

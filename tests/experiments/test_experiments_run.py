@@ -191,3 +191,19 @@ def test_metrics_mirror_to_tensorboard_and_wandb_offline(micro_zoo, tmp_path, mo
 def test_unknown_tracking_backend_is_refused():
     with pytest.raises(ValueError, match=r"log_to has unknown backends \['mlflow'\]"):
         RunConfig(name="x", log_to=("mlflow",))
+
+
+def test_engine_configs_route_server_urls_to_the_named_engine(tmp_path):
+    """vLLM servers (launched by the Slurm job) get a client with a weight-sync directory; without
+    URLs the vLLM engine runs in-process; SGLang always syncs through the run directory."""
+    from experiments.run import engine_configs
+
+    urls = ("http://h:30000",)
+    ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16", sglang_urls=urls),
+                           tmp_path / "ckpt", tmp_path / "run")  # fmt: skip
+    assert ro.name == "vllm" and ro.urls == urls and ro.weight_sync_dir == str(tmp_path / "run" / "weight_sync")
+    ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16"), tmp_path, tmp_path)
+    assert ro.urls == ()
+    ro, _ = engine_configs(RunConfig(name="s", rollout_engine="sglang", preset="paper", sglang_urls=urls),
+                           tmp_path / "ckpt", tmp_path / "run")  # fmt: skip
+    assert ro.name == "sglang" and ro.weight_sync_dir == str(tmp_path / "run" / "weight_sync")

@@ -134,3 +134,34 @@ def test_forked_children_ignore_the_preemption_signal(tmp_path):
     finally:
         signal.signal(signal.SIGUSR2, old)
         signal.signal(signal.SIGTERM, old_term)
+
+
+@pytest.mark.parametrize("engine, program", [("sglang", "sglang.launch_server"), ("vllm", "vllm.entrypoints")])
+def test_rollout_node_launches_the_servers_rollout_engine_names(tmp_path, monkeypatch, engine, program):
+    """RunConfig.rollout_engine chooses which servers a rollout node starts (SGLang's or vLLM's)."""
+    from slurm import job as job_mod
+    from slurm.topology import Plan
+
+    started = []
+
+    class Recorder:
+        def __init__(self, specs, log_dir, **kw):
+            started.extend(specs)
+
+        def __enter__(self):
+            raise KeyboardInterrupt  # stop right after the launch decision
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(job_mod, "ProcessServers", Recorder)
+    spec = _spec(tmp_path, "tests.slurm.test_slurm_job:recording_body")
+    spec.payload.update(rollout_engine=engine, rollout_precision="bf16", model_path=str(tmp_path / "ckpt"))
+    spec = JobSpec(
+        **{**spec.__dict__, "resources": Resources(train_nodes=1, rollout_nodes=1, servers_per_node=1, gpus_per_node=1)}
+    )
+    plan = Plan(role="rollout", dist_env={}, is_driver=False, owns_servers=True, server_urls=("http://h:30000",),
+                server_host="h")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        CellJob(spec)._serve(plan, tmp_path)
+    assert started and all(program in " ".join(s.command) for s in started)
