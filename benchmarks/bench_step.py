@@ -25,6 +25,41 @@ from pathlib import Path
 import torch
 
 
+def timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step: int) -> dict[str, float]:
+    """One global step of the loop's own pieces (rollout with capture + grading, the algorithm
+    step, weight sync), no dynamic sampling; seconds per phase (the routing probe excluded)."""
+    from experiments import rollout, task
+    from r3.algorithm import policy_update
+    from r3.engines.base import SamplingParams
+
+    t0 = time.perf_counter()
+    ro = rollout.collect(
+        ro_eng,
+        lambda p: tok(task.format_prompt(p))["input_ids"],
+        lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
+        stream,
+        reward_fn=reward,
+        prompts_per_step=cfg.prompts_per_step,
+        group_size=cfg.group_size,
+        params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
+        dynamic=False,
+        max_rounds=1,
+        capture_routing=True,
+        run_seed=0,
+        step=step,
+    )
+    t_roll = time.perf_counter() - t0
+    m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
+    t0 = time.perf_counter()
+    ro_eng.sync_weights(tr_eng.rollout_state_dict())
+    return {
+        "rollout": t_roll,
+        "old_logprob": float(m["time/old_logprob"]),
+        "train": float(m["time/train"]),
+        "sync": time.perf_counter() - t0,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo-dir", type=Path, default=None)
@@ -48,11 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from eval import grader
-    from experiments import rollout, task, zoo
+    from experiments import task, zoo
     from experiments.config import RunConfig
     from experiments.run import engine_configs
-    from r3.algorithm import policy_update
-    from r3.engines.base import SamplingParams
     from r3.engines.registry import build_rollout_engine, build_train_engine
 
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
@@ -89,35 +122,9 @@ def main(argv: list[str] | None = None) -> None:
 
         for step in range(1, args.steps + 2):  # step 1 is a warm-up, not recorded
             for key, (cfg, ro_eng, tr_eng, stream) in loops.items():
-                t0 = time.perf_counter()
-                ro = rollout.collect(
-                    ro_eng,
-                    lambda p: tok(task.format_prompt(p))["input_ids"],
-                    lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
-                    stream,
-                    reward_fn=reward,
-                    prompts_per_step=cfg.prompts_per_step,
-                    group_size=cfg.group_size,
-                    params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
-                    dynamic=False,
-                    max_rounds=1,
-                    capture_routing=True,
-                    run_seed=0,
-                    step=step,
-                )
-                t_roll = time.perf_counter() - t0
-                m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
-                t0 = time.perf_counter()
-                ro_eng.sync_weights(tr_eng.rollout_state_dict())
-                t_sync = time.perf_counter() - t0
+                row = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
                 if step == 1:
                     continue
-                row = {
-                    "rollout": t_roll,
-                    "old_logprob": m["time/old_logprob"],
-                    "train": m["time/train"],
-                    "sync": t_sync,
-                }
                 row["total"] = sum(row.values())
                 for k, v in row.items():
                     times[key][k].append(v)

@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    from benchmarks.bench_step import timed_step
     from eval import grader
-    from experiments import rollout, task, zoo
+    from experiments import task, zoo
     from experiments.config import RunConfig
     from experiments.run import engine_configs
-    from r3.algorithm import policy_update
-    from r3.engines.base import SamplingParams
     from r3.engines.registry import build_rollout_engine, build_train_engine
 
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
@@ -88,32 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ours: list[dict[str, float]] = []
 
     def our_step(step: int) -> None:
-        t0 = time.perf_counter()
-        ro = rollout.collect(
-            ro_eng,
-            lambda p: tok(task.format_prompt(p))["input_ids"],
-            lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
-            stream,
-            reward_fn=reward,
-            prompts_per_step=cfg.prompts_per_step,
-            group_size=cfg.group_size,
-            params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
-            dynamic=False,
-            max_rounds=1,
-            capture_routing=True,
-            run_seed=0,
-            step=step,
-        )
-        t_roll = time.perf_counter() - t0
-        m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
-        t0 = time.perf_counter()
-        ro_eng.sync_weights(tr_eng.rollout_state_dict())
-        row = {
-            "rollout": t_roll,
-            "old_logprob": float(m["time/old_logprob"]),
-            "train": float(m["time/train"]),
-            "sync": time.perf_counter() - t0,
-        }
+        row = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
         row["total"] = sum(row.values())  # the R3 disagreement probe (a metric) is excluded
         ours.append(row)
 
