@@ -147,6 +147,8 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
         rd = routing_disagreement(tb.expert_ids_BTLK[fed_BT], own_routing[fed_BT])
         m["routing/pair_disagreement"] = rd["routing/pair_disagreement"]
         m["routing/token_disagreement"] = rd["routing/token_disagreement"]
+        for layer, share in enumerate(rd["routing/per_layer"]):  # the issue-11 signal: grows with depth?
+            m[f"routing/layer{layer}_disagreement"] = share
 
     adv_B = group_advantages(batch.rewards_B, s.group_size, std_normalize=s.std_normalize)
     tis_BT = None

@@ -41,6 +41,10 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _num_layers(zoo):
+    return json.loads((zoo / "sft" / "config.json").read_text())["num_hidden_layers"]
+
+
 def _strip_time(rec):
     return {k: v for k, v in rec.items() if not k.startswith(TIME_KEYS)}
 
@@ -66,6 +70,10 @@ def test_three_step_loop_writes_the_run_directory(micro_zoo, tmp_path, train_eng
     ):
         assert key in m[0], key
     assert m[0]["actor/grad_norm"] > 0  # the parity reward gives nonzero advantages
+    # routing disagreement per MoE layer (issue 11); the pair share is their mean over layers
+    per_layer = [m[0][f"routing/layer{i}_disagreement"] for i in range(_num_layers(micro_zoo))]
+    assert f"routing/layer{len(per_layer)}_disagreement" not in m[0]
+    assert sum(per_layer) / len(per_layer) == pytest.approx(m[0]["routing/pair_disagreement"], rel=1e-5, abs=1e-7)
     assert [e["step"] for e in _lines(d / "eval.jsonl")] == [0, 2, 3]
     assert (d / "eval" / "step_2.jsonl").exists()
     assert man["status"] == "complete" and man["steps"] == 3
