@@ -66,32 +66,38 @@ LEVELS: dict[str, Level] = {lv.name: lv for lv in (
 
 
 # --- plans ------------------------------------------------------------------------------------------
+# RunConfig fields every study cell shares unless its plan overrides them (`_Plan.run`): the tiny
+# preset's batch shape and evaluation, single-mini-step GRPO on the SFT model, stopped at collapse.
+_STUDY_RUN: Mapping[str, Any] = dict(
+    preset="tiny", model="sft", algorithm="grpo", mini_steps=1, global_steps=150,
+    task_difficulty=2,  # experiments.task difficulty (2 = what the zoo was trained on; 3-4: longer chains)
+    max_new_tokens=48, prompts_per_step=16, group_size=8, eval_every=5,
+    eval_max_problems=0,  # all 512 held-out problems (one eval point has a standard error of ~2.2 points)
+    dynamic_sampling=True, max_sampling_rounds=4, checkpoint_every=5,
+    stop_on_collapse=True,  # a collapsed cell costs only the steps up to its collapse
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Plan:
-    """Everything a plan fixes besides (arm, level, seed)."""
+    """Everything a plan fixes besides (arm, level, seed). RunConfig fields are not re-declared here:
+    `run` holds the plan's values of them (over `_STUDY_RUN`), checked against RunConfig's fields."""
 
     name: str
     zoo_size: str
-    """experiments.zoo.SIZES key: model scale."""
+    """experiments.zoo.SIZES key: model scale (also RunConfig.zoo_size, and which zoo is built)."""
     levels: tuple[str, ...]
     arms: tuple[str, ...]
     seeds: tuple[int, ...]
     lrs: tuple[float, ...]
     """Learning rates (an axis when several: the cell name then carries `-lr<value>`)."""
-    global_steps: int
-    task_difficulty: int = 2
-    """experiments.task difficulty (2 = what the zoo was trained on; 3-4: longer chains of thought)."""
-    max_new_tokens: int = 48
-    prompts_per_step: int = 16
-    group_size: int = 8
-    eval_every: int = 5
-    eval_max_problems: int = 0
-    """0: all 512 held-out problems (one eval point has a standard error of ~2.2 points)."""
-    dynamic_sampling: bool = True
-    max_sampling_rounds: int = 4
-    checkpoint_every: int = 5
-    stop_on_collapse: bool = True
-    """Stop at the collapse step: a collapsed cell costs only the steps up to it."""
+    run: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """RunConfig fields of every cell of the plan, over `_STUDY_RUN`."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.run) - {f.name for f in dataclasses.fields(RunConfig)})
+        if unknown:
+            raise ValueError(f"study plan {self.name!r}: {unknown} are not RunConfig fields")
 
 
 def _full() -> _Plan:
@@ -105,7 +111,6 @@ def _full() -> _Plan:
         arms=("grpo", "grpo-tis", "grpo-r3"),
         seeds=(0, 1, 2),
         lrs=(1e-4,),
-        global_steps=150,
     )
 
 
@@ -119,7 +124,7 @@ def _pilot() -> _Plan:
         arms=("grpo", "grpo-r3"),
         seeds=(0,),
         lrs=(1e-4, 3e-4),
-        global_steps=30,
+        run=dict(global_steps=30),
     )
 
 
@@ -132,7 +137,6 @@ def _deep() -> _Plan:
         arms=("grpo", "grpo-tis", "grpo-r3"),
         seeds=(0, 1, 2),
         lrs=(1e-4,),
-        global_steps=150,
     )
 
 
@@ -146,9 +150,7 @@ def _long() -> _Plan:
         arms=("grpo", "grpo-tis", "grpo-r3"),
         seeds=(0, 1, 2),
         lrs=(1e-4,),
-        global_steps=150,
-        task_difficulty=3,
-        max_new_tokens=96,
+        run=dict(task_difficulty=3, max_new_tokens=96),
     )
 
 
@@ -162,17 +164,12 @@ def _smoke() -> _Plan:
         arms=("grpo", "grpo-r3"),
         seeds=(0,),
         lrs=(1e-3,),
-        global_steps=2,
-        max_new_tokens=12,
-        prompts_per_step=4,
-        group_size=4,
-        eval_every=1,
-        eval_max_problems=8,
-        dynamic_sampling=False,
-        max_sampling_rounds=1,
-        checkpoint_every=1,
-        stop_on_collapse=False,
-    )
+        run=dict(
+            global_steps=2, max_new_tokens=12, prompts_per_step=4, group_size=4, eval_every=1,
+            eval_max_problems=8, dynamic_sampling=False, max_sampling_rounds=1, checkpoint_every=1,
+            stop_on_collapse=False,
+        ),
+    )  # fmt: skip
 
 
 PLANS: dict[str, Callable[[], _Plan]] = {"full": _full, "pilot": _pilot, "deep": _deep, "long": _long, "smoke": _smoke}
@@ -200,15 +197,8 @@ def cell(plan: _Plan, *, level: str, arm: str, seed: int, lr: float, zoo_dir: Pa
     if level not in LEVELS or arm not in ARMS:
         raise ValueError(f"unknown level {level!r} or arm {arm!r}; levels {sorted(LEVELS)}, arms {sorted(ARMS)}")
     name = f"{plan.name}-{level}-{arm}" + (f"-lr{_lr_text(lr)}" if len(plan.lrs) > 1 else "") + f"-s{seed}"
-    return RunConfig(
-        name=name, preset="tiny", seed=seed, model="sft", zoo_dir=str(zoo_dir), zoo_size=plan.zoo_size,
-        algorithm="grpo", mini_steps=1, lr=lr, **ARMS[arm], **LEVELS[level].fields,
-        global_steps=plan.global_steps, prompts_per_step=plan.prompts_per_step, group_size=plan.group_size,
-        max_new_tokens=plan.max_new_tokens, task_difficulty=plan.task_difficulty,
-        dynamic_sampling=plan.dynamic_sampling, max_sampling_rounds=plan.max_sampling_rounds,
-        eval_every=plan.eval_every, eval_max_problems=plan.eval_max_problems,
-        checkpoint_every=plan.checkpoint_every, stop_on_collapse=plan.stop_on_collapse,
-    )  # fmt: skip
+    fields = {**_STUDY_RUN, **plan.run, **ARMS[arm], **LEVELS[level].fields}
+    return RunConfig(name=name, seed=seed, zoo_dir=str(zoo_dir), zoo_size=plan.zoo_size, lr=lr, **fields)
 
 
 def plan(name: str) -> _Plan:

@@ -41,6 +41,12 @@ def test_pilot_has_an_lr_axis_and_one_seed(tmp_path):
     assert study_grid.cells("pilot", zoo_dir=tmp_path, global_steps=7)["pilot-bf16-grpo-r3-lr1e-4-s0"].global_steps == 7
 
 
+def test_a_plan_refuses_fields_runconfig_does_not_have():
+    with pytest.raises(ValueError, match=r"\['max_tokens'\] are not RunConfig fields"):
+        study_grid._Plan(name="x", zoo_size="tiny", levels=("bf16",), arms=("grpo",), seeds=(0,), lrs=(1e-4,),
+                         run={"max_tokens": 96})  # fmt: skip
+
+
 def test_fp8_scope_reaches_the_rollout_engine_config(tmp_path):
     from experiments.run import engine_configs
 
