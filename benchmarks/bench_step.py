@@ -5,14 +5,17 @@
 Two loops (R3 off / on) with identical settings run interleaved step by step in one process
 (so machine load affects both alike) on the zoo's SFT model: prompts_per_step x group_size
 samples, no dynamic sampling (equal work per step). Printed per phase: median seconds of
-  rollout     generation with routing capture + grading (experiments.rollout.collect)
-  old_logprob the train engine's no-grad forward (replaying the rollout routing when R3 is on)
-  train       forward + backward + optimizer step (replaying when R3 is on)
-  sync        weight sync train -> rollout engine
-  total       the sum of the four (the routing-disagreement probe forward that the R3 loop
-              runs for its metrics is excluded: it measures, it is not part of R3)
-and the ratio R3 / no-R3 (target for the total: <= 1.05). Routing capture is on in both
-loops (the loop records routing for its disagreement metric either way).
+  rollout       generation with routing capture + grading (experiments.rollout.collect)
+  old_logprob   the train engine's no-grad pi_old forward; 0 with R3, where the single mini-step
+                takes pi_old from its own forward (r3.algorithm.policy_update); without R3 this
+                forward also records the engine's native routing (the disagreement metric)
+  routing_probe with R3 only: a no-grad native-routing forward for the disagreement metric
+                (RunConfig.routing_probe; on here, as in the RL loop by default)
+  train         forward + backward + optimizer step (replaying when R3 is on)
+  sync          weight sync train -> rollout engine
+  total         the sum
+and the ratio R3 / no-R3. The replay cost itself is the train row (same forward and backward,
+replaying or not); the totals also differ by which metric forward each loop runs.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from pathlib import Path
 import torch
 
 
-def timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step: int) -> dict[str, float]:
+def timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step: int) -> tuple[dict[str, float], object]:
     """One global step of the loop's own pieces (rollout with capture + grading, the algorithm
-    step, weight sync), no dynamic sampling; seconds per phase (the routing probe excluded)."""
+    step, weight sync), no dynamic sampling. Returns (seconds per phase, the step's training
+    batch). Phases the config skips are 0: old_logprob when pi_old comes from the update's own
+    forward (single mini-step with R3), routing_probe without R3 or with cfg.routing_probe off."""
     from experiments import rollout, task
     from r3.algorithm import policy_update
     from r3.engines.base import SamplingParams
@@ -49,15 +54,18 @@ def timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step: int) -> dict[str,
         step=step,
     )
     t_roll = time.perf_counter() - t0
-    m = policy_update(cfg, tr_eng, rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True))
+    batch = rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True)
+    m = policy_update(cfg, tr_eng, batch)
     t0 = time.perf_counter()
     ro_eng.sync_weights(tr_eng.rollout_state_dict())
-    return {
+    row = {
         "rollout": t_roll,
-        "old_logprob": float(m["time/old_logprob"]),
+        "old_logprob": float(m.get("time/old_logprob", 0.0)),
+        "routing_probe": float(m.get("time/routing_probe", 0.0)),
         "train": float(m["time/train"]),
         "sync": time.perf_counter() - t0,
     }
+    return row, batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 build_train_engine(tr_cfg),
                 task.TrainStream(seed=0, difficulty=2),
             )
-    phases = ("rollout", "old_logprob", "train", "sync", "total")
+    phases = ("rollout", "old_logprob", "routing_probe", "train", "sync", "total")
     times = {key: {k: [] for k in phases} for key in loops}
     with grader.make_pool(workers=2) as pool:
 
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
         for step in range(1, args.steps + 2):  # step 1 is a warm-up, not recorded
             for key, (cfg, ro_eng, tr_eng, stream) in loops.items():
-                row = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
+                row, _ = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
                 if step == 1:
                     continue
                 row["total"] = sum(row.values())

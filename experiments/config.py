@@ -49,6 +49,9 @@ class RunConfig:
     """Policy loss: GRPO (PPO token clip) or GSPO (sequence-ratio clip)."""
     replay: bool = False
     """R3: replay the rollout engine's routing in every training forward."""
+    routing_probe: bool = True
+    """With R3: one extra no-grad forward per step that routes natively, so the run still logs how
+    much routing replay overrode (routing/*_disagreement). Metrics only; off saves that forward."""
     tis: bool = False
     """Truncated importance sampling on pi_old / pi_infer (detached), capped at `tis_cap`."""
     tis_cap: float = 2.0

@@ -34,6 +34,7 @@ class AlgorithmSettings(Protocol):
 
     algorithm: str  # "grpo" | "gspo"
     replay: bool
+    routing_probe: bool
     tis: bool
     tis_cap: float
     mini_steps: int
@@ -84,14 +85,21 @@ def mini_batch_slices(n_groups: int, group_size: int, mini_steps: int) -> list[s
     return out
 
 
-def _loss_fn(s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.Tensor, n_seq: int):
-    """The LossFn (r3.engines.base) of one mini-batch, normalised by the whole mini-batch."""
+def _loss_fn(
+    s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.Tensor, n_seq: int, fused: _Fused | None = None
+):
+    """The LossFn (r3.engines.base) of one mini-batch, normalised by the whole mini-batch. With
+    `fused`, pi_old of each micro-batch is its own logp (detached) and the TIS weights come from it."""
 
     def loss_fn(logp_BT, entropy_BT, rows):
+        old_rows = old_BT[rows] if fused is None else fused.take(logp_BT, entropy_BT, rows)
+        tis_rows = None if tis_BT is None else tis_BT[rows]
+        if fused is not None and s.tis:
+            tis_rows = tis_weights(old_rows, fused.infer_logp_BT[rows], mask_BT[rows], cap=s.tis_cap)
         if s.algorithm == "gspo":  # GSPO + TIS is refused by the run config (no published form here)
             return gspo_loss(
                 logp_BT,
-                old_BT[rows],
+                old_rows,
                 adv_B[rows],
                 mask_BT[rows],
                 clip_low=s.gspo_clip_low,
@@ -100,13 +108,13 @@ def _loss_fn(s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.
             )
         return ppo_clip_loss(
             logp_BT,
-            old_BT[rows],
+            old_rows,
             adv_B[rows],
             mask_BT[rows],
             clip_low=s.clip_low,
             clip_high=s.clip_high,
             dual_clip=s.dual_clip,
-            is_weights_BT=None if tis_BT is None else tis_BT[rows],
+            is_weights_BT=tis_rows,
             agg=s.loss_agg,
             normalizer=n_tok if s.loss_agg == "token-mean" else n_seq,
         )
@@ -114,11 +122,44 @@ def _loss_fn(s: AlgorithmSettings, old_BT, adv_B, mask_BT, tis_BT, n_tok: torch.
     return loss_fn
 
 
+class _Fused:
+    """pi_old taken from the single mini-step's own forward: collects each micro-batch's detached
+    logp and entropy as train_step calls the loss, so the metrics can be computed after it."""
+
+    def __init__(self, infer_logp_BT: torch.Tensor) -> None:
+        self.infer_logp_BT = infer_logp_BT
+        self.old_BT = torch.zeros_like(infer_logp_BT)
+        self.entropy_BT = torch.zeros_like(infer_logp_BT)
+        self.rows_seen = 0
+
+    def take(self, logp_BT: torch.Tensor, entropy_BT: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        old = logp_BT.detach()
+        self.old_BT[rows] = old.to(self.old_BT.device)
+        if entropy_BT is not None:
+            self.entropy_BT[rows] = entropy_BT.detach().to(self.entropy_BT.device)
+        self.rows_seen += rows.stop - rows.start
+        return old
+
+    def check_complete(self) -> None:
+        B = self.old_BT.shape[0]
+        if self.rows_seen != B:  # an engine that skipped rows would leave zeros as pi_old: refuse
+            raise RuntimeError(
+                f"fused pi_old: the training step's loss saw {self.rows_seen} rows, expected {B} "
+                "(an engine whose train_step sees only some rows must set train_step_sees_whole_batch = False)"
+            )
+
+
 def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> dict[str, torch.Tensor | float]:
     """Old logprobs, mismatch and routing metrics, advantages, TIS, and the mini-step updates of
-    one global step. Routing is REPLAY in every forward when s.replay (R3), OFF otherwise; the
-    training engine's own routing is recorded (one extra forward under R3) for the disagreement
-    metric only. Returns metrics: tensors (on the engine's device) and floats; `to_host` them."""
+    one global step. Routing is REPLAY in every forward when s.replay (R3), OFF otherwise.
+    Returns metrics: tensors (on the engine's device) and floats; `to_host` them.
+
+    pi_old: a separate no-grad forward, except in a single-mini-step update (`_fuses_old`), where
+    the policy has not moved before its one optimizer step, so pi_old is that step's own forward,
+    detached (ratio exactly 1; TRL's GRPOTrainer does the same with num_iterations=1): one forward
+    fewer. Routing disagreement: without R3 the pi_old forward records the engine's own routing
+    (so a non-R3 MoE run keeps the separate forward); with R3, when s.routing_probe, one extra
+    no-grad forward routes natively (metrics only)."""
     tb = batch.train
     mask_BT = tb.loss_mask_BT
     moe = engine.is_moe and tb.expert_ids_BTLK is not None
@@ -127,20 +168,20 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
             "replay is on but the batch has no rollout routing or the model has no experts; "
             "the rollout engine must capture routing (DESIGN.md invariant 3)"
         )
-    routing = ReplayMode.REPLAY if s.replay else (ReplayMode.RECORD if moe else ReplayMode.OFF)
     m: dict[str, torch.Tensor | float] = {}
-    t0 = time.time()
-    old = engine.compute_logprobs(tb, routing=routing, with_entropy=True)
-    old_BT = old.logp_BT.detach()
-    own_routing = old.expert_ids_BTLK
-    m["time/old_logprob"] = time.time() - t0
-    if s.replay:  # the train engine's own routing, for the disagreement metric only
+    fused = _Fused(batch.infer_logp_BT) if _fuses_old(s, engine, moe) else None
+    own_routing = None
+    old_BT = entropy_BT = None
+    if fused is None:
+        t0 = time.time()
+        routing = ReplayMode.REPLAY if s.replay else (ReplayMode.RECORD if moe else ReplayMode.OFF)
+        old = engine.compute_logprobs(tb, routing=routing, with_entropy=True)
+        old_BT, entropy_BT, own_routing = old.logp_BT.detach(), old.entropy_BT, old.expert_ids_BTLK
+        m["time/old_logprob"] = time.time() - t0
+    if s.replay and s.routing_probe:  # the train engine's own routing, for the disagreement metric only
         t0 = time.time()
         own_routing = engine.compute_logprobs(tb, routing=ReplayMode.RECORD).expert_ids_BTLK
         m["time/routing_probe"] = time.time() - t0
-    m.update(mismatch_metrics(old_BT, batch.infer_logp_BT, mask_BT, taus=(2.0,)))
-    ntok = mask_BT.sum().clamp(min=1)
-    m["actor/entropy"] = (old.entropy_BT * mask_BT).sum() / ntok if old.entropy_BT is not None else float("nan")
     if own_routing is not None:
         # right padding: position t is a fed token of the trace iff token t+1 is real (n tokens, n-1 rows)
         fed_BT = tb.attention_mask_BS[:, 1:].bool()
@@ -152,9 +193,8 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
 
     adv_B = group_advantages(batch.rewards_B, s.group_size, std_normalize=s.std_normalize)
     tis_BT = None
-    if s.tis:
+    if s.tis and fused is None:
         tis_BT = tis_weights(old_BT, batch.infer_logp_BT, mask_BT, cap=s.tis_cap)
-        m["actor/tis_weight_mean"] = (tis_BT * mask_BT).sum() / ntok
 
     t0 = time.time()
     per_step: dict[str, list] = {}
@@ -163,22 +203,41 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
         mb_mask = mask_BT[rows]
         loss_fn = _loss_fn(
             s,
-            old_BT[rows],
+            None if old_BT is None else old_BT[rows],
             adv_B[rows],
             mb_mask,
             None if tis_BT is None else tis_BT[rows],
             mb_mask.sum().clamp(min=1),
             mb_mask.shape[0],
+            fused,
         )
         out = engine.train_step(slice_batch(tb, rows), loss_fn, routing=update_routing)
         for k, v in out.items():
             per_step.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
     m["time/train"] = time.time() - t0
+    if fused is not None:
+        fused.check_complete()
+        old_BT, entropy_BT = fused.old_BT, fused.entropy_BT
+        if s.tis:
+            tis_BT = tis_weights(old_BT, batch.infer_logp_BT, mask_BT, cap=s.tis_cap)
+    m.update(mismatch_metrics(old_BT, batch.infer_logp_BT, mask_BT, taus=(2.0,)))
+    ntok = mask_BT.sum().clamp(min=1)
+    m["actor/entropy"] = (entropy_BT * mask_BT).sum() / ntok if entropy_BT is not None else float("nan")
+    if tis_BT is not None:
+        m["actor/tis_weight_mean"] = (tis_BT * mask_BT).sum() / ntok
     for k, vs in per_step.items():
         m[k] = torch.stack(vs).mean()
     m["actor/mini_steps"] = float(len(per_step.get("actor/grad_norm", [])))
     m["actor/lr"] = s.lr
+    m["actor/fused_old_logprob"] = float(fused is not None)
     return m
+
+
+def _fuses_old(s: AlgorithmSettings, engine: TrainEngine, moe: bool) -> bool:
+    """Take pi_old from the update's own forward: one mini-step (the policy has not moved), the
+    engine's loss sees every row here, and no separate forward is needed anyway to record the
+    engine's native routing (a non-R3 MoE run records it in the pi_old forward)."""
+    return s.mini_steps == 1 and engine.train_step_sees_whole_batch and (s.replay or not moe)
 
 
 def to_host(metrics: dict) -> dict[str, float]:

@@ -137,6 +137,10 @@ class TrainEngine(Protocol):
 
     is_moe: bool
     """The model has routed experts (REPLAY / RECORD are refused otherwise)."""
+    train_step_sees_whole_batch: bool
+    """train_step calls loss_fn on every row of the batch in this process (False under data
+    parallelism: each rank sees its rows). Lets a single-mini-step update take pi_old from its
+    own forward (r3.algorithm.policy_update)."""
 
     def compute_logprobs(
         self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False

@@ -248,6 +248,23 @@ def test_wrong_routing_is_rejected_at_the_boundary(engine):
         routing_trace(None, prompt_len=P, response_len=R, spec=spec)
 
 
+def test_moe_engine_started_without_capture_says_so_and_refuses_to_capture(models, engine):
+    eng = build_rollout_engine(
+        rollout_config("vllm", model_path=str(models["dir"] / "moe_a"), precision="fp32", capture_routing=False)
+    )
+    try:
+        assert not eng.capabilities.captures_routing and engine.capabilities.captures_routing
+        params = SamplingParams(max_new_tokens=4, seed=3)
+        plain = eng.generate(PROMPTS[:2], params)
+        assert plain[0].expert_ids_TLK is None
+        # same tokens as the capturing engine: capture changes what is returned, not what is sampled
+        assert [s.response_ids for s in plain] == [s.response_ids for s in engine.generate(PROMPTS[:2], params)]
+        with pytest.raises(ValueError, match=r"started with VLLMRolloutConfig.capture_routing=False"):
+            eng.generate(PROMPTS[:2], params, capture_routing=True)
+    finally:
+        eng.close()
+
+
 def test_dense_model_does_not_capture_routing(models):
     from experiments.config import RunConfig
     from experiments.run import check_engines

@@ -85,6 +85,8 @@ class HFTrainEngine:
     def is_moe(self) -> bool:
         return self.replay is not None
 
+    train_step_sees_whole_batch = True  # one process, every row
+
     def _routing_ctx(self, batch: TrainBatch, rows: slice, routing: ReplayMode):
         if routing is ReplayMode.OFF:
             return contextlib.nullcontext()

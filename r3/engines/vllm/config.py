@@ -40,6 +40,11 @@ class VLLMRolloutConfig:
     """No torch.compile / CUDA graphs: start-up in seconds; on CPU the compiled path gains little for tiny models."""
     enable_prefix_caching: bool = True
     """Reuse KV (and routing rows) of shared prompt prefixes; reset after every weight sync."""
+    capture_routing: bool = True
+    """In-process engine: start vLLM with routed-experts capture (`enable_return_routed_experts`) for
+    MoE models (a server captures per its own flag). False:
+    an engine that cannot capture (benchmarks.bench_trl times capture's overhead against it; the
+    RL loop refuses it for R3 runs through `capabilities.captures_routing`)."""
     urls: tuple[str, ...] = ()
     """Server mode: base URLs of `python -m vllm.entrypoints.openai.api_server ... --enable-return-routed-experts`
     servers (r3.engines.vllm.client). Empty: in-process engine."""

@@ -95,6 +95,7 @@ class VLLMRolloutEngine:
             )
         self.cfg = cfg
         self.hf_config, self.spec, self.eos_ids = model_routing(cfg.model_path)
+        self.captures = self.spec is not None and cfg.capture_routing
         self.model_path = Path(cfg.model_path)
         self.max_model_len = int(cfg.max_model_len or self.hf_config.max_position_embeddings)
         self._seeds = random.Random(cfg.seed)
@@ -122,7 +123,7 @@ class VLLMRolloutEngine:
                 dtype=_DTYPES[cfg.precision],
                 seed=cfg.seed,
                 skip_tokenizer_init=True,
-                enable_return_routed_experts=self.spec is not None,
+                enable_return_routed_experts=self.captures,
                 max_model_len=self.max_model_len,
                 max_num_seqs=cfg.max_num_seqs,
                 enforce_eager=cfg.enforce_eager,
@@ -154,9 +155,9 @@ class VLLMRolloutEngine:
         # routed_experts_prompt_start lets vLLM skip a known prefix's rows (generate_continuations);
         # the RL loop has no multi-turn task that uses it yet
         return RolloutCapabilities(
-            captures_routing=self.spec is not None,
+            captures_routing=self.captures,
             weight_sync=True,
-            prefix_cached_routing=self.spec is not None,  # generate_continuations
+            prefix_cached_routing=self.captures,  # generate_continuations
         )
 
     def close(self) -> None:
@@ -210,6 +211,11 @@ class VLLMRolloutEngine:
             raise ValueError(
                 f"capture_routing=True, but {self.model_path} has no routed experts (config has no "
                 "num_experts); a dense model has no routing to replay"
+            )
+        if capture_routing and not self.captures:
+            raise ValueError(
+                "capture_routing=True, but this engine was started with VLLMRolloutConfig.capture_routing=False "
+                "(no routed-experts capture); build it with capture_routing=True"
             )
         vocab = int(self.hf_config.vocab_size)
         for i, p in enumerate(prompts):
