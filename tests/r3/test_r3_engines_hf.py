@@ -188,3 +188,12 @@ def test_save_load_resume_is_exact(tmp_path):
         assert torch.equal(pa, pb), n
     # the checkpoint is a transformers model directory the rollout engine can load
     HFRolloutEngine(str(tmp_path / "ckpt"), precision="bf16").generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+
+
+def test_large_generate_calls_show_a_progress_bar_small_ones_do_not(capsys):
+    quiet = HFRolloutEngine(tiny_moe(), precision="fp32")  # default: bars from 1024 prompts on
+    quiet.generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    assert "generating" not in capsys.readouterr().err
+    loud = HFRolloutEngine(tiny_moe(), precision="fp32", progress_min_prompts=len(PROMPTS))
+    loud.generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    assert f"generating {len(PROMPTS)} samples" in capsys.readouterr().err

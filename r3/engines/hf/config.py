@@ -27,6 +27,10 @@ class HFRolloutConfig:
     """torch device."""
     seed: int = 0
     """Seed of the engine's sampling generator (a call's SamplingParams.seed overrides it)."""
+    progress_min_prompts: int = 1024
+    """A generate call with at least this many prompts shows a progress bar over its decode steps,
+    with an ETA (the static measurement's 4096 samples take minutes; RL steps and evaluations
+    stay quiet). 0: never."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

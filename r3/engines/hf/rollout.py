@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams
@@ -58,11 +59,13 @@ class HFRolloutEngine:
         device: str = "cpu",
         fp8_scope: Fp8Scope = "router",
         seed: int = 0,
+        progress_min_prompts: int = 1024,
     ):
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
         self.precision = precision
         self.fp8_scope = fp8_scope
+        self.progress_min_prompts = progress_min_prompts
         self.device = torch.device(device)
         self.model = load_causal_lm(model_path_or_model).to(self.device, _DTYPES[precision]).eval()
         for p in self.model.parameters():
@@ -79,7 +82,14 @@ class HFRolloutEngine:
     @classmethod
     def from_config(cls, cfg: HFRolloutConfig) -> "HFRolloutEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(cfg.model_path, precision=cfg.precision, device=cfg.device, fp8_scope=cfg.fp8_scope, seed=cfg.seed)
+        return cls(
+            cfg.model_path,
+            precision=cfg.precision,
+            device=cfg.device,
+            fp8_scope=cfg.fp8_scope,
+            seed=cfg.seed,
+            progress_min_prompts=cfg.progress_min_prompts,
+        )
 
     @property
     def capabilities(self) -> RolloutCapabilities:
@@ -168,7 +178,10 @@ class HFRolloutEngine:
                 logits_to_keep=1,
             )
             next_pos_B1 = pos_BP[:, -1:] + 1
+            show = 0 < self.progress_min_prompts <= B
+            bar = tqdm(total=N, desc=f"generating {B} samples", unit="token", leave=False, disable=not show)
             for step in range(N):
+                bar.update(1)
                 tok_B, lp_B = self._sample(out.logits[:, -1], params, gen)
                 tok_B = torch.where(active_B, tok_B, torch.full_like(tok_B, self.pad_id))
                 tokens.append(tok_B)
@@ -188,6 +201,7 @@ class HFRolloutEngine:
                     use_cache=True,
                 )
                 next_pos_B1 = next_pos_B1 + 1
+            bar.close()
             traces = self.replay.recorded_traces(mask_BS[:, : P + len(tokens)]) if record else None
         tok_BN = torch.stack(tokens, dim=1).cpu()
         lp_BN = torch.stack(logps, dim=1).float().cpu()

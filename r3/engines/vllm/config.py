@@ -40,6 +40,9 @@ class VLLMRolloutConfig:
     """No torch.compile / CUDA graphs: start-up in seconds; on CPU the compiled path gains little for tiny models."""
     enable_prefix_caching: bool = True
     """Reuse KV (and routing rows) of shared prompt prefixes; reset after every weight sync."""
+    progress_min_prompts: int = 1024
+    """A generate call with at least this many prompts shows vLLM's progress bar (requests done,
+    ETA); smaller calls (RL steps, evaluations) stay quiet. 0: never."""
     capture_routing: bool = True
     """In-process engine: start vLLM with routed-experts capture (`enable_return_routed_experts`) for
     MoE models (a server captures per its own flag). False:

@@ -272,7 +272,9 @@ class VLLMRolloutEngine:
             for i, k in enumerate(starts)
         ]
         outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], sps, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts],
+            sps,
+            use_tqdm=0 < self.cfg.progress_min_prompts <= len(prompts),
         )
         if len(outs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outs)} results for {len(prompts)} prompts")
