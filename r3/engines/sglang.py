@@ -23,6 +23,14 @@ Built against SGLang's documented native API (docs "Native APIs" and "Sampling P
   (`mlp.experts.gate_up_proj`), which those loaders skip without a word. Every later /generate
   answer carries `meta_info.weight_version` (SGLang >= 0.5); a result from another version than
   the last sync stops the step.
+- The check after every sync (`verify_sync`): POST /generate {"input_ids": [probe], "return_logprob":
+  true, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}} ->
+  `meta_info.input_token_logprobs` = [[logprob, token_id, text|null], ...] aligned with the probe,
+  entry 0's logprob null (no context); SGLang computes these teacher-forced logprobs in the prefill
+  (tokenizer_manager's meta_info, GenerateReqInput.logprob_start_len: default -1 = output tokens
+  only). Each server's answer is compared with reference logprobs of the synced weights (see
+  `SGLangRolloutEngine.check_sync`): a server that keeps the version number but not the weights (a
+  loader that skips tensors under names it does not match) stops the run with SyncCheckError.
 - GET /health -> 200 when the server is up.
 Request size is bounded: a /generate batch holds at most `batch_size` prompts and at most
 `max_response_mb` of estimated response JSON (routing base64 + logprob entries for prompt + max new
@@ -48,11 +56,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, TrainBatch
+from r3.engines.vllm.check import PROBE_LEN, SyncCheckError, probe_ids  # light: torch only
 from r3.trace import RoutingSpec, RoutingTrace
 
 Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
@@ -60,6 +69,23 @@ Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
 ConnectionError / TimeoutError / OSError when the server cannot be reached."""
 
 _RETRY_STATUS = (502, 503, 504)
+
+SyncReference = Callable[[Sequence[int]], torch.Tensor]
+"""probe token ids [P] -> float32 [P - 1]: log p(probe[t+1] | probe[:t+1]) under the weights just synced
+(e.g. `train_engine_reference(train_engine)`: the trainer's own forward, which holds those weights)."""
+
+_DEFAULT_SYNC_ATOL = {"bf16": 0.25, "fp8": 0.5}
+"""Largest median |logprob difference| per probe token between a server and the reference. bf16: the
+bound measured for vLLM (r3.engines.vllm.config._DEFAULT_SYNC_ATOL: a correct bf16 engine is 0.016-0.020
+from an fp32 forward, stale/mis-laid-out weights 2.5-3.1); SGLang's bf16 kernels are not measured here
+(no GPU). Against a bf16 megatron reference both sides carry bf16 error, so expect up to about twice
+that: 0.25 is still >= 6x above it. fp8 (`--quantization fp8`, all linear weights in e4m3): NOT
+measured; 0.5 is a guess at 2x the bf16 bound (set sync_atol after measuring a correct server).
+Sensitivity: a server that skips the expert tensors on load (keeps its old experts) is off by a
+median 0.68 nats per token when the tiny zoo's Base is served and its SFT weights synced, 0.023 in
+the micro zoo, 0.004 between two random-init tiny models (measured with the test double of
+tests/r3/test_r3_sglang_sync_check.py): stale experts are seen once they differ from the synced
+ones by more than the tolerance, not after one small RL step (docs/cluster.md)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +116,29 @@ class SGLangRolloutConfig:
     check_server_flags: bool = True
     """Before the first /generate, refuse servers without --enable-return-routed-experts when
     routing is captured, and warn when seeds are sent to servers without deterministic inference."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """The servers' numerics (slurm.servers: `--dtype bfloat16`, plus `--quantization fp8` for fp8);
+    chooses the default tolerance of the sync check."""
+    verify_sync: bool = True
+    """After every sync, score a fixed probe sequence on every server (teacher-forced logprobs) and
+    compare with a reference of the synced weights; raise SyncCheckError when they disagree."""
+    sync_atol: float | None = None
+    """Tolerance of that check (median |logprob difference| per probe token); None: 0.25 for bf16,
+    0.5 for fp8 (_DEFAULT_SYNC_ATOL)."""
+    reference_max_params: int = 2_000_000_000
+    """Without a reference set by the caller (`set_sync_reference`), the engine computes one with an
+    fp32 transformers forward of the synced state dict in this process when it has at most this
+    many parameters (8 GB of fp32); above it the sync is not verified (a warning says so)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in _DEFAULT_SYNC_ATOL:
+            raise ValueError(f"SGLangRolloutConfig.precision must be 'bf16' or 'fp8', got {self.precision!r}")
+        if self.sync_atol is not None and self.sync_atol <= 0:
+            raise ValueError(f"sync_atol must be > 0 (or None for the precision's default), got {self.sync_atol}")
+
+    @property
+    def sync_tolerance(self) -> float:
+        return self.sync_atol if self.sync_atol is not None else _DEFAULT_SYNC_ATOL[self.precision]
 
 
 LOGPROB_ENTRY_BYTES = 40
@@ -234,6 +283,9 @@ class SGLangRolloutEngine:
         num_hidden_layers: int | None = None,
         max_response_mb: float = 256.0,
         check_server_flags: bool = False,
+        sync_tolerance: float | None = None,
+        sync_reference: SyncReference | None = None,
+        reference_max_params: int = 2_000_000_000,
     ):
         """routing_spec: (L, K, E) of the served model, needed for capture_routing (build it with
         RoutingSpec.from_hf_config; SGLang reports num_hidden_layers rows, so every layer must be
@@ -245,7 +297,9 @@ class SGLangRolloutEngine:
         per-decoder-layer routing rows are MoE layers (from_model_config reads them from the
         checkpoint; None: every row). max_response_mb: split batches whose estimated response is
         larger (response_bytes_estimate). check_server_flags: ask each server's flags once before the
-        first /generate (check_servers; the registry's config turns it on)."""
+        first /generate (check_servers; the registry's config turns it on). sync_tolerance: verify
+        every sync (check_sync) with this bound (None: no check). sync_reference /
+        reference_max_params: where the check's reference comes from (set_sync_reference)."""
         urls = [u.rstrip("/") for u in urls]
         if not urls:
             raise ValueError("SGLangRolloutEngine needs at least one server URL (e.g. http://host:30000)")
@@ -276,6 +330,14 @@ class SGLangRolloutEngine:
         if max_response_mb <= 0:
             raise ValueError(f"max_response_mb must be > 0, got {max_response_mb}")
         self.max_response_bytes = int(max_response_mb * 1e6)
+        if sync_tolerance is not None and sync_tolerance <= 0:
+            raise ValueError(f"sync_tolerance must be > 0 (or None: no check), got {sync_tolerance}")
+        self.sync_tolerance = sync_tolerance
+        self.sync_reference = sync_reference
+        self.reference_max_params = reference_max_params
+        self._fp32_checker = None  # r3.engines.vllm.check.SyncChecker, built on first use
+        self._warned_unverified = False
+        self.last_sync_check: dict[str, float] = {}
 
     @classmethod
     def from_model_config(cls, urls: Sequence[str], model_path: str | Path, **kw: Any) -> "SGLangRolloutEngine":
@@ -311,6 +373,8 @@ class SGLangRolloutEngine:
             send_seeds=cfg.send_seeds,
             max_response_mb=cfg.max_response_mb,
             check_server_flags=cfg.check_server_flags,
+            sync_tolerance=cfg.sync_tolerance if cfg.verify_sync else None,
+            reference_max_params=cfg.reference_max_params,
             **kw,
         )
 
@@ -579,7 +643,158 @@ class SGLangRolloutEngine:
             for k, v in to_checkpoint_names(state_dict).items()
         }
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
         self.update_weights_from_disk(out, weight_version=str(self.weight_version))
+        if self.sync_tolerance is not None:
+            self.last_sync_check = self.check_sync(state_dict)
         prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"
         if prev.exists():
             shutil.rmtree(prev, ignore_errors=True)
+
+    # --- the check after a sync ---------------------------------------------------------------
+    def set_sync_reference(self, reference: SyncReference | None) -> None:
+        """Where check_sync's reference logprobs come from: `reference(probe)` of the weights just
+        synced, e.g. `train_engine_reference(train_engine)` (the trainer holds exactly those weights,
+        at any scale). None: an fp32 transformers forward of the synced state dict in this process,
+        for models of at most reference_max_params parameters."""
+        self.sync_reference = reference
+
+    def probe(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[int]:
+        """The fixed probe sequence (PROBE_LEN ids from a seeded generator, as the vLLM check), below
+        the vocabulary of the embedding (state_dict), the served config and the tokenizer."""
+        sizes = []
+        for k, v in (state_dict or {}).items():
+            if k.endswith("embed_tokens.weight"):
+                sizes.append(int(v.shape[0]))
+        if self.base_model_path is not None and (self.base_model_path / "config.json").exists():
+            vocab = json.loads((self.base_model_path / "config.json").read_text()).get("vocab_size")
+            if isinstance(vocab, int):
+                sizes.append(vocab)
+        if self.tokenizer is not None:
+            sizes.append(len(self.tokenizer))
+        if not sizes:
+            raise ValueError(
+                "the sync check needs the vocabulary size: pass base_model_path (a checkpoint with "
+                "config.json) or a state dict with model.embed_tokens.weight"
+            )
+        return probe_ids(min(sizes), PROBE_LEN)
+
+    @staticmethod
+    def probe_body(probe: Sequence[int]) -> dict:
+        """/generate body that returns teacher-forced logprobs of every probe token. temperature 1.0:
+        servers that scale returned logprobs by the temperature then leave them unchanged."""
+        return {
+            "input_ids": [list(map(int, probe))],
+            "sampling_params": {"max_new_tokens": 1, "temperature": 1.0, "top_p": 1.0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        }
+
+    def parse_probe(self, probe: Sequence[int], payload: Any, *, url: str) -> torch.Tensor:
+        """float32 [len(probe) - 1] from `meta_info.input_token_logprobs` (entry t = [logprob of
+        probe[t] given probe[:t], probe[t], text|null]; entry 0 has no context and is dropped)."""
+        out = payload[0] if isinstance(payload, list) and len(payload) == 1 else payload
+        meta = out.get("meta_info") if isinstance(out, dict) else None
+        itl = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
+        if not isinstance(itl, list) or len(itl) != len(probe):
+            n = len(itl) if isinstance(itl, list) else None
+            raise SGLangError(
+                f"{url}: the probe request returned {n} input_token_logprobs for a {len(probe)}-token probe "
+                "(expected one per input token with logprob_start_len=0); is the server older than SGLang 0.4, or "
+                f"its prefix cache serving the probe's prefix? answer: {str(out)[:300]}"
+            )
+        ids = [int(e[1]) for e in itl]
+        if ids != list(probe):
+            raise SGLangError(f"{url}: input_token_logprobs name other tokens than the probe: {ids[:8]} vs {probe[:8]}")
+        if any(e[0] is None for e in itl[1:]):
+            raise SGLangError(f"{url}: null input logprobs at {[t for t, e in enumerate(itl) if e[0] is None][1:6]}")
+        served = meta.get("weight_version")
+        if self.weight_version and served is not None and str(served) != str(self.weight_version):
+            raise SyncCheckError(
+                f"after weight sync v{self.weight_version}: {url} still serves weight version {served!r}; the "
+                "update did not reach it (see the server log)"
+            )
+        return torch.tensor([float(e[0]) for e in itl[1:]], dtype=torch.float32)
+
+    def probe_logprobs(self, url: str, probe: Sequence[int]) -> torch.Tensor:
+        """One server's teacher-forced logprobs of the probe, float32 [len(probe) - 1]."""
+        payload = self._request("POST", f"{url}/generate", self.probe_body(probe))
+        return self.parse_probe(probe, payload, url=url)
+
+    def _reference(self, probe: list[int], state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.sync_reference is not None:
+            return self.sync_reference(probe).detach().float().cpu().reshape(-1)
+        params = sum(v.numel() for v in state_dict.values())
+        if params > self.reference_max_params or self.base_model_path is None:
+            if not self._warned_unverified:
+                import warnings
+
+                why = (
+                    f"{params / 1e9:.1f}B parameters > reference_max_params {self.reference_max_params / 1e9:.1f}B"
+                    if self.base_model_path is not None
+                    else "no base_model_path (config.json) to build an fp32 reference from"
+                )
+                warnings.warn(
+                    f"SGLang weight syncs are NOT verified: no reference logprobs ({why}); call "
+                    "engine.set_sync_reference(train_engine_reference(train_engine)) so the trainer scores the probe",
+                    stacklevel=3,
+                )
+                self._warned_unverified = True
+            return None
+        if self._fp32_checker is None:
+            from transformers import AutoConfig
+
+            from r3.engines.vllm.check import SyncChecker
+
+            cfg = AutoConfig.from_pretrained(str(self.base_model_path))
+            self._fp32_checker = SyncChecker(cfg, precision="fp32", tolerance=self.sync_tolerance or 0.0, probe=probe)
+        self._fp32_checker.probe = list(probe)
+        return self._fp32_checker.reference_logprobs(state_dict)
+
+    def check_sync(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Every server's logprobs of the probe vs the reference of `state_dict` (just synced): the
+        median |difference| per token must be within sync_tolerance on each server, else
+        SyncCheckError (got / expected / likely cause / what to do). Returns the worst server's
+        numbers ({} when no reference is available: see set_sync_reference)."""
+        probe = self.probe(state_dict)
+        ref = self._reference(probe, state_dict)
+        if ref is None:
+            return {}
+        if ref.shape != (len(probe) - 1,):
+            raise SyncCheckError(f"the sync reference returned shape {tuple(ref.shape)}, expected ({len(probe) - 1},)")
+        worst: dict[str, float] = {}
+        for u in self.urls:
+            diff = (self.probe_logprobs(u, probe) - ref).abs()
+            med, mean, mx = float(diff.median()), float(diff.mean()), float(diff.max())
+            if not med <= self.sync_tolerance:  # also catches NaN
+                raise SyncCheckError(
+                    f"after weight sync v{self.weight_version}: {u} scores a {len(probe)}-token probe {med:.3g} nats "
+                    f"per token (median; mean {mean:.3g}, max {mx:.3g}) away from the synced weights' reference; "
+                    f"expected median <= {self.sync_tolerance:g}. The server reports the new version but does not "
+                    "compute with the new weights. Likely cause: its loader skipped tensors whose names it does not "
+                    "match (e.g. fused expert names `mlp.experts.gate_up_proj`; to_checkpoint_names writes per-expert "
+                    "names), a server restarted on the old checkpoint, or a reference of other weights. Check the "
+                    f"server log and the tensor names in {self.weight_sync_dir}/v{self.weight_version:06d}"
+                )
+            if med >= worst.get("probe_median_abs_diff", -1.0):
+                worst = {"probe_median_abs_diff": med, "probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}
+        return worst
+
+
+def train_engine_reference(train_engine: Any) -> SyncReference:
+    """A SyncReference from a TrainEngine: its compute_logprobs of a one-row batch holding the probe
+    (native routing, no replay). Call it right after a sync (the RL loop syncs
+    `train_engine.rollout_state_dict()`), so the trainer holds the synced weights; under several
+    training ranks pass the driver's proxy (experiments.distributed.DriverEngine) so the followers
+    run the same forward."""
+
+    def reference(probe: Sequence[int]) -> torch.Tensor:
+        ids_BS = torch.tensor([list(map(int, probe))], dtype=torch.long)
+        batch = TrainBatch(
+            input_ids_BS=ids_BS,
+            attention_mask_BS=torch.ones_like(ids_BS),
+            loss_mask_BT=torch.ones(1, ids_BS.shape[1] - 1, dtype=torch.float32),
+        )
+        return train_engine.compute_logprobs(batch).logp_BT[0].float().cpu()
+
+    return reference
