@@ -103,11 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     twins = {mode: build_train_engine(tr_cfg) for mode in (ReplayMode.REPLAY, ReplayMode.OFF)}
     overhead: dict[str, list[float]] = {"capture": [], "replay": []}
+    sync_parts: list[dict[str, float]] = []
 
     def our_step(step: int) -> None:
         row, batch = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
         row["total"] = sum(row.values())
         ours.append(row)
+        sync_parts.append(dict(getattr(ro_eng, "last_sync", {})))  # vLLM: write / reload / check seconds
         prompts = batch_prompts(batch.train)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=step)
         if no_capture is not ro_eng:  # same weights as ours (untimed), so both sample the same policy
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     for k, v in our_med.items():
         print(f"  {k:<14} {v:8.3f}")
+    parts = [k for k in sync_parts[-1] if k.endswith("_s")] if sync_parts else []
+    if parts:
+        print("  sync parts: " + ", ".join(f"{k} {statistics.median(r[k] for r in sync_parts[1:]):.3f}" for k in parts))
     print(f"TRL GRPOTrainer {__import__('trl').__version__} (generation + training): {trl_med:8.3f}")
     print(f"speed-up, TRL / ours: {trl_med / our_med['total']:.2f}x (target >= 1.5)")
     for name, what in (
