@@ -14,7 +14,7 @@ Outputs under --out:
   tables/static_mismatch.{md,tex,csv}     k3 KL and F(2), native / R3, per precision
   index.md                                every table and a link to every figure
 With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv} and
-figures/study_dose_response.{png,pdf} (plots.figures_study).
+figures/study_dose_response.{png,pdf} and figures/study_routing_layers.{png,pdf} (plots.figures_study).
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
 the collapse rule is experiments.collapse (the paper does not publish one).
@@ -65,6 +65,7 @@ def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: boo
     if study and root.runs:
         tables.insert(0, figures_study.study_table(root.runs))
         figure_jobs.insert(0, ("study_dose_response", lambda: figures_study.dose_response_figure(root.runs)))
+        figure_jobs.insert(1, ("study_routing_layers", lambda: figures_study.routing_layers_figure(root.runs)))
 
     written: list[Path] = []
     for t in tables:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -360,4 +361,51 @@ def dose_response_figure(runs: list[Run]) -> Figure:
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False)
     fig.suptitle("Collapse vs training-inference mismatch, with and without R3 (mean ± s.e. over seeds)")
+    return fig
+
+
+# --- routing disagreement per MoE layer --------------------------------------------------------
+LAYER_COLUMN = re.compile(r"^routing/layer(\d+)_disagreement$")
+
+
+def layer_disagreement(run: Run) -> list[float]:
+    """Per MoE layer l: the run's mean over global steps of `routing/layer{l}_disagreement` (share
+    of tokens whose top-k set differs between the trainer's native routing and the rollout's);
+    [] for runs logged before the metric existed."""
+    cols = sorted(
+        ((int(m.group(1)), c) for c in run.metrics.columns if (m := LAYER_COLUMN.match(str(c)))),
+        key=lambda x: x[0],
+    )
+    return [run_metric_mean(run, c) for _, c in cols]
+
+
+def routing_layers_figure(runs: list[Run]) -> Figure:
+    """Routing disagreement per MoE layer of each condition's native arm (mean over steps, then
+    mean +/- s.e. over seeds), one line per condition: does disagreement grow with depth (the paper:
+    94% of tokens differ in at least one of 48 layers), and how does it scale with the dose?"""
+    conds = conditions(runs)
+    fig = new_figure(FULL_WIDTH_IN / 2, 2.6)
+    ax = fig.subplots()
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("tokens with a different top-k set")
+    ax.set_title("Routing disagreement per layer (native arm)")
+    drawn = 0
+    for i, c in enumerate(conds):
+        per_run = [layer_disagreement(r) for cell in c.cells for r in _native_runs(list(cell.runs))]
+        per_run = [v for v in per_run if v]
+        if not per_run or len({len(v) for v in per_run}) != 1:
+            continue
+        arr = np.asarray(per_run, dtype=float)
+        mean = arr.mean(axis=0)
+        err = arr.std(axis=0, ddof=1) / math.sqrt(len(arr)) if len(arr) > 1 else None
+        label = f"{c.label} (k3 {fmt_sci(c.dose[0], digits=1)})" if math.isfinite(c.dose[0]) else c.label
+        ax.errorbar(np.arange(len(mean)), mean, yerr=err, marker=MARKERS[i % len(MARKERS)], markersize=3.5,
+                    capsize=2, label=label)  # fmt: skip
+        drawn += 1
+    if not drawn:
+        no_data(ax, "routing/layer*_disagreement")
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
+        ax.legend(frameon=False, fontsize="x-small")
     return fig

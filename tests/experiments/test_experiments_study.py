@@ -136,6 +136,8 @@ def _write(root: Path, cfg: RunConfig, avgs: dict[int, float], *, k3: float, las
             "actor/grad_norm": 0.5,
             "actor/entropy": 0.8,
             "rollout/response_len_mean": 30.0,
+            # routing disagreement per MoE layer: grows with depth and with the dose
+            **{f"routing/layer{layer}_disagreement": k3 * 10 * (layer + 1) for layer in range(3)},
         }
         for s in range(1, last_step + 1)
     ]
@@ -269,3 +271,21 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
     assert mtimes == {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
     rows = study.state_rows(study_grid.cells("smoke", zoo_dir=micro_zoo), out)
     assert [r[1] for r in rows] == ["complete", "complete"]
+
+
+def test_routing_layers_figure_on_fixture_runs(tmp_path):
+    from plots import figures_study
+    from plots.rundir import discover
+    from plots.style import paper_style, save
+
+    runs = discover(_study_root(tmp_path / "runs")).runs
+    with paper_style():
+        fig = figures_study.routing_layers_figure(runs)
+        paths = save(fig, tmp_path / "figures", "study_routing_layers")
+    lines = {c.get_label(): c.lines[0].get_ydata() for c in fig.axes[0].containers}
+    assert len(lines) == 2  # one per condition: its native (GRPO) arm only, not the R3 arm
+    # per layer, the native arm's mean over seeds: k3 1e-4 and 3e-4 (bf16), 1e-3 and 2e-3 (fp8all)
+    by_dose = sorted(lines.values(), key=lambda y: y[0])
+    assert list(by_dose[0]) == pytest.approx([2e-3 * (layer + 1) for layer in range(3)])
+    assert list(by_dose[1]) == pytest.approx([1.5e-2 * (layer + 1) for layer in range(3)])
+    assert paths[0].stat().st_size > 10_000
