@@ -16,7 +16,8 @@ style, STYLE.md rule 5). The presets share the cell definitions and differ only 
 - `tiny`: the embedded zoo on CPU, rolled out by an FP8 inference engine by default (the regime
   where the mismatch matters at this scale; not the paper's setting), with `-bf16` variants.
 Static mismatch cells (MoE native, MoE + R3, dense reference) are `StaticCell`s: one job per
-rollout precision, run by `experiments.static_mismatch`, written to `<runs>/static/<precision>/`.
+rollout precision, run by `experiments.static_mismatch` (the zoo's models for `tiny`, the given
+SFT and dense checkpoints with SGLang + megatron for `paper`), written to `<runs>/static/<precision>/`.
 Seeds are a grid axis: with several seeds every name gets `-s<seed>`.
 """
 
@@ -220,14 +221,48 @@ class StaticCell:
     """The MoE checkpoint measured (the SFT model, as the paper's static measurement)."""
     model_dense: str | None
     """The dense reference (paper: Qwen3-8B; tiny: the zoo's dense control)."""
-    rollout_engine: Literal["hf", "sglang"]
+    rollout_engine: Literal["hf", "sglang", "vllm"]
     train_engine: Literal["hf", "megatron"]
+    prompts: str = "synthetic"
+    """Held-out prompts: `synthetic` (the embedded task's held-out split), `benchmarks` (the paper's
+    evaluation sets, eval.benchmarks.PAPER_BENCHMARKS, each problem once), or a benchmark name or
+    file (experiments.static_mismatch.checkpoint_problems)."""
+    n_prompts: int = 0
+    """Prompts measured (0: all of them)."""
+    group_size: int = 8
+    """Samples per prompt."""
+    max_new_tokens: int = 48
+    """Response length bound in tokens."""
+    template: str | None = None
+    """Prompt template of a checkpoint measurement (eval.templates; None: `qwen-math-boxed`, as the RL runs)."""
+    train_tensor_parallel: int = 1
+    """megatron TP of the recomputing trainer."""
+    train_expert_parallel: int = 1
+    """megatron EP of the recomputing trainer."""
+    train_precision: Literal["fp32", "bf16"] = "fp32"
+    """Parameters of the recomputing trainer (megatron; transformers is fp32)."""
+    train_micro_batch: int = 0
+    """Sequences per recompute forward (0: all at once)."""
 
     def run_dir(self, runs: Path) -> Path:
         return Path(runs) / "static" / self.precision
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+STATIC_SCALE: dict[Preset, dict] = {
+    "tiny": {},  # the zoo measurement's own defaults (experiments.static_mismatch.run_static)
+    # The paper does not say which prompts its static measurement used (PAPER.md): ours are its
+    # evaluation sets (held out from the decontaminated training pool), 8 samples each, responses
+    # as long as in the RL runs; the recompute runs megatron as the RL trainer does (bf16, EP 8 on
+    # one 8-GPU node, one sequence per forward). Not published.
+    "paper": dict(
+        prompts="benchmarks", n_prompts=0, group_size=8, max_new_tokens=_PAPER.run["max_new_tokens"],
+        train_expert_parallel=8, train_precision="bf16", train_micro_batch=1,
+    ),
+}  # fmt: skip
+"""StaticCell fields per preset (prompts, lengths, the trainer's layout)."""
 
 
 def _suffix(precision: str, s: _Scale, seed: int, seeds: tuple[int, ...]) -> str:
@@ -295,7 +330,7 @@ def static_cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterab
             out[name] = StaticCell(
                 name=name, preset=s.preset, precision=prec, seed=seed, model_moe=s.model_paths.get("sft"),
                 model_dense=s.model_paths.get("dense"), rollout_engine=s.run["rollout_engine"],
-                train_engine=s.run["train_engine"],
+                train_engine=s.run["train_engine"], **STATIC_SCALE[s.preset],
             )  # fmt: skip
     return out
 

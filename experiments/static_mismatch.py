@@ -20,6 +20,12 @@ precision for the transformers engine (`bf16`), `<engine>-<precision>` for anoth
 curve, the log-ratio histogram and routing disagreement (per layer, pair, any-layer token) over
 all fed tokens. Written last via a temporary file: an existing file is reused.
 
+User checkpoints (the paper preset's static cell, `run_static_checkpoints`, run by slurm.job): the
+same measurement on the MoE and dense checkpoints a StaticCell (experiments.grid) names, with any
+registered engines (sglang servers or vllm for rollout, megatron or hf recomputing) on held-out
+prompts (`checkpoint_problems`: the paper's evaluation sets by default); written to
+<runs>/static/<precision>/static.json with the same fields plus `models`, `prompts`, `template`.
+
 Departures from the paper: the paper compares SGLang inference with Megatron training of
 Qwen3-30B-A3B (and a dense Qwen3-8B); here the mismatch comes from bf16 / FP8-weight rollout
 numerics against an fp32 trainer on a 2M-parameter model. With the router-only FP8 engine the
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,20 +107,33 @@ def _rollout_batch(
     difficulty: int,
     train_engine: str,
     rollout_engine: str = "hf",
+    engines=None,
+    problems=None,
+    encode=None,
+    stop_ids: tuple[int, ...] = (),
 ):
-    """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe)."""
+    """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe).
+
+    Zoo defaults: engines from `_engine_pair`, the embedded task's held-out problems, its prompt
+    format. A checkpoint measurement (`measure_checkpoints`) passes `engines(model_dir) -> (rollout,
+    train)`, `problems() -> [task.Problem]` and `encode(tokenizer, problem text) -> ids`."""
     from transformers import AutoTokenizer
 
     from r3.engines.base import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine)
+    if engines is None:
+        ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine)
+    else:
+        ro, tr = engines(model_dir)
     moe = ro.capabilities.captures_routing and tr.is_moe
-    probs = task.heldout_problems(n_prompts, difficulty=difficulty)
-    prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
-    samples = ro.generate(
-        prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), capture_routing=moe
-    )
+    probs = task.heldout_problems(n_prompts, difficulty=difficulty) if problems is None else problems()
+    if encode is None:
+        prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
+    else:
+        prompts = [ids for p in probs for ids in [encode(tok, p.problem)] * group_size]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop_token_ids=stop_ids)
+    samples = ro.generate(prompts, params, capture_routing=moe)
     if callable(close := getattr(ro, "close", None)):  # vLLM: release the engine (and its KV cache) now
         close()
     groups = [
@@ -135,8 +155,13 @@ def measure(
     difficulty: int = 2,
     train_engine: str = "hf",
     rollout_engine: str = "hf",
+    engines=None,
+    problems=None,
+    encode=None,
+    stop_ids: tuple[int, ...] = (),
 ) -> dict:
-    """The static.json record of one rollout precision."""
+    """The static.json record of one rollout precision. engines / problems / encode / stop_ids:
+    see `_rollout_batch` (None: the zoo's); engines(model_dir) is called once per model, MoE first."""
     from r3.replay import ReplayMode
 
     kw = dict(
@@ -147,6 +172,10 @@ def measure(
         difficulty=difficulty,
         train_engine=train_engine,
         rollout_engine=rollout_engine,
+        engines=engines,
+        problems=problems,
+        encode=encode,
+        stop_ids=stop_ids,
     )
     out: dict = {
         "precision": precision,
@@ -167,8 +196,12 @@ def measure(
     # stops the forward otherwise), so the routing fields are left empty rather than filled with a
     # disagreement of 0 that would be true by construction.
     out["moe_r3"] = _metrics(r3.logp_BT, batch.infer_logp_BT, mask, None, None, None)
+    if callable(done := getattr(tr, "close", None)):  # a driver proxy: release the MoE engine's followers
+        done()
     batch, tr, _ = _rollout_batch(dense_dir, precision, **kw)
     dense = tr.compute_logprobs(batch.train)
+    if callable(done := getattr(tr, "close", None)):
+        done()
     out["dense"] = _metrics(dense.logp_BT, batch.infer_logp_BT, batch.train.loss_mask_BT, None, None, None)
     out["tokens"] = out["moe"]["tokens"]
     return out
@@ -187,6 +220,158 @@ def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, f
     kw.setdefault("difficulty", manifest["config"]["difficulty"])
     t0 = time.time()
     rec = measure(zoo.model_dir("sft", zoo_dir), zoo.model_dir("dense", zoo_dir), precision, **kw)
+    rec["seconds"] = round(time.time() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+# --- user checkpoints with any registered engines (the paper's job: SGLang vs megatron) ----------------
+def checkpoint_problems(prompts: str, n_prompts: int, *, difficulty: int = 2) -> list[task.Problem]:
+    """The prompts of a checkpoint measurement, in a fixed order; n_prompts 0: all.
+
+    `benchmarks`: the paper's evaluation sets (eval.benchmarks.PAPER_BENCHMARKS: AIME24, AIME25, AMC23,
+    MATH500 with its level-5 subset), each problem once (MATH500-L5 lies inside MATH500): held out from
+    training by the data pipeline's decontamination. `synthetic`: the embedded task's held-out split.
+    Anything else: a benchmark name or file eval.benchmarks.load reads (e.g. a data_prep table of the
+    training pool: then the prompts are not held out)."""
+    from eval import benchmarks
+
+    if prompts == "synthetic":
+        return task.heldout_problems(n_prompts or task.HELDOUT_N, difficulty=difficulty)
+    names = benchmarks.PAPER_BENCHMARKS if prompts == "benchmarks" else (prompts,)
+    out, seen = [], set()
+    for name in names:
+        for r in benchmarks.load(name):
+            if r["problem"] not in seen:
+                seen.add(r["problem"])
+                out.append(
+                    task.Problem(id=str(r["id"]), problem=str(r["problem"]), answer=str(r["answer"]), solution="")
+                )
+    if not out:
+        raise ValueError(f"static prompts {prompts!r}: no problems loaded")
+    return out[:n_prompts] if n_prompts else out
+
+
+def checkpoint_engine_configs(cell: dict, model_dir: str, urls: tuple[str, ...]) -> tuple[object, object]:
+    """(rollout config, train config) of r3.engines.registry for one model of a StaticCell (as a dict).
+    urls: the servers of this model (sglang: required; vllm: empty = in-process engine)."""
+    from r3.engines.registry import rollout_config, train_config
+
+    name, prec = cell["rollout_engine"], cell["precision"]
+    if name == "sglang":
+        if not urls:
+            raise ValueError(
+                f"static cell {cell['name']}: rollout_engine='sglang' needs the servers' URLs of {model_dir} "
+                "(slurm.job passes them as sglang_urls / sglang_urls_dense; outside Slurm start them with "
+                "`python -m slurm.servers` and set them in the cell)"
+            )
+        ro = rollout_config("sglang", urls=tuple(urls), model_path=model_dir, precision=prec)
+    elif name == "vllm":
+        ro = rollout_config("vllm", model_path=model_dir, precision=prec, seed=cell["seed"], urls=tuple(urls))
+    else:
+        ro = rollout_config(name, model_path=model_dir, precision=prec, seed=cell["seed"])
+    par = {}
+    if cell["train_engine"] == "megatron":
+        par = dict(
+            tensor_parallel=cell.get("train_tensor_parallel", 1),
+            expert_parallel=cell.get("train_expert_parallel", 1),
+            precision=cell.get("train_precision", "fp32"),
+            micro_batch=cell.get("train_micro_batch", 0),
+        )
+    elif cell.get("train_micro_batch"):
+        par = dict(micro_batch=cell["train_micro_batch"])
+    # no step is taken; lr must be > 0
+    tr = train_config(cell["train_engine"], model_path=model_dir, lr=1e-6, seed=cell["seed"], **par)
+    return ro, tr
+
+
+def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
+    """The static.json record of a StaticCell (experiments.grid, as a dict) naming its checkpoints:
+    cell["model_moe"], cell["model_dense"], engines by registry name, server URLs in
+    cell["sglang_urls"] (MoE) and cell["sglang_urls_dense"]. Same measurement as the zoo's (`measure`):
+    MoE native, MoE + R3, dense control on held-out prompts (`checkpoint_problems`).
+
+    Several training ranks (WORLD_SIZE > 1, megatron): rank 0 measures and its train engine is a
+    driver proxy (experiments.distributed.DriverEngine) whose calls the other ranks follow; they
+    return None."""
+    from eval import templates
+    from r3.engines.registry import build_rollout_engine, build_train_engine
+
+    for key in ("model_moe", "model_dense"):
+        if not cell.get(key) or not (Path(cell[key]) / "config.json").exists():
+            raise FileNotFoundError(
+                f"static cell {cell['name']}: {key}={cell.get(key)!r} is not a transformers checkpoint directory "
+                "(config.json); pass --model-sft / --model-dense"
+            )
+    urls = {
+        cell["model_moe"]: tuple(cell.get("sglang_urls") or ()),
+        cell["model_dense"]: tuple(cell.get("sglang_urls_dense") or ()),
+    }
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from experiments import distributed
+
+        if cell["train_engine"] != "megatron":
+            raise ValueError(f"static cell {cell['name']}: {world} training ranks need train_engine='megatron'")
+        distributed._init_process_group()
+        if torch.distributed.get_rank() != 0:  # follow the driver's train engine, MoE then dense
+            for model in (cell["model_moe"], cell["model_dense"]):
+                distributed.follow(build_train_engine(checkpoint_engine_configs(cell, model, ())[1]))
+            distributed._shutdown()
+            return None
+
+    def engines(model_dir: Path):
+        ro_cfg, tr_cfg = checkpoint_engine_configs(cell, str(model_dir), urls[str(model_dir)])
+        tr = build_train_engine(tr_cfg)  # collective under several ranks: before the rollout engine
+        if world > 1:
+            from experiments.distributed import DriverEngine
+
+            tr = DriverEngine(tr)
+        return build_rollout_engine(ro_cfg), tr
+
+    template = templates.get(cell.get("template") or "qwen-math-boxed")
+    problems = checkpoint_problems(cell.get("prompts", "benchmarks"), cell.get("n_prompts", 0))
+    from transformers import AutoTokenizer
+
+    stop_ids = template.stop_token_ids(AutoTokenizer.from_pretrained(cell["model_moe"]))
+    rec = measure(
+        Path(cell["model_moe"]),
+        Path(cell["model_dense"]),
+        cell["precision"],
+        n_prompts=len(problems),
+        group_size=cell.get("group_size", 8),
+        max_new_tokens=cell.get("max_new_tokens", 48),
+        seed=cell["seed"],
+        train_engine=cell["train_engine"],
+        rollout_engine=cell["rollout_engine"],
+        engines=engines,
+        problems=lambda: problems,
+        encode=lambda tok, text: template.encode(text, tok),
+        stop_ids=stop_ids,
+    )
+    rec["models"] = {"moe": cell["model_moe"], "dense": cell["model_dense"]}
+    rec["prompts"] = cell.get("prompts", "benchmarks")
+    rec["template"] = template.name
+    if world > 1:
+        from experiments import distributed
+
+        distributed._shutdown()
+    return rec
+
+
+def run_static_checkpoints(cell: dict, out_dir: Path, *, force: bool = False) -> dict | None:
+    """Measure (or reuse) <out_dir>/static.json for a StaticCell naming its checkpoints; written last via a
+    temporary file, by rank 0 only (None on the other ranks)."""
+    path = Path(out_dir) / "static.json"
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    t0 = time.time()
+    rec = measure_checkpoints(cell)
+    if rec is None:
+        return None
     rec["seconds"] = round(time.time() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

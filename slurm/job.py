@@ -172,6 +172,9 @@ class CellJob(submitit.helpers.Checkpointable):
             if plan.is_driver:
                 wait_healthy(plan.server_urls, timeout_s=spec.server_ready_timeout_s)
             payload["sglang_urls"] = list(plan.server_urls)
+            if spec.kind == "static":  # server i of each node serves static_server_models(...)[i % 2]
+                moe, dense = split_static_urls(plan.server_urls, spec.resources.servers_per_node)
+                payload["sglang_urls"], payload["sglang_urls_dense"] = list(moe), list(dense)
         fn = resolve(spec.body)
         if spec.kind == "rl":
             from experiments.config import RunConfig
@@ -184,18 +187,20 @@ class CellJob(submitit.helpers.Checkpointable):
         spec, started = self.spec, time.time()
         res = spec.resources
         p = spec.payload
-        model = p.get("model_path") if spec.kind == "rl" else p.get("model_moe")
-        if not model:
-            raise ValueError(f"cell {spec.name}: rollout servers need a model path, got {model!r}")
+        models = [p.get("model_path")] if spec.kind == "rl" else static_server_models(p, res.servers_per_node)
+        if not all(models):
+            raise ValueError(f"cell {spec.name}: rollout servers need a model path, got {models!r}")
         if plan.owns_servers:
             # RunConfig.rollout_engine chooses the servers: vLLM's or SGLang's (both with routing capture)
             specs_for = vllm_specs if p.get("rollout_engine") == "vllm" else sglang_specs
-            servers = ProcessServers(
-                specs_for(model_path=model, host=plan.server_host, servers=res.servers_per_node,
-                             tp=res.server_tp, port=topology.SERVER_PORT,
-                             precision=p.get("rollout_precision", p.get("precision", "bf16")), seed=p.get("seed", 0)),
-                run_dir / "servers", ready_timeout_s=spec.server_ready_timeout_s,
-            )  # fmt: skip
+            specs = []
+            for i in range(res.servers_per_node):  # one spec per server: server i serves models[i % len]
+                one = specs_for(model_path=models[i % len(models)], host=plan.server_host, servers=i + 1,
+                                tp=res.server_tp, port=topology.SERVER_PORT,
+                                precision=p.get("rollout_precision", p.get("precision", "bf16")),
+                                seed=p.get("seed", 0))  # fmt: skip
+                specs.append(one[i])  # port SERVER_PORT + i, GPUs i*tp .. i*tp+tp-1
+            servers = ProcessServers(specs, run_dir / "servers", ready_timeout_s=spec.server_ready_timeout_s)
             with stop_on_sigterm(servers), servers:
                 self._wait_for_end(run_dir, started, servers)
         else:
@@ -223,14 +228,42 @@ class CellJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
 
 
-def run_static_cell(cell: dict, out_dir: Path) -> dict:
-    """Static-mismatch job body: `experiments.static_mismatch.run_static` for one precision.
+def static_server_models(cell: dict, servers_per_node: int) -> list[str | None]:
+    """What the servers of a static cell's rollout node serve: server i serves models[i % 2], the MoE
+    checkpoint on even and the dense control on odd servers (one server per node: the MoE only, for
+    a cell measuring the zoo)."""
+    if not cell.get("model_dense") or servers_per_node < 2:
+        if cell.get("model_dense") and cell.get("rollout_engine") in ("sglang", "vllm"):
+            raise ValueError(
+                f"static cell {cell.get('name')}: the dense control needs its own server; the rollout node runs "
+                f"{servers_per_node}; pass --servers-per-node 2 or more (even servers serve the MoE model, odd the "
+                "dense one)"
+            )
+        return [cell.get("model_moe")]
+    return [cell.get("model_moe"), cell.get("model_dense")]
 
-    cell: a StaticCell as a dict (experiments.grid); out_dir: <runs>/static/<precision>.
-    experiments.static_mismatch measures the embedded zoo's models only, so a cell naming its own
-    checkpoints (the paper preset: SGLang rollout vs megatron on Qwen3-30B-A3B) is refused.
+
+def split_static_urls(urls: tuple[str, ...] | list[str], servers_per_node: int) -> tuple[list[str], list[str]]:
+    """(MoE server URLs, dense server URLs) of a static cell, by the rule of static_server_models (URLs
+    in slurm.topology's order: node by node, server i on port SERVER_PORT + i)."""
+    if servers_per_node < 2:
+        return list(urls), []
+    moe = [u for j, u in enumerate(urls) if (j % servers_per_node) % 2 == 0]
+    dense = [u for j, u in enumerate(urls) if (j % servers_per_node) % 2 == 1]
+    return moe, dense
+
+
+def run_static_cell(cell: dict, out_dir: Path) -> dict:
+    """Static-mismatch job body: one precision's static.json in out_dir.
+
+    cell: a StaticCell as a dict (experiments.grid), with `sglang_urls` / `sglang_urls_dense` added by
+    the job when it runs servers; out_dir: <runs>/static/<precision>. A cell naming no checkpoints
+    measures the embedded zoo (`experiments.static_mismatch.run_static`); one naming its MoE and dense
+    checkpoints (the paper preset: SGLang rollout vs megatron, Qwen3-30B-A3B and Qwen3-8B) runs the same
+    measurement on them with the cell's engines (`run_static_checkpoints`): every training task calls
+    this, rank 0 measures and writes, the others follow its megatron engine.
     """
-    from experiments.static_mismatch import run_static
+    from experiments.static_mismatch import run_static, run_static_checkpoints
 
     out_dir = Path(out_dir)
     if (out_dir.parent.name, out_dir.name) != ("static", cell["precision"]):
@@ -238,8 +271,10 @@ def run_static_cell(cell: dict, out_dir: Path) -> dict:
             f"static cell {cell['name']}: out_dir must be <runs>/static/{cell['precision']}, got {out_dir}"
         )
     if cell.get("model_moe") or cell.get("model_dense"):
-        raise NotImplementedError(
-            f"static cell {cell['name']}: experiments.static_mismatch measures the embedded zoo only; "
-            "a static measurement of user checkpoints (SGLang vs megatron) is not implemented"
-        )
+        if not (cell.get("model_moe") and cell.get("model_dense")):
+            raise ValueError(
+                f"static cell {cell['name']}: name both checkpoints (model_moe={cell.get('model_moe')!r}, "
+                f"model_dense={cell.get('model_dense')!r}); pass --model-sft and --model-dense"
+            )
+        return run_static_checkpoints(cell, out_dir)
     return run_static(out_dir.parent.parent, cell["precision"], seed=cell["seed"], train_engine=cell["train_engine"])

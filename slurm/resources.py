@@ -90,10 +90,12 @@ RESOURCES: dict[tuple[Preset, CellKind], Resources] = {
         train_nodes=2, rollout_nodes=2, gpus_per_node=8, cpus_per_task=12, mem_gb=0,
         time_min=24 * 60, servers_per_node=2, server_tp=4,
     ),
-    # Static mismatch: one SGLang server and one megatron forward of the same weights.
+    # Static mismatch (not published): one rollout node with two TP-4 SGLang servers, the MoE model
+    # (Qwen3-30B-A3B, ~61 GB bf16) on GPUs 0-3 and the dense control (Qwen3-8B, ~16 GB) on 4-7
+    # (slurm.job.static_server_models); one training node recomputes with megatron (bf16, EP 8).
     ("paper", "static"): Resources(
         train_nodes=1, rollout_nodes=1, gpus_per_node=8, cpus_per_task=12, mem_gb=0,
-        time_min=4 * 60, servers_per_node=1, server_tp=8,
+        time_min=4 * 60, servers_per_node=2, server_tp=4,
     ),
     # The embedded zoo: in-process bf16/fp8 rollout and fp32 training on CPU cores.
     ("tiny", "rl"): Resources(train_nodes=1, cpus_per_task=2, mem_gb=8, time_min=120),

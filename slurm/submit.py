@@ -59,14 +59,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
                              resources=_resources(args, "rl"), body=args.body or RL_BODY))  # fmt: skip
     if not args.no_static:
         st = grid.static_cells(args.preset, seeds=args.seeds, precisions=prec, model_paths=mp)
-        static_names = grid.select(st, args.cells)
-        if args.preset == "paper" and static_names and not args.static_body:
-            print(
-                f"skip {', '.join(static_names)}: the static measurement of the paper's checkpoints (SGLang vs "
-                "megatron) is not implemented; experiments.static_mismatch measures the embedded zoo only"
-            )
-            static_names = []
-        for name in static_names:
+        for name in grid.select(st, args.cells):
             specs.append(JobSpec(name=name, kind="static", run_dir=str(st[name].run_dir(runs)),
                                  payload=st[name].to_dict(), resources=_resources(args, "static"),
                                  body=args.static_body or STATIC_BODY))  # fmt: skip

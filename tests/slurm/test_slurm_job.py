@@ -165,3 +165,81 @@ def test_rollout_node_launches_the_servers_rollout_engine_names(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         CellJob(spec)._serve(plan, tmp_path)
     assert started and all(program in " ".join(s.command) for s in started)
+
+
+# --- the static job of user checkpoints (issue 14: the paper preset's static cell) ------------------------
+def test_paper_like_static_cell_with_explicit_paths_runs_through_the_job(micro_zoo, tmp_path):
+    """A paper-preset StaticCell naming its MoE and dense checkpoints (here the micro zoo's, saved as user
+    checkpoints), engines swapped for ones that run here (transformers bf16 rollout, fp32 trainer), run by
+    CellJob with the real static body: static.json written, markers as for RL cells, state complete."""
+    import dataclasses
+
+    from experiments import task
+    from slurm.job import STATIC_BODY
+
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in task.heldout_rows(3)))
+    paper = grid.static_cells("paper", model_paths={"sft": str(micro_zoo / "sft"), "dense": str(micro_zoo / "dense")})
+    cell = dataclasses.replace(
+        paper["static"], rollout_engine="hf", train_engine="hf", prompts=str(prompts), group_size=2,
+        max_new_tokens=6, template="plain", train_micro_batch=0,
+    )  # fmt: skip
+    assert (cell.preset, cell.precision, cell.prompts != "benchmarks") == ("paper", "bf16", True)
+    run_dir = cell.run_dir(tmp_path / "runs")
+    spec = JobSpec(name=cell.name, kind="static", run_dir=str(run_dir), payload=cell.to_dict(),
+                   resources=Resources(train_nodes=1), body=STATIC_BODY)  # fmt: skip
+    rec = CellJob(spec)()
+    assert json.loads((run_dir / "static.json").read_text()) == rec
+    assert rec["models"] == {"moe": str(micro_zoo / "sft"), "dense": str(micro_zoo / "dense")}
+    assert (rec["rollout_engine"], rec["train_engine"], rec["n_prompts"]) == ("hf", "hf", 3)
+    assert rec["moe"]["routing_pair_disagreement"] is not None and rec["dense"]["tokens"] > 0
+    assert state.static_status(run_dir).state == state.RunState.COMPLETE
+    assert not (run_dir / state.RUNNING).exists() and not (run_dir / state.FAILED).exists()
+
+
+def test_static_cell_servers_alternate_moe_and_dense(tmp_path, monkeypatch):
+    """The rollout node of a static cell serves both models (even servers the MoE, odd the dense); the
+    body gets each model's URLs."""
+    from slurm import job as job_mod
+    from slurm.topology import Plan
+
+    cell = grid.static_cells("paper", model_paths={"sft": "/ckpt/moe", "dense": "/ckpt/dense"})["static"]
+    res = Resources(train_nodes=1, rollout_nodes=1, servers_per_node=2, server_tp=4, gpus_per_node=8)
+    spec = JobSpec(name=cell.name, kind="static", run_dir=str(tmp_path), payload=cell.to_dict(), resources=res,
+                   body=f"{__name__}:static_recording_body")  # fmt: skip
+    started = []
+
+    class Recorder:
+        def __init__(self, specs, log_dir, **kw):
+            started.extend(specs)
+
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(job_mod, "ProcessServers", Recorder)
+    urls = ("http://r:30000", "http://r:30001")
+    plan = Plan(role="rollout", dist_env={}, is_driver=False, owns_servers=True, server_urls=urls, server_host="r")
+    with pytest.raises(KeyboardInterrupt):
+        CellJob(spec)._serve(plan, tmp_path)
+    cmds = [" ".join(s.command) for s in started]
+    assert len(cmds) == 2 and "/ckpt/moe" in cmds[0] and "/ckpt/dense" in cmds[1]
+    assert "--port 30000" in cmds[0] and "--base-gpu-id 0" in cmds[0]
+    assert "--port 30001" in cmds[1] and "--base-gpu-id 4" in cmds[1] and "--tp-size 4" in cmds[1]
+    STATIC_CALLS.clear()
+    train = Plan(role="train", dist_env={}, is_driver=False, owns_servers=False, server_urls=urls)
+    CellJob(spec)._call_body(train, tmp_path)
+    assert STATIC_CALLS[0]["sglang_urls"] == ["http://r:30000"]
+    assert STATIC_CALLS[0]["sglang_urls_dense"] == ["http://r:30001"]
+    one = JobSpec(**{**spec.__dict__, "resources": res.replace(servers_per_node=1)})
+    with pytest.raises(ValueError, match="dense control needs its own server"):
+        CellJob(one)._serve(plan, tmp_path)
+
+
+STATIC_CALLS = []
+
+
+def static_recording_body(cell, run_dir):
+    STATIC_CALLS.append(cell)

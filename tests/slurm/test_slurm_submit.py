@@ -38,8 +38,9 @@ def test_dry_run_writes_one_array_per_resource_group(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     scripts = sorted((tmp_path / "slurm" / "dry-run").glob("*.sbatch"))
-    assert [p.name for p in scripts] == ["rl-sft-single-grpo-array.sbatch"]
-    assert "skip static: the static measurement of the paper's checkpoints" in out
+    assert [p.name for p in scripts] == ["rl-sft-single-grpo-array.sbatch", "static-static.sbatch"]
+    static = (tmp_path / "slurm" / "dry-run" / "static-static.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in static and "#SBATCH --gpus-per-node=8" in static  # 1 train + 1 rollout node
     rl = scripts[0].read_text()
     for line in (
         "#SBATCH --array=0-11%4",
@@ -171,13 +172,15 @@ def test_local_executor_runs_cells_and_skips_complete_and_failed(tmp_path):
     assert "started sft-multi-grpo-r3" in p.stdout and "started sft-multi-grpo:" not in p.stdout
 
 
-def test_static_body_refuses_what_it_cannot_measure(tmp_path):
+def test_static_body_refuses_cells_it_cannot_measure(tmp_path):
     from experiments import grid
     from slurm.job import run_static_cell
 
     paper = grid.static_cells("paper", model_paths={"sft": "/s", "dense": "/d"})["static"].to_dict()
-    with pytest.raises(NotImplementedError, match="embedded zoo only"):
+    with pytest.raises(FileNotFoundError, match="model_moe='/s' is not a transformers checkpoint"):
         run_static_cell(paper, tmp_path / "static" / "bf16")
+    with pytest.raises(ValueError, match="name both checkpoints"):
+        run_static_cell({**paper, "model_dense": None}, tmp_path / "static" / "bf16")
     tiny = grid.static_cells("tiny")["static"].to_dict()
     with pytest.raises(ValueError, match="out_dir must be <runs>/static/fp8"):
         run_static_cell(tiny, tmp_path / "static" / "bf16")
