@@ -134,6 +134,26 @@ def cuda_as_cpu() -> Iterator[None]:
     if not _cuda_absent():
         yield
         return
+    tensor_type = torch.Tensor.type
+
+    def cuda_type_name(self, *args, **kwargs):
+        out = tensor_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and ".cuda." not in out:
+            return "torch.cuda." + out[len("torch.") :]
+        return out
+
+    try:
+        torch.Tensor.type = cuda_type_name
+        with _factories_on_cpu(), cpu_device_scope():
+            yield
+    finally:
+        torch.Tensor.type = tensor_type
+
+
+@contextlib.contextmanager
+def _factories_on_cpu() -> Iterator[None]:
+    """The torch factory functions of _FACTORIES create on the CPU what they are asked to create with
+    `device='cuda'` (or a CUDA index / torch.device); restored on exit."""
     saved = {name: getattr(torch, name) for name in _FACTORIES}
 
     def redirect(factory):
@@ -144,26 +164,39 @@ def cuda_as_cpu() -> Iterator[None]:
 
         return wrapper
 
-    tensor_type = torch.Tensor.type
-
-    def cuda_type_name(self, *args, **kwargs):
-        out = tensor_type(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and ".cuda." not in out:
-            return "torch.cuda." + out[len("torch.") :]
-        return out
-
-    current = torch.cuda.current_device
     try:
         for name, factory in saved.items():
             setattr(torch, name, redirect(factory))
-        torch.Tensor.type = cuda_type_name
-        torch.cuda.current_device = _cpu_current_device
         yield
     finally:
         for name, factory in saved.items():
             setattr(torch, name, factory)
-        torch.Tensor.type = tensor_type
-        torch.cuda.current_device = current
+
+
+@contextlib.contextmanager
+def cpu_pipeline_schedule() -> Iterator[None]:
+    """Shim 8 (scoped, CPU only: megatron's pipeline schedule, PP > 1, on gloo ranks). Wrap the call of
+    `get_forward_backward_func()(...)` (all of its forwards and backwards run inside). The schedule and
+    its P2PCommunicator (megatron/core/pipeline_parallel/schedules.py, p2p_communication.py) assume
+    CUDA in three ways, each redirected here:
+    - `total_num_tokens = torch.zeros([], device="cuda")` (the token counter of every schedule): the
+      factory functions create on the CPU (as in cuda_as_cpu);
+    - receive buffers and the shape tensors of `variable_seq_lengths` are allocated on
+      `torch.cuda.current_device()`: it names the CPU (cpu_device_scope);
+    - `torch.cuda.synchronize()` after `batch_isend_irecv` ("to protect against race condition"): a
+      no-op; gloo's point-to-point requests are waited for by the communicator itself.
+    The sends and receives are torch.distributed's own (batch_isend_irecv works on gloo). Global while
+    active (single-threaded training code only), restored on exit; a no-op with CUDA."""
+    if not _cuda_absent():
+        yield
+        return
+    synchronize = torch.cuda.synchronize
+    try:
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+        with _factories_on_cpu(), cpu_device_scope():
+            yield
+    finally:
+        torch.cuda.synchronize = synchronize
 
 
 _SP_NORM_INSTALLED = False

@@ -155,6 +155,7 @@ def transformer_config_from_hf(
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        **_pipeline_kw(hf_config.num_hidden_layers, pp, precision),
         expert_model_parallel_size=ep,
         # experts are never TP-sharded (EP splits them); TP > 1 runs with sequence parallelism,
         # which megatron requires for MoE training with TP (the router then sees the TP rank's
@@ -183,6 +184,22 @@ def transformer_config_from_hf(
     return TransformerConfig(**kw)
 
 
+def _pipeline_kw(num_layers: int, pp: int, precision: str) -> dict:
+    """megatron's pipeline settings for PP stages (nothing with PP = 1): the stage split of
+    r3.engines.megatron.parallel.stage_layer_counts and the dtype of the activations sent between
+    stages. Every micro-batch has one shape (the engine pads the last one): megatron refuses
+    `variable_seq_lengths` with the allgather token dispatcher."""
+    if pp == 1:
+        return {}
+    from r3.engines.megatron.parallel import stage_layer_counts
+
+    counts = stage_layer_counts(num_layers, pp)
+    kw = dict(pipeline_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    if counts[0] != counts[-1]:
+        kw["num_layers_in_first_pipeline_stage"] = counts[0]
+    return kw
+
+
 def build_gpt_model(hf_config, **config_kw):
     """An (uninitialised) megatron GPTModel of the same architecture; see
     transformer_config_from_hf for config_kw. Starts the process model if needed
@@ -203,6 +220,14 @@ def build_gpt_model(hf_config, **config_kw):
                 f"and vocab_size ({hf_config.vocab_size})"
             )
         allow_sequence_parallel_torch_norm()
+    if layout.pp > 1 and hf_config.tie_word_embeddings:
+        raise ValueError(
+            f"tie_word_embeddings=True with PP = {layout.pp}: the tied output layer would live on the last "
+            f"stage as a copy of the first stage's embedding, kept in sync by megatron's embedding "
+            f"group, which this engine does not wire; use pipeline_parallel=1 for tied models"
+        )
+    from megatron.core import parallel_state
+
     config = transformer_config_from_hf(hf_config, **config_kw)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     with cpu_device_scope():
@@ -214,8 +239,9 @@ def build_gpt_model(hf_config, **config_kw):
             position_embedding_type="rope",
             rotary_base=_rope_theta(hf_config),
             share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-            pre_process=True,
-            post_process=True,
+            # the first stage embeds the tokens, the last one holds the final norm and output layer
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
         )
 
 
@@ -296,14 +322,24 @@ def hf_to_megatron(
     ep_size: int = 1,
     tp_rank: int = 0,
     tp_size: int = 1,
+    layers: range | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
 ) -> dict[str, torch.Tensor]:
     """transformers Qwen3(-MoE) state dict -> megatron GPTModel (local spec) state dict. With expert
     parallelism (ep_size > 1) only this EP rank's experts, global ids [ep_rank * E/EP, (ep_rank+1) *
-    E/EP), under their local index `local_experts.{e - ep_rank * E/EP}` (megatron's SequentialMLP)."""
+    E/EP), under their local index `local_experts.{e - ep_rank * E/EP}` (megatron's SequentialMLP).
+    A pipeline stage (r3.engines.megatron.parallel) converts only its decoder layers `layers` (global
+    indices, default all), named by their index within the stage (`decoder.layers.{i - layers.start}`,
+    as megatron's TransformerBlock names them), the embedding only on the first stage (pre_process)
+    and the final norm and output layer only on the last (post_process); other tensors are not read."""
     nh, ng, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, _head_dim(hf_config)
-    out = {"embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"]}
-    for i, moe in enumerate(moe_layer_pattern(hf_config)):
-        a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    pattern = moe_layer_pattern(hf_config)
+    layers = range(len(pattern)) if layers is None else layers
+    out = {"embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"]} if pre_process else {}
+    for i in layers:
+        moe = pattern[i]
+        a, m = f"model.layers.{i}.", f"decoder.layers.{i - layers.start}."
         out[m + "input_layernorm.weight"] = hf_sd[a + "input_layernorm.weight"]
         out[m + "self_attention.linear_qkv.weight"] = _qkv_pack(
             hf_sd[a + "self_attn.q_proj.weight"],
@@ -332,10 +368,34 @@ def hf_to_megatron(
                 [hf_sd[a + "mlp.gate_proj.weight"], hf_sd[a + "mlp.up_proj.weight"]], dim=0
             )
             out[m + "mlp.linear_fc2.weight"] = hf_sd[a + "mlp.down_proj.weight"]
-    out["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"]
-    if not hf_config.tie_word_embeddings:
-        out["output_layer.weight"] = hf_sd["lm_head.weight"]
+    if post_process:
+        out["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"]
+        if not hf_config.tie_word_embeddings:
+            out["output_layer.weight"] = hf_sd["lm_head.weight"]
     return {k: tp_shard(k, v, tp_rank, tp_size) for k, v in out.items()}
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def stage_layers(model) -> range:
+    """The global decoder-layer indices this model (one pipeline stage) holds: megatron numbers its
+    layers globally (`TransformerLayer.layer_number` = 1 + index within the stage + the stage's
+    get_transformer_layer_offset) while its state dict names them by index within the stage."""
+    block = getattr(model, "decoder", None) or model.module.decoder  # a GPTModel, or megatron's DDP around one
+    numbers = [layer.layer_number for layer in block.layers]
+    first = numbers[0] - 1 if numbers else 0
+    if numbers != list(range(first + 1, first + 1 + len(numbers))):
+        raise ValueError(f"the stage's decoder layers are not one contiguous block: layer numbers {numbers}")
+    return range(first, first + len(numbers))
+
+
+def to_global_layer_names(mg_sd: Mapping[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
+    """A pipeline stage's state dict with its layers renamed from stage-local `decoder.layers.{i}` to
+    global `decoder.layers.{i + offset}` (offset: the stage's first global layer, stage_layers)."""
+    if offset == 0:
+        return dict(mg_sd)
+    return {_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", k): v for k, v in mg_sd.items()}
 
 
 def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
@@ -390,8 +450,18 @@ def load_hf_weights(
     tp_size: int = 1,
 ) -> None:
     """Copy transformers weights into a megatron GPTModel (this EP rank's experts, this TP rank's
-    shards); every parameter must be covered."""
-    mg_sd = hf_to_megatron(hf_sd, hf_config, ep_rank=ep_rank, ep_size=ep_size, tp_rank=tp_rank, tp_size=tp_size)
+    shards, this pipeline stage's layers); every parameter must be covered."""
+    mg_sd = hf_to_megatron(
+        hf_sd,
+        hf_config,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        layers=stage_layers(model),
+        pre_process=model.pre_process,
+        post_process=model.post_process,
+    )
     missing, unexpected = model.load_state_dict(mg_sd, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -404,7 +474,9 @@ def load_hf_weights(
 
 
 def gpt_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Logits [B, S, V] of a right-padded batch (float32 on CPU).
+    """Logits [B, S, V] of a right-padded batch (float32 on CPU); on a pipeline stage other than
+    the last, its output hidden states [S, B, H] (S / TP rows under sequence parallelism), which the
+    pipeline schedule sends to the next stage (the input ids are then only read for their shape).
 
     Right padding needs no padding mask: a real token never attends to a later position. The
     causal mask is passed explicitly (True = masked) because megatron's default one is built on
@@ -424,6 +496,8 @@ def gpt_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
         )
     with cpu_device_scope():
         logits = model(input_ids_BS, position_ids_BS, attention_mask=causal_11SS)
+        if not parallel_state.is_pipeline_last_stage():  # hidden states [S(/TP), B, H] for the next stage
+            return logits
         if tp > 1:  # vocab-parallel logits [B, S, V / TP] -> [B, S, V] (its backward takes this rank's part)
             from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 

@@ -224,13 +224,13 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     torch.nn.utils.clip_grad_norm_ does on one rank (coef = max_norm / (norm + 1e-6), at most 1).
     Replicated dense gradients are equal on every rank after the all-reduces; TP-sharded ones
     (`tensor_model_parallel`) differ across the TP group and expert gradients across the EP group,
-    so their squared norms are summed over those groups."""
+    so their squared norms are summed over those groups; under pipeline parallelism every stage holds
+    its own parameters, so the total is summed over the PP group (as megatron's get_grad_norm_fp32
+    does over its model-parallel group)."""
     from megatron.core import parallel_state
 
     with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return torch.zeros(())
-    dev = with_grad[0].grad.device
+    dev = with_grad[0].grad.device if with_grad else device()
 
     def sq(keep) -> torch.Tensor:
         return sum((p.grad.float().pow(2).sum() for p in with_grad if keep(p)), torch.zeros((), device=dev))
@@ -243,7 +243,10 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
         dist.all_reduce(sharded_sq, group=parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
-    norm = (replicated_sq + sharded_sq + expert_sq).sqrt()
+    total_sq = replicated_sq + sharded_sq + expert_sq
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # each stage holds other parameters
+        dist.all_reduce(total_sq, group=parallel_state.get_pipeline_model_parallel_group())
+    norm = total_sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in with_grad:
         p.grad.mul_(coef.to(p.grad.dtype))
@@ -327,3 +330,115 @@ def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter]) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[off : off + n].view_as(p.grad))
         off += n
+
+
+# --- pipeline parallelism ----------------------------------------------------------------------------
+def stage_layer_counts(num_layers: int, pp: int) -> list[int]:
+    """Decoder layers per pipeline stage: an even split when PP divides the layers, else every stage
+    holds floor(layers / PP) and the first stage also the remainder (megatron's
+    `num_layers_in_first_pipeline_stage`, the one uneven split it builds without a custom layout).
+    Each stage holds a contiguous block; stage r starts at sum(counts[:r]) (megatron's
+    get_transformer_layer_offset, checked against the built model by the engine)."""
+    if pp < 1 or num_layers < pp:
+        raise ValueError(
+            f"{num_layers} decoder layers cannot fill {pp} pipeline stages (each needs at least one "
+            f"layer); choose pipeline_parallel <= {num_layers}"
+        )
+    base, extra = divmod(num_layers, pp)
+    return [base + extra] + [base] * (pp - 1)
+
+
+def pp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def pp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def pp_global_rank(stage: int) -> int:
+    """The global rank of pipeline stage `stage` in this rank's PP group."""
+    return dist.get_global_rank(pp_group(), stage)
+
+
+def broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
+    """`x` of the last pipeline stage on every stage of the PP group (collective; the other stages
+    pass a tensor of the same shape and dtype, which is overwritten). Identity with PP = 1."""
+    rank, pp = pp_rank_size()
+    if pp == 1:
+        return x
+    x = x.contiguous()
+    dist.broadcast(x, src=pp_global_rank(pp - 1), group=pp_group())
+    return x
+
+
+def broadcast_metrics_from_last_stage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A dict of scalar tensors computed on the last pipeline stage (loss, loss_fn metrics) on every
+    stage: the keys travel as one object, the values as one float32 tensor. Identity with PP = 1."""
+    rank, pp = pp_rank_size()
+    if pp == 1:
+        return values
+    src = pp_global_rank(pp - 1)
+    keys = [sorted(values) if rank == pp - 1 else None]
+    dist.broadcast_object_list(keys, src=src, group=pp_group())
+    keys = keys[0]
+    dev = device()
+    flat = (
+        torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=dev).reshape(()) for k in keys])
+        if rank == pp - 1
+        else torch.zeros(len(keys), dtype=torch.float32, device=dev)
+    )
+    if keys:
+        dist.broadcast(flat, src=src, group=pp_group())
+    return {k: flat[i] for i, k in enumerate(keys)}
+
+
+def gather_stage_tensors(x_BTLK: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate each pipeline stage's part of a tensor along `dim`, in stage order, on every stage
+    (parts may differ in size along `dim`, e.g. a stage's MoE layers of a recorded routing trace; a
+    stage without MoE layers passes a size-0 part). Identity with PP = 1."""
+    _, pp = pp_rank_size()
+    if pp == 1:
+        return x_BTLK
+    parts = [None] * pp
+    dist.all_gather_object(parts, x_BTLK.detach().to("cpu"), group=pp_group())
+    return torch.cat(parts, dim=dim).to(x_BTLK.device)
+
+
+def gather_stages(sd: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Each pipeline stage's (CPU) state dict under global layer names -> their union on stage 0,
+    None on the other stages. Collective over the PP group; a PP group whose members hold no state
+    dict (None: not the first rank of their EP group, r3.engines.megatron.parallel.gather_experts)
+    passes None on every stage and gets None. Tensors travel one by one (names, shapes and dtypes
+    first, as one object), on this rank's device, and land on stage 0's CPU. Identity with PP = 1."""
+    rank, pp = pp_rank_size()
+    if pp == 1:
+        return sd
+    group, dev = pp_group(), device()
+    metas = [None] * pp
+    meta = None if sd is None else [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    dist.all_gather_object(metas, meta, group=group)
+    if any(m is None for m in metas):
+        if any(m is not None for m in metas):
+            raise RuntimeError(
+                f"pipeline stages disagree on who holds the gathered experts: {[m is not None for m in metas]}; "
+                f"likely cause: EP groups that do not line up across stages"
+            )
+        return None
+    out = dict(sd) if rank == 0 else None
+    for stage in range(1, pp):
+        src = pp_global_rank(stage)
+        for k, shape, dtype in metas[stage]:
+            if rank == stage:
+                dist.send(sd[k].to(dev).contiguous(), dst=pp_global_rank(0), group=group)
+            elif rank == 0:
+                buf = torch.empty(shape, dtype=dtype, device=dev)
+                dist.recv(buf, src=src, group=group)
+                if k in out:
+                    raise RuntimeError(f"pipeline stage {stage} sends {k!r}, which stage 0 already holds")
+                out[k] = buf.to("cpu")
+    return out

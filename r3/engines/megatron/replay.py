@@ -24,9 +24,19 @@ S*B / TP) of that seq-major order (its sequence slice); a session hands each ran
 recording is all-gathered over the TP group. Dense layers have no router and no trace layer: the
 trace's layer l is the l-th MoE layer.
 
-Every router call is counted: a forward in RECORD/REPLAY mode must consume each layer exactly
-once (r3.replay.ConsumptionCheck), and with recompute the backward must pop each layer's queue
-exactly once.
+Pipeline parallelism (PP > 1): a stage's model holds a contiguous block of decoder layers, so its
+routers are some of the MoE layers only. Each router's global MoE-layer index comes from its global
+decoder layer number (megatron numbers layers globally: `layer_number` = index within the stage + 1
++ the stage's `get_transformer_layer_offset`) and the model's MoE pattern (`moe_layer_freq`: dense
+layers count as decoder layers but have no trace rows); a stage replays the trace's rows of THOSE
+layers and records only those (`layers`; the engine concatenates the stages' parts in stage order).
+`check_pipeline_layers()` checks over the PP group that the stages own every trace layer once. Under
+megatron's 1F1B schedule the forward of micro-batch i+1 may run before the backward of micro-batch
+i: `pipeline_session` keeps each micro-batch's rows queued for its recompute backward.
+
+Every router call is counted: a forward in RECORD/REPLAY mode must consume each of this stage's
+layers exactly once (r3.replay.ConsumptionCheck), and with recompute the backward must pop each
+layer's queue exactly once per micro-batch.
 """
 
 from __future__ import annotations
@@ -108,16 +118,55 @@ def _gather_tp(rows_NK: torch.Tensor, tp_size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def moe_layer_index(config, layer_number: int) -> int:
+    """The trace layer (global MoE-layer index) of the decoder layer `layer_number` (megatron's global,
+    1-based numbering): the number of MoE layers before it in the model's pattern (`moe_layer_freq`:
+    a 0/1 list per decoder layer, or an int f meaning every layer i with i % f == 0)."""
+    freq, n = config.moe_layer_freq, config.num_layers
+    pattern = list(freq) if isinstance(freq, (list, tuple)) else [int(i % freq == 0) for i in range(n)]
+    i = layer_number - 1
+    if not (0 <= i < len(pattern)) or not pattern[i]:
+        raise ValueError(f"decoder layer {i} is not a MoE layer of the pattern {pattern}")
+    return sum(pattern[:i])
+
+
+class _NoLayers:
+    """The consumption check of a pipeline stage without MoE layers: nothing to consume."""
+
+    active = False
+    counts: tuple[int, ...] = ()
+
+    def begin(self) -> None:
+        pass
+
+    def consume(self, layer: int) -> None:
+        raise IndexError(f"MoE layer {layer} on a pipeline stage without MoE layers")
+
+    def end(self) -> None:
+        pass
+
+
 class MegatronRouterReplay:
-    """The RouterReplay instances of one megatron model, with a typed mode and consumption checks."""
+    """The RouterReplay instances of one megatron model (under PP: one pipeline stage), with a typed
+    mode and consumption checks. `layers`: the global MoE-layer (trace layer) index of each of this
+    model's routers, in layer order."""
 
     def __init__(self, model, spec: RoutingSpec):
+        from megatron.core import parallel_state
         from megatron.core.transformer.moe.router import TopKRouter
         from megatron.core.transformer.moe.router_replay import RouterReplay
 
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-        if len(routers) != spec.num_layers:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp == 1 and len(routers) != spec.num_layers:
             raise ValueError(f"model has {len(routers)} MoE routers, routing spec says {spec.num_layers} layers")
+        self.layers = [moe_layer_index(r.config, r.layer_number) for r in routers]
+        first = self.layers[0] if self.layers else 0
+        if self.layers != list(range(first, first + len(self.layers))) or first + len(self.layers) > spec.num_layers:
+            raise ValueError(
+                f"this stage's routers map to trace layers {self.layers}, expected a contiguous block of "
+                f"[0, {spec.num_layers}); likely cause: a model whose MoE pattern differs from the routing spec"
+            )
         if any(r.config.moe_router_fusion for r in routers):
             raise ValueError(
                 "moe_router_fusion=True: megatron's fused top-k kernel bypasses RouterReplay, so the "
@@ -141,14 +190,12 @@ class MegatronRouterReplay:
         # contiguous seq-major rows [r * S*B / TP, (r + 1) * S*B / TP) (megatron scatters the
         # embedding output along the sequence dimension); replay hands each rank those rows and a
         # recording is all-gathered over the TP group in rank order.
-        from megatron.core import parallel_state
-
-        self.sp = bool(routers[0].config.sequence_parallel)
+        self.sp = bool(routers[0].config.sequence_parallel) if routers else False
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.sp else 0
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size() if self.sp else 1
-        self._forward = ConsumptionCheck(spec.num_layers)
-        self._backward = ConsumptionCheck(spec.num_layers)
-        self._rows: int | None = None
+        n = len(instances)
+        self._forward = ConsumptionCheck(n) if n else _NoLayers()
+        self._backward = ConsumptionCheck(n) if n else _NoLayers()
         self.mode = ReplayMode.OFF
         for layer, inst in enumerate(instances):
             inst._r3_owner = id(self)
@@ -162,13 +209,20 @@ class MegatronRouterReplay:
             action = inst.router_replay_action
             if action == RouterReplayAction.REPLAY_BACKWARD:
                 self._backward.consume(layer)
+                if not inst.replay_backward_list:
+                    raise RuntimeError(
+                        f"MoE layer {self.layers[layer]}: the recompute in backward finds no queued routing; "
+                        f"likely cause: more backward recomputes than replayed forwards"
+                    )
+                rows = inst.replay_backward_list[0].shape[0]
             elif action is not None:
                 self._forward.consume(layer)
+                rows = None if inst.target_topk_idx is None else inst.target_topk_idx.shape[0]
             if action in (RouterReplayAction.REPLAY_FORWARD, RouterReplayAction.REPLAY_BACKWARD):
-                if scores.shape[0] != self._rows or topk != self.spec.top_k:
+                if scores.shape[0] != rows or topk != self.spec.top_k:
                     raise ValueError(
-                        f"MoE layer {layer}: router sees {scores.shape[0]} token rows with top-k {topk}, "
-                        f"replay data has {self._rows} rows with top-k {self.spec.top_k}; likely cause: "
+                        f"MoE layer {self.layers[layer]}: router sees {scores.shape[0]} token rows with top-k "
+                        f"{topk}, replay data has {rows} rows with top-k {self.spec.top_k}; likely cause: "
                         f"the forward's batch differs from the one passed to the replay session"
                     )
             return get_replay_topk(scores, topk, *args, **kwargs)
@@ -186,9 +240,64 @@ class MegatronRouterReplay:
         for inst in self._instances:
             inst.clear_indices()
         self._set_action(None)
-        self._rows = None
         self.mode = ReplayMode.OFF
         self._forward.active = self._backward.active = False
+
+    def _load_rows(self, expert_ids_BTLK: torch.Tensor, *, batch_size: int, seq_len: int) -> None:
+        """Validate the whole trace [B, S-1, L, K] and hand each of this stage's routers the rows of its
+        global MoE layer (under SP only this TP rank's sequence slice). set_target_indices also queues
+        them for REPLAY_BACKWARD."""
+        per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
+        n = seq_len * batch_size // self.tp_size
+        for inst, layer in zip(self._instances, self.layers):
+            inst.set_target_indices(per_layer[layer][self.tp_rank * n : (self.tp_rank + 1) * n])
+
+    def check_pipeline_layers(self) -> list[list[int]]:
+        """Collective over the PP group: the trace layers of every stage, in stage order; raises unless
+        they are disjoint, in order and cover 0..L-1 (a stage replaying another stage's rows would
+        mean the layer offset were wrong). Returns [self.layers] with PP = 1."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp == 1:
+            return [list(self.layers)]
+        owned: list = [None] * pp
+        dist.all_gather_object(owned, list(self.layers), group=parallel_state.get_pipeline_model_parallel_group())
+        if [layer for stage in owned for layer in stage] != list(range(self.spec.num_layers)):
+            raise RuntimeError(
+                f"pipeline stages own trace layers {owned}, expected each of 0..{self.spec.num_layers - 1} "
+                f"exactly once in stage order; likely cause: a stage's layer offset differs from megatron's"
+            )
+        return owned
+
+    @contextlib.contextmanager
+    def pipeline_session(self, mode: ReplayMode, *, recompute: bool = False) -> Iterator["PipelineSession"]:
+        """The routing of all micro-batches of one pipeline schedule (megatron's 1F1B, where the forward
+        of micro-batch i+1 may run before the backward of micro-batch i). `sess.forward(batch_size=,
+        seq_len=, expert_ids_BTLK=)` wraps one micro-batch's forward (the schedule's forward_step_func):
+        REPLAY hands this stage's routers their layers' rows, RECORD records them; on its exit each of
+        this stage's layers must have consumed its routing once. With recompute (REPLAY) the rows stay
+        queued and the routers switch to REPLAY_BACKWARD after each forward: the recompute inside each
+        backward pops the oldest queued rows, and 1F1B runs the backwards in forward order. On exit each
+        layer must have been popped once per micro-batch, with nothing left. State is cleared on exit."""
+        if self.mode is not ReplayMode.OFF or self._forward.active:
+            raise RuntimeError("a replay session is already open on this model (sessions do not nest)")
+        self.mode = mode
+        sess = PipelineSession(self, mode, recompute and mode is ReplayMode.REPLAY)
+        self._backward.begin()
+        try:
+            yield sess
+            if sess.recompute:
+                self._backward.active = False
+                counts, left = self._backward.counts, [len(inst.replay_backward_list) for inst in self._instances]
+                if any(c != sess.forwards for c in counts) or any(left):
+                    raise RuntimeError(
+                        f"recompute backward popped {list(counts)} routings per MoE layer (trace layers "
+                        f"{self.layers}), expected {sess.forwards} (one per micro-batch), {left} left queued"
+                    )
+        finally:
+            self._reset()
 
     @contextlib.contextmanager
     def session(
@@ -215,11 +324,7 @@ class MegatronRouterReplay:
         if mode is ReplayMode.REPLAY:
             if expert_ids_BTLK is None:
                 raise ValueError("ReplayMode.REPLAY needs expert_ids_BTLK (the rollout routing)")
-            per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
-            self._rows = seq_len * batch_size // self.tp_size
-            for inst, ids_NK in zip(self._instances, per_layer):
-                # also queues it for REPLAY_BACKWARD; under SP only this rank's sequence slice
-                inst.set_target_indices(ids_NK[self.tp_rank * self._rows : (self.tp_rank + 1) * self._rows])
+            self._load_rows(expert_ids_BTLK, batch_size=batch_size, seq_len=seq_len)
             self._set_action(RouterReplayAction.REPLAY_FORWARD)
         elif mode is ReplayMode.RECORD:
             self._set_action(RouterReplayAction.RECORD)
@@ -269,7 +374,53 @@ class ReplaySession:
             o._set_action(None)
 
     def recorded_BTLK(self) -> torch.Tensor:
-        """The routing recorded in this session's forward, int64 [B, S-1, L, K] (RECORD mode)."""
+        """The routing recorded in this session's forward, int64 [B, S-1, L, K] (RECORD mode); under
+        pipeline parallelism L = this stage's MoE layers (MegatronRouterReplay.layers), possibly 0."""
         if self._recorded is None:
             raise RuntimeError(f"no recorded routing: session mode {self.mode}, forward ended {self.forward_ended}")
+        if not self._recorded:
+            return torch.zeros(self.batch_size, self.seq_len - 1, 0, self._owner.spec.top_k, dtype=torch.int64)
         return from_megatron_layout(self._recorded, batch_size=self.batch_size, seq_len=self.seq_len)
+
+
+class PipelineSession:
+    """Handle returned by MegatronRouterReplay.pipeline_session (see there)."""
+
+    def __init__(self, owner: MegatronRouterReplay, mode: ReplayMode, recompute: bool):
+        self._owner, self.mode, self.recompute = owner, mode, recompute
+        self.forwards = 0
+
+    @contextlib.contextmanager
+    def forward(
+        self, *, batch_size: int, seq_len: int, expert_ids_BTLK: torch.Tensor | None = None
+    ) -> Iterator[ReplaySession]:
+        """One micro-batch's forward; the yielded handle's recorded_BTLK() holds its recording (RECORD)
+        after the block."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        o = self._owner
+        handle = ReplaySession(o, self.mode, batch_size, seq_len, recompute=False)
+        if self.mode is ReplayMode.OFF:
+            yield handle
+            return
+        if self.mode is ReplayMode.REPLAY:
+            if expert_ids_BTLK is None:
+                raise ValueError("ReplayMode.REPLAY needs expert_ids_BTLK (the rollout routing)")
+            o._load_rows(expert_ids_BTLK, batch_size=batch_size, seq_len=seq_len)
+        replay = self.mode is ReplayMode.REPLAY
+        o._set_action(RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD)
+        o._forward.begin()
+        yield handle
+        handle.forward_ended = True
+        o._forward.end()
+        self.forwards += 1
+        if self.mode is ReplayMode.RECORD:
+            handle._recorded = [_gather_tp(inst.get_recorded_indices(), o.tp_size) for inst in o._instances]
+            for inst in o._instances:
+                inst.recorded_topk_idx = None
+        if self.recompute:  # any backward that runs before the next forward recomputes with queued rows
+            o._set_action(RouterReplayAction.REPLAY_BACKWARD)
+        else:
+            o._set_action(None)
+            for inst in o._instances:  # no recompute: nothing pops the queue
+                inst.replay_backward_list.clear()

@@ -37,9 +37,16 @@ from r3.engines.base import LogprobResult, LossFn, TrainBatch
 from r3.engines.megatron import parallel
 from r3.engines.megatron.compat import cpu_device_scope
 from r3.engines.megatron.config import MegatronTrainConfig
-from r3.engines.megatron.model import build_gpt_model, gpt_logits, load_hf_weights, megatron_to_hf
+from r3.engines.megatron.model import (
+    build_gpt_model,
+    gpt_logits,
+    load_hf_weights,
+    megatron_to_hf,
+    stage_layers,
+    to_global_layer_names,
+)
 from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
-from r3.engines.megatron.replay import MegatronRouterReplay
+from r3.engines.megatron.replay import MegatronRouterReplay, to_megatron_layout
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
@@ -84,11 +91,6 @@ class MegatronTrainEngine:
         precision: str = "fp32",
         token_dispatcher: str | None = None,
     ):
-        if pipeline_parallel != 1:
-            raise NotImplementedError(
-                f"pipeline_parallel={pipeline_parallel}: this engine runs PP = 1 (no pipeline schedule is "
-                f"wired); scale with tensor_parallel, expert_parallel and data parallelism"
-            )
         if isinstance(hf_model_or_path, (str, Path)):  # read lazily: each rank only the tensors it keeps
             from transformers import AutoConfig
 
@@ -117,6 +119,15 @@ class MegatronTrainEngine:
         )
         ep_rank, ep_size = parallel.ep_rank_size()
         self.tp_rank, self.tp_size = parallel.tp_rank_size()
+        self.pp_rank, self.pp_size = parallel.pp_rank_size()
+        self.stage_layers = stage_layers(self.model)  # global decoder-layer indices of this stage
+        counts = parallel.stage_layer_counts(self.hf_config.num_hidden_layers, self.pp_size)
+        expected = range(sum(counts[: self.pp_rank]), sum(counts[: self.pp_rank + 1]))
+        if self.stage_layers != expected:  # megatron's get_transformer_layer_offset vs our split
+            raise RuntimeError(
+                f"pipeline stage {self.pp_rank} of {self.pp_size} holds decoder layers {self.stage_layers}, "
+                f"expected {expected} (split {counts}, r3.engines.megatron.parallel.stage_layer_counts)"
+            )
         load_hf_weights(
             self.model,
             hf_sd,
@@ -145,6 +156,9 @@ class MegatronTrainEngine:
         self.train_step_sees_whole_batch = self.dp_size == 1  # under DP each rank's loss_fn sees its rows
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
+        # trace layers (MoE layers) of every pipeline stage; collective over the PP group, checks
+        # that the stages own each trace layer once, in order
+        self.stage_moe_layers = self.replay.check_pipeline_layers() if self.is_moe else None
         if precision == "bf16":
             self.optim = MegatronMixedPrecision(self.model, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
         else:
@@ -250,7 +264,18 @@ class MegatronTrainEngine:
         self.model.eval()
         mode = routing
         B, T = batch.loss_mask_BT.shape
-        batch, _, real = self._local(batch)
+        batch, start, real = self._local(batch)
+
+        def gather(x):  # every DP rank returns the whole batch's rows (without SP padding positions)
+            return parallel.gather_rows(x[:, :T], real, B, self.dp_size)
+
+        if self.pp_size > 1:
+            logp, ent, rec = self._schedule(batch, mode, with_entropy=with_entropy, start=start, real=real, B=B, T=T)
+            return LogprobResult(
+                logp_BT=gather(logp),
+                entropy_BT=gather(ent) if with_entropy else None,
+                expert_ids_BTLK=gather(rec) if mode is ReplayMode.RECORD else None,
+            )
         logps, ents, recs = [], [], []
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
             ids_BS = batch.input_ids_BS[rows].to(self.device)
@@ -265,9 +290,6 @@ class MegatronTrainEngine:
             logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
             logps.append(logp_BT.to(batch.input_ids_BS.device))
             ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
-
-        def gather(x):  # every DP rank returns the whole batch's rows (without SP padding positions)
-            return parallel.gather_rows(x[:, :T], real, B, self.dp_size)
 
         expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
@@ -290,6 +312,33 @@ class MegatronTrainEngine:
         B, T = batch.loss_mask_BT.shape
         mode = routing
         batch, start, real = self._local(batch)
+        # PP > 1: megatron's pipeline schedule, loss and metrics from the last stage on every stage
+        run = self._schedule if self.pp_size > 1 else self._micro_steps
+        totals = run(batch, mode, loss_fn=loss_fn, start=start, real=real, B=B, T=T)
+        loss_total = totals.pop("actor/loss")
+        if self.dp_size > 1:  # sums over DP ranks = the one-rank weighted means (weights k / B)
+            totals["actor/loss"] = loss_total
+            totals = parallel.allreduce_sum(totals)
+            loss_total = totals.pop("actor/loss")
+        grad_norm_t, skipped = self.optim.step()  # sum over replicas, clip, step (skipped if not finite)
+        if not skipped:
+            self.steps += 1
+        totals.update(
+            {
+                "actor/loss": loss_total,
+                "actor/grad_norm": grad_norm_t,
+                "actor/lr": self.optim.lr,
+                "actor/skipped_step": float(skipped),
+            }
+        )
+        return totals
+
+    def _micro_steps(
+        self, batch: TrainBatch, mode: ReplayMode, *, loss_fn: LossFn, start: int, real: int, B: int, T: int
+    ) -> dict[str, torch.Tensor]:
+        """PP = 1: forward, loss_fn and backward of each micro-batch of this DP rank's rows (`batch`
+        from _local: rows [start, start + real) of the global batch of B rows; T = S - 1 before SP
+        padding). Returns {"actor/loss", loss_fn's metrics weighted by rows / B}, not summed over DP."""
         totals: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=self.device)
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
@@ -316,22 +365,115 @@ class MegatronTrainEngine:
             loss_total = loss_total + loss.detach()
             for key, v in metrics.items():  # on device until the runner logs them (STYLE.md rule 9)
                 totals[key] = totals.get(key, 0.0) + weight * torch.as_tensor(v).detach()
-        if self.dp_size > 1:  # sums over DP ranks = the one-rank weighted means (weights k / B)
-            totals["actor/loss"] = loss_total
-            totals = parallel.allreduce_sum(totals)
-            loss_total = totals.pop("actor/loss")
-        grad_norm_t, skipped = self.optim.step()  # sum over replicas, clip, step (skipped if not finite)
-        if not skipped:
-            self.steps += 1
-        totals.update(
-            {
-                "actor/loss": loss_total,
-                "actor/grad_norm": grad_norm_t,
-                "actor/lr": self.optim.lr,
-                "actor/skipped_step": float(skipped),
-            }
-        )
-        return totals
+        return {**totals, "actor/loss": loss_total}
+
+    def _schedule(
+        self,
+        batch: TrainBatch,
+        mode: ReplayMode,
+        *,
+        start: int,
+        real: int,
+        B: int,
+        T: int,
+        loss_fn: LossFn | None = None,
+        with_entropy: bool = False,
+    ):
+        """PP > 1: this DP rank's micro-batches (`batch` from _local, n rows of S tokens, rows
+        [start, start + real) of the global batch of B rows, T = its S - 1 before SP padding) through
+        megatron's pipeline schedule (1F1B: megatron.core.pipeline_parallel.get_forward_backward_func;
+        CPU shims in compat.cpu_pipeline_schedule). Every stage runs the forward of every micro-batch
+        (its routers replay or record their own trace layers: MegatronRouterReplay.pipeline_session);
+        the last stage turns logits into logprobs, and, when training, into loss_fn's loss, whose
+        backward the schedule runs through all stages. The rows are padded to a multiple of the
+        micro-batch (copies of row 0, outside `real`: no loss, dropped from the results) because the
+        stages send and receive activations of one shape.
+
+        Forward only (loss_fn None): returns (logp_NT, entropy_NT or None, recorded expert ids
+        [n, S-1, L, K] or None) on every stage: the logprobs broadcast from the last stage over the PP
+        group, the recording concatenated over the stages' trace layers. Training: returns
+        {"actor/loss", loss_fn's metrics (weighted by rows / B)} on every stage (broadcast from the
+        last stage), not yet summed over DP."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from r3.engines.megatron.compat import cpu_pipeline_schedule
+
+        forward_only = loss_fn is None
+        n, S = batch.input_ids_BS.shape
+        pad = -n % (self.micro_batch or n)
+        if pad:  # one shape for every micro-batch (the stages' send/receive buffers): copies of row 0,
+            idx = torch.cat([torch.arange(n), torch.zeros(pad, dtype=torch.long)])  # beyond `real`: no loss
+            ids = batch.expert_ids_BTLK
+            batch = TrainBatch(
+                input_ids_BS=batch.input_ids_BS[idx],
+                attention_mask_BS=batch.attention_mask_BS[idx],
+                loss_mask_BT=batch.loss_mask_BT[idx],
+                expert_ids_BTLK=None if ids is None else ids[idx],
+            )
+        slices = self._row_slices(n + pad)
+        if mode is ReplayMode.REPLAY:  # validate on every stage before the schedule: a stage that raised
+            to_megatron_layout(batch.expert_ids_BTLK, seq_len=S, spec=self.spec)  # inside would hang the rest
+        recs: list[torch.Tensor] = []
+
+        def loss_func(rows: slice, ids_BS: torch.Tensor, logits_BSV: torch.Tensor):
+            logp_BT, ent_BT = token_logprobs(logits_BSV, ids_BS, with_entropy=with_entropy or not forward_only)
+            if forward_only:  # nothing to differentiate: a zero "loss" and the per-row results
+                return torch.zeros((), device=logits_BSV.device), {"logp": logp_BT, "entropy": ent_BT}
+            k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
+            global_rows = slice(start + rows.start, start + rows.start + k)
+            if k:
+                loss, metrics = loss_fn(logp_BT[:k, :T], ent_BT[:k, :T], global_rows)
+            else:  # padding only: a zero loss still runs the backward's collectives (EP)
+                loss, metrics = logp_BT.sum() * 0.0, {}
+            # the schedule divides the returned loss by the number of micro-batches (megatron's
+            # "legacy loss averaging"); loss_fn already normalises by the whole mini-batch (LossFn)
+            return loss * len(slices), {"loss": loss.detach(), "metrics": metrics, "weight": k / B}
+
+        def forward_step(data_iterator, model):
+            rows = next(data_iterator)
+            ids_BS = batch.input_ids_BS[rows].to(self.device)
+            b, s = ids_BS.shape
+            ids = batch.expert_ids_BTLK[rows] if mode is ReplayMode.REPLAY else None
+            with sess.forward(batch_size=b, seq_len=s, expert_ids_BTLK=ids) if sess else contextlib.nullcontext() as h:
+                out = gpt_logits(model, ids_BS)
+            if mode is ReplayMode.RECORD:
+                recs.append(h.recorded_BTLK())
+            return out, lambda logits, _rows=rows, _ids=ids_BS: loss_func(_rows, _ids, logits)
+
+        model = self.model if forward_only else self.optim.module
+        recompute = self.recompute and not forward_only
+        with (
+            self.replay.pipeline_session(mode, recompute=recompute) if self.is_moe else contextlib.nullcontext()
+        ) as sess:
+            with cpu_pipeline_schedule():
+                store = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(slices),
+                    model=[model],
+                    num_microbatches=len(slices),
+                    seq_length=S,
+                    micro_batch_size=slices[0].stop - slices[0].start,
+                    forward_only=forward_only,
+                )
+        last = self.pp_rank == self.pp_size - 1
+        if not forward_only:
+            totals: dict[str, torch.Tensor] = {}
+            loss_total = torch.zeros((), device=self.device)
+            for out in store if last else []:  # metrics weighted by rows, as with PP = 1
+                loss_total = loss_total + out["loss"]
+                for key, v in out["metrics"].items():
+                    totals[key] = totals.get(key, 0.0) + out["weight"] * torch.as_tensor(v).detach()
+            return parallel.broadcast_metrics_from_last_stage({**totals, "actor/loss": loss_total})
+        shape = (n + pad, S - 1)
+        logp = torch.cat([o["logp"] for o in store]) if last else torch.zeros(shape, device=self.device)
+        logp = parallel.broadcast_from_last_stage(logp.float())[:n]
+        ent = None
+        if with_entropy:
+            ent = torch.cat([o["entropy"] for o in store]) if last else torch.zeros(shape, device=self.device)
+            ent = parallel.broadcast_from_last_stage(ent.float())[:n]
+        rec = parallel.gather_stage_tensors(torch.cat(recs)[:n], dim=2) if mode is ReplayMode.RECORD else None
+        dev = batch.input_ids_BS.device
+        return logp.to(dev), None if ent is None else ent.to(dev), None if rec is None else rec.to(dev)
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights in transformers naming, copied to the CPU (safe to hand to another engine).
@@ -354,7 +496,9 @@ class MegatronTrainEngine:
                 dist.all_gather(parts, v.detach().contiguous(), group=parallel.tp_group())
                 full[k] = tp_unshard(k, parts)
             sd = full
+        sd = to_global_layer_names(sd, self.stage_layers.start)  # a pipeline stage names its layers locally
         sd = parallel.gather_experts(sd, n_exp)
+        sd = parallel.gather_stages(sd)  # every stage's layers on the first stage (PP > 1)
         if sd is None:
             return {}
         return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}  # no shared storage
