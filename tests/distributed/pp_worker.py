@@ -6,11 +6,12 @@
 Builds the megatron train engine from the tiny Qwen3-MoE in DIR (3 decoder layers: MoE, dense, MoE)
 with pipeline_parallel = N (N = 2: stage 0 holds layers 0-1 = MoE + dense, stage 1 layer 2 = MoE,
 so stage 1's router is trace layer 1 while its only local router is index 0), and on the fixed
-global batch of dist_worker.py (B = 5, S = 9, micro-batches of 2: three micro-batches of sizes 2, 2,
-1) computes: logprobs with native, recorded and forced (REPLAY) routing; entropy; the routing each
-rank was handed to replay; one train_step under REPLAY (with and without activation recompute); the
-weights after it; a checkpoint round trip; and the error paths (a trace with the wrong layer count,
-stages that claim the wrong trace layers). Rank 0 writes everything to --out.
+global batch of dist_worker.py (B = 5, S = 9, micro-batches of 2; under PP padded to 6 rows: three
+micro-batches of 2) computes: logprobs with native, recorded and forced (REPLAY) routing; entropy;
+the routing each rank was handed to replay; one train_step under REPLAY (with and without activation
+recompute, and with bf16 parameters, megatron's DDP and distributed optimizer); the weights after
+it; a checkpoint round trip; and the error paths (a trace with the wrong layer count, stages that
+claim the wrong trace layers). Rank 0 writes everything to --out.
 """
 
 from __future__ import annotations
@@ -107,13 +108,15 @@ def forward_and_errors(model: str, pp: int) -> dict:
     return out
 
 
-def train(model: str, pp: int, recompute: bool, ckpt: str) -> dict:
-    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=2, pipeline_parallel=pp, recompute=recompute)
+def train(model: str, pp: int, recompute: bool, ckpt: str | None, precision: str = "fp32") -> dict:
+    eng = MegatronTrainEngine(
+        model, lr=1e-3, micro_batch=2, pipeline_parallel=pp, recompute=recompute, precision=precision
+    )
     batch, adv = global_batch(eng.spec)
     metrics = eng.train_step(batch, _loss_fn(batch, adv), routing=ReplayMode.REPLAY)
     out = {"metrics": {k: float(v) for k, v in metrics.items()}, "weights": eng.rollout_state_dict()}
     out["weights_on_ranks"] = _all(len(out["weights"]))
-    if not recompute:  # checkpoint round trip: save, step again, load -> the saved weights
+    if ckpt is not None:  # checkpoint round trip: save, step again, load -> the saved weights
         eng.save(ckpt)
         dist.barrier()
         eng.train_step(batch, _loss_fn(batch, adv), routing=ReplayMode.REPLAY)
@@ -139,7 +142,8 @@ def main() -> None:
     args = ap.parse_args()
     out = forward_and_errors(args.model, args.pp)
     out["train"] = train(args.model, args.pp, False, args.ckpt)
-    out["train_recompute"] = train(args.model, args.pp, True, args.ckpt + "-unused")
+    out["train_recompute"] = train(args.model, args.pp, True, None)
+    out["train_bf16"] = train(args.model, args.pp, False, None, precision="bf16")  # megatron's DDP + optimizer
     if dist.get_rank() == 0:
         torch.save(out, args.out)
     dist.barrier()

@@ -29,7 +29,9 @@ class MegatronTrainConfig:
     """TP size (megatron `tensor_model_parallel_size`), with sequence parallelism when > 1; experts
     are not TP-sharded (expert TP = 1)."""
     pipeline_parallel: int = 1
-    """PP size. The engine runs PP = 1 only so far (no pipeline schedule wired)."""
+    """PP size: decoder layers split into PP contiguous stages (evenly; the first stage takes the
+    remainder), run by megatron's 1F1B schedule; each stage replays its own MoE layers' routing.
+    Needs untied embeddings and at least one layer per stage."""
     expert_parallel: int = 1
     """EP size: the experts of every MoE layer split over this many ranks (allgather dispatcher on
     CPU, alltoall on GPU). Data parallelism is the rest: DP = world size / (TP x PP)."""

@@ -21,6 +21,12 @@ the EP group, and every rank must run the same number of micro-batches). Per-row
 all-gathered and the padding dropped (`gather_rows`); gradients are summed over the DP group
 (dense parameters) or the expert-DP group (experts, `param.allreduce == False`), because the loss
 is already normalised by the whole mini-batch (r3.engines.base.LossFn).
+
+Pipeline parallelism: `stage_layer_counts` splits the decoder layers into contiguous stages; results
+of the last stage reach the others by broadcast over the PP group (`broadcast_from_last_stage`,
+`broadcast_metrics_from_last_stage`), recordings are concatenated over the stages
+(`gather_stage_tensors`), the stages' weights gathered to the first stage (`gather_stages`); the
+gradient norm sums the stages' squared norms over the PP group (`clip_grad_norm`).
 """
 
 from __future__ import annotations

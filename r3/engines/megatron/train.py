@@ -16,13 +16,19 @@ Process model (r3.engines.megatron.parallel): one process, or N ranks from the e
 its DP slice; per-row results are all-gathered, gradients summed over replicas, metrics summed
 over the DP group, so every rank returns what one rank would. TP > 1 runs with sequence
 parallelism (sequences right-padded to a multiple of TP; norm/router gradients summed over TP;
-experts whole on every TP rank, reduced over their expert-DP group). PP > 1 is refused (no
-pipeline schedule wired).
+experts whole on every TP rank, reduced over their expert-DP group). PP > 1 runs megatron's own
+1F1B schedule (`get_forward_backward_func`; on CPU gloo ranks inside compat.cpu_pipeline_schedule):
+each stage holds a contiguous block of decoder layers (parallel.stage_layer_counts, checked against
+megatron's get_transformer_layer_offset), its routers replay the trace's rows of THEIR global MoE
+layers (replay.MegatronRouterReplay.layers), the last stage computes logprobs, loss and metrics, which
+are broadcast over the PP group (every rank returns the whole [B, T] result, as with PP = 1), the
+gradient norm sums every stage's parameters, and rollout_state_dict gathers the stages to the first.
 
 Departures from a full Megatron training stack:
 - Checkpoints are one file per rank (model shard, optimizer state, RNG), resumable with the same
   layout only; megatron's resharding distributed checkpoints are not used.
-- The local (TE-free) layer spec and no pipeline schedule (PP = 1).
+- The local (TE-free) layer spec; under PP no virtual (interleaved) stages, untied embeddings only,
+  micro-batches padded to one shape (copies of a row, without loss).
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
 
@@ -477,9 +483,10 @@ class MegatronTrainEngine:
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights in transformers naming, copied to the CPU (safe to hand to another engine).
-        With EP > 1 the experts are gathered to the first rank of each EP group (global rank 0
-        among them, the driver): a collective, every rank must call it; ranks that do not hold the
-        whole model get an empty dict (only the driver syncs weights to the rollout engine)."""
+        With EP > 1 the experts are gathered to the first rank of each EP group, and with PP > 1 the
+        stages' layers to the first stage (global rank 0 among them, the driver): a collective, every
+        rank must call it; ranks that do not hold the whole model get an empty dict (only the driver
+        syncs weights to the rollout engine)."""
         n_exp = getattr(self.hf_config, "num_experts", 0) if self.is_moe else 0
         sd = self.model.state_dict()
         if self.tp_size > 1:  # whole tensors from every TP rank's shard (collective over the TP group)
