@@ -83,7 +83,11 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         )
     elif cfg.rollout_engine == "sglang":
         ro = rollout_config(
-            "sglang", urls=tuple(cfg.sglang_urls), model_path=model, weight_sync_dir=str(run_dir / "weight_sync")
+            "sglang",
+            urls=tuple(cfg.sglang_urls),
+            model_path=model,
+            weight_sync_dir=str(run_dir / "weight_sync"),
+            precision=cfg.rollout_precision,  # the post-sync check's tolerance
         )
     elif cfg.rollout_engine == "vllm" and cfg.sglang_urls:  # vLLM servers (cluster): weights synced via disk
         ro = rollout_config(
@@ -195,6 +199,10 @@ def run_cell(
     rollout_engine = build_rollout_engine(ro_cfg)
     train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
     check_engines(cfg, rollout_engine, train_engine)
+    if cfg.rollout_engine == "sglang":  # post-sync probe check against the trainer's own forward (paper scale)
+        from r3.engines.sglang import train_engine_reference
+
+        rollout_engine.set_sync_reference(train_engine_reference(train_engine))
     moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe
     log(
         f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
