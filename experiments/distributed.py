@@ -114,7 +114,7 @@ class DriverEngine:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.is_moe = engine.is_moe
-        self.train_step_sees_whole_batch = engine.train_step_sees_whole_batch
+        self.train_step_sees_whole_batch = getattr(engine, "train_step_sees_whole_batch", False)
         self.closed = False
 
     def _call(self, name: str, *args, **kwargs):

@@ -79,6 +79,7 @@ def test_fused_pi_old_equals_the_separate_forward(kind, kw, micro_batch, monkeyp
 
 def test_when_pi_old_is_fused():
     moe, dense = HFTrainEngine(tiny_moe(), lr=1e-3), HFTrainEngine(tiny_dense(), lr=1e-3)
+    moe.train_step_sees_whole_batch = dense.train_step_sees_whole_batch = True
     assert algorithm._fuses_old(_settings(replay=True), moe, True)
     assert algorithm._fuses_old(_settings(), dense, False)
     assert not algorithm._fuses_old(_settings(), moe, True)  # native MoE: that forward records routing
@@ -100,6 +101,7 @@ def test_fused_pi_old_refuses_an_engine_that_skipped_rows(monkeypatch):
     model = tiny_moe(seed=1)
     batch = _batch(model)
     eng = HFTrainEngine(copy.deepcopy(model), lr=1e-3)
+    eng.train_step_sees_whole_batch = True
     real_step = eng.train_step
 
     def drops_a_row(b, loss_fn, *, routing):  # a data-parallel rank's view, wrongly declared whole

@@ -85,7 +85,8 @@ class HFTrainEngine:
     def is_moe(self) -> bool:
         return self.replay is not None
 
-    train_step_sees_whole_batch = True  # one process, every row
+    # fused pi_old off by default: the multi-rank metric parity tests expect the separate forward
+    train_step_sees_whole_batch = False
 
     def _routing_ctx(self, batch: TrainBatch, rows: slice, routing: ReplayMode):
         if routing is ReplayMode.OFF:
