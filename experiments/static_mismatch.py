@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import rollout, task
+from experiments import rollout, rundir, task
 
 TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
 """F(tau) grid for the extreme-token curve (log-spaced; F(2) is reported separately)."""
@@ -221,10 +221,7 @@ def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, f
     t0 = time.time()
     rec = measure(zoo.model_dir("sft", zoo_dir), zoo.model_dir("dense", zoo_dir), precision, **kw)
     rec["seconds"] = round(time.time() - t0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec) + "\n")
-    tmp.replace(path)
+    rundir.write_text_atomic(path, json.dumps(rec) + "\n")
     return rec
 
 
@@ -373,10 +370,7 @@ def run_static_checkpoints(cell: dict, out_dir: Path, *, force: bool = False) ->
     if rec is None:
         return None
     rec["seconds"] = round(time.time() - t0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec) + "\n")
-    tmp.replace(path)
+    rundir.write_text_atomic(path, json.dumps(rec) + "\n")
     return rec
 
 
