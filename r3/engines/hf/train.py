@@ -85,8 +85,7 @@ class HFTrainEngine:
     def is_moe(self) -> bool:
         return self.replay is not None
 
-    # fused pi_old off by default: the multi-rank metric parity tests expect the separate forward
-    train_step_sees_whole_batch = False
+    train_step_sees_whole_batch = True  # one process: the loss sees every row (r3.algorithm fuses pi_old)
 
     def _routing_ctx(self, batch: TrainBatch, rows: slice, routing: ReplayMode):
         if routing is ReplayMode.OFF:

@@ -159,7 +159,8 @@ class MegatronTrainEngine:
                 # whole experts: expert TP = 1). megatron marks experts this way only when EP > 1.
                 p.allreduce = False
         self.dp_rank, self.dp_size = parallel.dp_rank_size()
-        self.train_step_sees_whole_batch = False  # see r3.engines.hf.train
+        # under DP each rank's loss sees its own rows; under PP only the last stage computes the loss
+        self.train_step_sees_whole_batch = self.dp_size == 1 and self.pp_size == 1
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
         # trace layers (MoE layers) of every pipeline stage; collective over the PP group, checks
