@@ -111,7 +111,7 @@ class RunConfig:
     train_tensor_parallel: int = 1
     """megatron TP size, with sequence parallelism when > 1 (train_engine 'megatron')."""
     train_pipeline_parallel: int = 1
-    """megatron PP size (train_engine 'megatron'; the engine runs PP = 1 so far)."""
+    """megatron PP size (train_engine 'megatron'): decoder layers split over PP stages, megatron's 1F1B schedule."""
     train_expert_parallel: int = 1
     """megatron EP size: each MoE layer's experts split over this many training ranks; data
     parallelism is the rest (DP = training ranks / (TP x PP)); r3.engines.megatron.parallel."""
