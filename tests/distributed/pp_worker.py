@@ -1,13 +1,14 @@
 """Worker of tests/distributed/test_distributed_pp.py, launched under `torch.distributed.run`.
 
-    python -m torch.distributed.run --nproc-per-node N tests/distributed/pp_worker.py \
+    python -m torch.distributed.run --nproc-per-node W tests/distributed/pp_worker.py \
         --model DIR --out FILE --pp N
 
 Builds the megatron train engine from the tiny Qwen3-MoE in DIR (3 decoder layers: MoE, dense, MoE)
-with pipeline_parallel = N (N = 2: stage 0 holds layers 0-1 = MoE + dense, stage 1 layer 2 = MoE,
-so stage 1's router is trace layer 1 while its only local router is index 0), and on the fixed
-global batch of dist_worker.py (B = 5, S = 9, micro-batches of 2; under PP padded to 6 rows: three
-micro-batches of 2) computes: logprobs with native, recorded and forced (REPLAY) routing; entropy;
+with pipeline_parallel = N and data parallelism W / N (N = 2: stage 0 holds layers 0-1 = MoE +
+dense, stage 1 layer 2 = MoE, so stage 1's router is trace layer 1 while its only local router is
+index 0), and on the fixed global batch of dist_worker.py (B = 5, S = 9, micro-batches of 2; each
+DP replica's rows, under PP padded to a multiple of 2: 6 rows with DP = 1, 3 -> 4 with DP = 2)
+computes: logprobs with native, recorded and forced (REPLAY) routing; entropy;
 the routing each rank was handed to replay; one train_step under REPLAY (with and without activation
 recompute, and with bf16 parameters, megatron's DDP and distributed optimizer); the weights after
 it; a checkpoint round trip; and the error paths (a trace with the wrong layer count, stages that
@@ -21,7 +22,7 @@ import faulthandler
 
 import torch
 import torch.distributed as dist
-from dist_worker import B, global_batch
+from dist_worker import global_batch
 
 from r3.engines.base import TrainBatch
 from r3.engines.megatron.replay import to_megatron_layout
@@ -70,9 +71,9 @@ def forward_and_errors(model: str, pp: int) -> dict:
     res = eng.compute_logprobs(batch, routing=ReplayMode.REPLAY, with_entropy=True)
     out["logp_replay"], out["entropy_replay"] = res.logp_BT, res.entropy_BT
     own = []
-    ids = batch.expert_ids_BTLK
+    ids = eng._local(batch)[0].expert_ids_BTLK  # this DP rank's rows (padded to ceil(B / DP))
     if pp > 1:  # the pipeline schedule pads the rows to a multiple of the micro-batch with copies of row 0
-        ids = torch.cat([ids, ids[:1].expand(-B % 2, *ids.shape[1:])])
+        ids = torch.cat([ids, ids[:1].expand(-ids.shape[0] % 2, *ids.shape[1:])])
     for rows in eng._row_slices(ids.shape[0]):
         layers = to_megatron_layout(ids[rows], seq_len=batch.input_ids_BS.shape[1], spec=eng.spec)
         own += [(g, layers[g]) for g in eng.replay.layers]

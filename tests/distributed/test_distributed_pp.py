@@ -1,5 +1,8 @@
 """megatron train engine with pipeline parallelism (PP = 2, gloo ranks, megatron's 1F1B schedule)
-against 1 rank, same global batch (dist_worker.global_batch: B = 5, S = 9; micro-batches of 2).
+against 1 rank, same global batch (dist_worker.global_batch: B = 5, S = 9; micro-batches of 2), in
+two layouts: PP = 2 on 2 ranks, and PP = 2 x DP = 2 on 4 ranks (ranks 0, 1: stage 0 of DP replicas
+0, 1; ranks 2, 3: stage 1; each replica takes 3 or 2 of the 5 rows, padded to 3, then to 4 for two
+micro-batches; 4 processes share the 2 cores here).
 
 The tiny model has 3 decoder layers: MoE, dense (mlp_only_layers), MoE. PP = 2 splits them 2 + 1
 (parallel.stage_layer_counts): stage 0 holds MoE + dense, stage 1 the last MoE layer, which is trace
@@ -35,13 +38,23 @@ REL = 1e-5  # measured: grad norm within 7.3e-8 relative, the other metrics iden
 BF16_TOL, BF16_REL = 0.01, 5e-3
 
 
+# layout -> (ranks, PP); "one" is the reference
+LAYOUTS = {"one": (1, 1), "pp2": (2, 2), "pp2dp2": (4, 2)}
+PARALLEL = ["pp2", "pp2dp2"]
+# trace layers each rank's routers were handed, one entry per micro-batch: PP = 2 alone runs the 5 rows
+# (padded to 6) as 3 micro-batches; with DP = 2 each replica runs its 3 rows (padded to 4) as 2
+HANDED = {"one": [[0, 1] * 3], "pp2": [[0] * 3, [1] * 3], "pp2dp2": [[0] * 2, [0] * 2, [1] * 2, [1] * 2]}
+# ranks whose rollout_state_dict holds the whole model: the first stage of each DP replica (rank 0: the driver)
+WHOLE_MODEL = {"pp2": [True, False], "pp2dp2": [True, True, False, False]}
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_moe_dir, tmp_path_factory) -> dict[int, dict]:
+def runs(tiny_moe_dir, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("pp")
-    for pp in (1, 2):  # ~10 s per launch on 2 CPU cores
-        args = ("--model", str(tiny_moe_dir), "--out", str(out / f"pp{pp}.pt"), "--pp", str(pp))
-        torchrun(pp, WORKER, *args, "--ckpt", str(out / f"ckpt{pp}"), timeout=240)
-    return {pp: torch.load(out / f"pp{pp}.pt", weights_only=False) for pp in (1, 2)}
+    for name, (nproc, pp) in LAYOUTS.items():  # ~10 s per launch on 2 CPU cores, ~16 s with 4 ranks
+        args = ("--model", str(tiny_moe_dir), "--out", str(out / f"{name}.pt"), "--pp", str(pp))
+        torchrun(nproc, WORKER, *args, "--ckpt", str(out / f"ckpt-{name}"), timeout=240)
+    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in LAYOUTS}
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,23 +64,27 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.distributed
 @pytest.mark.megatron
-@pytest.mark.slow  # the two torchrun launches: ~30 s
-def test_stages_own_their_trace_layers(runs):
-    one, two = runs[1], runs[2]
-    assert two["layout"].startswith("world 2 = TP 1 x PP 2 x DP 1")
+@pytest.mark.slow  # the three torchrun launches: ~45 s
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_stages_own_their_trace_layers(runs, layout):
+    one, two = runs["one"], runs[layout]
+    nproc, pp = LAYOUTS[layout]
+    assert two["layout"].startswith(f"world {nproc} = TP 1 x PP {pp} x DP {nproc // pp}")
     assert one["stage_moe_layers"] == [[0, 1]]
     assert two["stage_moe_layers"] == [[0], [1]]  # stage 1's only router is trace layer 1
-    # 3 micro-batches (rows padded 5 -> 6), each stage set only its own layer's rows, all of them right
-    assert [r["layers"] for r in two["per_rank"]] == [[0, 0, 0], [1, 1, 1]]
+    # each stage set only its own layer's rows, each DP replica only its own rows, all of them right
+    assert [r["layers"] for r in one["per_rank"]] == HANDED["one"]
+    assert [r["layers"] for r in two["per_rank"]] == HANDED[layout]
     assert all(r["own_rows_replayed"] for r in two["per_rank"]), two["per_rank"]
     assert one["per_rank"][0]["own_rows_replayed"]
 
 
 @pytest.mark.distributed
 @pytest.mark.megatron
-@pytest.mark.slow  # the two torchrun launches: ~30 s
-def test_forward_equals_one_rank(runs):
-    one, two = runs[1], runs[2]
+@pytest.mark.slow  # the three torchrun launches: ~45 s
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_forward_equals_one_rank(runs, layout):
+    one, two = runs["one"], runs[layout]
     for key in ("logp_off", "logp_record", "logp_replay", "entropy_replay", "logp_replay_swapped"):
         assert _maxdiff(two[key], one[key]) < TOL, key
     assert torch.equal(two["recorded"], one["recorded"])
@@ -80,12 +97,13 @@ def test_forward_equals_one_rank(runs):
 
 @pytest.mark.distributed
 @pytest.mark.megatron
-@pytest.mark.slow  # the two torchrun launches: ~30 s
+@pytest.mark.slow  # the three torchrun launches: ~45 s
+@pytest.mark.parametrize("layout", PARALLEL)
 @pytest.mark.parametrize("run", ["train", "train_recompute", "train_bf16"])
-def test_train_step_equals_one_rank(runs, run):
-    one, two = runs[1][run], runs[2][run]
+def test_train_step_equals_one_rank(runs, layout, run):
+    one, two = runs["one"][run], runs[layout][run]
     tol, rel = (BF16_TOL, BF16_REL) if run == "train_bf16" else (TOL, REL)
-    assert two["weights_on_ranks"][1] == 0  # the full model on rank 0 (the driver) only
+    assert [n > 0 for n in two["weights_on_ranks"]] == WHOLE_MODEL[layout]
     assert set(two["weights"]) == set(one["weights"])
     worst = max(_maxdiff(two["weights"][k], one["weights"][k]) for k in one["weights"])
     assert worst < tol, worst
@@ -101,12 +119,13 @@ def test_train_step_equals_one_rank(runs, run):
 
 @pytest.mark.distributed
 @pytest.mark.megatron
-@pytest.mark.slow  # the two torchrun launches: ~30 s
-def test_wrong_traces_are_refused_on_every_stage(runs):
-    errors = runs[2]["one_layer_error"]
-    assert len(errors) == 2 and all(e is not None for e in errors), errors
+@pytest.mark.slow  # the three torchrun launches: ~45 s
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_wrong_traces_are_refused_on_every_stage(runs, layout):
+    errors = runs[layout]["one_layer_error"]
+    assert len(errors) == LAYOUTS[layout][0] and all(e is not None for e in errors), errors
     assert all("the trace has 1 layers but the model has 2 MoE layers" in e for e in errors)
-    offset = runs[2]["offset_ignored_error"]
+    offset = runs[layout]["offset_ignored_error"]
     assert all(e is not None and "own trace layers [[0], [0]]" in e for e in offset), offset
 
 
