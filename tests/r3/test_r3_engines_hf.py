@@ -56,6 +56,44 @@ def test_fp32_rollout_logprobs_equal_teacher_forced_and_trace_aligned():
         assert torch.equal(res.expert_ids_BTLK[b, :T], s.expert_ids_TLK)
 
 
+def test_finished_rows_leave_the_batch_and_results_stay_exact():
+    """Rows that stopped are dropped from the decode batch and KV cache (the engine's compaction):
+    every sample's logprobs still equal a teacher-forced forward of its own tokens, and its routing
+    equals the trainer's on every fed token (rows recorded before and after compaction)."""
+    model = tiny_moe(seed=4)
+    eng = HFRolloutEngine(model, precision="fp32", seed=0)
+    prompts = [p for p in PROMPTS for _ in range(8)]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop_token_ids=tuple(range(0, 64, 5)))
+    samples = eng.generate(prompts, params, capture_routing=True)
+    st = eng.last_generate
+    lens = [len(s.response_ids) for s in samples]
+    assert st["compactions"] >= 2 and len(set(lens)) >= 4, (st, lens)
+    assert st["fed_row_steps"] < st["rows"] * st["decode_steps"]  # finished rows stopped costing compute
+    with torch.no_grad():
+        for s in samples:
+            full = torch.tensor([s.prompt_ids + s.response_ids])
+            ref = torch.log_softmax(model(full[:, :-1]).logits[0], -1).gather(-1, full[0, 1:, None])[:, 0]
+            torch.testing.assert_close(s.logprobs_R, ref[len(s.prompt_ids) - 1 :], atol=2e-5, rtol=0)
+    res = HFTrainEngine(model, lr=1e-3).compute_logprobs(_batch(samples), routing=ReplayMode.RECORD)
+    for b, s in enumerate(samples):
+        assert torch.equal(res.expert_ids_BTLK[b, : s.expert_ids_TLK.shape[0]], s.expert_ids_TLK)
+
+
+def test_a_real_token_without_recorded_routing_is_refused():
+    """The recorder's boundary check: a fed token whose row no call recorded (a decode loop that
+    dropped its row too early) stops the rollout instead of handing -1 experts to replay."""
+    model = tiny_moe(seed=4)
+    eng = HFRolloutEngine(model, precision="fp32", seed=0)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with eng.replay.recording():
+        eng.model(input_ids=ids)
+        eng.replay.feed_rows(torch.tensor([1]), 2)  # the next call feeds row 1 only
+        eng.model(input_ids=ids[1:, :1])
+        with pytest.raises(ValueError, match=r"sequence 0: 1 of its 4 fed tokens have no recorded routing"):
+            eng.replay.recorded_traces(torch.ones(2, 5, dtype=torch.long))
+        assert eng.replay.recorded_traces(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))[1].shape[0] == 3
+
+
 def test_sampling_reproducible_stop_tokens_and_top_p():
     eng = HFRolloutEngine(tiny_moe(), precision="bf16", seed=0)
     p = SamplingParams(max_new_tokens=6, seed=3)

@@ -10,7 +10,9 @@ batched_mm, grouped_mm) and keeps parameter names unchanged (weight sync stays s
 
 RECORD: native routing; the selected experts of every call are kept (a `generate` with KV cache
 makes one prefill call and then one call per decoded token; the calls are concatenated along
-the sequence axis).
+the sequence axis). A decode loop that drops finished rows from its batch says which rows of the
+whole batch each later call feeds (`feed_rows`); rows a call did not feed stay unrecorded (-1),
+and `recorded_traces` refuses a real token without a row.
 REPLAY: the given experts are forced and the gate weights are recomputed from the LIVE router
 logits (PAPER.md "The method"):
     g_i = I_i exp(s_i) / sum_j I_j exp(s_j)       (norm_topk_prob=True)
@@ -57,7 +59,10 @@ class RoutingReplay:
         self.mode = ReplayMode.OFF
         self._check = ConsumptionCheck(self.spec.num_layers)
         self._shape_BS: list[tuple[int, int] | None] = [None] * self.spec.num_layers
-        self._records: list[list[torch.Tensor]] = [[] for _ in range(self.spec.num_layers)]
+        # per layer, per recorded call: (rows of the whole batch it fed, or None for all; ids [B, S, K])
+        self._records: list[list[tuple[torch.Tensor | None, torch.Tensor]]] = [[] for _ in range(self.spec.num_layers)]
+        self._feed_rows: torch.Tensor | None = None
+        self._whole_B: int | None = None
         self._replay_ids_L: list[torch.Tensor] | None = None
         self._replay_BT: tuple[int, int] | None = None
         base = getattr(model, "model", model)
@@ -87,10 +92,19 @@ class RoutingReplay:
         """Record the routing of every forward inside the block (records cleared at entry)."""
         self._set(ReplayMode.RECORD)
         self._records = [[] for _ in range(self.spec.num_layers)]
+        self._feed_rows, self._whole_B = None, None
         try:
             yield self
         finally:
             self.mode = ReplayMode.OFF
+            self._feed_rows = None
+
+    def feed_rows(self, rows_A: torch.Tensor, whole_batch: int) -> None:
+        """The next recorded forwards feed rows `rows_A` (int64 [A], ascending) of a batch of
+        `whole_batch` rows: a decode loop that dropped its finished rows (r3.engines.hf.rollout)."""
+        if self.mode is not ReplayMode.RECORD:
+            raise RuntimeError("feed_rows is for recording (inside `with replay.recording():`)")
+        self._feed_rows, self._whole_B = rows_A.detach().to(torch.int64).cpu(), whole_batch
 
     @contextlib.contextmanager
     def replaying(self, expert_ids_BTLK: torch.Tensor):
@@ -120,18 +134,30 @@ class RoutingReplay:
         return self.replaying(place_traces(traces, fed_mask_BT))
 
     def recorded_expert_ids(self) -> torch.Tensor:
-        """All recorded calls concatenated along the sequence: int64 [B, S_fed, L, K]."""
+        """All recorded calls concatenated along the sequence: int64 [B, S_fed, L, K]; -1 where a
+        call did not feed the row (`feed_rows`)."""
         if not self._records[0]:
             raise RuntimeError("no routing recorded: run a forward inside `with replay.recording():` first")
         per_layer = []
         for l, calls in enumerate(self._records):
-            B = calls[0].shape[0]
-            if any(c.shape[0] != B for c in calls):
-                raise RuntimeError(
-                    f"layer {l}: recorded calls have batch sizes {[c.shape[0] for c in calls]}; record one batch "
-                    "(one prefill + its decode steps) at a time"
-                )
-            per_layer.append(torch.cat(calls, dim=1))
+            if all(rows is None for rows, _ in calls):
+                B = calls[0][1].shape[0]
+                if any(c.shape[0] != B for _, c in calls):
+                    raise RuntimeError(
+                        f"layer {l}: recorded calls have batch sizes {[c.shape[0] for _, c in calls]}; record one "
+                        "batch (one prefill + its decode steps) at a time, or declare the rows fed (feed_rows)"
+                    )
+                per_layer.append(torch.cat([c for _, c in calls], dim=1).to(torch.int64))
+                continue
+            S, K = sum(c.shape[1] for _, c in calls), calls[0][1].shape[2]
+            out = torch.full((self._whole_B, S, K), -1, dtype=torch.int64, device=calls[0][1].device)
+            off = 0
+            for rows, c in calls:
+                if rows is None and c.shape[0] != self._whole_B:
+                    raise RuntimeError(f"layer {l}: a call fed {c.shape[0]} rows of a batch of {self._whole_B}")
+                out[slice(None) if rows is None else rows.to(out.device), off : off + c.shape[1]] = c
+                off += c.shape[1]
+            per_layer.append(out)
         return torch.stack(per_layer, dim=2)
 
     def recorded_traces(self, token_mask_BS: torch.Tensor) -> list[torch.Tensor]:
@@ -153,7 +179,15 @@ class RoutingReplay:
             pos = token_mask_BS[b].nonzero().flatten()[:-1]
             if pos.numel() and int(pos[-1]) >= S_fed:
                 raise ValueError(f"sequence {b}: real token at position {int(pos[-1])} was never fed (S_fed={S_fed})")
-            out.append(ids_BSLK[b, pos.to(ids_BSLK.device)])
+            trace = ids_BSLK[b, pos.to(ids_BSLK.device)]
+            if bool((trace < 0).any()):
+                missing = int((trace[:, 0, 0] < 0).sum())
+                raise ValueError(
+                    f"sequence {b}: {missing} of its {len(pos)} fed tokens have no recorded routing (got -1 rows, "
+                    "expected a row per fed token); likely cause: the decode loop dropped the row before its last "
+                    "token was fed (feed_rows)"
+                )
+            out.append(trace)
         return out
 
     # --- hooks --------------------------------------------------------------------------------
@@ -191,7 +225,7 @@ class RoutingReplay:
             if self.mode is ReplayMode.RECORD:
                 out = native_forward(hidden_states)
                 if forward_phase:
-                    self._records[layer].append(out[2].detach().view(B, S, -1))
+                    self._records[layer].append((self._feed_rows, out[2].detach().view(B, S, -1)))
                 return out
             rB, rT = self._replay_BT
             if (B, S) != (rB, rT):

@@ -8,7 +8,9 @@ fed token: T = prompt + response - 1, DESIGN.md invariant 1) through `r3.engines
 Decoding is a hand-written loop over the model's forward with a `DynamicCache` (one prefill
 call, one call per decoded token), not `GenerationMixin.generate`: it samples from a seeded
 `torch.Generator` (reproducible), returns the logprob it sampled from, and avoids generate's
-per-step logits-processor machinery. Left padding with explicit position ids.
+per-step logits-processor machinery. Left padding with explicit position ids. Finished rows leave
+the batch and the cache (`_COMPACT_BELOW`), as continuous batching does in a serving engine: a
+batch of short and long responses then costs about its real tokens, not rows x longest.
 
 Departures from the paper's engine: logprobs are those of the temperature-scaled distribution
 before top-p truncation (what vLLM/SGLang return by default); temperature 0 is greedy and reports
@@ -34,6 +36,10 @@ from r3.engines.hf.fp8 import Fp8Scope, apply_fp8
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+_COMPACT_BELOW = 0.75
+"""Drop finished rows from the decode batch (and its KV cache) once fewer than this share of the
+batch's rows is still generating: finished rows then stop costing compute, and the cache copy that
+compaction costs is paid only a few times per call (every finished row would be one copy per step)."""
 
 
 def load_causal_lm(model_path_or_model: str | Path | nn.Module) -> nn.Module:
@@ -167,6 +173,10 @@ class HFRolloutEngine:
         active_B = torch.ones(B, dtype=torch.bool, device=dev)
         n_resp_B = torch.zeros(B, dtype=torch.long, device=dev)
         stopped_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        # rows_A: the rows of the whole batch that the model still feeds (finished rows are dropped
+        # from the batch and the KV cache once enough of them have accumulated, `_COMPACT_BELOW`)
+        rows_A = torch.arange(B, device=dev)
+        stats = {"rows": B, "decode_steps": 0, "fed_row_steps": 0, "compactions": 0}
         with ctx:
             cache = DynamicCache(config=self.model.config)
             out = self.model(
@@ -177,12 +187,15 @@ class HFRolloutEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            next_pos_B1 = pos_BP[:, -1:] + 1
+            next_pos_A1 = pos_BP[:, -1:] + 1
             show = 0 < self.progress_min_prompts <= B
             bar = tqdm(total=N, desc=f"generating {B} samples", unit="token", leave=False, disable=not show)
             for step in range(N):
                 bar.update(1)
-                tok_B, lp_B = self._sample(out.logits[:, -1], params, gen)
+                tok_A, lp_A = self._sample(out.logits[:, -1], params, gen)
+                tok_B = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
+                lp_B = torch.zeros(B, dtype=lp_A.dtype, device=dev)
+                tok_B[rows_A], lp_B[rows_A] = tok_A, lp_A
                 tok_B = torch.where(active_B, tok_B, torch.full_like(tok_B, self.pad_id))
                 tokens.append(tok_B)
                 logps.append(lp_B)
@@ -191,17 +204,28 @@ class HFRolloutEngine:
                 hit_B = active_B & torch.isin(tok_B, stop)
                 stopped_B |= hit_B
                 active_B = active_B & ~hit_B
-                if step == N - 1 or not bool(active_B.any()):
+                n_active = int(active_B.sum())
+                if step == N - 1 or n_active == 0:
                     break
+                if n_active < _COMPACT_BELOW * len(rows_A):
+                    keep_A = active_B[rows_A].nonzero().flatten()
+                    cache.batch_select_indices(keep_A)
+                    rows_A, next_pos_A1 = rows_A[keep_A], next_pos_A1[keep_A]
+                    stats["compactions"] += 1
+                    if record:
+                        self.replay.feed_rows(rows_A, B)
+                stats["decode_steps"] += 1
+                stats["fed_row_steps"] += len(rows_A)
                 out = self.model(
-                    input_ids=tok_B[:, None],
-                    attention_mask=mask_BS[:, : P + step + 1],
-                    position_ids=next_pos_B1,
+                    input_ids=tok_B[rows_A, None],
+                    attention_mask=mask_BS[rows_A, : P + step + 1],
+                    position_ids=next_pos_A1,
                     cache=cache,
                     use_cache=True,
                 )
-                next_pos_B1 = next_pos_B1 + 1
+                next_pos_A1 = next_pos_A1 + 1
             bar.close()
+            self.last_generate = stats  # what the last call fed (benchmarks, tests)
             traces = self.replay.recorded_traces(mask_BS[:, : P + len(tokens)]) if record else None
         tok_BN = torch.stack(tokens, dim=1).cpu()
         lp_BN = torch.stack(logps, dim=1).float().cpu()
