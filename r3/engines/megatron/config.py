@@ -44,6 +44,14 @@ class MegatronTrainConfig:
     token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
     """megatron's MoE token dispatcher: auto = alltoall on GPU, allgather on CPU."""
 
+    context_parallel: int = 1
+    """CP size: each sequence split over this many ranks in megatron's load-balanced chunks. Needs
+    Transformer Engine's attention: refused by the engine (r3.engines.megatron.token_order holds the
+    replay-row mapping, tested against megatron's own split)."""
+    packed_sequences: bool = False
+    """Train on packed (THD) sequences instead of padded batches. Needs Transformer Engine's attention:
+    refused by the engine, like context_parallel > 1."""
+
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"MegatronTrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
@@ -52,9 +60,9 @@ class MegatronTrainConfig:
                 f"MegatronTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
                 f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}"
             )
-        sizes = (self.tensor_parallel, self.pipeline_parallel, self.expert_parallel)
+        sizes = (self.tensor_parallel, self.pipeline_parallel, self.expert_parallel, self.context_parallel)
         if min(sizes) < 1:
             raise ValueError(
                 f"parallel sizes must be >= 1, got tensor_parallel={sizes[0]}, "
-                f"pipeline_parallel={sizes[1]}, expert_parallel={sizes[2]}"
+                f"pipeline_parallel={sizes[1]}, expert_parallel={sizes[2]}, context_parallel={sizes[3]}"
             )

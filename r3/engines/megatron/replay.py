@@ -21,8 +21,12 @@ inside backward -- megatron does not switch to it by itself, the caller must (ve
 
 Sequence parallelism (TP > 1): the router of TP rank r sees only rows [r * S*B / TP, (r + 1) *
 S*B / TP) of that seq-major order (its sequence slice); a session hands each rank those rows, and a
-recording is all-gathered over the TP group. Dense layers have no router and no trace layer: the
-trace's layer l is the l-th MoE layer.
+recording is all-gathered over the TP group. Context parallelism and packed (THD) batches change
+which token rows a rank's router sees (r3.engines.megatron.token_order: CP's load-balanced chunks,
+packed positions); replay hands each rank those rows, but neither runs without Transformer Engine,
+so the engine refuses both (token_order.require_transformer_engine) and CP is always 1 here.
+
+Dense layers have no router and no trace layer: the trace's layer l is the l-th MoE layer.
 
 Pipeline parallelism (PP > 1): a stage's model holds a contiguous block of decoder layers, so its
 routers are some of the MoE layers only. Each router's global MoE-layer index comes from its global
@@ -46,6 +50,8 @@ from collections.abc import Iterator
 
 import torch
 
+from r3.engines.megatron import token_order
+from r3.engines.megatron.token_order import PackedLayout
 from r3.replay import ConsumptionCheck, ReplayMode
 from r3.trace import RoutingSpec, dummy_rows, validate_expert_ids
 
@@ -193,6 +199,10 @@ class MegatronRouterReplay:
         self.sp = bool(routers[0].config.sequence_parallel) if routers else False
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.sp else 0
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size() if self.sp else 1
+        # Context parallelism: this CP rank's load-balanced chunks of every sequence (token_order); the
+        # engine refuses CP > 1 without Transformer Engine, so here it is always 1
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         n = len(instances)
         self._forward = ConsumptionCheck(n) if n else _NoLayers()
         self._backward = ConsumptionCheck(n) if n else _NoLayers()
@@ -243,14 +253,23 @@ class MegatronRouterReplay:
         self.mode = ReplayMode.OFF
         self._forward.active = self._backward.active = False
 
-    def _load_rows(self, expert_ids_BTLK: torch.Tensor, *, batch_size: int, seq_len: int) -> None:
+    def _load_rows(
+        self, expert_ids_BTLK: torch.Tensor, *, batch_size: int, seq_len: int, packed: PackedLayout | None = None
+    ) -> None:
         """Validate the whole trace [B, S-1, L, K] and hand each of this stage's routers the rows of its
-        global MoE layer (under SP only this TP rank's sequence slice). set_target_indices also queues
-        them for REPLAY_BACKWARD."""
-        per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
-        n = seq_len * batch_size // self.tp_size
+        global MoE layer, in the token order its rank's router sees (r3.engines.megatron.token_order):
+        padded batches seq-major, or `packed` (THD) positions; under CP this rank's load-balanced chunks;
+        under SP this TP rank's slice. set_target_indices also queues them for REPLAY_BACKWARD."""
+        if packed is None:
+            per_layer = to_megatron_layout(expert_ids_BTLK, seq_len=seq_len, spec=self.spec)
+            index = token_order.bshd_index(batch_size, seq_len, self.cp_size, self.cp_rank)
+        else:
+            validate_expert_ids(torch.as_tensor(expert_ids_BTLK), self.spec)
+            per_layer = packed.pack_routing(torch.as_tensor(expert_ids_BTLK), self.spec)
+            index = token_order.thd_index(packed, self.cp_size, self.cp_rank)
         for inst, layer in zip(self._instances, self.layers):
-            inst.set_target_indices(per_layer[layer][self.tp_rank * n : (self.tp_rank + 1) * n])
+            rows = token_order.router_rows(per_layer[layer], index, tp_size=self.tp_size, tp_rank=self.tp_rank)
+            inst.set_target_indices(rows)
 
     def check_pipeline_layers(self) -> list[list[int]]:
         """Collective over the PP group: the trace layers of every stage, in stage order; raises unless
@@ -308,11 +327,13 @@ class MegatronRouterReplay:
         seq_len: int,
         expert_ids_BTLK: torch.Tensor | None = None,
         recompute: bool = False,
+        packed: PackedLayout | None = None,
     ) -> Iterator["ReplaySession"]:
         """One forward (and optionally its backward) in `mode`.
 
         OFF: native routing, no checks. RECORD: native routing, recorded -> session.recorded_BTLK()
-        after the forward. REPLAY: expert_ids_BTLK [B, S-1, L, K] forced in every MoE layer.
+        after the forward. REPLAY: expert_ids_BTLK [B, S-1, L, K] forced in every MoE layer; with
+        `packed`, for a forward of the packed (THD) batch (token_order.PackedLayout; REPLAY only).
         Call session.end_forward() after the forward; with recompute=True (REPLAY) the session
         then switches to REPLAY_BACKWARD for the recompute inside backward, and checks on exit
         that each layer's queued indices were popped exactly once. State is cleared on exit.
@@ -321,10 +342,15 @@ class MegatronRouterReplay:
 
         if self.mode is not ReplayMode.OFF or self._forward.active:
             raise RuntimeError("a replay session is already open on this model (sessions do not nest)")
+        if packed is not None and mode is not ReplayMode.REPLAY:
+            raise NotImplementedError(
+                f"routing={mode.name} with a packed (THD) batch: only REPLAY maps rows to packed positions; "
+                f"a recording would need unpacking (token_order.restore_full_order + PackedLayout), not built"
+            )
         if mode is ReplayMode.REPLAY:
             if expert_ids_BTLK is None:
                 raise ValueError("ReplayMode.REPLAY needs expert_ids_BTLK (the rollout routing)")
-            self._load_rows(expert_ids_BTLK, batch_size=batch_size, seq_len=seq_len)
+            self._load_rows(expert_ids_BTLK, batch_size=batch_size, seq_len=seq_len, packed=packed)
             self._set_action(RouterReplayAction.REPLAY_FORWARD)
         elif mode is ReplayMode.RECORD:
             self._set_action(RouterReplayAction.RECORD)

@@ -28,7 +28,10 @@ Departures from a full Megatron training stack:
 - Checkpoints are one file per rank (model shard, optimizer state, RNG), resumable with the same
   layout only; megatron's resharding distributed checkpoints are not used.
 - The local (TE-free) layer spec; under PP no virtual (interleaved) stages, untied embeddings only,
-  micro-batches padded to one shape (copies of a row, without loss).
+  micro-batches padded to one shape (copies of a row, without loss). Context parallelism and packed
+  (THD) sequences need Transformer Engine's attention and are refused (`context_parallel`,
+  `packed_sequences`: r3.engines.megatron.token_order.require_transformer_engine); replay's row
+  mapping for them is built (token_order, used by replay.MegatronRouterReplay) and tested.
 - Entropy in train_step is computed without gradient (a metric, not a loss term).
 """
 
@@ -53,6 +56,7 @@ from r3.engines.megatron.model import (
 )
 from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
 from r3.engines.megatron.replay import MegatronRouterReplay, to_megatron_layout
+from r3.engines.megatron.token_order import require_transformer_engine
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
@@ -96,7 +100,11 @@ class MegatronTrainEngine:
         expert_parallel: int = 1,
         precision: str = "fp32",
         token_dispatcher: str | None = None,
+        context_parallel: int = 1,
+        packed_sequences: bool = False,
     ):
+        # before anything is built: CP and packed (THD) batches need Transformer Engine's attention
+        require_transformer_engine(context_parallel=context_parallel, packed_sequences=packed_sequences)
         if isinstance(hf_model_or_path, (str, Path)):  # read lazily: each rank only the tensors it keeps
             from transformers import AutoConfig
 
@@ -191,6 +199,8 @@ class MegatronTrainEngine:
             expert_parallel=cfg.expert_parallel,
             precision=cfg.precision,
             token_dispatcher=None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher,
+            context_parallel=cfg.context_parallel,
+            packed_sequences=cfg.packed_sequences,
         )
 
     # --- batch handling ---------------------------------------------------------------------
