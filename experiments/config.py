@@ -96,6 +96,11 @@ class RunConfig:
     """Drop groups whose rewards are all equal; keep sampling until the batch is full."""
     max_sampling_rounds: int = 4
     """Cap on extra sampling rounds per step when dynamic sampling cannot fill the batch."""
+    gen_prompts_per_round: int = 0
+    """Prompts sampled per dynamic-sampling round (0: prompts_per_step). Larger oversamples, as
+    DAPO's generation batch (verl `data.gen_batch_size`): one big round fills the batch where
+    several small ones would, and a batched engine samples it faster; kept groups beyond
+    prompts_per_step are dropped, in stream order. Not published for the paper."""
     rollout_engine: RolloutEngineName = "hf"
     """Inference engine, a name of r3.engines.registry: in-process transformers (`hf`), SGLang
     servers (`sglang`), vLLM (`vllm`, when registered)."""
@@ -138,6 +143,8 @@ class RunConfig:
     """Sampling temperature at evaluation."""
     eval_max_problems: int = 0
     """Cap on problems per benchmark (0: all)."""
+    eval_batch_size: int = 64
+    """Prompts per rollout-engine call at evaluation (eval.run); part of the eval sampling seed."""
     collapse_frac: float = 0.5
     """Collapse rule: the eval average falls below this fraction of its running best ..."""
     collapse_patience: int = 2
@@ -184,6 +191,7 @@ class RunConfig:
             "max_new_tokens",
             "max_sampling_rounds",
             "eval_samples",
+            "eval_batch_size",
             "collapse_patience",
         ):
             if getattr(self, field) < 1:
@@ -231,6 +239,11 @@ class RunConfig:
             errors.append(
                 f"prompts_per_step ({self.prompts_per_step}) must be divisible by mini_steps "
                 f"({self.mini_steps}) so every mini-batch holds whole groups"
+            )
+        if self.gen_prompts_per_round and self.gen_prompts_per_round < self.prompts_per_step:
+            errors.append(
+                f"gen_prompts_per_round ({self.gen_prompts_per_round}) must be 0 or >= prompts_per_step "
+                f"({self.prompts_per_step}): a round samples at least one batch"
             )
         if self.model == "dense" and self.replay:
             errors.append("replay needs an MoE model; the dense control has no router")

@@ -13,9 +13,11 @@ and the zoo in --zoo-dir (reused when complete).
 The mini grid (DEMO_CELLS, tiny preset of experiments.grid) runs in the FP8-rollout regime:
 single-mini-step GRPO, GRPO+TIS, GRPO+R3, GRPO+TIS+R3 and multi-mini-step GSPO, GSPO+R3 on the
 SFT model, with the tiny preset's learning rates (3e-5 single-mini-step, 1e-5 multi-mini-step: the
-LR sweep in docs/embedded.md). Cells run as `--jobs` local processes with one torch thread each (on 2 cores two
-1-thread processes are faster than one 2-thread process for a model this small). Every stage
-is resumable: a rerun skips complete cells and resumes incomplete ones.
+LR sweep in docs/embedded.md). The two static measurements and the cells run as `--jobs` local
+processes with one torch thread each, static first (on 2 cores two 1-thread processes are faster
+than one 2-thread process for a model this small, and no core waits for the other's stage).
+Every stage is resumable: a rerun skips complete cells and measurements and resumes incomplete
+cells.
 
 Departures from the paper: scale (tiny model, synthetic arithmetic, 60 global steps instead of
 180), the FP8 inference engine as the mismatch source (not SGLang vs Megatron), one seed.
@@ -60,6 +62,18 @@ def _run_one(cfg_dict: dict, run_dir: str) -> dict:
     return run_cell(RunConfig.from_dict(cfg_dict), Path(run_dir), progress=False)
 
 
+def _run_static(out: str, precision: str, zoo_dir: str, n_prompts: int | None) -> dict:
+    from experiments import static_mismatch
+
+    kw = {"n_prompts": n_prompts} if n_prompts else {}
+    return static_mismatch.run_static(Path(out), precision, zoo_dir=Path(zoo_dir), progress=False, **kw)
+
+
+STATIC_WORK = 15
+"""A static measurement's share of the progress bar, in grid steps: it took about as long as 15
+steps of one cell (23-27 s per precision and 1.6-1.9 s per step, measured on the 2-core machine)."""
+
+
 def _steps_done(run_dir: Path) -> int:
     return rundir.last_step(run_dir) or 0
 
@@ -82,10 +96,13 @@ def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
         p.join(timeout=10)
 
 
-def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
-    """Run cells in `jobs` spawned processes; one progress bar over all global steps.
-    Ctrl-C (or SIGTERM) stops every cell within seconds and says how to resume."""
-    total = sum(c.global_steps for c in cfgs.values())
+def run_cells(cfgs: dict, out: Path, *, jobs: int, static: dict[str, tuple] | None = None) -> dict[str, dict]:
+    """Run the static measurements `static` (precision -> `_run_static` args after out, precision)
+    and then the cells, in `jobs` spawned processes; one progress bar over all of it, in grid steps.
+    Ctrl-C (or SIGTERM) stops every job within seconds and says how to resume. Returns the cells'
+    results and, under "static/<precision>", the static records."""
+    static = static or {}
+    total = sum(c.global_steps for c in cfgs.values()) + STATIC_WORK * len(static)
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     ctx = mp.get_context("spawn")
@@ -96,14 +113,16 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
     try:
         # steps already done (a resumed grid) are the bar's start, so the ETA counts only new work
         done_before = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
-        with tqdm(total=total, initial=done_before, desc=f"RL grid ({len(cfgs)} cells)", unit="step") as bar:
+        desc = f"static ({len(static)}) + RL grid ({len(cfgs)} cells)" if static else f"RL grid ({len(cfgs)} cells)"
+        with tqdm(total=total, initial=done_before, desc=desc, unit="step") as bar:
             for n in cfgs:
                 rundir.clear_failed(out / n)
-            futs = {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
+            futs = {ex.submit(_run_static, str(out), p, *args): f"static/{p}" for p, args in static.items()}
+            futs |= {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
             _wait_cells(futs, cfgs, out, bar, results, errors)
     except KeyboardInterrupt:
         _stop_pool(ex)
-        done = sorted(results)
+        done = sorted(n for n in results if n in cfgs)
         raise Interrupted(
             f"\n[demo] interrupted: stopped all cells ({len(done)} of {len(cfgs)} complete). Every run directory "
             f"under {out} is resumable: run the same command again (e.g. `make demo`) and complete cells are "
@@ -114,7 +133,7 @@ def run_cells(cfgs: dict, out: Path, *, jobs: int) -> dict[str, dict]:
             signal.signal(s, h)
     ex.shutdown(wait=True)
     if errors:
-        raise RuntimeError("cells failed:\n" + "\n".join(f"  {n}: {e}" for n, e in errors.items()))
+        raise RuntimeError("jobs failed:\n" + "\n".join(f"  {n}: {e}" for n, e in errors.items()))
     return results
 
 
@@ -126,12 +145,14 @@ def _wait_cells(futs: dict, cfgs: dict, out: Path, bar, results: dict, errors: d
             name = futs[f]
             try:
                 results[name] = f.result()
-            except Exception as e:  # report every failed cell, keep the others running
+            except Exception as e:  # report every failed job, keep the others running
                 errors[name] = f"{type(e).__name__}: {e}"
-                (out / name).mkdir(parents=True, exist_ok=True)
-                rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
-        bar.n = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
-        bar.set_postfix(done=f"{len(results)}/{len(cfgs)}", failed=len(errors))
+                if name in cfgs:
+                    (out / name).mkdir(parents=True, exist_ok=True)
+                    rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
+        n_static = sum(n.startswith("static/") for n in results)
+        bar.n = STATIC_WORK * n_static + sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
+        bar.set_postfix(done=f"{sum(n in cfgs for n in results)}/{len(cfgs)}", failed=len(errors))
         bar.refresh()
 
 
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import transformers
 
-    from experiments import grid, static_mismatch, summary, zoo
+    from experiments import grid, summary, zoo
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -171,15 +192,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"greedy {m.get('heldout_acc_greedy', float('nan')):.3f}"
         )
 
-    print("[demo] 2/4 static mismatch (bf16 engine, FP8 inference engine)", flush=True)
-    for prec in tqdm(("bf16", "fp8"), desc="static mismatch"):
-        kw = {"n_prompts": args.static_prompts} if args.static_prompts else {}
-        rec = static_mismatch.run_static(out, prec, zoo_dir=zoo_dir, **kw)
-        print(
-            f"[demo]   {prec}: k3 KL moe {rec['moe']['k3_kl']:.3g}, moe+R3 {rec['moe_r3']['k3_kl']:.3g}, "
-            f"dense {rec['dense']['k3_kl']:.3g}; routing pairs differ {rec['moe']['routing_pair_disagreement']:.4f}"
-        )
-
     overrides = {"zoo_dir": str(zoo_dir)}
     if args.steps:
         overrides["global_steps"] = args.steps
@@ -188,8 +200,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             f"--cells {args.cells!r} matches no tiny-preset cell; see `python -m experiments.grid list --preset tiny`"
         )
-    print(f"[demo] 3/4 RL grid: {', '.join(cfgs)} ({args.jobs} parallel processes)", flush=True)
-    run_cells(cfgs, out, jobs=args.jobs)
+    static = {p: (str(zoo_dir), args.static_prompts) for p in ("bf16", "fp8")}
+    print(
+        f"[demo] 2/4 static mismatch (bf16 engine, FP8 inference engine) and 3/4 RL grid: {', '.join(cfgs)} "
+        f"({args.jobs} parallel processes, static first)",
+        flush=True,
+    )
+    results = run_cells(cfgs, out, jobs=args.jobs, static=static)
+    for prec in static:
+        rec = results[f"static/{prec}"]
+        print(
+            f"[demo]   static {prec}: k3 KL moe {rec['moe']['k3_kl']:.3g}, moe+R3 {rec['moe_r3']['k3_kl']:.3g}, "
+            f"dense {rec['dense']['k3_kl']:.3g}; routing pairs differ {rec['moe']['routing_pair_disagreement']:.4f}"
+        )
 
     print("[demo] 4/4 figures and summary", flush=True)
     try:

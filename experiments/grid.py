@@ -86,6 +86,10 @@ _TINY = _Scale(
         global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
         eval_max_problems=0, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
         checkpoint_every=5,
+        # 3 x oversampling: about 45% of the SFT model's groups are informative, so one round of 48
+        # usually fills the 16 (one round of 384 samples is ~2x cheaper per sample than rounds of
+        # 128 on the CPU engine: benchmarks/bench_rollout.py); eval in batches of all 512 problems
+        gen_prompts_per_round=48, eval_batch_size=512,
     ),
 )  # fmt: skip
 

@@ -1,8 +1,9 @@
 """One global step's data: sample groups, reward them with the grader, dynamic sampling, batching.
 
 Dynamic sampling (PAPER.md "Setup"; DAPO): a group whose G rewards are all equal (all right or
-all wrong) carries no GRPO signal and is dropped; sampling continues, `prompts_per_step` fresh
-prompts per round, until `prompts_per_step` groups are kept or `max_sampling_rounds` rounds
+all wrong) carries no GRPO signal and is dropped; sampling continues, `gen_prompts` fresh
+prompts per round (default `prompts_per_step`; more oversamples, as DAPO's generation batch),
+until `prompts_per_step` groups are kept, in stream order, or `max_sampling_rounds` rounds
 have run (the cap). A step that ends short trains on the groups it has (at least one); a step
 with none skips the update (recorded as `rollout/kept_groups` = 0).
 
@@ -114,18 +115,23 @@ def collect(
     capture_routing: bool,
     run_seed: int,
     step: int,
+    gen_prompts: int = 0,
 ) -> StepRollout:
-    """Sample rounds of `prompts_per_step` prompts x `group_size` until the batch is full (or the cap).
+    """Sample rounds of `gen_prompts` (0: prompts_per_step) prompts x `group_size` until
+    `prompts_per_step` groups are kept (or the cap).
 
     encode: problem text -> prompt ids (the prompt template); decode: response ids -> texts.
     stream: experiments.task.TrainStream or TableStream (anything with take(n) -> problems)."""
     if max_rounds < 1:
         raise ValueError(f"max_sampling_rounds must be >= 1, got {max_rounds}")
+    gen_prompts = gen_prompts or prompts_per_step
+    if gen_prompts < prompts_per_step:
+        raise ValueError(f"gen_prompts ({gen_prompts}) must be >= prompts_per_step ({prompts_per_step})")
     kept: list[Group] = []
     n_sampled, rewards_all, lens_all, stops = 0, [], [], 0
     rounds = 0
     while len(kept) < prompts_per_step and rounds < max_rounds:
-        problems = stream.take(prompts_per_step)
+        problems = stream.take(gen_prompts)
         prompts = [encode(p.problem) for p in problems]
         flat = [ids for ids in prompts for _ in range(group_size)]
         p = dataclasses.replace(params, seed=sampling_seed(run_seed, step, rounds))

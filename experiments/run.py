@@ -255,6 +255,7 @@ def run_cell(
             max_problems=cfg.eval_max_problems,
             seed=cfg.seed,
             template=template.name,
+            batch_size=cfg.eval_batch_size,
             grader_pool=pool,
             progress=False,
         )
@@ -286,6 +287,7 @@ def run_cell(
                 params=params,
                 dynamic=cfg.dynamic_sampling,
                 max_rounds=cfg.max_sampling_rounds,
+                gen_prompts=cfg.gen_prompts_per_round,
                 capture_routing=moe,
                 run_seed=cfg.seed,
                 step=step,

@@ -58,11 +58,19 @@ def static_dir_name(precision: str, rollout_engine: str = "hf", train_engine: st
     return f"{rollout_engine}-{precision}" + ("" if train_engine == "hf" else f"-{train_engine}")
 
 
-def _engine_pair(model_dir: Path, precision: str, seed: int, train_engine: str, rollout_engine: str = "hf"):
+def _engine_pair(
+    model_dir: Path, precision: str, seed: int, train_engine: str, rollout_engine: str = "hf", progress: bool = True
+):
     from r3.engines import registry
 
     ro = registry.build_rollout_engine(
-        registry.rollout_config(rollout_engine, model_path=str(model_dir), precision=precision, seed=seed)
+        registry.rollout_config(
+            rollout_engine,
+            model_path=str(model_dir),
+            precision=precision,
+            seed=seed,
+            **({} if progress else {"progress_min_prompts": 0}),  # 0: no progress bar (a worker process)
+        )
     )
     # no step is taken; lr must be > 0
     tr = registry.build_train_engine(registry.train_config(train_engine, model_path=str(model_dir), lr=1e-6, seed=seed))
@@ -111,6 +119,7 @@ def _rollout_batch(
     problems=None,
     encode=None,
     stop_ids: tuple[int, ...] = (),
+    progress: bool = True,
 ):
     """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe).
 
@@ -123,7 +132,7 @@ def _rollout_batch(
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if engines is None:
-        ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine)
+        ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine, progress)
     else:
         ro, tr = engines(model_dir)
     moe = ro.capabilities.captures_routing and tr.is_moe
@@ -159,9 +168,11 @@ def measure(
     problems=None,
     encode=None,
     stop_ids: tuple[int, ...] = (),
+    progress: bool = True,
 ) -> dict:
     """The static.json record of one rollout precision. engines / problems / encode / stop_ids:
-    see `_rollout_batch` (None: the zoo's); engines(model_dir) is called once per model, MoE first."""
+    see `_rollout_batch` (None: the zoo's); engines(model_dir) is called once per model, MoE first.
+    progress: the zoo engines' progress bar over decode steps (off in a worker process)."""
     from r3.replay import ReplayMode
 
     kw = dict(
@@ -176,6 +187,7 @@ def measure(
         problems=problems,
         encode=encode,
         stop_ids=stop_ids,
+        progress=progress,
     )
     out: dict = {
         "precision": precision,

@@ -68,6 +68,9 @@ def test_tiny_shares_definitions_and_changes_only_scale():
         "checkpoint_every",
         "eval_max_problems",
         "temperature",
+        # batch shapes of the engines' calls (oversampled dynamic-sampling rounds, eval batches): scale
+        "gen_prompts_per_round",
+        "eval_batch_size",
         # the paper's training layout (slurm.resources.TRAIN_LAYOUT): scale, not algorithm
         "train_expert_parallel",
         "train_recompute",

@@ -41,8 +41,8 @@ class FakeEngine:
         return out
 
 
-def _collect(engine, *, prompts=2, G=2, rounds=4, dynamic=True):
-    stream = task.TrainStream(seed=0, difficulty=2)
+def _collect(engine, *, prompts=2, G=2, rounds=4, dynamic=True, gen_prompts=0, stream=None):
+    stream = stream or task.TrainStream(seed=0, difficulty=2)
     return rollout.collect(
         engine,
         lambda text: [5] * (len(text) % 3 + 1),
@@ -57,6 +57,7 @@ def _collect(engine, *, prompts=2, G=2, rounds=4, dynamic=True):
         capture_routing=True,
         run_seed=7,
         step=3,
+        gen_prompts=gen_prompts,
     )
 
 
@@ -74,6 +75,19 @@ def test_dynamic_sampling_cap_stops_short():
     eng = FakeEngine([[1, 1, 0, 0]] * 3)  # every group uniform: nothing kept
     ro = _collect(eng, rounds=3)
     assert ro.kept == [] and ro.rounds == 3 and ro.sampled_groups == 6
+
+
+def test_an_oversampled_round_keeps_the_first_informative_groups_in_stream_order():
+    # one round of 4 prompts for a batch of 2: A uniform (dropped), B and C kept, D mixed but not needed
+    eng = FakeEngine([[1, 1, 1, 0, 0, 1, 1, 0]])
+    stream = task.TrainStream(seed=0, difficulty=2)
+    want = task.TrainStream(seed=0, difficulty=2).take(4)
+    ro = _collect(eng, gen_prompts=4, stream=stream)
+    assert ro.rounds == 1 and ro.sampled_groups == 4 and len(eng.seeds) == 1
+    assert [g.problem for g in ro.kept] == want[1:3]
+    assert stream.position >= 4  # every sampled prompt is consumed, the unused D included
+    with pytest.raises(ValueError, match=r"gen_prompts \(1\) must be >= prompts_per_step \(2\)"):
+        _collect(FakeEngine([[1, 0]]), gen_prompts=1)
 
 
 def test_without_dynamic_sampling_everything_is_kept_in_one_round():

@@ -56,10 +56,11 @@ def test_fp32_rollout_logprobs_equal_teacher_forced_and_trace_aligned():
         assert torch.equal(res.expert_ids_BTLK[b, :T], s.expert_ids_TLK)
 
 
-def test_finished_rows_leave_the_batch_and_results_stay_exact():
+def test_finished_rows_leave_the_batch_and_results_stay_exact(monkeypatch):
     """Rows that stopped are dropped from the decode batch and KV cache (the engine's compaction):
-    every sample's logprobs still equal a teacher-forced forward of its own tokens, and its routing
-    equals the trainer's on every fed token (rows recorded before and after compaction)."""
+    every sample's logprobs still equal a teacher-forced forward of its own tokens, its routing
+    equals the trainer's on every fed token (rows recorded before and after compaction), and the
+    samples are those of the loop without compaction (same random draws per row)."""
     model = tiny_moe(seed=4)
     eng = HFRolloutEngine(model, precision="fp32", seed=0)
     prompts = [p for p in PROMPTS for _ in range(8)]
@@ -77,6 +78,11 @@ def test_finished_rows_leave_the_batch_and_results_stay_exact():
     res = HFTrainEngine(model, lr=1e-3).compute_logprobs(_batch(samples), routing=ReplayMode.RECORD)
     for b, s in enumerate(samples):
         assert torch.equal(res.expert_ids_BTLK[b, : s.expert_ids_TLK.shape[0]], s.expert_ids_TLK)
+    monkeypatch.setattr("r3.engines.hf.rollout._COMPACT_BELOW", 0.0)  # never compact
+    plain = eng.generate(prompts, params, capture_routing=True)
+    assert eng.last_generate["compactions"] == 0
+    assert [s.response_ids for s in plain] == [s.response_ids for s in samples]
+    assert all(torch.equal(a.expert_ids_TLK, b.expert_ids_TLK) for a, b in zip(plain, samples))
 
 
 def test_a_real_token_without_recorded_routing_is_refused():

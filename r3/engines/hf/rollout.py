@@ -192,10 +192,14 @@ class HFRolloutEngine:
             bar = tqdm(total=N, desc=f"generating {B} samples", unit="token", leave=False, disable=not show)
             for step in range(N):
                 bar.update(1)
-                tok_A, lp_A = self._sample(out.logits[:, -1], params, gen)
-                tok_B = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
-                lp_B = torch.zeros(B, dtype=lp_A.dtype, device=dev)
-                tok_B[rows_A], lp_B[rows_A] = tok_A, lp_A
+                logits_BV = out.logits[:, -1]
+                if len(rows_A) < B:
+                    # placeholder rows for the dropped ones: the sampler draws the same random numbers
+                    # per row whatever the values (torch.multinomial), so compaction changes no sample
+                    full_BV = logits_BV.new_zeros(B, logits_BV.shape[-1])
+                    full_BV[rows_A] = logits_BV
+                    logits_BV = full_BV
+                tok_B, lp_B = self._sample(logits_BV, params, gen)
                 tok_B = torch.where(active_B, tok_B, torch.full_like(tok_B, self.pad_id))
                 tokens.append(tok_B)
                 logps.append(lp_B)
