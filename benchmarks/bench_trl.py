@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        default=1024,
+        help="our trainer's length-grouped micro-batches (RunConfig.train_max_tokens_per_micro_batch; 0: off)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         dynamic_sampling=False,
         routing_probe=False,
+        train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
     )
     scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     ro_cfg, tr_cfg = engine_configs(cfg, model_dir, scratch)

@@ -113,6 +113,9 @@ class RunConfig:
     """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
     train_micro_batch: int = 0
     """Sequences per forward/backward micro-batch (0: the whole mini-batch at once)."""
+    train_max_tokens_per_micro_batch: int = 0
+    """transformers trainer: length-grouped micro-batches of at most this many padded tokens, each
+    trimmed to its longest row (0: off; r3.engines.hf.config.HFTrainConfig). Excludes train_micro_batch."""
     train_tensor_parallel: int = 1
     """megatron TP size, with sequence parallelism when > 1 (train_engine 'megatron')."""
     train_pipeline_parallel: int = 1
@@ -198,6 +201,11 @@ class RunConfig:
                 errors.append(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.train_micro_batch < 0:
             errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
+        if self.train_max_tokens_per_micro_batch and (self.train_engine != "hf" or self.train_micro_batch):
+            errors.append(
+                f"train_max_tokens_per_micro_batch={self.train_max_tokens_per_micro_batch} needs train_engine='hf' "
+                f"and train_micro_batch=0 (got {self.train_engine!r}, {self.train_micro_batch})"
+            )
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
         megatron_only = par != (1, 1, 1) or self.train_recompute or self.train_precision != "fp32"
         if min(par) < 1 or (megatron_only and self.train_engine != "megatron"):

@@ -100,17 +100,18 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         )
     else:
         ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
-    par = (
-        {}
-        if cfg.train_engine != "megatron"
-        else dict(
+    if cfg.train_engine == "megatron":
+        par = dict(
             tensor_parallel=cfg.train_tensor_parallel,
             pipeline_parallel=cfg.train_pipeline_parallel,
             expert_parallel=cfg.train_expert_parallel,
             recompute=cfg.train_recompute,
             precision=cfg.train_precision,
         )
-    )
+    elif cfg.train_engine == "hf":
+        par = {"max_tokens_per_micro_batch": cfg.train_max_tokens_per_micro_batch}
+    else:
+        par = {}
     tr = train_config(
         cfg.train_engine,
         model_path=model,

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from r3.engines.base import TrainBatch, TrainEngine
+from r3.engines.base import Rows, TrainBatch, TrainEngine, row_count
 from r3.losses import LossAgg, group_advantages, gspo_loss, ppo_clip_loss, tis_weights
 from r3.metrics import mismatch_metrics, routing_disagreement
 from r3.replay import ReplayMode
@@ -132,12 +132,12 @@ class _Fused:
         self.entropy_BT = torch.zeros_like(infer_logp_BT)
         self.rows_seen = 0
 
-    def take(self, logp_BT: torch.Tensor, entropy_BT: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    def take(self, logp_BT: torch.Tensor, entropy_BT: torch.Tensor | None, rows: Rows) -> torch.Tensor:
         old = logp_BT.detach()
         self.old_BT[rows] = old.to(self.old_BT.device)
         if entropy_BT is not None:
             self.entropy_BT[rows] = entropy_BT.detach().to(self.entropy_BT.device)
-        self.rows_seen += rows.stop - rows.start
+        self.rows_seen += row_count(rows)
         return old
 
     def check_complete(self) -> None:

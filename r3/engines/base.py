@@ -120,11 +120,21 @@ class LogprobResult:
     """The training engine's own routing (when asked to record), int [B, T, L, K]."""
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, slice], tuple[torch.Tensor, dict]]
-"""loss_fn(logp_BT, entropy_BT, rows) -> (loss, metrics) for the micro-batch `rows` (a slice
-of the mini-batch's rows). The engine backpropagates each micro-batch loss as returned and sums
-the gradients, so loss_fn normalises by the whole mini-batch (then micro-batching does not
-change the gradient)."""
+Rows = slice | torch.Tensor
+"""The rows of a mini-batch that one micro-batch holds: a slice, or an int64 index tensor (an
+engine that groups rows of similar length); either indexes [B, ...] tensors the same way."""
+
+
+def row_count(rows: Rows) -> int:
+    """Number of rows in `rows` (a slice with explicit start/stop, or an index tensor)."""
+    return rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel())
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, Rows], tuple[torch.Tensor, dict]]
+"""loss_fn(logp_BT, entropy_BT, rows) -> (loss, metrics) for the micro-batch `rows` of the
+mini-batch (`Rows`); logp_BT and entropy_BT are [len(rows), T] with the mini-batch's T. The engine
+backpropagates each micro-batch loss as returned and sums the gradients, so loss_fn normalises by
+the whole mini-batch (then micro-batching does not change the gradient)."""
 
 
 @runtime_checkable

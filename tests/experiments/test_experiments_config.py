@@ -25,6 +25,13 @@ from experiments.config import RunConfig
         (dict(loss_agg="mean"), r"loss_agg='mean' is not one of"),
         # bug 2: the GSPO loss takes no importance weights, so TIS would be logged but not applied
         (dict(algorithm="gspo", tis=True), r"tis=True with algorithm='gspo' is not supported"),
+        # the engines' batch shapes (issue 12)
+        (dict(gen_prompts_per_round=8), r"gen_prompts_per_round \(8\) must be 0 or >= prompts_per_step \(16\)"),
+        (dict(eval_batch_size=0), r"eval_batch_size must be >= 1, got 0"),
+        (
+            dict(train_max_tokens_per_micro_batch=1024, train_engine="megatron"),
+            r"train_max_tokens_per_micro_batch=1024 needs train_engine='hf' and train_micro_batch=0",
+        ),
     ],
 )
 def test_bad_values_fail_at_construction_with_what_and_how(changes, message):

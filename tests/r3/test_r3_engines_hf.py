@@ -154,21 +154,49 @@ def _rollout_batch(seed=0):
 
 
 def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
+    """Fixed micro-batches, activation checkpointing and length-grouped micro-batches (rows [0, 3]
+    and [1, 2] of sequences 8, 9, 10, 8 tokens long, the first trimmed to 8 columns of 10) give the
+    whole batch's logprobs, routing, gradient and update."""
     batch = _rollout_batch()
+    lengths = batch.attention_mask_BS.sum(-1).tolist()
+    assert lengths == [8, 9, 10, 8]
+    from r3.engines.hf.train import length_grouped_rows
+
+    assert [g.tolist() for g in length_grouped_rows(batch.attention_mask_BS, 20)] == [[0, 3], [1, 2]]
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    params, norms = [], []
-    for mb, ckpt in [(0, False), (2, False), (1, True)]:
-        eng = HFTrainEngine(tiny_moe(seed=0), lr=1e-2, micro_batch=mb, gradient_checkpointing=ckpt)
+    params, norms, olds, recs = [], [], [], []
+    for mb, ckpt, max_tok in [(0, False, 0), (2, False, 0), (1, True, 0), (0, False, 20)]:
+        eng = HFTrainEngine(
+            tiny_moe(seed=0), lr=1e-2, micro_batch=mb, gradient_checkpointing=ckpt, max_tokens_per_micro_batch=max_tok
+        )
+        recs.append(eng.compute_logprobs(batch, routing=ReplayMode.RECORD).expert_ids_BTLK)
         old = eng.compute_logprobs(batch, routing=ReplayMode.REPLAY).logp_BT
+        olds.append(old)
         m = eng.train_step(batch, _loss_fn(batch, adv, old), routing=ReplayMode.REPLAY)
         assert m["actor/grad_norm"] > 0 and "actor/clip_frac" in m
         params.append(torch.cat([p.detach().flatten() for p in eng.model.parameters()]))
         norms.append(float(m["actor/grad_norm"]))
-    # the gradient (its norm is scale-sensitive, unlike Adam's first step) is the same ...
-    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5)
-    # ... and so is the update, up to Adam's sensitivity where |g| ~ eps (1 % of lr)
-    torch.testing.assert_close(params[1], params[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(params[2], params[0], atol=1e-4, rtol=0)
+    fed = batch.attention_mask_BS[:, 1:].bool()  # padding positions are not computed in a trimmed micro-batch
+    for i in (1, 2, 3):
+        torch.testing.assert_close(olds[i][fed], olds[0][fed], atol=1e-6, rtol=0)
+        assert torch.equal(recs[i][fed], recs[0][fed])
+        # the gradient (its norm is scale-sensitive, unlike Adam's first step) is the same ...
+        assert norms[i] == pytest.approx(norms[0], rel=1e-5)
+        # ... and so is the update, up to Adam's sensitivity where |g| ~ eps (1 % of lr)
+        torch.testing.assert_close(params[i], params[0], atol=1e-4, rtol=0)
+
+
+def test_length_grouped_rows_pack_by_the_longest_row():
+    from r3.engines.hf.train import length_grouped_rows
+
+    mask = torch.zeros(5, 10, dtype=torch.long)
+    for b, n in enumerate([5, 2, 9, 3, 3]):
+        mask[b, :n] = 1
+    assert [g.tolist() for g in length_grouped_rows(mask, 10)] == [[1, 3, 4], [0], [2]]
+    assert [g.tolist() for g in length_grouped_rows(mask, 1)] == [[1], [3], [4], [0], [2]]  # over budget: alone
+    assert [g.tolist() for g in length_grouped_rows(mask, 100)] == [[0, 1, 2, 3, 4]]
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # left padding: both end at the last column
+    assert [g.tolist() for g in length_grouped_rows(left, 8)] == [[0, 1]]
 
 
 def test_replay_changes_training_logprobs_to_rollout_routing():

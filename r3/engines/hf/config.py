@@ -57,14 +57,24 @@ class HFTrainConfig:
     """Global gradient-norm clip."""
     micro_batch: int = 0
     """Sequences per forward/backward (0: the whole mini-batch)."""
+    max_tokens_per_micro_batch: int = 0
+    """Length-grouped micro-batches (0: off): rows sorted by length and packed so that rows x
+    longest row <= this many tokens, each micro-batch trimmed to its longest row, so padding costs
+    little (verl's dynamic batch size, `ppo_max_token_len_per_gpu`). Excludes micro_batch."""
     seed: int = 0
     """torch seed at construction."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (replay stays active through the recompute)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0:
+        if self.lr <= 0 or self.grad_clip <= 0 or self.micro_batch < 0 or self.max_tokens_per_micro_batch < 0:
             raise ValueError(
-                f"HFTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0; got lr={self.lr}, "
-                f"grad_clip={self.grad_clip}, micro_batch={self.micro_batch}"
+                f"HFTrainConfig needs lr > 0, grad_clip > 0, micro_batch >= 0, max_tokens_per_micro_batch >= 0; "
+                f"got lr={self.lr}, grad_clip={self.grad_clip}, micro_batch={self.micro_batch}, "
+                f"max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}"
+            )
+        if self.micro_batch and self.max_tokens_per_micro_batch:
+            raise ValueError(
+                "HFTrainConfig: set micro_batch (fixed rows per micro-batch) or max_tokens_per_micro_batch "
+                f"(length-grouped), not both; got {self.micro_batch} and {self.max_tokens_per_micro_batch}"
             )

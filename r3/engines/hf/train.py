@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from r3.engines.base import LogprobResult, LossFn, TrainBatch
+from r3.engines.base import LogprobResult, LossFn, Rows, TrainBatch, row_count
 from r3.engines.hf.config import HFTrainConfig
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.engines.hf.rollout import load_causal_lm
@@ -45,13 +45,17 @@ class HFTrainEngine:
         weight_decay: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch: int = 0,
+        max_tokens_per_micro_batch: int = 0,
         seed: int = 0,
         gradient_checkpointing: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ):
-        if lr <= 0 or grad_clip <= 0 or micro_batch < 0:
-            raise ValueError(f"need lr > 0, grad_clip > 0, micro_batch >= 0; got {lr}, {grad_clip}, {micro_batch}")
+        if lr <= 0 or grad_clip <= 0 or micro_batch < 0 or max_tokens_per_micro_batch < 0:
+            raise ValueError(
+                f"need lr > 0, grad_clip > 0, micro_batch >= 0, max_tokens_per_micro_batch >= 0; got {lr}, "
+                f"{grad_clip}, {micro_batch}, {max_tokens_per_micro_batch}"
+            )
         torch.manual_seed(seed)
         self.model = load_causal_lm(model_or_path).train()
         if gradient_checkpointing:
@@ -59,6 +63,7 @@ class HFTrainEngine:
         self.replay = RoutingReplay(self.model) if find_moe_blocks(self.model) else None
         self.grad_clip = grad_clip
         self.micro_batch = micro_batch
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps
         )
@@ -72,6 +77,7 @@ class HFTrainEngine:
             weight_decay=cfg.weight_decay,
             grad_clip=cfg.grad_clip,
             micro_batch=cfg.micro_batch,
+            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
             seed=cfg.seed,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
@@ -123,29 +129,40 @@ class HFTrainEngine:
         logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
         return logp_BTV.gather(-1, input_ids_BS[:, 1:, None].to(logits_BTV.device))[..., 0]
 
-    def _slices(self, B: int) -> list[slice]:
+    def _parts(self, batch: TrainBatch) -> list[tuple[Rows, TrainBatch]]:
+        """The micro-batches: (rows of the batch, those rows as a batch). Fixed-size slices
+        (`micro_batch`), length-grouped rows trimmed to their longest (`max_tokens_per_micro_batch`),
+        or the whole batch."""
+        B = batch.input_ids_BS.shape[0]
+        if self.max_tokens_per_micro_batch:
+            return [
+                (rows, _take_rows(batch, rows))
+                for rows in length_grouped_rows(batch.attention_mask_BS, self.max_tokens_per_micro_batch)
+            ]
         mb = self.micro_batch or B
-        return [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
+        return [(rows, _take_rows(batch, rows)) for rows in (slice(i, min(i + mb, B)) for i in range(0, B, mb))]
 
     @torch.no_grad()
     def compute_logprobs(
         self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
         """No-grad forward under `routing`; RECORD returns this engine's own routing."""
-        logps, ents, recs = [], [], []
-        for rows in self._slices(batch.input_ids_BS.shape[0]):
-            with self._routing_ctx(batch, rows, routing):
-                logits_BTV = self._forward(batch, rows)
+        B, T = batch.loss_mask_BT.shape
+        logp_BT = torch.zeros(B, T)
+        ent_BT = torch.zeros(B, T) if with_entropy else None
+        ids_BTLK = None
+        for rows, part in self._parts(batch):
+            with self._routing_ctx(part, slice(None), routing):
+                logits_BTV = self._forward(part, slice(None))
                 if routing is ReplayMode.RECORD:
-                    recs.append(self.replay.recorded_expert_ids())
-            logps.append(self._token_logp(logits_BTV, batch.input_ids_BS[rows]))
+                    rec = self.replay.recorded_expert_ids().cpu()
+                    if ids_BTLK is None:
+                        ids_BTLK = torch.zeros(B, T, *rec.shape[2:], dtype=rec.dtype)
+                    ids_BTLK[rows, : rec.shape[1]] = rec
+            logp_BT[rows] = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T).cpu()
             if with_entropy:
-                ents.append(token_entropy(logits_BTV))
-        return LogprobResult(
-            logp_BT=torch.cat(logps).cpu(),
-            entropy_BT=torch.cat(ents).cpu() if with_entropy else None,
-            expert_ids_BTLK=torch.cat(recs).cpu() if recs else None,
-        )
+                ent_BT[rows] = _pad_T(token_entropy(logits_BTV), T).cpu()
+        return LogprobResult(logp_BT=logp_BT, entropy_BT=ent_BT, expert_ids_BTLK=ids_BTLK)
 
     # --- optimisation -------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
@@ -156,19 +173,19 @@ class HFTrainEngine:
             raise ValueError("train_step takes routing OFF or REPLAY (record with compute_logprobs)")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        B = batch.input_ids_BS.shape[0]
+        B, T = batch.loss_mask_BT.shape
         total_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        for rows in self._slices(B):
-            with self._routing_ctx(batch, rows, routing):
-                logits_BTV = self._forward(batch, rows)
-                logp_BT = self._token_logp(logits_BTV, batch.input_ids_BS[rows])
+        for rows, part in self._parts(batch):
+            with self._routing_ctx(part, slice(None), routing):
+                logits_BTV = self._forward(part, slice(None))
+                logp_BT = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T)
                 with torch.no_grad():
-                    ent_BT = token_entropy(logits_BTV)
+                    ent_BT = _pad_T(token_entropy(logits_BTV), T)
                 loss, metrics = loss_fn(logp_BT, ent_BT, rows)
                 loss.backward()
             total_loss = total_loss + loss.detach()
-            n = rows.stop - rows.start
+            n = row_count(rows)
             for k, v in metrics.items():  # row-weighted mean over micro-batches, on device until logged
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() * n
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -209,3 +226,40 @@ class HFTrainEngine:
         state = torch.load(src / TRAIN_STATE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+
+
+def length_grouped_rows(attention_mask_BS: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Rows grouped by length for micro-batches: sorted by length (stable), packed greedily while
+    rows x longest row <= max_tokens (a row longer than that gets a micro-batch of its own). Each
+    group is an ascending int64 index tensor. Length = position of the last real token + 1."""
+    B, S = attention_mask_BS.shape
+    length_B = ((attention_mask_BS != 0) * torch.arange(1, S + 1)).amax(dim=-1)
+    groups, cur, cur_max = [], [], 0
+    for b in torch.argsort(length_B, stable=True).tolist():
+        L = int(length_B[b])
+        if cur and (len(cur) + 1) * max(cur_max, L) > max_tokens:
+            groups.append(cur)
+            cur, cur_max = [], 0
+        cur.append(b)
+        cur_max = max(cur_max, L)
+    groups.append(cur)
+    return [torch.tensor(sorted(g), dtype=torch.long) for g in groups if g]
+
+
+def _take_rows(batch: TrainBatch, rows: Rows) -> TrainBatch:
+    """Rows `rows` of a batch, trimmed to their longest row (columns past it are padding in all of them)."""
+    mask_BS = batch.attention_mask_BS[rows]
+    S = int(((mask_BS != 0) * torch.arange(1, mask_BS.shape[1] + 1)).amax()) if mask_BS.numel() else 1
+    S = max(S, 2)  # one fed token at least
+    ids = batch.expert_ids_BTLK
+    return TrainBatch(
+        input_ids_BS=batch.input_ids_BS[rows, :S],
+        attention_mask_BS=mask_BS[:, :S],
+        loss_mask_BT=batch.loss_mask_BT[rows, : S - 1],
+        expert_ids_BTLK=None if ids is None else ids[rows, : S - 1],
+    )
+
+
+def _pad_T(x_BT: torch.Tensor, T: int) -> torch.Tensor:
+    """Right-pad the token axis with zeros back to the mini-batch's T (a trimmed micro-batch)."""
+    return x_BT if x_BT.shape[1] == T else nn.functional.pad(x_BT, (0, T - x_BT.shape[1]))
