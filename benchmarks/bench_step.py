@@ -1,6 +1,7 @@
 """Time per global step of the RL loop, split by phase, without and with R3, side by side.
 
     python -m benchmarks.bench_step [--zoo-dir runs/zoo] [--steps 8] [--precision fp8] [--train-engine hf|megatron]
+                                    [--max-tokens-per-micro-batch 1024]
 
 Two loops (R3 off / on) with identical settings run interleaved step by step in one process
 (so machine load affects both alike) on the zoo's SFT model: prompts_per_step x group_size
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--max-tokens-per-micro-batch", type=int, default=1024, help="hf trainer length-grouped micro-batches (0: off)"
+    )
+    ap.add_argument(
         "--train-engine",
         default="hf",
         choices=["hf", "megatron", "both"],
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                 prompts_per_step=args.prompts,
                 group_size=args.group_size,
                 dynamic_sampling=False,
+                # the tiny preset's length-grouped micro-batches (transformers trainer only)
+                train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch if engine == "hf" else 0,
             )
             ro_cfg, tr_cfg = engine_configs(cfg, model_dir, Path(args.zoo_dir or "."))
             loops[engine, replay] = (

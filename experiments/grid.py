@@ -86,13 +86,12 @@ _TINY = _Scale(
         global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
         eval_max_problems=0, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
         checkpoint_every=5,
-        # 3 x oversampling: about 45% of the SFT model's groups are informative, so one round of 48
-        # usually fills the 16 (one round of 384 samples is ~2x cheaper per sample than rounds of
-        # 128 on the CPU engine: benchmarks/bench_rollout.py); eval in batches of all 512 problems
-        gen_prompts_per_round=48, eval_batch_size=512,
-        # length-grouped micro-batches: a batch of 24-token responses padded to 48 costs about its
-        # real tokens (train step 0.85 -> 0.44 s on 128 samples, measured; benchmarks/bench_step.py)
-        train_max_tokens_per_micro_batch=1024,
+        # Batch shapes (issue 12; each lever measured by benchmarks/bench_batching.py): 3 x oversampled
+        # dynamic-sampling rounds (about 40% of the SFT model's groups are informative, so one round
+        # of 48 prompts usually fills the 16, and costs 0.63 x three rounds of 16), evaluation in one
+        # batch of all 512 problems (0.34 x batches of 64), length-grouped train micro-batches (0.58 x
+        # the batch padded to its longest row)
+        gen_prompts_per_round=48, eval_batch_size=512, train_max_tokens_per_micro_batch=1024,
     ),
 )  # fmt: skip
 
