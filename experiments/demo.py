@@ -69,9 +69,10 @@ def _run_static(out: str, precision: str, zoo_dir: str, n_prompts: int | None) -
     return static_mismatch.run_static(Path(out), precision, zoo_dir=Path(zoo_dir), progress=False, **kw)
 
 
-STATIC_WORK = 15
-"""A static measurement's share of the progress bar, in grid steps: it took about as long as 15
-steps of one cell (23-27 s per precision and 1.6-1.9 s per step, measured on the 2-core machine)."""
+STATIC_WORK = 45
+"""A static measurement's share of the progress bar, in grid steps: it took about as long as 45
+steps of one cell (79-81 s per precision, 1.6-1.9 s per grid step: a clean-clone `make demo` on
+the 2-core machine), so the bar's ETA holds from the first cell steps on."""
 
 
 def _steps_done(run_dir: Path) -> int:
