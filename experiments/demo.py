@@ -66,7 +66,29 @@ def _run_static(out: str, precision: str, zoo_dir: str, n_prompts: int | None) -
     from experiments import static_mismatch
 
     kw = {"n_prompts": n_prompts} if n_prompts else {}
-    return static_mismatch.run_static(Path(out), precision, zoo_dir=Path(zoo_dir), progress=False, **kw)
+    marker = _static_progress_file(Path(out), precision)
+
+    def on_phase(fraction: float) -> None:  # read by the parent's progress bar (`_static_done`)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_text_atomic(marker, f"{fraction}\n")
+
+    on_phase(0.0)  # a measurement interrupted earlier starts over
+
+    return static_mismatch.run_static(
+        Path(out), precision, zoo_dir=Path(zoo_dir), progress=False, on_phase=on_phase, **kw
+    )
+
+
+def _static_progress_file(out: Path, precision: str) -> Path:
+    return out / "static" / precision / "progress"
+
+
+def _static_done(out: Path, precision: str) -> float:
+    """Share of a static measurement done, as its worker last wrote it (0 before its first phase)."""
+    try:
+        return min(1.0, float(_static_progress_file(out, precision).read_text()))
+    except (OSError, ValueError):
+        return 0.0
 
 
 STATIC_WORK = 45
@@ -151,8 +173,9 @@ def _wait_cells(futs: dict, cfgs: dict, out: Path, bar, results: dict, errors: d
                 if name in cfgs:
                     (out / name).mkdir(parents=True, exist_ok=True)
                     rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
-        n_static = sum(n.startswith("static/") for n in results)
-        bar.n = STATIC_WORK * n_static + sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
+        static = [n.removeprefix("static/") for n in futs.values() if n.startswith("static/")]
+        static_done = sum(1.0 if f"static/{p}" in results else _static_done(out, p) for p in static)
+        bar.n = round(STATIC_WORK * static_done) + sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
         bar.set_postfix(done=f"{sum(n in cfgs for n in results)}/{len(cfgs)}", failed=len(errors))
         bar.refresh()
 

@@ -319,7 +319,15 @@ def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str]
                 name = base + _suffix(prec, s, seed, seeds)
                 if not select([name], pattern):
                     continue
-                out[name] = fn(s).replace(name=name, seed=seed, rollout_precision=prec, **overrides)
+                cfg = fn(s)
+                if (
+                    cfg.train_max_tokens_per_micro_batch
+                    and overrides.get("train_engine", "hf") != "hf"
+                    and "train_max_tokens_per_micro_batch" not in overrides
+                ):
+                    # a transformers-trainer option of the tiny preset: a cell moved to megatron-core drops it
+                    cfg = cfg.replace(train_max_tokens_per_micro_batch=0, train_engine=overrides["train_engine"])
+                out[name] = cfg.replace(name=name, seed=seed, rollout_precision=prec, **overrides)
     return out
 
 

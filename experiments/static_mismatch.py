@@ -169,10 +169,14 @@ def measure(
     encode=None,
     stop_ids: tuple[int, ...] = (),
     progress: bool = True,
+    on_phase=None,
 ) -> dict:
     """The static.json record of one rollout precision. engines / problems / encode / stop_ids:
     see `_rollout_batch` (None: the zoo's); engines(model_dir) is called once per model, MoE first.
-    progress: the zoo engines' progress bar over decode steps (off in a worker process)."""
+    progress: the zoo engines' progress bar over decode steps (off in a worker process).
+    on_phase(fraction): called after each of the five phases with the share of the work done
+    (`PHASE_SHARES`), for a progress bar in another process (experiments.demo)."""
+    report = on_phase or (lambda fraction: None)
     from r3.replay import ReplayMode
 
     kw = dict(
@@ -200,23 +204,34 @@ def measure(
     batch, tr, moe = _rollout_batch(moe_dir, precision, **kw)
     if not moe:
         raise ValueError(f"{moe_dir} is not an MoE model (no router found); the static measurement needs one")
+    report(PHASE_SHARES[0])
     tb, mask, fed = batch.train, batch.train.loss_mask_BT, batch.train.attention_mask_BS[:, 1:].bool()
     native = tr.compute_logprobs(tb, routing=ReplayMode.RECORD)
     out["moe"] = _metrics(native.logp_BT, batch.infer_logp_BT, mask, tb.expert_ids_BTLK, native.expert_ids_BTLK, fed)
+    report(PHASE_SHARES[1])
     r3 = tr.compute_logprobs(tb, routing=ReplayMode.REPLAY)
     # Under replay every MoE layer uses the rollout's experts (the engines' consumed-once check
     # stops the forward otherwise), so the routing fields are left empty rather than filled with a
     # disagreement of 0 that would be true by construction.
     out["moe_r3"] = _metrics(r3.logp_BT, batch.infer_logp_BT, mask, None, None, None)
+    report(PHASE_SHARES[2])
     if callable(done := getattr(tr, "close", None)):  # a driver proxy: release the MoE engine's followers
         done()
     batch, tr, _ = _rollout_batch(dense_dir, precision, **kw)
+    report(PHASE_SHARES[3])
     dense = tr.compute_logprobs(batch.train)
     if callable(done := getattr(tr, "close", None)):
         done()
     out["dense"] = _metrics(dense.logp_BT, batch.infer_logp_BT, batch.train.loss_mask_BT, None, None, None)
     out["tokens"] = out["moe"]["tokens"]
+    report(PHASE_SHARES[4])
     return out
+
+
+PHASE_SHARES = (0.15, 0.40, 0.65, 0.85, 1.0)
+"""Share of a zoo measurement's time done after: the MoE rollout, its native recompute, its R3
+recompute, the dense rollout, the dense recompute (profiled on 1,024 FP8 samples: the fp32
+recomputes of whole sequences cost more than the KV-cached rollouts)."""
 
 
 def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, force: bool = False, **kw) -> dict:

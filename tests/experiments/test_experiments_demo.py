@@ -32,6 +32,8 @@ def test_demo_end_to_end_micro(micro_zoo, tmp_path):
     )
     assert set(s["cells"]) == {"sft-single-grpo-r3", "sft-multi-gspo"}
     assert set(s["static_by_precision"]) == {"bf16", "fp8"}
+    for prec in ("bf16", "fp8"):  # the workers reported their phases to the parent's progress bar
+        assert demo._static_done(out, prec) == 1.0
     assert s["static"] == s["static_by_precision"]["fp8"]
     c = s["cells"]["sft-multi-gspo"]
     got = (c["algorithm"], c["replay"], c["mini_steps"], c["rollout_precision"], c["steps"])

@@ -46,6 +46,19 @@ def test_paper_preset_has_every_cell_with_published_settings():
     assert cells["base-single-grpo"].model == "base" and cells["sft-multi-gspo"].model == "sft"
 
 
+def test_a_tiny_cell_moved_to_megatron_drops_the_transformers_only_micro_batching():
+    cell = "sft-single-grpo-r3"
+    assert grid.cells("tiny", pattern=cell)[cell].train_max_tokens_per_micro_batch == 1024
+    moved = grid.cells("tiny", pattern=cell, train_engine="megatron", train_expert_parallel=2)[cell]
+    assert (moved.train_engine, moved.train_max_tokens_per_micro_batch, moved.train_expert_parallel) == (
+        "megatron",
+        0,
+        2,
+    )
+    with pytest.raises(ValueError, match="needs train_engine='hf'"):  # asked for explicitly: refused, not dropped
+        grid.cells("tiny", pattern=cell, train_engine="megatron", train_max_tokens_per_micro_batch=512)
+
+
 def test_tiny_shares_definitions_and_changes_only_scale():
     paper, tiny = grid.cells("paper"), grid.cells("tiny")
     assert list(tiny) == [n + s for n in PAPER_CELLS for s in ("", "-bf16")]

@@ -13,7 +13,11 @@ from experiments.config import RunConfig
 @pytest.fixture(scope="module")
 def fp8_static(micro_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("static_runs")
-    rec = static_mismatch.run_static(out, "fp8", zoo_dir=micro_zoo, n_prompts=8, group_size=4, max_new_tokens=12)
+    phases = []
+    rec = static_mismatch.run_static(
+        out, "fp8", zoo_dir=micro_zoo, n_prompts=8, group_size=4, max_new_tokens=12, on_phase=phases.append
+    )
+    assert phases == list(static_mismatch.PHASE_SHARES)  # the demo's progress bar moves through all five
     return out, rec
 
 
