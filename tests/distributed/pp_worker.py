@@ -50,8 +50,8 @@ def _all(obj) -> list:
     return out
 
 
-def forward_and_errors(model: str, pp: int) -> dict:
-    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=2, pipeline_parallel=pp)
+def forward_and_errors(model: str, pp: int, ep: int = 1) -> dict:
+    eng = MegatronTrainEngine(model, lr=1e-3, micro_batch=2, pipeline_parallel=pp, expert_parallel=ep)
     batch, _ = global_batch(eng.spec)
     out: dict = {"layout": eng.layout.describe(), "stage_moe_layers": eng.stage_moe_layers}
     out["logp_off"] = eng.compute_logprobs(batch, routing=ReplayMode.OFF).logp_BT
@@ -109,9 +109,15 @@ def forward_and_errors(model: str, pp: int) -> dict:
     return out
 
 
-def train(model: str, pp: int, recompute: bool, ckpt: str | None, precision: str = "fp32") -> dict:
+def train(model: str, pp: int, recompute: bool, ckpt: str | None, precision: str = "fp32", ep: int = 1) -> dict:
     eng = MegatronTrainEngine(
-        model, lr=1e-3, micro_batch=2, pipeline_parallel=pp, recompute=recompute, precision=precision
+        model,
+        lr=1e-3,
+        micro_batch=2,
+        pipeline_parallel=pp,
+        expert_parallel=ep,
+        recompute=recompute,
+        precision=precision,
     )
     batch, adv = global_batch(eng.spec)
     metrics = eng.train_step(batch, _loss_fn(batch, adv), routing=ReplayMode.REPLAY)
@@ -139,12 +145,13 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--ckpt", required=True)
     args = ap.parse_args()
-    out = forward_and_errors(args.model, args.pp)
-    out["train"] = train(args.model, args.pp, False, args.ckpt)
-    out["train_recompute"] = train(args.model, args.pp, True, None)
-    out["train_bf16"] = train(args.model, args.pp, False, None, precision="bf16")  # megatron's DDP + optimizer
+    out = forward_and_errors(args.model, args.pp, args.ep)
+    out["train"] = train(args.model, args.pp, False, args.ckpt, ep=args.ep)
+    out["train_recompute"] = train(args.model, args.pp, True, None, ep=args.ep)
+    out["train_bf16"] = train(args.model, args.pp, False, None, precision="bf16", ep=args.ep)  # DDP + dist. optimizer
     if dist.get_rank() == 0:
         torch.save(out, args.out)
     dist.barrier()

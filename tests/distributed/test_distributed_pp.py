@@ -1,8 +1,9 @@
 """megatron train engine with pipeline parallelism (PP = 2, gloo ranks, megatron's 1F1B schedule)
 against 1 rank, same global batch (dist_worker.global_batch: B = 5, S = 9; micro-batches of 2), in
-two layouts: PP = 2 on 2 ranks, and PP = 2 x DP = 2 on 4 ranks (ranks 0, 1: stage 0 of DP replicas
+three layouts: PP = 2 on 2 ranks, PP = 2 x DP = 2 on 4 ranks (ranks 0, 1: stage 0 of DP replicas
 0, 1; ranks 2, 3: stage 1; each replica takes 3 or 2 of the 5 rows, padded to 3, then to 4 for two
-micro-batches; 4 processes share the 2 cores here).
+micro-batches; 4 processes share the 2 cores here), and the same with EP = 2 (each stage's experts
+split over its two DP replicas, tokens exchanged by the allgather dispatcher).
 
 The tiny model has 3 decoder layers: MoE, dense (mlp_only_layers), MoE. PP = 2 splits them 2 + 1
 (parallel.stage_layer_counts): stage 0 holds MoE + dense, stage 1 the last MoE layer, which is trace
@@ -38,21 +39,23 @@ REL = 1e-5  # measured: grad norm within 7.3e-8 relative, the other metrics iden
 BF16_TOL, BF16_REL = 0.01, 5e-3
 
 
-# layout -> (ranks, PP); "one" is the reference
-LAYOUTS = {"one": (1, 1), "pp2": (2, 2), "pp2dp2": (4, 2)}
-PARALLEL = ["pp2", "pp2dp2"]
+# layout -> (ranks, PP, EP); "one" is the reference
+LAYOUTS = {"one": (1, 1, 1), "pp2": (2, 2, 1), "pp2dp2": (4, 2, 1), "pp2ep2": (4, 2, 2)}
+PARALLEL = ["pp2", "pp2dp2", "pp2ep2"]
 # trace layers each rank's routers were handed, one entry per micro-batch: PP = 2 alone runs the 5 rows
 # (padded to 6) as 3 micro-batches; with DP = 2 each replica runs its 3 rows (padded to 4) as 2
 HANDED = {"one": [[0, 1] * 3], "pp2": [[0] * 3, [1] * 3], "pp2dp2": [[0] * 2, [0] * 2, [1] * 2, [1] * 2]}
+HANDED["pp2ep2"] = HANDED["pp2dp2"]  # EP = 2 splits each stage's experts over its 2 DP replicas
 # ranks whose rollout_state_dict holds the whole model: the first stage of each DP replica (rank 0: the driver)
-WHOLE_MODEL = {"pp2": [True, False], "pp2dp2": [True, True, False, False]}
+# (with EP the experts are gathered over the expert group to rank 0 only, the driver that syncs them)
+WHOLE_MODEL = {"pp2": [True, False], "pp2dp2": [True, True, False, False], "pp2ep2": [True, False, False, False]}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_moe_dir, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("pp")
-    for name, (nproc, pp) in LAYOUTS.items():  # ~10 s per launch on 2 CPU cores, ~16 s with 4 ranks
-        args = ("--model", str(tiny_moe_dir), "--out", str(out / f"{name}.pt"), "--pp", str(pp))
+    for name, (nproc, pp, ep) in LAYOUTS.items():  # ~10 s per launch on 2 CPU cores, ~16 s with 4 ranks
+        args = ("--model", str(tiny_moe_dir), "--out", str(out / f"{name}.pt"), "--pp", str(pp), "--ep", str(ep))
         torchrun(nproc, WORKER, *args, "--ckpt", str(out / f"ckpt-{name}"), timeout=240)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in LAYOUTS}
 
@@ -68,8 +71,11 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("layout", PARALLEL)
 def test_stages_own_their_trace_layers(runs, layout):
     one, two = runs["one"], runs[layout]
-    nproc, pp = LAYOUTS[layout]
-    assert two["layout"].startswith(f"world {nproc} = TP 1 x PP {pp} x DP {nproc // pp}")
+    nproc, pp, ep = LAYOUTS[layout]
+    assert (
+        two["layout"]
+        == f"world {nproc} = TP 1 x PP {pp} x DP {nproc // pp} (experts: EP {ep} x expert-DP {nproc // pp // ep})"
+    )
     assert one["stage_moe_layers"] == [[0, 1]]
     assert two["stage_moe_layers"] == [[0], [1]]  # stage 1's only router is trace layer 1
     # each stage set only its own layer's rows, each DP replica only its own rows, all of them right
