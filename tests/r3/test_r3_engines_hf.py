@@ -10,7 +10,7 @@ from r3.engines.hf.rollout import HFRolloutEngine
 from r3.engines.hf.train import HFTrainEngine
 from r3.losses import ppo_clip_loss
 from r3.replay import ReplayMode
-from r3.trace import RoutingSpec, RoutingTrace, pad_traces
+from r3.trace import RoutingSpec, RoutingTrace, pad_traces, validate_expert_ids
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17], [18, 19]]
 
@@ -180,6 +180,7 @@ def test_train_step_micro_batching_and_checkpointing_do_not_change_the_update():
     for i in (1, 2, 3):
         torch.testing.assert_close(olds[i][fed], olds[0][fed], atol=1e-6, rtol=0)
         assert torch.equal(recs[i][fed], recs[0][fed])
+        validate_expert_ids(recs[i], RoutingSpec(num_layers=2, top_k=2, num_experts=8))  # padding: dummy rows
         # the gradient (its norm is scale-sensitive, unlike Adam's first step) is the same ...
         assert norms[i] == pytest.approx(norms[0], rel=1e-5)
         # ... and so is the update, up to Adam's sensitivity where |g| ~ eps (1 % of lr)

@@ -30,6 +30,7 @@ from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.engines.hf.rollout import load_causal_lm
 from r3.metrics import token_entropy
 from r3.replay import ReplayMode
+from r3.trace import dummy_rows
 
 TRAIN_STATE = "train_state.pt"
 
@@ -156,8 +157,9 @@ class HFTrainEngine:
                 logits_BTV = self._forward(part, slice(None))
                 if routing is ReplayMode.RECORD:
                     rec = self.replay.recorded_expert_ids().cpu()
-                    if ids_BTLK is None:
-                        ids_BTLK = torch.zeros(B, T, *rec.shape[2:], dtype=rec.dtype)
+                    if ids_BTLK is None:  # columns a trimmed micro-batch did not feed: padding rows
+                        L, K = rec.shape[2:]
+                        ids_BTLK = dummy_rows(B * T, L, K).view(B, T, L, K)
                     ids_BTLK[rows, : rec.shape[1]] = rec
             logp_BT[rows] = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T).cpu()
             if with_entropy:
