@@ -65,9 +65,14 @@ class _Scale:
     """RunConfig.mini_steps of multi-mini-step cells."""
     run: Mapping[str, object]
     """RunConfig fields every cell of the preset shares."""
+    per_trainer: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
+    """RunConfig fields that belong to one train engine (name -> fields), applied to a cell only when
+    it trains with that engine after overrides (a tiny cell moved to megatron drops the transformers
+    trainer's options instead of being refused for them)."""
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.run) - {f.name for f in dataclasses.fields(RunConfig)})
+        named = set(self.run).union(*self.per_trainer.values())
+        unknown = sorted(named - {f.name for f in dataclasses.fields(RunConfig)})
         if unknown:
             raise ValueError(f"preset {self.preset!r}: {unknown} are not RunConfig fields")
 
@@ -89,10 +94,11 @@ _TINY = _Scale(
         # Batch shapes (issue 12; each lever measured by benchmarks/bench_batching.py): 3 x oversampled
         # dynamic-sampling rounds (about 40% of the SFT model's groups are informative, so one round
         # of 48 prompts usually fills the 16, and costs 0.63 x three rounds of 16), evaluation in one
-        # batch of all 512 problems (0.34 x batches of 64), length-grouped train micro-batches (0.58 x
-        # the batch padded to its longest row)
-        gen_prompts_per_round=48, eval_batch_size=512, train_max_tokens_per_micro_batch=1024,
+        # batch of all 512 problems (0.34 x batches of 64)
+        gen_prompts_per_round=48, eval_batch_size=512,
     ),
+    # length-grouped train micro-batches: 0.58 x the batch padded to its longest row (same benchmark)
+    per_trainer={"hf": dict(train_max_tokens_per_micro_batch=1024)},
 )  # fmt: skip
 
 _PAPER = _Scale(
@@ -320,14 +326,8 @@ def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str]
                 if not select([name], pattern):
                     continue
                 cfg = fn(s)
-                if (
-                    cfg.train_max_tokens_per_micro_batch
-                    and overrides.get("train_engine", "hf") != "hf"
-                    and "train_max_tokens_per_micro_batch" not in overrides
-                ):
-                    # a transformers-trainer option of the tiny preset: a cell moved to megatron-core drops it
-                    cfg = cfg.replace(train_max_tokens_per_micro_batch=0, train_engine=overrides["train_engine"])
-                out[name] = cfg.replace(name=name, seed=seed, rollout_precision=prec, **overrides)
+                trainer = s.per_trainer.get(overrides.get("train_engine", cfg.train_engine), {})
+                out[name] = cfg.replace(name=name, seed=seed, rollout_precision=prec, **{**trainer, **overrides})
     return out
 
 
