@@ -89,9 +89,11 @@ class RunConfig:
     max_new_tokens: int = 48
     """Maximum response length in tokens (not published)."""
     temperature: float = 1.0
-    """Sampling temperature for training rollouts."""
+    """Sampling temperature for training rollouts (> 0); the trainer scores under the same
+    temperature (DESIGN.md invariant 6)."""
     top_p: float = 1.0
-    """Nucleus sampling for training rollouts."""
+    """Nucleus sampling for training rollouts: 1 only (the trainers score the untruncated
+    distribution; a truncated rollout would make every mismatch metric compare two distributions)."""
     dynamic_sampling: bool = True
     """Drop groups whose rewards are all equal; keep sampling until the batch is full."""
     max_sampling_rounds: int = 4
@@ -224,8 +226,17 @@ class RunConfig:
             errors.append(f"tis_cap must be > 0 (common value 2), got {self.tis_cap}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             errors.append(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            errors.append(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not self.temperature > 0:
+            errors.append(
+                f"temperature must be > 0 for training rollouts (the trainer scores softmax(logits / temperature)), "
+                f"got {self.temperature}; greedy decoding gives a group identical samples"
+            )
+        if self.top_p != 1:
+            errors.append(
+                f"top_p must be 1 for training rollouts, got {self.top_p}: the trainers score the untruncated "
+                "tempered distribution, so a truncated rollout would make pi_old / pi_infer (k3 KL, F(tau), TIS, "
+                "the PPO ratio) compare different distributions; truncate at evaluation only"
+            )
         bad_backends = sorted(set(self.log_to) - {"tensorboard", "wandb"})
         if bad_backends:
             errors.append(f"log_to has unknown backends {bad_backends}; allowed: ['tensorboard', 'wandb']")

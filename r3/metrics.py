@@ -41,27 +41,26 @@ def mismatch_metrics(
                                    = mean_t 1[|log rho_t| > log tau]
       mismatch/abs_log_ratio_mean  = mean_t |log rho_t|
       mismatch/abs_log_ratio_max   = max_t |log rho_t|
-    With no masked token every value is 0.
+    With no masked token every value is 0. Computed with the mask as weights (no boolean
+    indexing): no device-to-host sync, and any device works, `meta` included.
     """
-    log_r = _log_ratio(train_logp_BT, infer_logp_BT, mask_BT)
-    out: dict[str, torch.Tensor] = {}
-    if log_r.numel() == 0:
-        zero = torch.zeros((), device=train_logp_BT.device)
-        out["mismatch/k3_kl"] = zero
-        for tau in taus:
-            out[f"mismatch/extreme_frac@{tau:g}"] = zero
-        out["mismatch/abs_log_ratio_mean"] = zero
-        out["mismatch/abs_log_ratio_max"] = zero
-        return out
-    rho = torch.exp(log_r)
-    out["mismatch/k3_kl"] = (rho - 1.0 - log_r).mean()
-    abs_lr = log_r.abs()
+    if train_logp_BT.shape != infer_logp_BT.shape or train_logp_BT.shape != mask_BT.shape:
+        raise ValueError(
+            f"train_logp {tuple(train_logp_BT.shape)}, infer_logp {tuple(infer_logp_BT.shape)} and mask "
+            f"{tuple(mask_BT.shape)} must have the same shape"
+        )
+    m = mask_BT.float()
+    n = m.sum().clamp(min=1.0)
+    diff = train_logp_BT.float() - infer_logp_BT.float()
+    log_r = torch.where(mask_BT.bool(), diff, torch.zeros_like(diff)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    abs_lr = log_r.abs()  # 0 off the mask
+    out: dict[str, torch.Tensor] = {"mismatch/k3_kl": ((torch.exp(log_r) - 1.0 - log_r) * m).sum() / n}
     for tau in taus:
         if tau <= 1.0:
             raise ValueError(f"extreme-token threshold tau must be > 1, got {tau}")
-        out[f"mismatch/extreme_frac@{tau:g}"] = (abs_lr > math.log(tau)).float().mean()
-    out["mismatch/abs_log_ratio_mean"] = abs_lr.mean()
-    out["mismatch/abs_log_ratio_max"] = abs_lr.max()
+        out[f"mismatch/extreme_frac@{tau:g}"] = ((abs_lr > math.log(tau)).float() * m).sum() / n
+    out["mismatch/abs_log_ratio_mean"] = abs_lr.sum() / n
+    out["mismatch/abs_log_ratio_max"] = abs_lr.amax() if abs_lr.numel() else abs_lr.sum()
     return out
 
 
@@ -100,10 +99,35 @@ def log_ratio_histogram(
     return edges, counts
 
 
-def token_entropy(logits_BTV: torch.Tensor) -> torch.Tensor:
-    """Entropy of the predictive distribution, H = -sum_v p_v log p_v, in float32. Returns [B, T]."""
-    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).sum(dim=-1)
+LOGITS_CHUNK_TOKENS = 1024
+"""Tokens per chunk when a full-vocabulary fp32 temporary is computed from logits (entropy,
+log-softmax): each chunk holds about 16 B x chunk x V (fp32 copy, log-softmax, exp, product), 2.5 GB
+at Qwen3's 151,936 entries, where a whole 9,216-token sequence would hold 22 GB."""
+
+
+def token_entropy(logits_BTV: torch.Tensor, *, chunk_tokens: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the predictive distribution softmax(logits / temperature), H = -sum_v p_v log p_v,
+    in float32. Returns [B, T].
+
+    chunk_tokens > 0: computed over slices of at most that many positions of one row at a time
+    (views of the logits, no copy), so the fp32 temporaries are bounded by the chunk rather than
+    the batch (LOGITS_CHUNK_TOKENS); the formula is row-wise, so the result equals the unchunked one
+    bit for bit. 0: the whole tensor at once."""
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0 (0: unchunked), got {chunk_tokens}")
+
+    def entropy(x):  # fp32, then the temperature: one rounding, as the logprob path does
+        logp = torch.log_softmax(x.float() if temperature == 1.0 else x.float() / temperature, dim=-1)
+        return -(logp.exp() * logp).sum(dim=-1)
+
+    B, T = logits_BTV.shape[:2]
+    if not chunk_tokens or B * T <= chunk_tokens:
+        return entropy(logits_BTV)
+    out_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BTV.device)
+    for b in range(B):
+        for t in range(0, T, chunk_tokens):
+            out_BT[b, t : t + chunk_tokens] = entropy(logits_BTV[b, t : t + chunk_tokens])
+    return out_BT
 
 
 def routing_disagreement(
@@ -142,4 +166,28 @@ def routing_disagreement(
         "routing/pair_disagreement": differ_NL.mean(),
         "routing/token_disagreement": (differ_NL.amax(dim=1)).mean(),
         "routing/per_layer": differ_NL.mean(dim=0),
+    }
+
+
+def routing_differ_counts(
+    ids_a_BTLK: torch.Tensor, ids_b_BTLK: torch.Tensor, mask_BT: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sums behind routing_disagreement, mask-weighted (no boolean indexing, no host sync), so a
+    batch can be compared in row chunks on any device and the chunks added:
+      tokens        = sum_t m_t
+      pairs_L       = [L]: sum_t m_t 1[set_a != set_b in layer l]
+      tokens_differ = sum_t m_t 1[any layer differs]
+    Top-k compared as sets (sorted copies; stored traces are never sorted)."""
+    if ids_a_BTLK.shape != ids_b_BTLK.shape or ids_a_BTLK.shape[:-2] != mask_BT.shape:
+        raise ValueError(
+            f"routing traces {tuple(ids_a_BTLK.shape)} and {tuple(ids_b_BTLK.shape)} must be equal [B, T, L, K] "
+            f"with mask [B, T] = {tuple(mask_BT.shape)}"
+        )
+    a = ids_a_BTLK.long().sort(dim=-1).values
+    b = ids_b_BTLK.long().sort(dim=-1).values
+    differ_BTL = (a != b).any(dim=-1).float() * mask_BT.float()[..., None]
+    return {
+        "tokens": mask_BT.float().sum(),
+        "pairs_L": differ_BTL.sum(dim=(0, 1)),
+        "tokens_differ": differ_BTL.amax(dim=-1).sum(),
     }

@@ -108,6 +108,29 @@ class TrainBatch:
     """float32 [B, T], T = S - 1: 1 where target token t+1 is a response token."""
     expert_ids_BTLK: torch.Tensor | None = None
     """Rollout routing to replay, int [B, T, L, K]; padding rows hold distinct dummy experts."""
+    temperature: float = 1.0
+    """The sampler's temperature: the trainer scores every token under softmax(logits / temperature),
+    the distribution it was sampled from (DESIGN.md invariant 6; verl and TRL divide the training
+    logits the same way), so pi_old, pi and pi_infer of the mismatch metrics and the importance
+    ratio are one distribution."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:  # also NaN
+            raise ValueError(
+                f"TrainBatch.temperature must be > 0 (the sampler's temperature), got {self.temperature}; "
+                "a greedy (temperature 0) rollout has no distribution to score"
+            )
+
+    def rows(self, rows: Rows) -> TrainBatch:
+        """Rows `rows` (a slice or an index tensor) of every [B, ...] tensor; same temperature."""
+        ids = self.expert_ids_BTLK
+        return dataclasses.replace(
+            self,
+            input_ids_BS=self.input_ids_BS[rows],
+            attention_mask_BS=self.attention_mask_BS[rows],
+            loss_mask_BT=self.loss_mask_BT[rows],
+            expert_ids_BTLK=None if ids is None else ids[rows],
+        )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -125,6 +148,16 @@ Rows = slice | torch.Tensor
 engine that groups rows of similar length); either indexes [B, ...] tensors the same way."""
 
 
+def request_seed(base: int, i: int) -> int:
+    """The sampling seed of request `i` of a call seeded `base`: a 64-bit mix of both (splitmix64's
+    finaliser), so requests of different calls never share a seed the way `base + i` does when two
+    calls' bases are closer than their request counts. Fits a signed 63-bit integer (vLLM, SGLang)."""
+    x = (int(base) * 0x9E3779B97F4A7C15 + int(i) + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
 def row_count(rows: Rows) -> int:
     """Number of rows in `rows` (a slice with explicit start/stop, or an index tensor)."""
     return rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel())
@@ -132,9 +165,12 @@ def row_count(rows: Rows) -> int:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, Rows], tuple[torch.Tensor, dict]]
 """loss_fn(logp_BT, entropy_BT, rows) -> (loss, metrics) for the micro-batch `rows` of the
-mini-batch (`Rows`); logp_BT and entropy_BT are [len(rows), T] with the mini-batch's T. The engine
-backpropagates each micro-batch loss as returned and sums the gradients, so loss_fn normalises by
-the whole mini-batch (then micro-batching does not change the gradient)."""
+mini-batch (`Rows`); logp_BT and entropy_BT are [len(rows), T] with the mini-batch's T, on the
+engine's device. The engine backpropagates each micro-batch loss as returned and sums the
+gradients, so loss_fn normalises by the whole mini-batch (then micro-batching does not change the
+gradient). Metrics are normalised the same way: the engine SUMS each metric over micro-batches (and
+data-parallel ranks), and the sum is the mini-batch's value (a token mean stays a token mean however
+the rows are grouped)."""
 
 
 @runtime_checkable
@@ -147,6 +183,10 @@ class TrainEngine(Protocol):
 
     is_moe: bool
     """The model has routed experts (REPLAY / RECORD are refused otherwise)."""
+    device: torch.device
+    """Where the engine's tensors live: compute_logprobs returns its results there, loss_fn gets its
+    logprobs there, and r3.algorithm.policy_update moves what the loss needs there once per step
+    (DESIGN.md invariant 7)."""
     train_step_sees_whole_batch: bool
     """train_step calls loss_fn on every row of the batch in this process (False under data
     parallelism: each rank sees its rows). Lets a single-mini-step update take pi_old from its
@@ -155,7 +195,8 @@ class TrainEngine(Protocol):
     def compute_logprobs(
         self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
-        """No-grad forward under `routing`; expert_ids_BTLK of the result is set for RECORD."""
+        """No-grad forward under `routing`, scored at batch.temperature; results on `device`;
+        expert_ids_BTLK of the result is set for RECORD."""
         ...
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:

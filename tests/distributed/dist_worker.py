@@ -97,8 +97,9 @@ def run(model: str, ep: int, tp: int, micro_batch: int, precision: str, dispatch
         m = batch.loss_mask_BT[rows]
         loss = -(adv[rows, None] * logp_BT * m).sum() / n_tok
         return loss, {
-            "test/logp_mean": (logp_BT * m).sum() / m.sum().clamp(min=1),
-            "test/entropy_mean": (entropy_BT * m).sum() / m.sum().clamp(min=1),
+            # normalised by the whole batch (LossFn): the engine sums metrics over micro-batches and ranks
+            "test/logp_mean": (logp_BT * m).sum() / n_tok,
+            "test/entropy_mean": (entropy_BT * m).sum() / n_tok,
         }
 
     metrics = eng.train_step(batch, loss_fn, routing=ReplayMode.REPLAY)

@@ -37,8 +37,9 @@ def _loss_fn(batch: TrainBatch, adv: torch.Tensor):
         m = batch.loss_mask_BT[rows]
         loss = -(adv[rows, None] * logp_BT * m).sum() / n_tok
         return loss, {
-            "test/logp_mean": (logp_BT * m).sum() / m.sum().clamp(min=1),
-            "test/entropy_mean": (entropy_BT * m).sum() / m.sum().clamp(min=1),
+            # normalised by the whole batch (LossFn): the engine sums metrics over micro-batches and ranks
+            "test/logp_mean": (logp_BT * m).sum() / n_tok,
+            "test/entropy_mean": (entropy_BT * m).sum() / n_tok,
         }
 
     return loss_fn

@@ -18,17 +18,18 @@ bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from r3.engines.base import LogprobResult, LossFn, Rows, TrainBatch, row_count
+from r3.engines.base import LogprobResult, LossFn, Rows, TrainBatch
 from r3.engines.hf.config import HFTrainConfig
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.engines.hf.rollout import load_causal_lm
-from r3.metrics import token_entropy
+from r3.metrics import LOGITS_CHUNK_TOKENS, token_entropy
 from r3.replay import ReplayMode
 from r3.trace import dummy_rows
 
@@ -117,12 +118,15 @@ class HFTrainEngine:
         return self.replay.replaying(ids[rows])
 
     def _forward(self, batch: TrainBatch, rows: slice) -> torch.Tensor:
-        """logits_BTV of rows, from feeding input_ids[:, :-1]."""
+        """logits_BTV / batch.temperature of rows, from feeding input_ids[:, :-1]: the distribution the
+        rollout sampled from (DESIGN.md invariant 6)."""
         dev = self.device
         ids_BS = batch.input_ids_BS[rows].to(dev)
         mask_BT = batch.attention_mask_BS[rows, :-1].to(dev).long()
         pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=ids_BS[:, :-1], attention_mask=mask_BT, position_ids=pos_BT, use_cache=False).logits
+        out = self.model(input_ids=ids_BS[:, :-1], attention_mask=mask_BT, position_ids=pos_BT, use_cache=False)
+        logits = out.logits
+        return logits if batch.temperature == 1.0 else logits / batch.temperature
 
     @staticmethod
     def _token_logp(logits_BTV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -147,23 +151,25 @@ class HFTrainEngine:
     def compute_logprobs(
         self, batch: TrainBatch, *, routing: ReplayMode = ReplayMode.OFF, with_entropy: bool = False
     ) -> LogprobResult:
-        """No-grad forward under `routing`; RECORD returns this engine's own routing."""
+        """No-grad forward under `routing` at batch.temperature; results on the engine's device; RECORD
+        returns this engine's own routing."""
         B, T = batch.loss_mask_BT.shape
-        logp_BT = torch.zeros(B, T)
-        ent_BT = torch.zeros(B, T) if with_entropy else None
+        dev = self.device
+        logp_BT = torch.zeros(B, T, device=dev)
+        ent_BT = torch.zeros(B, T, device=dev) if with_entropy else None
         ids_BTLK = None
         for rows, part in self._parts(batch):
             with self._routing_ctx(part, slice(None), routing):
                 logits_BTV = self._forward(part, slice(None))
                 if routing is ReplayMode.RECORD:
-                    rec = self.replay.recorded_expert_ids().cpu()
+                    rec = self.replay.recorded_expert_ids()
                     if ids_BTLK is None:  # columns a trimmed micro-batch did not feed: padding rows
                         L, K = rec.shape[2:]
-                        ids_BTLK = dummy_rows(B * T, L, K).view(B, T, L, K)
+                        ids_BTLK = dummy_rows(B * T, L, K).view(B, T, L, K).to(rec.device, rec.dtype)
                     ids_BTLK[rows, : rec.shape[1]] = rec
-            logp_BT[rows] = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T).cpu()
+            logp_BT[rows] = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T)
             if with_entropy:
-                ent_BT[rows] = _pad_T(token_entropy(logits_BTV), T).cpu()
+                ent_BT[rows] = _pad_T(token_entropy(logits_BTV, chunk_tokens=LOGITS_CHUNK_TOKENS), T)
         return LogprobResult(logp_BT=logp_BT, entropy_BT=ent_BT, expert_ids_BTLK=ids_BTLK)
 
     # --- optimisation -------------------------------------------------------------------------
@@ -183,17 +189,16 @@ class HFTrainEngine:
                 logits_BTV = self._forward(part, slice(None))
                 logp_BT = _pad_T(self._token_logp(logits_BTV, part.input_ids_BS), T)
                 with torch.no_grad():
-                    ent_BT = _pad_T(token_entropy(logits_BTV), T)
+                    ent_BT = _pad_T(token_entropy(logits_BTV, chunk_tokens=LOGITS_CHUNK_TOKENS), T)
                 loss, metrics = loss_fn(logp_BT, ent_BT, rows)
                 loss.backward()
             total_loss = total_loss + loss.detach()
-            n = row_count(rows)
-            for k, v in metrics.items():  # row-weighted mean over micro-batches, on device until logged
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach() * n
+            for k, v in metrics.items():  # summed: loss_fn normalises by the mini-batch (LossFn); on device
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm_t = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         grad_norm = float(grad_norm_t)  # one sync: the skip decision needs it on the host
-        out = {k: v / B for k, v in sums.items()}
+        out = dict(sums)
         if math.isfinite(grad_norm):
             self.optimizer.step()
             out["actor/skipped_step"] = 0.0
@@ -254,7 +259,8 @@ def _take_rows(batch: TrainBatch, rows: Rows) -> TrainBatch:
     S = int(((mask_BS != 0) * torch.arange(1, mask_BS.shape[1] + 1)).amax()) if mask_BS.numel() else 1
     S = max(S, 2)  # one fed token at least
     ids = batch.expert_ids_BTLK
-    return TrainBatch(
+    return dataclasses.replace(
+        batch,
         input_ids_BS=batch.input_ids_BS[rows, :S],
         attention_mask_BS=mask_BS[:, :S],
         loss_mask_BT=batch.loss_mask_BT[rows, : S - 1],

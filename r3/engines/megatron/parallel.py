@@ -111,9 +111,9 @@ def env_world() -> tuple[int, int, int] | None:
 
 
 def device() -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK on GPU, else cpu."""
+    """This rank's device: the current GPU (LOCAL_RANK's, set by init_parallel), else cpu."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -129,11 +129,15 @@ def init_parallel(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> La
         if env is None:
             compat.init_single_process_group()
         else:
-            rank, world, local_rank = env
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(local_rank)  # before any allocation: else every rank uses cuda:0
+            rank, world, _ = env
+            cuda = compat.require_cuda_if_asked()  # a GPU job seeing no GPU stops here, not on gloo
+            if cuda:
+                compat.set_local_device()  # before any allocation: else every rank uses cuda:0
+            backend = "nccl" if cuda else "gloo"
             dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    elif torch.cuda.is_available():
+        compat.set_local_device()  # torch.distributed started elsewhere (experiments.distributed): same GPU
+    compat.install_no_te_shims()  # the router's GEMM without Transformer Engine, on CPU and GPU
     layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp, ep=ep)
     if parallel_state.model_parallel_is_initialized():
         have = (
@@ -177,12 +181,12 @@ def dp_rank_size() -> tuple[int, int]:
 
 def dp_slice(batch_size: int, dp_size: int, dp_rank: int) -> tuple[slice, int]:
     """(this rank's rows of the global batch, padded rows per rank). Rows split into dp_size
-    contiguous slices whose sizes differ by at most one; every rank pads to ceil(B / dp)."""
-    if batch_size < dp_size:
-        raise ValueError(
-            f"a mini-batch of {batch_size} sequences cannot feed {dp_size} data-parallel ranks "
-            f"(each needs at least one row); use more prompts per mini-step or fewer DP ranks"
-        )
+    contiguous slices whose sizes differ by at most one; every rank pads to max(1, ceil(B / dp)).
+    A batch of fewer rows than ranks (the 1-row post-sync probe, a dynamic-sampling step that kept
+    few groups) leaves some ranks an empty slice: they run padding rows with no loss, so every
+    rank still joins the collectives."""
+    if batch_size < 1:
+        raise ValueError(f"a mini-batch needs at least one sequence, got {batch_size}")
     base, extra = divmod(batch_size, dp_size)
     start = dp_rank * base + min(dp_rank, extra)
     size = base + (dp_rank < extra)
@@ -262,7 +266,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 def allreduce_sum(values: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
     """Sum a dict of scalar tensors over the DP group in one collective (keys in sorted order)."""
     keys = sorted(values)
-    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()) for k in keys])
+    dev = device()  # the backend's device (NCCL takes CUDA tensors only); floats join there
+    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=dev).reshape(()) for k in keys])
     dist.all_reduce(flat, group=group if group is not None else dp_group())
     return {k: flat[i] for i, k in enumerate(keys)}
 

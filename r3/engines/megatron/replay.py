@@ -50,7 +50,7 @@ from collections.abc import Iterator
 
 import torch
 
-from r3.engines.megatron import token_order
+from r3.engines.megatron import parallel, token_order
 from r3.engines.megatron.token_order import PackedLayout
 from r3.replay import ConsumptionCheck, ReplayMode
 from r3.trace import RoutingSpec, dummy_rows, validate_expert_ids
@@ -405,7 +405,8 @@ class ReplaySession:
         if self._recorded is None:
             raise RuntimeError(f"no recorded routing: session mode {self.mode}, forward ended {self.forward_ended}")
         if not self._recorded:
-            return torch.zeros(self.batch_size, self.seq_len - 1, 0, self._owner.spec.top_k, dtype=torch.int64)
+            shape = (self.batch_size, self.seq_len - 1, 0, self._owner.spec.top_k)
+            return torch.zeros(shape, dtype=torch.int64, device=parallel.device())
         return from_megatron_layout(self._recorded, batch_size=self.batch_size, seq_len=self.seq_len)
 
 
