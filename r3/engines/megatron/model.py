@@ -4,7 +4,9 @@
   architecture: RMSNorm, q/k RMSNorm per head (`qk_layernorm`), RoPE (theta from the config),
   SwiGLU experts, softmax router, no shared expert, no auxiliary loss (the paper trains RL
   without the balancing loss), untied or tied embeddings as in the config.
-- `build_gpt_model(hf_config, ...)`: the GPTModel (megatron's local, TE-free layer spec).
+- `build_gpt_model(hf_config, ...)`: the GPTModel (megatron's local, TE-free layer spec), its core
+  attention swapped for `SDPADotProductAttention` (torch's fused scaled_dot_product_attention: no
+  [heads, S, S] score tensor; `attention="local"` keeps megatron's DotProductAttention).
 - `hf_to_megatron(hf_sd, hf_config)` / `megatron_to_hf(mg_sd, hf_config)`: weight conversion
   both directions (transformers 5.x in-memory names: fused `experts.gate_up_proj [E, 2I, H]`).
 - `gpt_logits(model, input_ids_BS)`: logits [B, S, V] for right-padded batches.
@@ -200,10 +202,106 @@ def _pipeline_kw(num_layers: int, pp: int, precision: str) -> dict:
     return kw
 
 
-def build_gpt_model(hf_config, **config_kw):
+ATTENTION_KINDS = ("sdpa", "local")
+"""Core attention of the built model: "sdpa" (SDPADotProductAttention, the default) or "local"
+(megatron's DotProductAttention, which materialises the [b * heads, S, S] scores)."""
+
+
+def _sdpa_attention_class():
+    """SDPADotProductAttention, defined on first use so that importing this module needs no megatron.
+
+    megatron-core 0.16.1's local DotProductAttention (megatron/core/transformer/dot_product_attention.py
+    :172-212) computes the raw scores with baddbmm into a [b * np, sq, sk] buffer (5.4 GB in bf16 for 32
+    heads at S = 9216), softmaxes them in fp32 (attention_softmax_in_fp32, another 10.9 GB temporary)
+    and keeps the probabilities for backward; the TE spec's flash attention is not available without
+    Transformer Engine, and the local spec provider has no other core attention (models/backends.py:113).
+    This subclass keeps DotProductAttention's constructor (head counts per TP rank, softmax scale) and
+    replaces forward with torch.nn.functional.scaled_dot_product_attention (causal, GQA): on CUDA the
+    flash / memory-efficient kernels, on CPU the flash-attention-for-CPU kernel; neither stores the
+    scores (its backward recomputes them blockwise from the saved logsumexp)."""
+    global _SDPA_CLASS
+    if _SDPA_CLASS is not None:
+        return _SDPA_CLASS
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPADotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, **kw):
+            super().__init__(config, layer_number, attn_mask_type, attention_type, **kw)
+            from megatron.core.transformer.enums import AttnMaskType
+
+            unsupported = []
+            if attn_mask_type != AttnMaskType.causal:
+                unsupported.append(f"attn_mask_type {attn_mask_type} (only causal)")
+            if self.softmax_offset is not None or config.softmax_type != "vanilla":
+                unsupported.append(f"softmax_type {config.softmax_type!r}")
+            if self.scale_mask_softmax.window_size is not None:
+                unsupported.append(f"window_size {self.scale_mask_softmax.window_size}")
+            if config.attention_dropout:
+                unsupported.append(f"attention_dropout {config.attention_dropout}")
+            if unsupported:
+                raise ValueError(
+                    "SDPADotProductAttention covers causal softmax attention without dropout; this config has "
+                    + "; ".join(unsupported)
+                    + ": build with attention='local'"
+                )
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):  # fmt: skip
+            """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn], as
+            DotProductAttention.forward. attention_mask: the causal mask gpt_logits passes (the engine
+            right-pads, so causal masking is all a real position needs) or None; is_causal replaces it."""
+            if packed_seq_params is not None or attention_bias is not None:
+                raise ValueError("SDPADotProductAttention takes no packed_seq_params or attention_bias")
+            sq, b, n, d = query.shape
+            if key.shape[0] != sq or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (sq, sq)):
+                raise ValueError(
+                    f"causal self-attention expects sq == sk and an [.., sq, sq] mask, got query {tuple(query.shape)}, "
+                    f"key {tuple(key.shape)}, mask {None if attention_mask is None else tuple(attention_mask.shape)}"
+                )
+            ctx = F.scaled_dot_product_attention(
+                query.permute(1, 2, 0, 3),  # [b, np, sq, hn]
+                key.permute(1, 2, 0, 3),  # [b, ng, sk, hn]: enable_gqa repeats the groups without copies
+                value.permute(1, 2, 0, 3),
+                is_causal=True,
+                scale=self.softmax_scale,
+                enable_gqa=n != key.shape[2],
+            )
+            return ctx.permute(2, 0, 1, 3).reshape(sq, b, n * d)
+
+    _SDPA_CLASS = SDPADotProductAttention
+    return _SDPA_CLASS
+
+
+_SDPA_CLASS = None
+
+
+def _swap_core_attention(spec, attention: str):
+    """The decoder block spec with each layer's core attention set to `attention` (ATTENTION_KINDS)."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if attention == "local":
+        return spec
+    import dataclasses
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cls = _sdpa_attention_class()
+
+    def swap(layer):  # copies at every level: megatron's spec objects may be shared between layers
+        attn = layer.submodules.self_attention
+        if attn.submodules.core_attention is not DotProductAttention:
+            raise ValueError(f"expected the local spec's DotProductAttention, found {attn.submodules.core_attention}")
+        attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=cls))
+        return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attn))
+
+    return dataclasses.replace(spec, layer_specs=[swap(layer) for layer in spec.layer_specs])
+
+
+def build_gpt_model(hf_config, *, attention: str = "sdpa", **config_kw):
     """An (uninitialised) megatron GPTModel of the same architecture; see
-    transformer_config_from_hf for config_kw. Starts the process model if needed
-    (r3.engines.megatron.parallel.init_parallel: from the environment, else one process)."""
+    transformer_config_from_hf for config_kw, ATTENTION_KINDS for `attention`. Starts the process
+    model if needed (r3.engines.megatron.parallel.init_parallel: from the environment, else one
+    process)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -230,6 +328,7 @@ def build_gpt_model(hf_config, **config_kw):
 
     config = transformer_config_from_hf(hf_config, **config_kw)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    spec = _swap_core_attention(spec, attention)
     with cpu_device_scope():
         return GPTModel(
             config=config,

@@ -38,6 +38,7 @@ Departures from a full Megatron training stack:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ from r3.engines.megatron.model import (
 from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
 from r3.engines.megatron.replay import MegatronRouterReplay, to_megatron_layout
 from r3.engines.megatron.token_order import require_transformer_engine
-from r3.metrics import token_entropy
+from r3.engines.megatron.logits import token_logprobs as chunked_token_logprobs
+from r3.metrics import LOGITS_CHUNK_TOKENS
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec
 
@@ -67,17 +69,40 @@ writes `megatron_train_engine.rank<r>-of-<N>.pt`, see `checkpoint_file`)."""
 _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok")
 
 
-def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, *, with_entropy: bool):
-    """logp_BT[b, t] = log p(input_ids[b, t+1] | prefix) and (optionally, without gradient) the
-    predictive entropy at t (r3.metrics.token_entropy), T = S - 1. Returns (logp_BT, entropy_BT
-    or None), float32."""
-    logits_BTV = logits_BSV[:, :-1]
-    logp_BT = torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, input_ids_BS[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy_BT = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy_BT = token_entropy(logits_BTV)
-    return logp_BT, entropy_BT
+def token_logprobs(
+    logits_BSV: torch.Tensor,
+    input_ids_BS: torch.Tensor,
+    *,
+    with_entropy: bool,
+    temperature: float = 1.0,
+    chunk_tokens: int = LOGITS_CHUNK_TOKENS,
+):
+    """logp_BT[b, t] = log p(input_ids[b, t+1] | prefix) under softmax(logits / temperature) (the
+    sampler's distribution, DESIGN.md invariant 6) and (optionally, without gradient) its
+    predictive entropy at t (r3.metrics.token_entropy), T = S - 1. Returns (logp_BT, entropy_BT or
+    None), float32. Computed `chunk_tokens` positions at a time (r3.engines.megatron.logits: the
+    full-vocabulary fp32 temporaries of a 9k-token sequence would be ~11-22 GB); 0: all at once."""
+    return chunked_token_logprobs(
+        logits_BSV, input_ids_BS, with_entropy=with_entropy, temperature=temperature, chunk_tokens=chunk_tokens
+    )
+
+
+def _pad_cols(x_BT: torch.Tensor, width: int) -> torch.Tensor:
+    """x_BT right-padded with zeros to `width` columns (positions a trimmed micro-batch did not feed:
+    masked out of every loss and metric); differentiable."""
+    return x_BT if x_BT.shape[1] == width else torch.nn.functional.pad(x_BT, (0, width - x_BT.shape[1]))
+
+
+def _pad_record(rec_BTLK: torch.Tensor, width: int) -> torch.Tensor:
+    """A recording of a trimmed micro-batch padded to `width` positions with the distinct dummy experts
+    of padding rows (r3.trace.dummy_rows), so the whole batch's recording stays replayable."""
+    from r3.trace import dummy_rows
+
+    b, t, L, K = rec_BTLK.shape
+    if t == width:
+        return rec_BTLK
+    pad = dummy_rows(b * (width - t), L, K).view(b, width - t, L, K).to(rec_BTLK.device, rec_BTLK.dtype)
+    return torch.cat([rec_BTLK, pad], dim=1)
 
 
 class MegatronTrainEngine:
@@ -102,6 +127,7 @@ class MegatronTrainEngine:
         token_dispatcher: str | None = None,
         context_parallel: int = 1,
         packed_sequences: bool = False,
+        attention: str = "sdpa",
     ):
         # before anything is built: CP and packed (THD) batches need Transformer Engine's attention
         require_transformer_engine(context_parallel=context_parallel, packed_sequences=packed_sequences)
@@ -129,6 +155,7 @@ class MegatronTrainEngine:
             pp=pipeline_parallel,
             ep=expert_parallel,
             precision=precision,
+            attention=attention,  # r3.engines.megatron.model.ATTENTION_KINDS
             **({"token_dispatcher": token_dispatcher} if self.is_moe else {}),
         )
         ep_rank, ep_size = parallel.ep_rank_size()
@@ -238,13 +265,10 @@ class MegatronTrainEngine:
         if self.dp_size > 1:
             rows, n = parallel.dp_slice(B, self.dp_size, self.dp_rank)
             idx = torch.arange(rows.start, rows.stop)
-            idx = torch.cat([idx, idx[:1].expand(n - len(idx))])
-            batch = TrainBatch(
-                input_ids_BS=batch.input_ids_BS[idx],
-                attention_mask_BS=batch.attention_mask_BS[idx],
-                loss_mask_BT=batch.loss_mask_BT[idx],
-                expert_ids_BTLK=None if batch.expert_ids_BTLK is None else batch.expert_ids_BTLK[idx],
-            )
+            # padding rows (no loss, dropped from results): copies of this rank's first row, or of the
+            # batch's row 0 on a rank left without rows (a mini-batch of fewer rows than DP ranks)
+            fill = idx[:1] if len(idx) else torch.zeros(1, dtype=torch.long)
+            batch = batch.rows(torch.cat([idx, fill.expand(n - len(idx))]))
             start, real = rows.start, rows.stop - rows.start
         pad = -batch.input_ids_BS.shape[1] % self.tp_size
         if pad:  # right padding: causal attention keeps every real position's numbers unchanged
@@ -255,7 +279,8 @@ class MegatronTrainEngine:
             if ids is not None:
                 dummy = dummy_rows(n * pad, ids.shape[2], ids.shape[3]).view(n, pad, ids.shape[2], ids.shape[3])
                 ids = torch.cat([ids, dummy.to(ids.dtype)], dim=1)
-            batch = TrainBatch(
+            batch = dataclasses.replace(
+                batch,
                 input_ids_BS=torch.nn.functional.pad(batch.input_ids_BS, (0, pad)),
                 attention_mask_BS=torch.nn.functional.pad(batch.attention_mask_BS, (0, pad)),
                 loss_mask_BT=torch.nn.functional.pad(batch.loss_mask_BT, (0, pad)),
@@ -266,6 +291,25 @@ class MegatronTrainEngine:
     def _row_slices(self, B: int) -> list[slice]:
         n = self.micro_batch or B
         return [slice(i, min(i + n, B)) for i in range(0, B, n)]
+
+    def _trimmed(self, batch: TrainBatch, rows: slice) -> TrainBatch:
+        """Rows `rows` of `batch` cut to their own longest real row (rounded up to a multiple of TP,
+        at least 2 tokens) instead of the whole batch's: a micro-batch of short rows does not pay for
+        the mini-batch's longest row (attention, logits and their fp32 temporaries grow with it).
+        Right padding only, so the cut drops padding positions alone; callers pad results back to the
+        batch's width (_pad_cols, _pad_record)."""
+        am = batch.attention_mask_BS[rows]
+        S = am.shape[1]
+        s = int((am.bool() * torch.arange(1, S + 1, device=am.device)).amax()) if am.numel() else S
+        s = min(S, -(-max(s, 2) // self.tp_size) * self.tp_size)
+        ids = batch.expert_ids_BTLK
+        return dataclasses.replace(
+            batch,
+            input_ids_BS=batch.input_ids_BS[rows, :s],
+            attention_mask_BS=am[:, :s],
+            loss_mask_BT=batch.loss_mask_BT[rows, : s - 1],
+            expert_ids_BTLK=None if ids is None else ids[rows, : s - 1],
+        )
 
     def _session(self, mode: ReplayMode, batch: TrainBatch, rows: slice, *, recompute: bool):
         b, s = batch.input_ids_BS[rows].shape
@@ -294,19 +338,21 @@ class MegatronTrainEngine:
                 expert_ids_BTLK=gather(rec) if mode is ReplayMode.RECORD else None,
             )
         logps, ents, recs = [], [], []
+        W = batch.input_ids_BS.shape[1] - 1  # each micro-batch is trimmed (_trimmed); results padded to W
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
-            ids_BS = batch.input_ids_BS[rows].to(self.device)
+            part = self._trimmed(batch, rows)
+            ids_BS = part.input_ids_BS.to(self.device)
             if self.is_moe:
-                with self._session(mode, batch, rows, recompute=False) as sess:
+                with self._session(mode, part, slice(None), recompute=False) as sess:
                     logits = gpt_logits(self.model, ids_BS)
                     sess.end_forward()
                     if mode is ReplayMode.RECORD:
-                        recs.append(sess.recorded_BTLK())
+                        recs.append(_pad_record(sess.recorded_BTLK(), W))
             else:
                 logits = gpt_logits(self.model, ids_BS)
-            logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy)
-            logps.append(logp_BT.to(batch.input_ids_BS.device))
-            ents.append(ent_BT.to(batch.input_ids_BS.device) if with_entropy else None)
+            logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=with_entropy, temperature=batch.temperature)
+            logps.append(_pad_cols(logp_BT, W))  # on the engine's device: the DP all-gather runs there
+            ents.append(_pad_cols(ent_BT, W) if with_entropy else None)
 
         expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
@@ -358,30 +404,33 @@ class MegatronTrainEngine:
         padding). Returns {"actor/loss", loss_fn's metrics weighted by rows / B}, not summed over DP."""
         totals: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=self.device)
+        W = batch.input_ids_BS.shape[1] - 1  # each micro-batch is trimmed (_trimmed); results padded to W
         for rows in self._row_slices(batch.input_ids_BS.shape[0]):
-            ids_BS = batch.input_ids_BS[rows].to(self.device)
+            part = self._trimmed(batch, rows)
+            ids_BS = part.input_ids_BS.to(self.device)
             k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
             global_rows = slice(start + rows.start, start + rows.start + k)
             with cpu_device_scope():  # the activation-recompute forward runs inside backward
                 with (
-                    self._session(mode, batch, rows, recompute=self.recompute)
+                    self._session(mode, part, slice(None), recompute=self.recompute)
                     if self.is_moe
                     else contextlib.nullcontext()
                 ) as sess:
                     logits = gpt_logits(self.optim.module, ids_BS)
                     if sess is not None:
                         sess.end_forward()
-                    logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True)
-                    logp_BT, ent_BT = logp_BT[:, :T], ent_BT[:, :T]  # drop SP padding positions
+                    logp_BT, ent_BT = token_logprobs(
+                        logits, ids_BS, with_entropy=True, temperature=batch.temperature
+                    )
+                    logp_BT, ent_BT = _pad_cols(logp_BT, W)[:, :T], _pad_cols(ent_BT, W)[:, :T]  # no SP padding
                     if k:
                         loss, metrics = loss_fn(logp_BT[:k], ent_BT[:k], global_rows)
                     else:  # padding only: a zero loss still runs the backward's collectives (EP)
                         loss, metrics = logp_BT.sum() * 0.0, {}
                     loss.backward()
-            weight = k / B
             loss_total = loss_total + loss.detach()
-            for key, v in metrics.items():  # on device until the runner logs them (STYLE.md rule 9)
-                totals[key] = totals.get(key, 0.0) + weight * torch.as_tensor(v).detach()
+            for key, v in metrics.items():  # summed (LossFn normalises by the mini-batch); on device (rule 9)
+                totals[key] = totals.get(key, 0.0) + torch.as_tensor(v).detach()
         return {**totals, "actor/loss": loss_total}
 
     def _schedule(
@@ -420,20 +469,16 @@ class MegatronTrainEngine:
         pad = -n % (self.micro_batch or n)
         if pad:  # one shape for every micro-batch (the stages' send/receive buffers): copies of row 0,
             idx = torch.cat([torch.arange(n), torch.zeros(pad, dtype=torch.long)])  # beyond `real`: no loss
-            ids = batch.expert_ids_BTLK
-            batch = TrainBatch(
-                input_ids_BS=batch.input_ids_BS[idx],
-                attention_mask_BS=batch.attention_mask_BS[idx],
-                loss_mask_BT=batch.loss_mask_BT[idx],
-                expert_ids_BTLK=None if ids is None else ids[idx],
-            )
+            batch = batch.rows(idx)
         slices = self._row_slices(n + pad)
         if mode is ReplayMode.REPLAY:  # validate on every stage before the schedule: a stage that raised
             to_megatron_layout(batch.expert_ids_BTLK, seq_len=S, spec=self.spec)  # inside would hang the rest
         recs: list[torch.Tensor] = []
 
         def loss_func(rows: slice, ids_BS: torch.Tensor, logits_BSV: torch.Tensor):
-            logp_BT, ent_BT = token_logprobs(logits_BSV, ids_BS, with_entropy=with_entropy or not forward_only)
+            logp_BT, ent_BT = token_logprobs(
+                logits_BSV, ids_BS, with_entropy=with_entropy or not forward_only, temperature=batch.temperature
+            )
             if forward_only:  # nothing to differentiate: a zero "loss" and the per-row results
                 return torch.zeros((), device=logits_BSV.device), {"logp": logp_BT, "entropy": ent_BT}
             k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
@@ -444,7 +489,7 @@ class MegatronTrainEngine:
                 loss, metrics = logp_BT.sum() * 0.0, {}
             # the schedule divides the returned loss by the number of micro-batches (megatron's
             # "legacy loss averaging"); loss_fn already normalises by the whole mini-batch (LossFn)
-            return loss * len(slices), {"loss": loss.detach(), "metrics": metrics, "weight": k / B}
+            return loss * len(slices), {"loss": loss.detach(), "metrics": metrics}
 
         def forward_step(data_iterator, model):
             rows = next(data_iterator)
@@ -476,10 +521,10 @@ class MegatronTrainEngine:
         if not forward_only:
             totals: dict[str, torch.Tensor] = {}
             loss_total = torch.zeros((), device=self.device)
-            for out in store if last else []:  # metrics weighted by rows, as with PP = 1
+            for out in store if last else []:  # metrics summed over micro-batches, as with PP = 1
                 loss_total = loss_total + out["loss"]
                 for key, v in out["metrics"].items():
-                    totals[key] = totals.get(key, 0.0) + out["weight"] * torch.as_tensor(v).detach()
+                    totals[key] = totals.get(key, 0.0) + torch.as_tensor(v).detach()
             return parallel.broadcast_metrics_from_last_stage({**totals, "actor/loss": loss_total})
         shape = (n + pad, S - 1)
         logp = torch.cat([o["logp"] for o in store]) if last else torch.zeros(shape, device=self.device)
@@ -489,8 +534,7 @@ class MegatronTrainEngine:
             ent = torch.cat([o["entropy"] for o in store]) if last else torch.zeros(shape, device=self.device)
             ent = parallel.broadcast_from_last_stage(ent.float())[:n]
         rec = parallel.gather_stage_tensors(torch.cat(recs)[:n], dim=2) if mode is ReplayMode.RECORD else None
-        dev = batch.input_ids_BS.device
-        return logp.to(dev), None if ent is None else ent.to(dev), None if rec is None else rec.to(dev)
+        return logp, ent, rec  # on the engine's device
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights in transformers naming, copied to the CPU (safe to hand to another engine).
