@@ -26,11 +26,16 @@ waiting until torch.distributed's timeout; Slurm then ends the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import io
 import json
+import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,20 +44,90 @@ from experiments import run as run_mod
 from experiments import rundir
 from experiments.config import RunConfig
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 FORWARDED = ("compute_logprobs", "train_step", "rollout_state_dict", "save", "load")
 """TrainEngine methods the driver forwards to the followers (r3.engines.base.TrainEngine)."""
+
+CONTROL_TIMEOUT_ENV = "R3_CONTROL_TIMEOUT_S"
+COLLECTIVE_TIMEOUT_ENV = "R3_COLLECTIVE_TIMEOUT_S"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    """How long a rank waits for the others, in seconds (environment: R3_CONTROL_TIMEOUT_S,
+    R3_COLLECTIVE_TIMEOUT_S; slurm.job exports them from its JobSpec)."""
+
+    control_s: float = 4 * 3600.0
+    """The control group (gloo): the rendezvous, a follower waiting for the driver's next call, the
+    per-call acknowledgement and error exchange. Must exceed the driver's longest phase without a
+    call: waiting for the rollout servers (slurm.job, 30 min by default), the step-0 evaluation and
+    one step's rollout (paper scale: 1024 responses of up to 8192 tokens)."""
+    collective_s: float = 1800.0
+    """The default group (NCCL on GPU, gloo on CPU): one collective inside a train-engine call, where
+    every rank runs the same work, so it waits only for the slowest rank's share. 30 min, as megatron's
+    own groups (parallel_state.initialize_model_parallel, distributed_timeout_minutes=30)."""
+
+    def __post_init__(self) -> None:
+        if not (self.control_s > 0 and self.collective_s > 0):
+            raise ValueError(f"timeouts must be > 0 s, got control {self.control_s}, collective {self.collective_s}")
+
+    @classmethod
+    def from_env(cls) -> Timeouts:
+        kw = {}
+        for field, key in (("control_s", CONTROL_TIMEOUT_ENV), ("collective_s", COLLECTIVE_TIMEOUT_ENV)):
+            if os.environ.get(key):
+                try:
+                    kw[field] = float(os.environ[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be a number of seconds, got {os.environ[key]!r}") from None
+        return cls(**kw)
+
+    def env(self) -> dict[str, str]:
+        """The environment that makes `from_env` return these timeouts (slurm.job exports it)."""
+        return {CONTROL_TIMEOUT_ENV: repr(self.control_s), COLLECTIVE_TIMEOUT_ENV: repr(self.collective_s)}
+
+
+_CONTROL: dist.ProcessGroup | None = None
+"""The gloo group of the driver's control messages (call headers, acknowledgements, error flags)."""
 
 
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeouts: Timeouts | None = None) -> None:
+    """torch.distributed from the environment (env://), NCCL on GPU and gloo on CPU, plus the control
+    group. The rendezvous waits `control_s` (a follower may arrive long before the driver, which first
+    waits for the rollout servers); the default group's collectives wait `collective_s` (torch would
+    give NCCL 10 min, gloo 30 min: distributed_c10d._get_default_timeout)."""
+    t = timeouts or Timeouts.from_env()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        from r3.engines.megatron.compat import require_cuda_if_asked, set_local_device
+
+        cuda = require_cuda_if_asked()
+        if cuda:
+            set_local_device()  # before any allocation: else every rank of a node uses cuda:0
+        store, rank, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=t.control_s)))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=t.collective_s),
+        )
+    _control_group(t)
+
+
+def _control_group(timeouts: Timeouts | None = None) -> dist.ProcessGroup:
+    """The control group, created on first use (a collective: every rank reaches it in the same order,
+    before the first message: `_init_process_group`, `DriverEngine()` and `follow()` call it)."""
+    global _CONTROL
+    if _CONTROL is None:
+        t = timeouts or Timeouts.from_env()
+        _CONTROL = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=t.control_s))
+    return _CONTROL
 
 
 def _wire_device() -> torch.device:
@@ -62,7 +137,31 @@ def _wire_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:2000]
+
+
+def _gather_errors(err: BaseException | str | None) -> list[str | None]:
+    """Every rank's error message (None: fine), over the control group."""
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        msgs, None if err is None else err if isinstance(err, str) else _describe(err), group=_CONTROL
+    )
+    return msgs
+
+
+def _failed_ranks(msgs: list[str | None]) -> str:
+    return ", ".join(f"{r}: {m}" for r, m in enumerate(msgs) if m)
+
+
+class CallNotReceived(RuntimeError):
+    """A follower could not receive a call (nothing ran on any rank)."""
+
+
 # --- messages: a picklable structure whose tensors travel by dist.broadcast -------------------------
+# Per message: the header (pickled structure + tensor shapes) on the control group; an acknowledgement
+# exchange on the control group (a follower that cannot allocate the tensors or unpickle the structure
+# says so here, and no rank enters the call's collectives); then the tensors on the default group.
 def _send(obj) -> None:
     import cloudpickle
 
@@ -78,34 +177,47 @@ def _send(obj) -> None:
     buf = io.BytesIO()
     _Pickler(buf).dump(obj)
     meta = [(tuple(t.shape), t.dtype, t.device.type) for t in tensors]
-    dist.broadcast_object_list([buf.getvalue(), meta], src=0)
+    dist.broadcast_object_list([buf.getvalue(), meta], src=0, group=_control_group())
+    msgs = _gather_errors(None)
+    if any(msgs):
+        name = obj[0] if isinstance(obj, tuple) else "close"
+        raise CallNotReceived(
+            f"train_engine.{name} ran on no rank: rank(s) could not receive it: {_failed_ranks(msgs)}"
+        )
     wire = _wire_device()
     for t in tensors:
         dist.broadcast(t.contiguous().to(wire), src=0)
 
 
+_SKIP = object()
+"""What `_recv` returns when some rank could not receive the message (no rank runs it)."""
+
+
 def _recv():
     header = [None, None]
-    dist.broadcast_object_list(header, src=0)
+    dist.broadcast_object_list(header, src=0, group=_control_group())
     payload, meta = header
     wire = _wire_device()
-    tensors = []
-    for shape, dtype, dev in meta:
-        t = torch.empty(shape, dtype=dtype, device=wire)
+    err, obj, pairs = None, None, []
+    try:
+        for shape, dtype, dev in meta:  # allocated before the unpickling, filled after it
+            t = torch.empty(shape, dtype=dtype, device=wire)
+            pairs.append((t, t if dev == wire.type else torch.empty(shape, dtype=dtype, device=dev)))
+
+        class _Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid):
+                return pairs[pid][1]
+
+        obj = _Unpickler(io.BytesIO(payload)).load()
+    except BaseException as e:  # reported on the control group; the driver raises it, naming this rank
+        err = e
+    if any(_gather_errors(err)):
+        return _SKIP
+    for t, final in pairs:
         dist.broadcast(t, src=0)
-        tensors.append(t if dev == wire.type else t.to(dev if dev != "cuda" else wire))
-
-    class _Unpickler(pickle.Unpickler):
-        def persistent_load(self, pid):
-            return tensors[pid]
-
-    return _Unpickler(io.BytesIO(payload)).load()
-
-
-def _exchange_errors(err: BaseException | None) -> list[str | None]:
-    msgs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}"[:2000])
-    return msgs
+        if final is not t:
+            final.copy_(t)
+    return obj
 
 
 class DriverEngine:
@@ -116,6 +228,7 @@ class DriverEngine:
         self.is_moe = engine.is_moe
         self.train_step_sees_whole_batch = getattr(engine, "train_step_sees_whole_batch", False)
         self.closed = False
+        _control_group()
 
     def _call(self, name: str, *args, **kwargs):
         if self.closed:
@@ -124,14 +237,20 @@ class DriverEngine:
         out, err = None, None
         try:
             out = getattr(self.engine, name)(*args, **kwargs)
-        except Exception as e:  # reported to everyone below, then raised here
+        except BaseException as e:  # also SystemExit (submitit's requeue): the followers must hear of it
             err = e
-        msgs = _exchange_errors(err)
+        try:
+            msgs = _gather_errors(err)
+        except Exception as e:  # gloo: a follower's connection closed, or it sent nothing for control_s
+            raise RuntimeError(
+                f"train_engine.{name}: the followers did not report back ({_describe(e)}); a follower died or "
+                "hangs (its own log has the cause); on this rank the call "
+                + (f"raised {_describe(err)}" if err is not None else "succeeded")
+            ) from (err or e)
         if err is not None:
             raise err
-        bad = [(rank, m) for rank, m in enumerate(msgs) if m]
-        if bad:
-            raise RuntimeError(f"train_engine.{name} failed on rank(s) {', '.join(f'{r}: {m}' for r, m in bad)}")
+        if any(msgs):
+            raise RuntimeError(f"train_engine.{name} failed on rank(s) {_failed_ranks(msgs)}")
         return out
 
     def compute_logprobs(self, *args, **kwargs):
@@ -157,20 +276,56 @@ class DriverEngine:
 
 
 def follow(engine) -> int:
-    """A follower rank: run every call the driver broadcasts until it closes. Returns the number of calls."""
+    """A follower rank: run every call the driver broadcasts until it closes. Returns the number of calls.
+
+    Raises when the control group fails: the driver died (gloo reports the closed connection) or sent
+    nothing for `Timeouts.control_s`."""
+    _control_group()
     calls = 0
     while (msg := _recv()) is not None:
+        if msg is _SKIP:  # some rank could not receive it; the driver raises, then closes or goes on
+            continue
         name, args, kwargs = msg
-        if name not in FORWARDED:
-            raise RuntimeError(f"the driver sent {name!r}, not a forwarded TrainEngine method {FORWARDED}")
         err = None
         try:
+            if name not in FORWARDED:
+                raise RuntimeError(f"the driver sent {name!r}, not a forwarded TrainEngine method {FORWARDED}")
             getattr(engine, name)(*args, **kwargs)
-        except Exception as e:  # the driver raises it (and may go on, e.g. to an older checkpoint)
+        except BaseException as e:  # the driver raises it (and may go on, e.g. to an older checkpoint)
             err = e
-        _exchange_errors(err)
+        _gather_errors(err)
+        if err is not None and not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: stop here
+            raise err
         calls += 1
     return calls
+
+
+def drive(run_dir: Path, engine, body: Callable[[DriverEngine], T]) -> T | None:
+    """The driver/follower split of one run on an initialised world: rank 0 returns `body(DriverEngine(engine))`,
+    the others follow its calls and return None.
+
+    On rank 0 a failure writes the FAILED marker of `run_dir` (experiments.rundir; slurm.job rewrites it
+    with the job id) and the followers are told to stop; a SystemExit (submitit's requeue on
+    preemption) stops them too but is no failure. Either way every rank leaves: followers return, the
+    driver raises. When the followers cannot be told (one of them died), that error is logged and the
+    first one raised."""
+    if dist.get_rank() != 0:
+        follow(engine)
+        return None
+    driver = DriverEngine(engine)
+    try:
+        out = body(driver)
+    except BaseException as e:
+        if isinstance(e, Exception):
+            rundir.write_failed(run_dir, e, log=str(Path(run_dir) / rundir.LOG))
+        log.error("driver: %s; stopping the followers", _describe(e))
+        try:
+            driver.close()
+        except Exception as close_err:  # a follower is gone: nothing more to tell it
+            log.error("driver: could not stop the followers: %s", _describe(close_err))
+        raise
+    driver.close()
+    return out
 
 
 def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=None) -> dict | None:
@@ -188,27 +343,34 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=
     _init_process_group()
     run_dir = Path(run_dir)
     rank = dist.get_rank()
-    # the driver resolves the model (building the embedded zoo when missing) before anyone reads it
-    msg = [None]
+    # the driver resolves the model (building the embedded zoo when missing) before anyone reads it;
+    # on the control group, which waits as long as that may take, and a failure reaches the followers
+    msg: list = [None]
     if rank == 0:
-        done = rundir.read_manifest(run_dir)
-        msg = [{"manifest": done} if done is not None else {"model_dir": str(run_mod.resolve_model_dir(cfg))}]
-    dist.broadcast_object_list(msg, src=0)
+        try:
+            done = rundir.read_manifest(run_dir)
+            msg = [{"manifest": done} if done is not None else {"model_dir": str(run_mod.resolve_model_dir(cfg))}]
+        except BaseException as e:
+            dist.broadcast_object_list([{"error": _describe(e)}], src=0, group=_control_group())
+            if isinstance(e, Exception):
+                rundir.write_failed(run_dir, e)
+            raise
+    dist.broadcast_object_list(msg, src=0, group=_control_group())
+    if "error" in msg[0]:
+        raise RuntimeError(f"cell {cfg.name}: the driver (rank 0) failed before the train engine: {msg[0]['error']}")
     if "manifest" in msg[0]:
+        _shutdown()
         return msg[0]["manifest"] if rank == 0 else None
     _, tr_cfg = run_mod.engine_configs(cfg, Path(msg[0]["model_dir"]), run_dir)
     engine = build_train_engine(tr_cfg)  # collective: megatron's parallel state on every rank
-    if rank != 0:
-        follow(engine)
-        _shutdown()
-        return None
-    driver = DriverEngine(engine)
+
+    def body(driver: DriverEngine) -> dict:
+        return run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn, train_engine=driver)
+
     try:
-        out = run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn, train_engine=driver)
+        return drive(run_dir, engine, body)
     finally:
-        driver.close()
-    _shutdown()
-    return out
+        _shutdown()  # also after a failure: a process leaving a live gloo group aborts at exit
 
 
 def _shutdown() -> None:
@@ -218,8 +380,10 @@ def _shutdown() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    global _CONTROL
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group too
+    _CONTROL = None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,12 @@ megatron-core is written for CUDA; on a CPU-only machine with gloo processes (on
 under torchrun: r3.engines.megatron.parallel) it runs after the few small shims below. Each shim
 says what it works around and why. They are only installed when CUDA is absent
 (`torch.cuda.is_available()` is False), touch megatron's own module namespaces except for the
-scoped `cpu_device_scope` and `cuda_as_cpu` (restored on exit), and are idempotent.
+scoped `cpu_device_scope` and `cuda_as_cpu` (restored on exit), and are idempotent. One shim is
+installed with or without CUDA: the router's GEMM without Transformer Engine (`install_no_te_shims`).
+
+Also here, for GPU jobs: `require_cuda_if_asked` (a job that asked for GPUs and sees none stops,
+instead of training on gloo/CPU) and `set_local_device` (LOCAL_RANK's GPU, whether the site shows a
+task all of the node's GPUs or binds one to it).
 
 Not a shim, but needed by callers on CPU: pass an explicit causal attention mask to
 `GPTModel.forward` (megatron's default causal mask is built with `device="cuda"`,
@@ -17,6 +22,7 @@ Import this module only where megatron is wanted: it imports megatron.core.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -44,23 +50,89 @@ def init_single_process() -> None:
     init_parallel()
 
 
+def install_no_te_shims() -> None:
+    """Shim 1 (megatron without Transformer Engine, CPU or GPU; idempotent).
+
+    Every router forward runs `Router.gating` -> `router_gating_linear` ->
+    `RouterGatingLinearFunction.forward`, which tests `te_general_gemm is not None` (and its backward
+    again; megatron-core 0.16.1, transformer/moe/router.py:100, moe_utils.py:1192 and :1225). The name
+    is bound only inside moe_utils' `try: import transformer_engine ...` block (moe_utils.py:22-39), so
+    without TE every MoE forward raises NameError; no config flag avoids the call. Binding it to None
+    selects megatron's own fallback in the same function: `torch.mm` / `torch.addmm` in the router
+    dtype. With TE installed the name is TE's GEMM and nothing changes."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+REQUIRE_CUDA_ENV = "R3_REQUIRE_CUDA"
+"""Set to 1 by slurm.job in a job that asked for GPUs (Resources.gpus_per_node > 0)."""
+
+
+def cuda_asked() -> bool:
+    """Whether this process belongs to a job that asked for GPUs: R3_REQUIRE_CUDA=1 (slurm.job), or
+    Slurm's SLURM_GPUS_ON_NODE > 0 (set when the allocation holds GPUs, whoever submitted it)."""
+    if os.environ.get(REQUIRE_CUDA_ENV, "") not in ("", "0"):
+        return True
+    try:
+        return int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) > 0
+    except ValueError:  # a GRES string such as "gpu:a100:8": the node has GPUs
+        return bool(os.environ.get("SLURM_GPUS_ON_NODE"))
+
+
+def require_cuda_if_asked() -> bool:
+    """Whether CUDA is used (True: NCCL and one GPU per rank). Raises when the job asked for GPUs and
+    torch sees none: without this, every rank would fall back to gloo on the CPU and a 30B model would
+    run out of host memory hours later, or train 1000x slower without a word."""
+    if torch.cuda.is_available():
+        return True
+    if cuda_asked():
+        raise RuntimeError(
+            f"this job asked for GPUs ({REQUIRE_CUDA_ENV}={os.environ.get(REQUIRE_CUDA_ENV)!r}, "
+            f"SLURM_GPUS_ON_NODE={os.environ.get('SLURM_GPUS_ON_NODE')!r}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch sees none "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); likely causes: a CPU-only torch "
+            "wheel in the job's environment (e.g. pulled in by another package's pin), a driver older than "
+            "that CUDA, or a node without GPUs. Refusing to fall back to gloo on the CPU (docs/cluster.md)"
+        )
+    return False
+
+
+def set_local_device() -> int:
+    """Make LOCAL_RANK's GPU this process's current device; returns its index.
+
+    A site may show each task all of its node's GPUs (index LOCAL_RANK) or bind one GPU per task
+    (`--gpu-bind=single:1`, per-task CUDA_VISIBLE_DEVICES: the task sees one device, index 0): the index
+    is LOCAL_RANK modulo the visible device count. Any other count below LOCAL_WORLD_SIZE would put two
+    ranks on one GPU, and is refused."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if count == 0:
+        raise RuntimeError("set_local_device: torch sees no GPU (check require_cuda_if_asked first)")
+    if count != 1 and local_world > count:
+        raise RuntimeError(
+            f"{local_world} ranks on this node (LOCAL_WORLD_SIZE) but each sees {count} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): two ranks would share a GPU; "
+            "expected one GPU per task or all of the node's GPUs (>= the tasks per node); "
+            "check --gpus-per-node and --ntasks-per-node"
+        )
+    index = local_rank % count
+    torch.cuda.set_device(index)
+    return index
+
+
 _INSTALLED = False
 
 
 def install_cpu_shims() -> None:
     """Install the module-level shims (once). No-op when CUDA is present."""
     global _INSTALLED
+    install_no_te_shims()
     if _INSTALLED or not _cuda_absent():
         return
     from megatron.core.tensor_parallel import random as mg_random
-    from megatron.core.transformer.moe import moe_utils
-
-    # Shim 1 (megatron bug without TE): RouterGatingLinearFunction tests
-    # `te_general_gemm is not None`, but the name is only bound when transformer_engine
-    # imports (moe_utils.py, try/except ImportError around the TE imports) -> NameError on
-    # every router forward. Binding it to None selects megatron's own torch.mm fallback.
-    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     # Shim 2 (CUDA RNG tracker): attention and expert layers run inside
     # `get_cuda_rng_tracker().fork()`, which needs CUDA generator states
