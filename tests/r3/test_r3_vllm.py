@@ -168,6 +168,8 @@ def test_sync_weights_takes_the_new_weights(engine, models):
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in new)
     engine.sync_weights(new)
     assert engine.last_sync["probe_mean_abs_diff"] < 1e-5
+    # read back: 2 layers x (4 experts x 3 + 6 attention + router + 2 norms) + embedding, lm_head, norm
+    assert engine.last_sync["readback_tensors"] == 2 * (12 + 6 + 1 + 2) + 3
     samples = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, seed=3), capture_routing=True)
     same, max_dlogp = _compare_with_trainer(samples, _train_engine(models["dir"] / "moe_b"))
     assert same == 1.0 and max_dlogp < 1e-5
@@ -180,11 +182,14 @@ def test_sync_weights_takes_the_new_weights(engine, models):
 
 
 def test_reload_without_the_prepack_fix_is_caught(engine, models):
-    """vLLM's CPU reload_weights skips the MoE prepack (r3.engines.vllm.worker): the post-sync check
-    must see it, and the fixed reload must recover."""
+    """vLLM's CPU reload_weights skips the MoE prepack (r3.engines.vllm.worker): both lines of the
+    post-sync check must see it (readback: the experts' values; probe: nats off), and the fixed
+    reload must recover."""
     with pytest.raises(SyncCheckError, match=r"prepack") as err:
         engine.sync_weights(models["a"].state_dict(), _repack_cpu_moe=False)
-    assert "nats per token; expected median <= 0.001" in str(err.value)
+    assert "experts 24/24" in str(err.value) and "0 of them still hold exactly the previous" in str(err.value)
+    with pytest.raises(SyncCheckError, match=r"nats per token; expected median <= 0.001"):
+        engine.check_probe(models["a"].state_dict())
     engine.sync_weights(models["a"].state_dict())
     assert engine.last_sync["probe_mean_abs_diff"] < 1e-5
 
@@ -215,9 +220,101 @@ def test_multi_turn_routing_from_the_prefix_cache_equals_a_fresh_capture(engine,
 
 
 def test_sync_check_rejects_weights_that_are_not_the_engines(engine, models):
-    """The check compares against the state dict it was given: another model's weights fail it."""
-    with pytest.raises(SyncCheckError, match=r"differ from an fp32 transformers forward"):
+    """The check compares against the state dict it was given: another model's weights fail both lines."""
+    with pytest.raises(SyncCheckError, match=r"holds other weights than the trainer synced"):
         engine.check_weights(models["b"].state_dict())
+    with pytest.raises(SyncCheckError, match=r"differ from an fp32 transformers forward"):
+        engine.check_probe(models["b"].state_dict())
+
+
+def _one_small_step(path, lr=1e-5):
+    """The trainer's state dict after one AdamW step at `lr` on a batch that routes to every expert."""
+    from r3.engines.base import TrainBatch
+
+    trainer = build_train_engine(train_config("hf", model_path=str(path), lr=lr))
+    gen = torch.Generator().manual_seed(0)
+    ids_BS = torch.randint(3, VOCAB, (8, 24), generator=gen)
+    mask_BT = torch.ones(8, 23)
+
+    def loss_fn(logp_BT, entropy_BT, rows):
+        return -(logp_BT * mask_BT[rows]).sum() / mask_BT.sum(), {}
+
+    trainer.train_step(
+        TrainBatch(input_ids_BS=ids_BS, attention_mask_BS=torch.ones_like(ids_BS), loss_mask_BT=mask_BT), loss_fn
+    )
+    return trainer.rollout_state_dict()
+
+
+def test_a_reload_that_skips_the_experts_is_caught_after_one_small_step(engine, models, monkeypatch):
+    """One lr-1e-5 step moves every weight by about 1e-5: a reload that keeps the previous experts passes
+    the probe (median |dlogp| far below 1e-3) but not the readback, which names the experts as stale."""
+    import r3.engines.vllm.worker as worker
+
+    engine.sync_weights(models["a"].state_dict())
+    stepped = _one_small_step(models["dir"] / "moe_a")
+    moved = (
+        (
+            stepped["model.layers.0.mlp.experts.gate_up_proj"]
+            - models["a"].state_dict()["model.layers.0.mlp.experts.gate_up_proj"]
+        )
+        .abs()
+        .max()
+    )
+    assert 0 < float(moved) < 1e-4
+    reload = worker.R3WorkerExtension.r3_reload_weights
+
+    def reload_skipping_experts(self, weights_path, repack_cpu_moe=True, weight_version=None):
+        # a loader that leaves the routed experts as they were: everything else and the version are new
+        old = {n: p.data.clone() for n, p in self.model_runner.get_model().named_parameters() if ".experts." in n}
+        n = reload(self, weights_path, repack_cpu_moe, weight_version)
+        for name, p in self.model_runner.get_model().named_parameters():
+            if name in old:
+                p.data.copy_(old[name])
+        return n
+
+    monkeypatch.setattr(worker.R3WorkerExtension, "r3_reload_weights", reload_skipping_experts)
+    with pytest.raises(SyncCheckError) as err:
+        engine.sync_weights(stepped)
+    msg = str(err.value)
+    assert "after weight sync v" in msg and "holds other weights than the trainer synced" in msg
+    assert "experts 24/24" in msg and "attention 0/12" in msg and "24 of them still hold exactly the previous" in msg
+    assert "got " in msg and "expected " in msg and "Likely cause: the reload skipped the routed experts" in msg
+    # the probe alone passes this stale engine: median 2.6e-4 nats against fp32's 1e-3 (bf16's bound is 0.25)
+    probe = engine.check_probe(stepped)  # raises when outside the tolerance
+    assert probe["probe_median_abs_diff"] < engine.checker.tolerance, probe
+    # without the readback the sync passes: the readback is what catches it
+    monkeypatch.setattr(engine, "readback", None)
+    engine.sync_weights(stepped)
+    monkeypatch.undo()
+    engine.sync_weights(models["a"].state_dict())  # the shared engine serves model a again
+
+
+def test_a_worker_that_did_not_record_the_version_is_caught(engine, models, monkeypatch):
+    import r3.engines.vllm.worker as worker
+
+    reload = worker.R3WorkerExtension.r3_reload_weights
+    monkeypatch.setattr(
+        worker.R3WorkerExtension,
+        "r3_reload_weights",
+        lambda self, path, repack=True, version=None: reload(self, path, repack, None),  # version not recorded
+    )
+    before = engine.weight_version
+    with pytest.raises(SyncCheckError, match=rf"vLLM worker 0 reports weight version {before}, expected {before + 1}"):
+        engine.sync_weights(models["a"].state_dict())
+    monkeypatch.setattr(engine, "readback", None)  # the version is checked without the readback too
+    with pytest.raises(SyncCheckError, match=r"Likely cause: the reload did not run to its end"):
+        engine.sync_weights(models["a"].state_dict())
+    monkeypatch.undo()
+    engine.sync_weights(models["a"].state_dict())
+    assert engine.llm.collective_rpc("r3_weight_version") == [engine.weight_version]
+
+
+def test_a_prefix_cache_that_was_not_reset_is_caught(engine, models, monkeypatch):
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: False)
+    with pytest.raises(SyncCheckError, match=r"reset_prefix_cache returned False, expected True. Likely cause: "):
+        engine.sync_weights(models["a"].state_dict())
+    monkeypatch.undo()
+    engine.sync_weights(models["a"].state_dict())
 
 
 def test_wrong_routing_is_rejected_at_the_boundary(engine):
@@ -433,8 +530,28 @@ def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
             assert h.response_ids == loc.response_ids and h.finish_reason == loc.finish_reason
             assert torch.equal(h.expert_ids_TLK, loc.expert_ids_TLK) and h.expert_ids_TLK.dtype == torch.uint8
             assert torch.allclose(h.logprobs_R, loc.logprobs_R, atol=1e-5)
+        client.sync_weights(models["b"].state_dict())  # no probe reference: version + readback only
+        assert client.last_sync["readback_tensors"] == 45 and "probe_median_abs_diff" not in client.last_sync
+        from r3.engines.sglang import train_engine_reference
+
+        client.set_sync_reference(train_engine_reference(_train_engine(models["dir"] / "moe_b")))
         client.sync_weights(models["b"].state_dict())
-        assert client.last_sync["probe_median_abs_diff"] < 1e-5  # the post-sync check ran over HTTP
+        assert client.last_sync["probe_median_abs_diff"] < 1e-5  # the probe ran over HTTP against the trainer
+        assert client.last_sync["readback_elements"] > 0 and client.last_sync["readback_changed_elements"] == 0
+        with pytest.raises(SyncCheckError, match=r"holds other weights than the trainer synced"):
+            client.check_sync(models["a"].state_dict())  # the server holds b
+        client.weight_version += 1  # as if another sync had happened that the server did not see
+        with pytest.raises(SyncCheckError, match=rf"worker 0 reports weight version {client.weight_version - 1}"):
+            client.check_sync(models["b"].state_dict())
+        client.weight_version -= 1
+        real = client.transport
+        client.transport = lambda m, url, body, t: (
+            (200, {"success": False}) if url.endswith("/reset_prefix_cache") else real(m, url, body, t)
+        )
+        with pytest.raises(SyncCheckError, match=r"reset_prefix_cache returned False, expected True"):
+            client.sync_weights(models["b"].state_dict())
+        client.transport = real
+        client.sync_weights(models["b"].state_dict())
         same, max_dlogp = _compare_with_trainer(
             client.generate(PROMPTS, params, capture_routing=True), _train_engine(models["dir"] / "moe_b")
         )

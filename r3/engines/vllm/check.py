@@ -1,11 +1,15 @@
 """The post-sync check: does the engine compute what the synced weights compute? (light: torch)
 
-A fixed probe sequence (PROBE_LEN token ids drawn once from a seeded generator) is scored by the
-engine (vLLM `prompt_logprobs`, from raw logits: temperature does not enter) and by an fp32
-transformers forward of the state dict that was synced. The median |logprob difference| per probe
-token must be within the precision's tolerance (VLLMRolloutConfig.sync_tolerance; measured numbers
-in docs/vllm.md): a reload that leaves stale or mis-laid-out weights (vLLM's CPU MoE prepack bug,
-r3.engines.vllm.worker) is off by nats, a correct bf16 engine by hundredths.
+The second line of the sync check; the first reads weights back (r3.engines.weight_check). A fixed
+probe sequence (PROBE_LEN token ids drawn once from a seeded generator) is scored by the engine
+(vLLM `prompt_logprobs`, from raw logits: temperature does not enter) and by a reference: in-process,
+an fp32 transformers forward of the state dict that was synced (tiny models only: it builds the whole
+model in fp32); server mode, the trainer's own forward when the caller sets one, else no probe.
+The median |logprob difference| per probe token must be within the precision's tolerance
+(VLLMRolloutConfig.sync_tolerance; measured numbers in docs/vllm.md): a reload that leaves stale or
+mis-laid-out weights (vLLM's CPU MoE prepack bug, r3.engines.vllm.worker) is off by nats, a correct
+bf16 engine by hundredths; a reload that kept one small RL step's stale experts is not, which is why
+the readback comes first.
 """
 
 from __future__ import annotations
@@ -50,8 +54,21 @@ class SyncChecker:
     def compare(
         self, engine_logprobs: torch.Tensor, state_dict: Mapping[str, torch.Tensor], *, version: int
     ) -> dict[str, float]:
-        """Raise SyncCheckError unless the median |difference| is within tolerance; return the numbers."""
-        ref = self.reference_logprobs(state_dict)
+        """Raise SyncCheckError unless the median |difference| from an fp32 forward of `state_dict` is
+        within tolerance; return the numbers."""
+        return self.compare_with(engine_logprobs, self.reference_logprobs(state_dict), version=version)
+
+    def compare_with(
+        self,
+        engine_logprobs: torch.Tensor,
+        ref: torch.Tensor,
+        *,
+        version: int,
+        where: str = "",
+        reference: str = "an fp32 transformers forward",
+    ) -> dict[str, float]:
+        """The same against given reference logprobs (e.g. the trainer's forward of the probe)."""
+        ref = ref.detach().float().cpu().reshape(-1)
         if engine_logprobs.shape != ref.shape:
             raise SyncCheckError(
                 f"the engine scored {tuple(engine_logprobs.shape)} probe tokens, expected {tuple(ref.shape)}"
@@ -60,8 +77,8 @@ class SyncChecker:
         med, mean, mx = float(diff.median()), float(diff.mean()), float(diff.max())
         if not med <= self.tolerance:  # also catches NaN
             raise SyncCheckError(
-                f"after weight sync v{version}: the {self.precision} vLLM engine's logprobs of a "
-                f"{len(self.probe)}-token probe differ from an fp32 transformers forward of the synced weights by "
+                f"after weight sync v{version}: the {self.precision} vLLM engine{where}'s logprobs of a "
+                f"{len(self.probe)}-token probe differ from {reference} of the synced weights by "
                 f"median {med:.3g} / mean {mean:.3g} / max {mx:.3g} nats per token; expected median <= "
                 f"{self.tolerance:g}. Likely cause: the reload left stale or mis-laid-out weights (vLLM's CPU reload "
                 "skips the MoE prepack unless r3.engines.vllm.worker re-runs it), or the state dict is not this "

@@ -14,9 +14,19 @@ Protocol used (vllm/entrypoints/openai/completion/protocol.py, vllm 0.30.0):
   Each choice: `token_ids`, `logprobs.token_logprobs`, `finish_reason`, and `routed_experts` =
   base64 of a .npy array (prompt + completion - 1, layers, top_k) (serving.py: numpy2base64).
 - Weight sync: the checkpoint is written to `weight_sync_dir` (a file system the servers read),
-  then POST /collective_rpc {"method": "r3_reload_weights", "args": [dir]} (the worker extension:
-  reload + the CPU MoE prepack fix, a no-op on GPU builds) and POST /reset_prefix_cache; then, with
-  verify_sync, each server scores the probe of r3.engines.vllm.check (`prompt_logprobs: 0`).
+  then POST /collective_rpc {"method": "r3_reload_weights", "args": [dir, true, version]} (the worker
+  extension: reload + the CPU MoE prepack fix, a no-op on GPU builds, + the weight version) and
+  POST /reset_prefix_cache -> {"success": bool} (vllm/entrypoints/serve/dev/cache/api_router.py;
+  false stops the sync: stale prefix-cache KV could be served). /collective_rpc answers
+  {"results": [one per worker]}, dicts and lists as they are (vllm/entrypoints/serve/dev/rpc/api_router.py).
+- The check after every sync (verify_sync), per server: POST /collective_rpc {"method":
+  "r3_read_weights", "args": [json request]} -> each worker's weight version and the values it holds
+  at the readback sample (r3.engines.weight_check, r3.engines.vllm.readback), compared exactly with
+  the trainer's synced tensors cast to the served dtype (the main check: no model is built in this
+  process, whatever the model's size); then, only when `set_sync_reference` gave a reference (the
+  trainer's forward of the probe, r3.engines.sglang.train_engine_reference), the probe of
+  r3.engines.vllm.check (`prompt_logprobs: 0`). Without a reference there is no probe: building an
+  fp32 model of the whole state dict here at every sync would not fit at 30B.
 - GET /health -> 200 when the server is up.
 Tested against a real CPU server in tests/r3/test_r3_vllm.py; the GPU build is untested here.
 """
@@ -37,6 +47,7 @@ from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import decode_npy_b64, routing_trace
 from r3.engines.vllm.weights import write_checkpoint
+from r3.engines.weight_check import check_version
 
 _RETRY_STATUS = (502, 503, 504)
 
@@ -57,7 +68,7 @@ class VLLMServerEngine:
         backoff_s: float = 1.0,
         in_flight_per_server: int = 16,
     ):
-        from r3.engines.vllm.engine import model_routing
+        from r3.engines.vllm.engine import model_routing, readback_checker
 
         if not cfg.urls:
             raise ValueError("VLLMServerEngine needs VLLMRolloutConfig.urls (http://host:port of each server)")
@@ -72,6 +83,8 @@ class VLLMServerEngine:
             if cfg.verify_sync
             else None
         )
+        self.readback = readback_checker(cfg)
+        self.sync_reference = None
         self.last_sync: dict[str, float] = {}
         import random
 
@@ -200,15 +213,21 @@ class VLLMServerEngine:
             raise VLLMServerError(f"{url}: probe request returned no choice: {str(payload)[:300]}")
         return prompt_logprobs_of(self.checker.probe, choices[0].get("prompt_logprobs"))
 
+    def set_sync_reference(self, reference) -> None:
+        """Reference of the post-sync probe: `reference(probe ids) -> float32 [len - 1]` logprobs of the
+        weights just synced (r3.engines.sglang.SyncReference, e.g. train_engine_reference(trainer)).
+        None: no probe (the version and readback checks still run)."""
+        self.sync_reference = reference
+
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Write the checkpoint into weight_sync_dir; every server reloads it (+ CPU prepack fix), drops
-        its prefix cache and, with verify_sync, passes the post-sync probe check (r3.engines.vllm.check;
-        it runs an fp32 forward of the whole model on this process: turn verify_sync off for models
-        too large for that, and watch the run's mismatch/k3_kl instead)."""
+        """Write the checkpoint into weight_sync_dir; every server reloads it (+ CPU prepack fix, + the
+        weight version) and drops its prefix cache (its answer checked); with verify_sync, `check_sync`."""
         if self.cfg.weight_sync_dir is None:
             raise ValueError(
                 "sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read"
             )
+        from r3.engines.vllm.engine import check_prefix_cache_reset
+
         t0 = time.time()
         self.weight_version += 1
         root = Path(self.cfg.weight_sync_dir)
@@ -218,17 +237,63 @@ class VLLMServerEngine:
             base_model_path=self.cfg.model_path,
             tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
         )
+        rpc = {"method": "r3_reload_weights", "args": [str(out), True, self.weight_version]}
         for u in self.urls:
-            self._request("POST", f"{u}/collective_rpc", {"method": "r3_reload_weights", "args": [str(out)]})
-            self._request("POST", f"{u}/reset_prefix_cache", None)
+            self._request("POST", f"{u}/collective_rpc", rpc)
+            reset = self._request("POST", f"{u}/reset_prefix_cache", None)
+            ok = reset.get("success") if isinstance(reset, dict) else reset
+            check_prefix_cache_reset(ok, version=self.weight_version, where=f"{u}/reset_prefix_cache")
         self.last_sync = {"sync_s": time.time() - t0}
-        if self.checker is not None:
-            for u in self.urls:
-                self.last_sync.update(
-                    self.checker.compare(self.probe_logprobs(u), state_dict, version=self.weight_version)
-                )
+        if self.cfg.verify_sync:
+            self.last_sync.update(self.check_sync(state_dict))
         prev = root / f"v{self.weight_version - 1:06d}"
         if prev.exists():
             import shutil
 
             shutil.rmtree(prev, ignore_errors=True)
+
+    def rpc_results(self, url: str, method: str, args: list) -> list:
+        """The per-worker results of one /collective_rpc call."""
+        payload = self._request("POST", f"{url}/collective_rpc", {"method": method, "args": args})
+        results = payload.get("results") if isinstance(payload, dict) else None
+        if not isinstance(results, list) or not results:
+            raise VLLMServerError(
+                f"{url}/collective_rpc {method} returned {str(payload)[:300]}; expected {{'results': [one per "
+                "worker]}}: is the server started with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                "r3.engines.vllm.worker.R3WorkerExtension (slurm.servers.vllm_command)?"
+            )
+        return results
+
+    def check_sync(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Per server: every worker's weight version, the readback (unless verify_readback is off),
+        then the probe when a reference is set. SyncCheckError on any difference; returns the numbers."""
+        from r3.engines.vllm.readback import decode_values, read_request
+
+        out: dict[str, float] = {}
+        expected = self.readback.expected(state_dict) if self.readback is not None else None
+        request = read_request(self.readback.plan, self.hf_config) if self.readback is not None else None
+        for u in self.urls:
+            if self.readback is None:
+                for i, v in enumerate(self.rpc_results(u, "r3_weight_version", [])):
+                    check_version(v, self.weight_version, where=f"{u} worker {i}")
+                continue
+            for i, reply in enumerate(self.rpc_results(u, "r3_read_weights", [request])):
+                version, got = decode_values(self.readback.plan, reply, where=f"{u} worker {i}")
+                check_version(version, self.weight_version, where=f"{u} worker {i}")
+                where = f"{u} worker {i}"
+                out.update(self.readback.compare(got, expected, version=self.weight_version, where=where, commit=False))
+        if self.readback is not None:
+            self.readback.commit(expected)
+        if self.sync_reference is not None:
+            ref = self.sync_reference(self.checker.probe)
+            for u in self.urls:
+                out.update(
+                    self.checker.compare_with(
+                        self.probe_logprobs(u),
+                        ref,
+                        version=self.weight_version,
+                        where=f" at {u}",
+                        reference="the trainer's forward",
+                    )
+                )
+        return out

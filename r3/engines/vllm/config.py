@@ -55,9 +55,20 @@ class VLLMRolloutConfig:
     """Where sync_weights writes each weight version (server mode: a directory the servers can read;
     in-process: None means a temporary directory removed when the engine is closed)."""
     verify_sync: bool = True
-    """After every sync, compare the engine's logprobs of a fixed probe sequence with an fp32
-    transformers forward of the new weights and raise when they disagree (catches reloads that
-    leave stale or mis-laid-out weights, e.g. the CPU MoE prepack bug)."""
+    """After every sync, check the engine (SyncCheckError when it fails): the weight version it reports,
+    a readback of held weights (verify_readback), and its logprobs of a fixed probe sequence against a
+    reference (in-process: an fp32 transformers forward of the new weights; server mode: the trainer's
+    forward when `set_sync_reference` gave one, else no probe). Catches reloads that leave stale or
+    mis-laid-out weights, e.g. the CPU MoE prepack bug or skipped experts."""
+    verify_readback: bool = True
+    """With verify_sync: read back sampled elements of every tensor kind (each MoE layer's experts,
+    router, attention, embeddings, lm_head, norms) from the engine and require them equal to the
+    trainer's synced values cast to the engine's dtype (r3.engines.weight_check). One rank per engine
+    only (tensor parallel size 1): turn off for TP > 1 servers, which the readback refuses."""
+    readback_experts_per_layer: int = 4
+    """Experts per MoE layer whose gate/up/down tensors are read back (the same ones every sync)."""
+    readback_elements: int = 16
+    """Elements read back per tensor (positions from a generator seeded by the tensor's name)."""
     sync_atol: float | None = None
     """Tolerance of that check (median |logprob difference| per probe token); None: 1e-3 for fp32, 0.25 for bf16."""
     request_timeout_s: float = 3600.0
@@ -87,6 +98,11 @@ class VLLMRolloutConfig:
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"VLLMRolloutConfig.urls must start with http:// or https://, got {bad}")
+        if self.readback_experts_per_layer < 1 or self.readback_elements < 1:
+            raise ValueError(
+                f"readback_experts_per_layer and readback_elements must be >= 1, got "
+                f"{self.readback_experts_per_layer}, {self.readback_elements} (verify_readback=False turns it off)"
+            )
         if self.sync_atol is not None and self.sync_atol <= 0:
             raise ValueError(f"sync_atol must be > 0 (or None for the precision's default), got {self.sync_atol}")
 

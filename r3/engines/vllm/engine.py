@@ -15,8 +15,10 @@ APIs relied on (vllm 0.30.0, read in the installed source):
   EOS comes from the model config and is passed as stop_token_ids (the stop token is kept in
   token_ids, as in the hf engine);
 - weight sync: `collective_rpc("r3_reload_weights")` of r3.engines.vllm.worker (reload from disk +
-  the CPU MoE prepack fix), then `reset_prefix_cache()` (cached KV and routing rows of the old
-  weights must not be reused), then the post-sync check (`verify_sync`).
+  the CPU MoE prepack fix + the weight version), then `reset_prefix_cache()` (cached KV and routing
+  rows of the old weights must not be reused; it returns False when it could not reset, which stops
+  the sync), then the post-sync check (`verify_sync`): version, readback of held weights
+  (`collective_rpc("r3_read_weights")`), probe.
 
 Environment the CPU build needs on a shared machine (set here unless already set):
 VLLM_CPU_OMP_THREADS_BIND=nobind (binding threads to cores made 10 tokens take 2.6-25 s instead of
@@ -43,13 +45,15 @@ import numpy as np
 import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
-from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
+from r3.engines.vllm.check import SyncChecker, SyncCheckError, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import routing_trace
 from r3.engines.vllm.weights import write_checkpoint
+from r3.engines.weight_check import ReadbackChecker, check_version
 from r3.trace import RoutingSpec
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
 
 
@@ -84,6 +88,30 @@ def model_routing(model_path: str | Path):
     return hf_cfg, spec, eos_ids
 
 
+def readback_checker(cfg: VLLMRolloutConfig) -> ReadbackChecker | None:
+    """The readback of held weights after each sync (None when verify_sync or verify_readback is off)."""
+    if not (cfg.verify_sync and cfg.verify_readback):
+        return None
+    return ReadbackChecker(
+        engine_dtype=TORCH_DTYPES[cfg.precision],
+        experts_per_layer=cfg.readback_experts_per_layer,
+        elements=cfg.readback_elements,
+    )
+
+
+def check_prefix_cache_reset(ok: object, *, version: int, where: str) -> None:
+    """vLLM's reset_prefix_cache returns False when blocks are still held (vllm/v1/core/sched/scheduler.py:
+    running requests or in-flight KV transfers); the cache then still serves KV (and routing rows)
+    computed under the old weights."""
+    if ok is not True:
+        raise SyncCheckError(
+            f"after weight sync v{version}: {where} reset_prefix_cache returned {ok!r}, expected True. Likely cause: "
+            "requests were still running (or KV transfers in flight) during the sync, so vLLM kept prefix-cache "
+            "blocks computed under the previous weights; later prompts sharing a prefix would reuse stale KV. "
+            "Sync only between generate calls"
+        )
+
+
 class VLLMRolloutEngine:
     """RolloutEngine on one in-process vllm.LLM (r3.engines.base.RolloutEngine)."""
 
@@ -108,6 +136,7 @@ class VLLMRolloutEngine:
         self.checker = SyncChecker(
             self.hf_config, precision=cfg.precision, tolerance=cfg.sync_tolerance, probe=probe_ids
         )
+        self.readback = readback_checker(cfg)
         self.last_sync: dict[str, float] = {}
 
         _set_cpu_env(cfg.cpu_kvcache_space_gb)
@@ -328,7 +357,8 @@ class VLLMRolloutEngine:
     # --- weight sync --------------------------------------------------------------------------
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor], *, _repack_cpu_moe: bool = True) -> None:
         """Write the trainer's weights (transformers names) as a checkpoint, reload them into vLLM with
-        the CPU MoE prepack fix, drop the prefix cache, and (verify_sync) check the result.
+        the CPU MoE prepack fix and the new weight version, drop the prefix cache (its result checked),
+        and (verify_sync) check the result: `check_weights`.
 
         _repack_cpu_moe=False reproduces vLLM's CPU reload bug (for the test that shows the check
         catches it); never use it otherwise."""
@@ -342,8 +372,8 @@ class VLLMRolloutEngine:
             tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
         )
         t1 = time.time()
-        self.llm.collective_rpc("r3_reload_weights", args=(str(out), _repack_cpu_moe))
-        self.llm.reset_prefix_cache()
+        self.llm.collective_rpc("r3_reload_weights", args=(str(out), _repack_cpu_moe, self.weight_version))
+        check_prefix_cache_reset(self.llm.reset_prefix_cache(), version=self.weight_version, where="the vLLM engine's")
         t2 = time.time()
         prev = self.sync_dir / f"v{self.weight_version - 1:06d}"
         if prev.exists():
@@ -352,6 +382,38 @@ class VLLMRolloutEngine:
         if self.cfg.verify_sync:
             self.last_sync.update(self.check_weights(state_dict))
             self.last_sync["check_s"] = time.time() - t2
+
+    def check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Raise SyncCheckError unless the engine holds `state_dict` (just synced): every worker reports
+        the synced weight version; read-back weights equal the trainer's cast to the engine's dtype
+        (r3.engines.weight_check; unless verify_readback is off); the probe's logprobs match an fp32
+        forward of `state_dict` (r3.engines.vllm.check). Returns the measured numbers."""
+        out = self.check_readback(state_dict)
+        out.update(self.check_probe(state_dict))
+        return out
+
+    def check_readback(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Weight version of every worker, then (readback on) the read-back values; {} of numbers when off."""
+        from r3.engines.vllm.readback import decode_values, read_request
+
+        if self.readback is None:
+            for i, v in enumerate(self.llm.collective_rpc("r3_weight_version")):
+                check_version(v, self.weight_version, where=f"vLLM worker {i}")
+            return {}
+        expected = self.readback.expected(state_dict)
+        replies = self.llm.collective_rpc("r3_read_weights", args=(read_request(self.readback.plan, self.hf_config),))
+        out: dict[str, float] = {}
+        for i, reply in enumerate(replies):
+            where = f"vLLM worker {i}"
+            version, got = decode_values(self.readback.plan, reply, where=where)
+            check_version(version, self.weight_version, where=where)
+            out = self.readback.compare(got, expected, version=self.weight_version, where=where, commit=False)
+        self.readback.commit(expected)
+        return out
+
+    def check_probe(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The probe's logprobs vs an fp32 transformers forward of `state_dict` (median, mean, max)."""
+        return self.checker.compare(self.probe_logprobs(), state_dict, version=self.weight_version)
 
     def weight_fingerprint(self) -> str:
         """sha256 of the engine's weights in kernel layout (r3.engines.vllm.worker)."""
@@ -366,8 +428,3 @@ class VLLMRolloutEngine:
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=self.checker.probe)], [sp], use_tqdm=False)[0]
         return prompt_logprobs_of(self.checker.probe, out.prompt_logprobs)
-
-    def check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Raise SyncCheckError unless the engine's probe logprobs match an fp32 forward of `state_dict`
-        (r3.engines.vllm.check); returns the measured differences (median, mean, max)."""
-        return self.checker.compare(self.probe_logprobs(), state_dict, version=self.weight_version)
