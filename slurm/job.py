@@ -14,6 +14,12 @@ A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task
 4. the driver (training rank 0) keeps a RUNNING heartbeat, writes FAILED with the error on an
    exception, and links this job's Slurm logs into <run_dir>/slurm/ (slurm.state).
 
+Failures (docs/cluster.md, "Timeouts and failures"): training tasks export the JobSpec's timeouts
+(experiments.distributed.Timeouts): the control group waits `control_timeout_s` (longer than the driver's
+longest phase), one collective `collective_timeout_s`. A follower's failure reaches the driver through
+the control group and fails the run (FAILED, cause on rank 0); the driver's failure or requeue stops
+the followers; srun's --kill-on-bad-exit (slurm.submit) ends a step one of whose tasks exited nonzero.
+
 Preemption and time limits: submitit's signal handler (SIGUSR2 by default, sent by Slurm
 `--signal` before the time limit, or on preemption when the cluster sets
 `SlurmctldParameters=preempt_send_user_signal`) calls `CellJob.checkpoint()`, which resubmits
@@ -64,6 +70,30 @@ class JobSpec:
     """`module:function` called as function(config, run_dir) on the training tasks."""
     server_ready_timeout_s: float = 1800.0
     """Seconds the driver waits for every SGLang server's /health."""
+    control_timeout_s: float = 4 * 3600.0
+    """Seconds a training rank waits on the driver's control group (experiments.distributed.Timeouts):
+    the rendezvous (the driver arrives after the servers answer), a follower's wait for the next call
+    (the driver evaluates and rolls out meanwhile), the per-call error exchange."""
+    collective_timeout_s: float = 1800.0
+    """Seconds one collective inside a train-engine call waits (NCCL's watchdog ends the rank after it)."""
+
+    def __post_init__(self) -> None:
+        if self.control_timeout_s <= self.server_ready_timeout_s:
+            raise ValueError(
+                f"cell {self.name}: control_timeout_s={self.control_timeout_s} must exceed "
+                f"server_ready_timeout_s={self.server_ready_timeout_s}: the followers wait on the control group "
+                "while the driver waits for the servers"
+            )
+
+    def training_env(self) -> dict[str, str]:
+        """What every training task exports besides the rendezvous: the timeouts, and R3_REQUIRE_CUDA=1 in
+        a GPU job (a task whose torch sees no GPU stops instead of training on gloo/CPU)."""
+        from experiments.distributed import Timeouts
+        from r3.engines.megatron.compat import REQUIRE_CUDA_ENV
+
+        env = Timeouts(control_s=self.control_timeout_s, collective_s=self.collective_timeout_s).env()
+        env[REQUIRE_CUDA_ENV] = "1" if self.resources.gpus_per_node > 0 else "0"
+        return env
 
 
 def resolve(body: str):
@@ -150,6 +180,7 @@ class CellJob(submitit.helpers.Checkpointable):
         if plan.role == "rollout":
             return self._serve(plan, run_dir)
         os.environ.update(plan.dist_env)
+        os.environ.update(spec.training_env())
         if not plan.is_driver:
             return self._call_body(plan, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

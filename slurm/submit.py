@@ -230,6 +230,10 @@ def sbatch_parameters(res: Resources, args: argparse.Namespace, name: str) -> di
         "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
         "signal_delay_s": SIGNAL_DELAY_S, "setup": setup + list(args.setup or ()),
         "additional_parameters": {"requeue": True}, "array_parallelism": args.array_parallelism,
+        # srun does not inherit sbatch's --cpus-per-task since Slurm 22.05 (each task would get 1 CPU);
+        # --kill-on-bad-exit: a task exiting nonzero ends the step (a driver that failed after the
+        # timeouts of experiments.distributed must not wait for a hung follower until the time limit)
+        "srun_args": [f"--cpus-per-task={res.cpus_per_task}", "--kill-on-bad-exit=1"],
     }  # fmt: skip
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node

@@ -243,3 +243,72 @@ STATIC_CALLS = []
 
 def static_recording_body(cell, run_dir):
     STATIC_CALLS.append(cell)
+
+
+def test_training_tasks_export_timeouts_and_the_gpu_requirement(tmp_path):
+    from experiments.distributed import Timeouts
+
+    spec = _spec(tmp_path, f"{__name__}:recording_body")
+    env = spec.training_env()
+    assert env["R3_REQUIRE_CUDA"] == "0"  # a CPU job
+    os_env = dict(os.environ)
+    try:
+        os.environ.update(env)
+        assert Timeouts.from_env() == Timeouts(control_s=spec.control_timeout_s, collective_s=spec.collective_timeout_s)
+    finally:
+        os.environ.clear()
+        os.environ.update(os_env)
+    gpu = JobSpec(**{**spec.__dict__, "resources": Resources(train_nodes=1, gpus_per_node=8)})
+    assert gpu.training_env()["R3_REQUIRE_CUDA"] == "1"
+    with pytest.raises(ValueError, match="control_timeout_s=600.0 must exceed server_ready_timeout_s=1800.0"):
+        JobSpec(**{**spec.__dict__, "control_timeout_s": 600.0})
+
+
+def test_gpu_job_without_a_visible_gpu_refuses_to_fall_back_to_the_cpu(monkeypatch):
+    from r3.engines.megatron import compat
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    monkeypatch.setenv("R3_REQUIRE_CUDA", "0")
+    assert compat.require_cuda_if_asked() is False  # a CPU job: gloo
+    monkeypatch.setenv("R3_REQUIRE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="asked for GPUs .* but torch sees none .* Refusing to fall back"):
+        compat.require_cuda_if_asked()
+    monkeypatch.setenv("R3_REQUIRE_CUDA", "0")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")  # an allocation with GPUs, submitted by other means
+    with pytest.raises(RuntimeError, match="SLURM_GPUS_ON_NODE='8'"):
+        compat.require_cuda_if_asked()
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "local_world", "visible", "expected"),
+    [(3, 8, 8, 3), (3, 8, 1, 0), (0, 1, 1, 0), (5, 8, 4, None)],  # all GPUs, one bound per task, refused
+)
+def test_local_device_is_local_rank_modulo_the_visible_gpus(monkeypatch, local_rank, local_world, visible, expected):
+    from r3.engines.megatron import compat
+
+    chosen = []
+    monkeypatch.setattr("torch.cuda.device_count", lambda: visible)
+    monkeypatch.setattr("torch.cuda.set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    if expected is None:
+        with pytest.raises(RuntimeError, match="8 ranks on this node .* each sees 4 GPUs"):
+            compat.set_local_device()
+        return
+    assert compat.set_local_device() == expected and chosen == [expected]
+
+
+def test_generated_scripts_give_srun_the_cpus_per_task_and_kill_on_bad_exit(tmp_path):
+    import argparse
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from slurm.submit import sbatch_parameters
+
+    args = argparse.Namespace(setup=None, array_parallelism=4, partition=None, account=None, qos=None)
+    params = sbatch_parameters(Resources(train_nodes=2, gpus_per_node=8, cpus_per_task=12), args, "cell")
+    text = _make_sbatch_string(command="python -m x", folder=str(tmp_path), **params)
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=12" in srun and "--kill-on-bad-exit=1" in srun
+    assert "#SBATCH --cpus-per-task=12" in text
