@@ -31,6 +31,19 @@ Built against SGLang's documented native API (docs "Native APIs" and "Sampling P
   only). Each server's answer is compared with reference logprobs of the synced weights (see
   `SGLangRolloutEngine.check_sync`): a server that keeps the version number but not the weights (a
   loader that skips tensors under names it does not match) stops the run with SyncCheckError.
+- The readback after every sync (SGLangRolloutConfig.verify_readback): POST /get_weights_by_name
+  {"name": checkpoint name, "truncate_size": readback_rows} -> the first rows of the tensor the server
+  holds, as nested float lists (http_server.py -> ModelRunner.get_weights_by_name -> the model class's
+  get_weights_by_name: `weight.float().tolist()[:truncate_size]`, q/k/v and gate/up narrowed out of
+  the stacked qkv_proj / gate_up_proj). They are compared exactly with the same rows of the trainer's
+  tensor cast to the served dtype, for a sample that includes every MoE layer's experts, router,
+  attention, embeddings, lm_head and norms (r3.engines.weight_check). A server that cannot answer
+  (the model classes read, e.g. Qwen3MoeForCausalLM, may not implement get_weights_by_name, and
+  per-expert names need a mapping onto the fused w13/w2 that SGLang's llama-style implementations
+  lack) stops the sync with SyncCheckError saying so: set verify_readback=False to rely on the
+  version and the probe. Not run against a real SGLang server here (no GPU). Then GET /model_info
+  (older servers: /get_weight_version) -> "weight_version" must be the synced version (SGLang
+  flushes its radix cache inside update_weights_from_disk and fails the update when it cannot).
 - GET /health -> 200 when the server is up.
 Request size is bounded: a /generate batch holds at most `batch_size` prompts and at most
 `max_response_mb` of estimated response JSON (routing base64 + logprob entries for prompt + max new
@@ -62,6 +75,7 @@ import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, TrainBatch
 from r3.engines.vllm.check import PROBE_LEN, SyncCheckError, probe_ids  # light: torch only
+from r3.engines.weight_check import ReadbackChecker, check_version  # light: torch only
 from r3.trace import RoutingSpec, RoutingTrace
 
 Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
@@ -125,6 +139,15 @@ class SGLangRolloutConfig:
     sync_atol: float | None = None
     """Tolerance of that check (median |logprob difference| per probe token); None: 0.25 for bf16,
     0.5 for fp8 (_DEFAULT_SYNC_ATOL)."""
+    verify_readback: bool = True
+    """After every sync, read back the first `readback_rows` rows of a sample of tensors (every MoE
+    layer's experts, router, attention, embeddings, lm_head, norms) through /get_weights_by_name and
+    require them equal to the trainer's values in the served dtype (r3.engines.weight_check). bf16 only:
+    off for fp8 (quantised weights need their scales; a warning says so)."""
+    readback_rows: int = 1
+    """Rows per tensor returned by /get_weights_by_name (its `truncate_size`)."""
+    readback_experts_per_layer: int = 4
+    """Experts per MoE layer whose gate/up/down tensors are read back (the same ones every sync)."""
     reference_max_params: int = 2_000_000_000
     """Without a reference set by the caller (`set_sync_reference`), the engine computes one with an
     fp32 transformers forward of the synced state dict in this process when it has at most this
@@ -135,6 +158,19 @@ class SGLangRolloutConfig:
             raise ValueError(f"SGLangRolloutConfig.precision must be 'bf16' or 'fp8', got {self.precision!r}")
         if self.sync_atol is not None and self.sync_atol <= 0:
             raise ValueError(f"sync_atol must be > 0 (or None for the precision's default), got {self.sync_atol}")
+        if self.readback_rows < 1 or self.readback_experts_per_layer < 1:
+            raise ValueError(
+                f"readback_rows and readback_experts_per_layer must be >= 1, got {self.readback_rows}, "
+                f"{self.readback_experts_per_layer} (verify_readback=False turns the readback off)"
+            )
+        if self.precision == "fp8" and self.verify_readback:
+            import warnings
+
+            warnings.warn(
+                "SGLang fp8 servers hold e4m3 weights with block scales: the exact readback of the synced weights "
+                "does not apply and is off; syncs are checked by weight version and the probe only",
+                stacklevel=3,
+            )
 
     @property
     def sync_tolerance(self) -> float:
@@ -286,6 +322,9 @@ class SGLangRolloutEngine:
         sync_tolerance: float | None = None,
         sync_reference: SyncReference | None = None,
         reference_max_params: int = 2_000_000_000,
+        readback_rows: int | None = None,
+        readback_experts_per_layer: int = 4,
+        readback_dtype: torch.dtype = torch.bfloat16,
     ):
         """routing_spec: (L, K, E) of the served model, needed for capture_routing (build it with
         RoutingSpec.from_hf_config; SGLang reports num_hidden_layers rows, so every layer must be
@@ -299,7 +338,9 @@ class SGLangRolloutEngine:
         larger (response_bytes_estimate). check_server_flags: ask each server's flags once before the
         first /generate (check_servers; the registry's config turns it on). sync_tolerance: verify
         every sync (check_sync) with this bound (None: no check). sync_reference /
-        reference_max_params: where the check's reference comes from (set_sync_reference)."""
+        reference_max_params: where the check's reference comes from (set_sync_reference).
+        readback_rows: after every sync read back this many leading rows of sampled tensors and compare
+        them with the trainer's cast to readback_dtype (the served dtype; None: no readback)."""
         urls = [u.rstrip("/") for u in urls]
         if not urls:
             raise ValueError("SGLangRolloutEngine needs at least one server URL (e.g. http://host:30000)")
@@ -338,6 +379,16 @@ class SGLangRolloutEngine:
         self._fp32_checker = None  # r3.engines.vllm.check.SyncChecker, built on first use
         self._warned_unverified = False
         self.last_sync_check: dict[str, float] = {}
+        self.readback = (
+            None
+            if readback_rows is None
+            else ReadbackChecker(
+                engine_dtype=readback_dtype,
+                storage_dtype=checkpoint_dtype(self.base_model_path),
+                experts_per_layer=readback_experts_per_layer,
+                leading_rows=readback_rows,
+            )
+        )
 
     @classmethod
     def from_model_config(cls, urls: Sequence[str], model_path: str | Path, **kw: Any) -> "SGLangRolloutEngine":
@@ -375,6 +426,8 @@ class SGLangRolloutEngine:
             check_server_flags=cfg.check_server_flags,
             sync_tolerance=cfg.sync_tolerance if cfg.verify_sync else None,
             reference_max_params=cfg.reference_max_params,
+            readback_rows=cfg.readback_rows if cfg.verify_readback and cfg.precision == "bf16" else None,
+            readback_experts_per_layer=cfg.readback_experts_per_layer,
             **kw,
         )
 
@@ -645,13 +698,63 @@ class SGLangRolloutEngine:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         self.update_weights_from_disk(out, weight_version=str(self.weight_version))
-        if self.sync_tolerance is not None:
-            self.last_sync_check = self.check_sync(state_dict)
+        if self.readback is not None or self.sync_tolerance is not None:
+            self.last_sync_check = self.check_version()
+            if self.readback is not None:
+                self.last_sync_check.update(self.check_readback(state_dict))
+            if self.sync_tolerance is not None:
+                self.last_sync_check.update(self.check_sync(state_dict))
         prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"
         if prev.exists():
             shutil.rmtree(prev, ignore_errors=True)
 
     # --- the check after a sync ---------------------------------------------------------------
+    def check_version(self) -> dict[str, float]:
+        """Every server's weight version (GET /model_info, older servers /get_weight_version) must be
+        the last sync's; a server with neither endpoint is checked by the version in every /generate
+        answer instead (parse_response, parse_probe)."""
+        for u in self.urls:
+            for path in ("/model_info", "/get_weight_version"):
+                try:
+                    status, info = self.transport("GET", f"{u}{path}", None, 30.0)
+                except (ConnectionError, TimeoutError, OSError):
+                    continue
+                if status == 200 and isinstance(info, dict) and "weight_version" in info:
+                    check_version(info["weight_version"], self.weight_version, where=u)
+                    break
+        return {}
+
+    def read_weights(self, url: str, name: str, rows: int) -> torch.Tensor:
+        """float32: the first `rows` rows of `name` as the server holds it (POST /get_weights_by_name)."""
+        try:
+            payload = self._request("POST", f"{url}/get_weights_by_name", {"name": name, "truncate_size": rows})
+        except SGLangError as e:
+            raise SyncCheckError(
+                f"after weight sync v{self.weight_version}: {url} cannot read back {name} (/get_weights_by_name: {e}); "
+                "expected its first rows. Likely cause: the served model class does not implement "
+                "get_weights_by_name or does not map this name (SGLang's Qwen3-MoE class read here has none, and "
+                "per-expert names need a mapping onto the fused expert tensors). Set "
+                "SGLangRolloutConfig.verify_readback=False to check syncs by weight version and probe only"
+            ) from e
+        if not isinstance(payload, list):
+            raise SyncCheckError(
+                f"{url}/get_weights_by_name({name}) returned {str(payload)[:200]}; expected nested lists of floats"
+            )
+        return torch.tensor(payload, dtype=torch.float32).reshape(-1)
+
+    def check_readback(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Every server's leading rows of the readback sample vs the trainer's (r3.engines.weight_check)."""
+        expected = self.readback.expected(state_dict)
+        out: dict[str, float] = {}
+        names = list(self.readback.plan.positions)
+        rows = self.readback.leading_rows
+        for u in self.urls:
+            with cf.ThreadPoolExecutor(max_workers=self.in_flight_per_server) as ex:
+                got = dict(zip(names, ex.map(lambda n: self.read_weights(u, n, rows), names)))
+            out = self.readback.compare(got, expected, version=self.weight_version, where=u, commit=False)
+        self.readback.commit(expected)
+        return out
+
     def set_sync_reference(self, reference: SyncReference | None) -> None:
         """Where check_sync's reference logprobs come from: `reference(probe)` of the weights just
         synced, e.g. `train_engine_reference(train_engine)` (the trainer holds exactly those weights,

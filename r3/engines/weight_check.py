@@ -150,8 +150,11 @@ class ReadbackChecker:
         experts_per_layer: int,
         elements: int = 16,
         leading_rows: int | None = None,
+        storage_dtype: torch.dtype | None = None,
     ):
-        self.engine_dtype = engine_dtype
+        """storage_dtype: the dtype the synced checkpoint is written in when it is not the trainer's
+        (SGLang writes the served checkpoint's dtype): expected = trainer.to(storage).to(engine)."""
+        self.engine_dtype, self.storage_dtype = engine_dtype, storage_dtype
         self.experts_per_layer, self.elements, self.leading_rows = experts_per_layer, elements, leading_rows
         self.plan: ReadbackPlan | None = None
         self._previous: dict[str, torch.Tensor] = {}  # expected values of the last sync that passed
@@ -176,7 +179,10 @@ class ReadbackChecker:
                 )
             v = views[name]
             idx = tuple(i.to(v.device) for i in self.plan.index(name))
-            out[name] = v.detach()[idx].to(self.engine_dtype).to("cpu", torch.float32)
+            x = v.detach()[idx]
+            if self.storage_dtype is not None and x.is_floating_point():
+                x = x.to(self.storage_dtype)
+            out[name] = x.to(self.engine_dtype).to("cpu", torch.float32)
         return out
 
     def compare(

@@ -10,6 +10,12 @@ Qwen3-MoE (fp32) that it loads from a checkpoint directory:
   `meta_info.output_token_logprobs`, and with `return_logprob` + `logprob_start_len: 0` the teacher-
   forced `meta_info.input_token_logprobs` ([[logprob, token_id, null], ...], entry 0's logprob null, as
   SGLang); `meta_info.weight_version` is the last loaded version.
+- POST /get_weights_by_name {"name", "truncate_size"}: the first truncate_size rows of the tensor under
+  its on-disk checkpoint name, as nested float lists (SGLang's llama-style `weight.float().tolist()
+  [:truncate_size]`); per-expert names are served from transformers' fused expert tensors. HTTP 400 for
+  a name it does not hold.
+- GET /model_info: {"weight_version": the last loaded version, ...}. `version_lag=True` imitates a
+  server whose update loaded the weights but not the version (e.g. restarted from a later checkpoint).
 - GET /health: 200.
 It is not SGLang: its numerics are transformers' fp32 ones, it ignores sampling parameters other
 than max_new_tokens, and it does not capture routing.
@@ -30,11 +36,12 @@ EXPERT_KEY = ".mlp.experts."
 class ModelServer:
     """Context manager: a localhost HTTP server (test double) serving the model in `model_dir`."""
 
-    def __init__(self, model_dir: str | Path, *, skip_experts: bool = False):
+    def __init__(self, model_dir: str | Path, *, skip_experts: bool = False, version_lag: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        self.skip_experts = skip_experts
+        self.skip_experts, self.version_lag = skip_experts, version_lag
+        self.reads = 0
         self.weight_version = "0"
         self.loaded: list[dict] = []
         self.probes = 0
@@ -56,8 +63,19 @@ class ModelServer:
                 new = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
                 self.model.load_state_dict(new.state_dict(), strict=True)
                 self.loaded.append({"path": str(path), "tensors": len(new.state_dict()), "skipped": 0})
-            self.weight_version = str(body.get("weight_version", self.weight_version))
+            if not self.version_lag:
+                self.weight_version = str(body.get("weight_version", self.weight_version))
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    @torch.no_grad()
+    def get_weights_by_name(self, body: dict) -> list | None:
+        from r3.engines.weight_check import checkpoint_views
+
+        with self._lock:
+            views = dict(checkpoint_views(self.model.state_dict()))
+            t = views.get(body["name"])
+            self.reads += 1
+            return None if t is None else t.float().tolist()[: int(body.get("truncate_size", 100))]
 
     @torch.no_grad()
     def generate(self, body: dict) -> list[dict]:
@@ -103,7 +121,12 @@ class ModelServer:
                 self.wfile.write(data)
 
             def do_GET(self):  # noqa: N802
-                self._send(200, {}) if self.path == "/health" else self._send(404, {"detail": "Not Found"})
+                if self.path == "/health":
+                    self._send(200, {})
+                elif self.path == "/model_info":
+                    self._send(200, {"model_path": "double", "weight_version": served.weight_version})
+                else:
+                    self._send(404, {"detail": "Not Found"})
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -111,6 +134,9 @@ class ModelServer:
                     self._send(200, served.generate(body))
                 elif self.path == "/update_weights_from_disk":
                     self._send(200, served.update(body))
+                elif self.path == "/get_weights_by_name":
+                    w = served.get_weights_by_name(body)
+                    self._send(200, w) if w is not None else self._send(400, {"error": "Get parameter by name failed"})
                 else:
                     self._send(404, {"detail": "Not Found"})
 

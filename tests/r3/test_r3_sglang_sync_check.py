@@ -119,3 +119,84 @@ def test_probe_request_and_malformed_answers(checkpoints):
     shifted = [{"meta_info": {"input_token_logprobs": good[0]["meta_info"]["input_token_logprobs"][1:]}}]
     with pytest.raises(SGLangError, match="returned 47 input_token_logprobs"):
         eng.parse_probe(probe, shifted, url="u")
+
+
+def _one_small_step(trainer, vocab: int) -> None:
+    """One AdamW step at the trainer's lr on a batch that routes tokens to every expert."""
+    from r3.engines.base import TrainBatch
+
+    ids_BS = torch.randint(3, vocab, (8, 24), generator=torch.Generator().manual_seed(0))
+    mask_BT = torch.ones(8, 23)
+
+    def loss_fn(logp_BT, entropy_BT, rows):
+        return -(logp_BT * mask_BT[rows]).sum() / mask_BT.sum(), {}
+
+    batch = TrainBatch(input_ids_BS=ids_BS, attention_mask_BS=torch.ones_like(ids_BS), loss_mask_BT=mask_BT)
+    trainer.train_step(batch, loss_fn)
+
+
+def test_skipped_experts_after_one_small_step_pass_the_probe_but_not_the_readback(checkpoints, tmp_path):
+    """The served policy is the trainer's; one lr-1e-5 step later the test double's loader skips the
+    experts: the probe against the trainer's forward passes (about 1e-4 nats), the readback of
+    /get_weights_by_name names the experts as still holding the previous sync's values."""
+    from r3.engines.registry import build_train_engine, train_config
+
+    _, policy = checkpoints
+    trainer = build_train_engine(train_config("hf", model_path=str(policy), lr=1e-5))
+    double = ModelServer(policy, skip_experts=True)
+    with double as url:
+        eng = _engine(
+            url,
+            policy,
+            tmp_path,
+            sync_reference=train_engine_reference(trainer),
+            readback_rows=1,
+            readback_dtype=torch.float32,  # the double computes in fp32
+        )
+        eng.sync_weights(trainer.rollout_state_dict())  # the served weights: skipping the experts changes nothing
+        assert eng.last_sync_check["readback_tensors"] > 0 and double.reads == eng.last_sync_check["readback_tensors"]
+        _one_small_step(trainer, json.loads((policy / "config.json").read_text())["vocab_size"])
+        sd = trainer.rollout_state_dict()
+        with pytest.raises(SyncCheckError) as e:
+            eng.sync_weights(sd)
+        msg = str(e.value)
+        layers = double.model.config.num_hidden_layers
+        assert f"experts {layers * 4 * 3}/{layers * 4 * 3}" in msg and "attention 0/" in msg, msg
+        assert "after weight sync v2" in msg and "still hold exactly the previous sync's values" in msg
+        assert "got " in msg and "expected " in msg and "Likely cause: the reload skipped the routed experts" in msg
+        # the probe alone passes the stale server (median |dlogp| far below even fp32's bound)
+        probe = eng.check_sync(sd)
+        assert probe["probe_median_abs_diff"] < FP32_ATOL, probe
+        # and without the readback the sync passes
+        eng.readback = None
+        eng.sync_weights(sd)
+
+
+def test_a_server_that_did_not_take_the_version_is_caught(checkpoints, tmp_path):
+    base, new = checkpoints
+    with ModelServer(base, version_lag=True) as url:
+        eng = _engine(url, base, tmp_path, readback_rows=1, readback_dtype=torch.float32)
+        with pytest.raises(SyncCheckError, match=r"reports weight version '0', expected 1. Likely cause: the reload"):
+            eng.sync_weights(_new_state_dict(new))
+
+
+def test_a_server_that_cannot_read_back_says_how_to_proceed(checkpoints, tmp_path):
+    base, new = checkpoints
+
+    def transport(method, url, body, timeout_s):
+        if url.endswith("/update_weights_from_disk"):
+            return 200, {"success": True}
+        if url.endswith("/get_weights_by_name"):
+            return 400, {"error": "Get parameter by name failed"}
+        return 404, {"detail": "Not Found"}
+
+    eng = SGLangRolloutEngine(
+        ["http://sglang:1"], weight_sync_dir=tmp_path, base_model_path=base, transport=transport, readback_rows=1
+    )
+    with pytest.raises(SyncCheckError, match=r"cannot read back .*verify_readback=False"):
+        eng.sync_weights(_new_state_dict(new))
+    cfg = SGLangRolloutConfig(urls=("http://h:1",), model_path=str(base))
+    assert SGLangRolloutEngine.from_config(cfg).readback.leading_rows == 1  # on by default
+    with pytest.warns(UserWarning, match="fp8 .* readback .* is off"):
+        fp8 = SGLangRolloutConfig(urls=("http://h:1",), model_path=str(base), precision="fp8")
+    assert SGLangRolloutEngine.from_config(fp8).readback is None
