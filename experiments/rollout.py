@@ -199,7 +199,7 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
                     f"sample {b}: routing trace has {t.shape[0]} rows, expected {n - 1} (prompt + response - 1); "
                     "likely cause: an engine that records the last token or drops the first"
                 )
-        expert_ids = pad_traces(traces, S - 1)
+        expert_ids = pad_traces(traces, S - 1)  # uint8 for E <= 256 (r3.trace.trace_dtype), also on the wire
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     return Batch(
         train=TrainBatch(

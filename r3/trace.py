@@ -221,24 +221,55 @@ def to_sglang(trace: RoutingTrace) -> str:
 # --- batching ---------------------------------------------------------------------------------
 
 
-def dummy_rows(num_rows: int, num_layers: int, top_k: int) -> torch.Tensor:
+def trace_dtype(num_experts: int) -> torch.dtype:
+    """The in-memory dtype of a batch trace: uint8 when E <= 256 (Qwen3-30B-A3B's 128 experts), else
+    int32. Not int16: NCCL has no 16-bit integer type (its types: int8/uint8, int32/uint32,
+    int64/uint64 and floats), and the batch trace is broadcast and recordings all-gathered over it.
+    Index operations convert to int64 per micro-batch (r3.engines.*.replay)."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    return torch.uint8 if num_experts <= 256 else torch.int32
+
+
+def dummy_rows(num_rows: int, num_layers: int, top_k: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Padding rows [num_rows, L, K] holding experts 0..K-1: distinct, so no token routes twice."""
-    return torch.arange(top_k, dtype=torch.int64).expand(num_rows, num_layers, top_k).clone()
+    return torch.arange(top_k, dtype=dtype).expand(num_rows, num_layers, top_k).clone()
 
 
-def pad_traces(traces: Sequence[RoutingTrace | torch.Tensor], T_max: int) -> torch.Tensor:
-    """Right-pad per-sequence traces to T_max rows. Returns int64 expert_ids_BTLK [B, T_max, L, K];
-    padding rows hold the distinct dummy experts 0..K-1."""
+def pad_traces(
+    traces: Sequence[RoutingTrace | torch.Tensor], T_max: int, *, num_experts: int | None = None
+) -> torch.Tensor:
+    """Right-pad per-sequence traces to T_max rows. Returns expert_ids_BTLK [B, T_max, L, K] of
+    `trace_dtype(E)` (uint8 for E <= 256: the paper's 1024 x 9215 x 48 x 8 trace is 3.6 GB, not the
+    29 GB of int64); padding rows hold the distinct dummy experts 0..K-1.
+
+    E: `num_experts`, else the traces' RoutingSpec, else the largest id + 1 (ids of raw tensors are
+    range-checked against the dtype's capacity before the cast, never wrapped)."""
     tensors = [t.expert_ids_TLK if isinstance(t, RoutingTrace) else torch.as_tensor(t) for t in traces]
     if not tensors:
         raise ValueError("pad_traces needs at least one trace")
     _, num_layers, top_k = tensors[0].shape
-    out_BTLK = dummy_rows(len(tensors) * T_max, num_layers, top_k).view(len(tensors), T_max, num_layers, top_k)
     for b, t in enumerate(tensors):
         if t.ndim != 3 or t.shape[1:] != (num_layers, top_k):
             raise ValueError(f"trace {b} has shape {tuple(t.shape)}, expected [T, {num_layers}, {top_k}]")
         if t.shape[0] > T_max:
             raise ValueError(f"trace {b} has {t.shape[0]} rows > T_max={T_max}; T_max must cover the longest")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"trace {b}: routing ids must be integers, got dtype {t.dtype}")
+    if num_experts is None:
+        specs = [t.spec.num_experts for t in traces if isinstance(t, RoutingTrace)]
+        num_experts = max(specs) if specs else 1 + max(int(t.max()) if t.numel() else 0 for t in tensors)
+    dtype = trace_dtype(num_experts)
+    for b, t in enumerate(tensors):
+        if t.dtype != dtype and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= num_experts:
+                raise ValueError(
+                    f"trace {b}: expert ids must be in [0, {num_experts}), got min={lo} max={hi}; likely cause: "
+                    "padding filled with -1, or a trace of a model with more experts"
+                )
+    out_BTLK = dummy_rows(len(tensors) * T_max, num_layers, top_k, dtype).view(len(tensors), T_max, num_layers, top_k)
+    for b, t in enumerate(tensors):
         out_BTLK[b, : t.shape[0]] = t
     return out_BTLK
 

@@ -18,6 +18,7 @@ from r3.trace import (
     pad_traces,
     place_traces,
     to_sglang,
+    trace_dtype,
 )
 
 
@@ -131,3 +132,24 @@ def test_bitpack_is_at_floor():
     n = len(encode(_random_trace(100, spec), "bitpack"))
     assert n == math.ceil(100 * 4 * 8 * 7 / 8)
     assert np.frombuffer(encode(_random_trace(1, spec), "uint8"), np.uint8).size == 32
+
+
+def test_pad_traces_is_compact_uint8_up_to_256_experts_int32_beyond():
+    """The batch trace stays compact (r3.trace.trace_dtype): uint8 for E <= 256 (the paper's 128 experts),
+    int32 beyond (NCCL has no int16); the ids and the dummy padding rows are unchanged by it."""
+    spec = RoutingSpec(num_layers=2, top_k=3, num_experts=128)
+    a, b = _random_trace(4, spec, 1), _random_trace(2, spec, 2)
+    out = pad_traces([a, b], 5)
+    assert out.dtype == torch.uint8 and out.shape == (2, 5, 2, 3)
+    assert torch.equal(out[0, :4].long(), a.expert_ids_TLK.long()) and torch.equal(
+        out[1, 2:].long(), torch.tensor([0, 1, 2]).expand(3, 2, 3)
+    )
+    assert pad_traces([a.expert_ids_TLK.long()], 4).dtype == torch.uint8  # raw int64 ids < 256
+    assert pad_traces([a.expert_ids_TLK.long()], 4, num_experts=300).dtype == torch.int32
+    big = RoutingSpec(num_layers=1, top_k=2, num_experts=300)
+    ids = torch.tensor([[[299, 7]], [[3, 256]]])
+    wide = pad_traces([RoutingTrace(ids, big)], 3)
+    assert wide.dtype == torch.int32 and torch.equal(wide[0, :2].long(), ids)  # no wrap at 256
+    with pytest.raises(ValueError, match=r"trace 0: expert ids must be in \[0, 128\), got min=-1"):
+        pad_traces([torch.tensor([[[-1, 2]]])], 2, num_experts=128)  # -1 would wrap to 255 in uint8
+    assert trace_dtype(256) == torch.uint8 and trace_dtype(257) == torch.int32

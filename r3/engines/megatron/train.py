@@ -61,7 +61,7 @@ from r3.engines.megatron.token_order import require_transformer_engine
 from r3.engines.megatron.logits import token_logprobs as chunked_token_logprobs
 from r3.metrics import LOGITS_CHUNK_TOKENS
 from r3.replay import ReplayMode
-from r3.trace import RoutingSpec
+from r3.trace import RoutingSpec, trace_dtype
 
 CHECKPOINT_FILE = "megatron_train_engine.pt"
 """File written inside the directory passed to save()/load() (one process; with N ranks each rank
@@ -198,6 +198,7 @@ class MegatronTrainEngine:
         self.train_step_sees_whole_batch = self.dp_size == 1 and self.pp_size == 1
         self.spec = RoutingSpec.from_hf_config(self.hf_config) if self.is_moe else None
         self.replay = MegatronRouterReplay(self.model, self.spec) if self.is_moe else None
+        self._trace_dtype = trace_dtype(self.spec.num_experts) if self.is_moe else torch.int64
         # trace layers (MoE layers) of every pipeline stage; collective over the PP group, checks
         # that the stages own each trace layer once, in order
         self.stage_moe_layers = self.replay.check_pipeline_layers() if self.is_moe else None
@@ -335,7 +336,7 @@ class MegatronTrainEngine:
             return LogprobResult(
                 logp_BT=gather(logp),
                 entropy_BT=gather(ent) if with_entropy else None,
-                expert_ids_BTLK=gather(rec) if mode is ReplayMode.RECORD else None,
+                expert_ids_BTLK=gather(rec.to(self._trace_dtype)) if mode is ReplayMode.RECORD else None,
             )
         logps, ents, recs = [], [], []
         W = batch.input_ids_BS.shape[1] - 1  # each micro-batch is trimmed (_trimmed); results padded to W
@@ -354,7 +355,8 @@ class MegatronTrainEngine:
             logps.append(_pad_cols(logp_BT, W))  # on the engine's device: the DP all-gather runs there
             ents.append(_pad_cols(ent_BT, W) if with_entropy else None)
 
-        expert_ids = gather(torch.cat(recs)) if mode is ReplayMode.RECORD else None
+        # recordings travel and stay compact (uint8 for E <= 256, r3.trace.trace_dtype)
+        expert_ids = gather(torch.cat(recs).to(self._trace_dtype)) if mode is ReplayMode.RECORD else None
         return LogprobResult(
             logp_BT=gather(torch.cat(logps)),
             entropy_BT=gather(torch.cat(ents)) if with_entropy else None,
