@@ -170,7 +170,8 @@ engine's device. The engine backpropagates each micro-batch loss as returned and
 gradients, so loss_fn normalises by the whole mini-batch (then micro-batching does not change the
 gradient). Metrics are normalised the same way: the engine SUMS each metric over micro-batches (and
 data-parallel ranks), and the sum is the mini-batch's value (a token mean stays a token mean however
-the rows are grouped)."""
+the rows are grouped). `rows` may be empty (a data-parallel rank left without rows runs padding):
+loss_fn then returns a zero loss and zero metrics under its usual keys."""
 
 
 @runtime_checkable
