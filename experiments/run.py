@@ -47,11 +47,11 @@ from r3.engines.base import SamplingParams
 from r3.engines.registry import build_rollout_engine, build_train_engine
 
 SIGNIFICANT_KEYS = ("mismatch/k3_kl", "actor/loss", "actor/grad_norm")
-"""Metrics that stop the run when NaN/inf (after a checkpoint is written)."""
+"""Metrics that stop the run when NaN/inf (the failing step is not checkpointed)."""
 
 
 class NonFiniteError(FloatingPointError):
-    """A NaN or inf loss / gradient: the run stops (after writing a checkpoint)."""
+    """A NaN or inf loss / gradient: the run stops; its last checkpoint is the last good step."""
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -308,13 +308,12 @@ def run_cell(
                 batch = rollout.build_batch(ro.kept, pad_id=tokenizer.pad_token_id, with_routing=moe)
                 rec.update(to_host(policy_update(cfg, train_engine, batch)))
                 bad = [k for k in SIGNIFICANT_KEYS if k in rec and not _finite(rec[k])]
-                if bad:
-                    save_ckpt(step)
-                    log(f"non-finite {bad} at step {step}; checkpoint written, run stopped")
+                if bad:  # no checkpoint of this step: a resumed run redoes it from the last good one, no gap
+                    log(f"non-finite {bad} at step {step}; run stopped; the step's metrics: {json.dumps(rec)}")
                     raise NonFiniteError(
                         f"cell {cfg.name!r}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)} at global step "
-                        f"{step}; a checkpoint of this step was written to {run_dir / 'checkpoints'}; likely "
-                        f"cause: lr {cfg.lr} too high or a broken batch"
+                        f"{step}; the run stopped without checkpointing this step (the step's metrics are in "
+                        f"{run_dir / rundir.LOG}); likely cause: lr {cfg.lr} too high or a broken batch"
                     )
                 t0 = time.time()
                 rollout_engine.sync_weights(train_engine.rollout_state_dict())

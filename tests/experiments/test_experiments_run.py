@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from experiments import checkpoint, rundir
 from experiments.config import RunConfig
 from experiments.run import NonFiniteError, check_engines, run_cell
 
@@ -130,22 +131,34 @@ def _dies_after(steps_ok: int, run_dir):
     return fn
 
 
-def test_non_finite_loss_stops_with_checkpoint(micro_zoo, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_without_checkpointing_the_step_and_resumes_without_a_gap(
+    micro_zoo, tmp_path, monkeypatch
+):
+    """The failing step is not checkpointed (a resubmission would resume past it and leave a gap in
+    metrics.jsonl); its metrics go to log.txt; a resumed run redoes it from the last good checkpoint."""
     from experiments import run as run_mod
 
     real = run_mod.policy_update
+    calls = {"n": 0}
 
-    def nan_update(*a, **kw):
+    def nan_at_step_2(*a, **kw):
         m = real(*a, **kw)
-        m["actor/loss"] = float("nan")
+        calls["n"] += 1
+        if calls["n"] == 2:
+            m["actor/loss"] = float("nan")
         return m
 
-    monkeypatch.setattr(run_mod, "policy_update", nan_update)
-    cfg = _cfg(micro_zoo, "nan", global_steps=3)
-    with pytest.raises(NonFiniteError, match=r"actor/loss=nan at global step 1"):
-        run_cell(cfg, tmp_path / "nan", progress=False, reward_fn=parity_reward)
-    assert (tmp_path / "nan" / "checkpoints" / "step_1" / "COMPLETE").exists()
-    assert not (tmp_path / "nan" / "manifest.json").exists()
+    monkeypatch.setattr(run_mod, "policy_update", nan_at_step_2)
+    cfg = _cfg(micro_zoo, "nan", global_steps=3, checkpoint_every=1)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(NonFiniteError, match=r"actor/loss=nan at global step 2; the run stopped without checkpointing"):
+        run_cell(cfg, run_dir, progress=False, reward_fn=parity_reward)
+    assert [s for s, _ in checkpoint.checkpoint_dirs(run_dir)] == [1]
+    assert "non-finite ['actor/loss'] at step 2" in (run_dir / "log.txt").read_text()
+    assert not (run_dir / "manifest.json").exists()
+    monkeypatch.setattr(run_mod, "policy_update", real)
+    run_cell(cfg, run_dir, progress=False, reward_fn=parity_reward)
+    assert [r["step"] for r in rundir.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_replay_without_routing_capture_fails_at_start():
@@ -215,3 +228,15 @@ def test_engine_configs_route_server_urls_to_the_named_engine(tmp_path):
     ro, _ = engine_configs(RunConfig(name="s", rollout_engine="sglang", preset="paper", sglang_urls=urls),
                            tmp_path / "ckpt", tmp_path / "run")  # fmt: skip
     assert ro.name == "sglang" and ro.weight_sync_dir == str(tmp_path / "run" / "weight_sync")
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_fp32_cell_at_temperature_07_has_no_mismatch(micro_zoo, tmp_path, replay):
+    """An fp32 rollout against the fp32 trainer at T = 0.7: the trainer scores at the sampler's
+    temperature, so k3 KL stays at the fp32 floor at every step (at temperature 1 scoring it was 2.9e-3)."""
+    cfg = _cfg(micro_zoo, f"t07-{replay}", global_steps=2, rollout_precision="fp32", temperature=0.7, replay=replay)
+    run_cell(cfg, tmp_path / "t07", progress=False, reward_fn=parity_reward)
+    lines = rundir.read_jsonl(tmp_path / "t07" / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        assert r["mismatch/k3_kl"] < 1e-6, r
