@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean-demo
+.PHONY: demo test test-fast lint format install clean-demo gpu-smoke
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -41,3 +41,15 @@ test-fast: $(STAMP)
 
 clean-demo:
 	rm -rf runs/demo
+
+# The cluster path on ONE NVIDIA GPU, never in CI (docs/cluster.md "Before submitting"): GPU builds of
+# torch, vLLM and megatron-core in their own venv, then a 3-step R3 cell on the shipped tiny zoo.
+# Without a GPU it stops at once and says so.
+GPU_VENV ?= .venv-gpu
+gpu-smoke:
+	@command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU \
+		|| { echo "gpu-smoke: no NVIDIA GPU on this machine (nvidia-smi lists none); run it on a GPU node"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e '.[gpu]'
+	$(GPU_VENV)/bin/python -m experiments.gpu_smoke --out runs/gpu-smoke
