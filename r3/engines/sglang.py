@@ -73,7 +73,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, TrainBatch
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, TrainBatch, request_seed
 from r3.engines.vllm.check import PROBE_LEN, SyncCheckError, probe_ids  # light: torch only
 from r3.engines.weight_check import ReadbackChecker, check_version  # light: torch only
 from r3.trace import RoutingSpec, RoutingTrace
@@ -499,7 +499,7 @@ class SGLangRolloutEngine:
             body["sampling_params"] = sp
         else:  # distinct per-prompt seeds, or the G samples of a group would be identical
             body["sampling_params"] = [
-                {**sp, "sampling_seed": params.seed + seed_offset + i} for i in range(len(prompts))
+                {**sp, "sampling_seed": request_seed(params.seed, seed_offset + i)} for i in range(len(prompts))
             ]
         if capture_routing:
             body["return_routed_experts"] = True

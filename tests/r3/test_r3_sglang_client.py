@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from r3.engines.base import RolloutEngine, SamplingParams
+from r3.engines.base import RolloutEngine, SamplingParams, request_seed
 from r3.engines.sglang import SGLangError, SGLangRolloutEngine, urllib_transport
 from r3.trace import RoutingSpec
 
@@ -32,8 +32,20 @@ REQUEST = {
     "input_ids": [[11, 12, 13], [21, 22]],
     "return_logprob": True,
     "sampling_params": [
-        {"max_new_tokens": 4, "temperature": 1.0, "top_p": 0.95, "stop_token_ids": [2], "sampling_seed": 7},
-        {"max_new_tokens": 4, "temperature": 1.0, "top_p": 0.95, "stop_token_ids": [2], "sampling_seed": 8},
+        {
+            "max_new_tokens": 4,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "stop_token_ids": [2],
+            "sampling_seed": request_seed(7, 0),
+        },
+        {
+            "max_new_tokens": 4,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "stop_token_ids": [2],
+            "sampling_seed": request_seed(7, 1),
+        },
     ],
     "return_routed_experts": True,
     "routed_experts_start_len": 0,
@@ -175,9 +187,9 @@ def test_batches_round_robin_and_keep_order():
     out = eng.generate(prompts, SamplingParams(max_new_tokens=1, seed=100))
     assert [s.response_ids for s in out] == [[i + 100] for i in range(8)]
     assert sorted(calls) == [
-        ("http://a:1/generate", [0, 1, 2], [100, 101, 102]),
-        ("http://a:1/generate", [6, 7], [106, 107]),
-        ("http://b:2/generate", [3, 4, 5], [103, 104, 105]),
+        ("http://a:1/generate", [0, 1, 2], [request_seed(100, i) for i in (0, 1, 2)]),
+        ("http://a:1/generate", [6, 7], [request_seed(100, i) for i in (6, 7)]),
+        ("http://b:2/generate", [3, 4, 5], [request_seed(100, i) for i in (3, 4, 5)]),
     ]  # distinct seeds per prompt
 
 

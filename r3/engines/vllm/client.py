@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
 from r3.engines.sglang import urllib_transport
 from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
@@ -197,7 +197,7 @@ class VLLMServerEngine:
 
         def run(i: int) -> RolloutSample:
             url = f"{self.urls[i % len(self.urls)]}/v1/completions"
-            payload = self._request("POST", url, self.request_body(prompts[i], params, base + i))
+            payload = self._request("POST", url, self.request_body(prompts[i], params, request_seed(base, i)))
             return self.parse_choice(i, prompts[i], payload, capture_routing)
 
         with cf.ThreadPoolExecutor(max_workers=min(len(prompts), len(self.urls) * self.in_flight)) as ex:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
 from r3.engines.vllm.check import SyncChecker, SyncCheckError, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import routing_trace
@@ -297,7 +297,7 @@ class VLLMRolloutEngine:
         # distinct per-prompt seeds, or the G samples of a group would be identical
         starts = [0] * len(prompts) if known is None else [int(k.shape[0]) for k in known]
         sps = [
-            self._vllm_params(params, base + i, **({"routed_experts_prompt_start": k} if k else {}))
+            self._vllm_params(params, request_seed(base, i), **({"routed_experts_prompt_start": k} if k else {}))
             for i, k in enumerate(starts)
         ]
         outs = self.llm.generate(
