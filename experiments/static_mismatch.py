@@ -104,52 +104,98 @@ def _metrics(train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT) -> dic
     return out
 
 
-def _rollout_batch(
-    model_dir: Path,
-    precision: str,
-    *,
-    n_prompts: int,
-    group_size: int,
-    max_new_tokens: int,
-    seed: int,
-    difficulty: int,
-    train_engine: str,
-    rollout_engine: str = "hf",
-    engines=None,
-    problems=None,
-    encode=None,
-    stop_ids: tuple[int, ...] = (),
-    progress: bool = True,
-):
-    """Sample held-out prompts with the rollout engine; return (batch, train engine, is_moe).
+def _engines_for(model_dir: Path, precision: str, *, seed: int, train_engine: str, rollout_engine: str = "hf",
+                 engines=None, progress: bool = True):  # fmt: skip
+    """(rollout engine, train engine) of one model: `engines(model_dir)` when given (a checkpoint
+    measurement), else the zoo's `_engine_pair`."""
+    if engines is None:
+        return _engine_pair(model_dir, precision, seed, train_engine, rollout_engine, progress)
+    return engines(model_dir)
 
-    Zoo defaults: engines from `_engine_pair`, the embedded task's held-out problems, its prompt
-    format. A checkpoint measurement (`measure_checkpoints`) passes `engines(model_dir) -> (rollout,
-    train)`, `problems() -> [task.Problem]` and `encode(tokenizer, problem text) -> ids`."""
-    from transformers import AutoTokenizer
 
+def _sample_batch(ro, tok, probs, *, group_size: int, max_new_tokens: int, seed: int, moe: bool, encode=None,
+                  stop_ids: tuple[int, ...] = ()):  # fmt: skip
+    """Sample `group_size` responses to each of `probs` with the rollout engine; the batch
+    (experiments.rollout.build_batch), with routing when `moe`. encode(tokenizer, text) -> ids (None:
+    the embedded task's prompt format)."""
     from r3.engines.base import SamplingParams
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if engines is None:
-        ro, tr = _engine_pair(model_dir, precision, seed, train_engine, rollout_engine, progress)
-    else:
-        ro, tr = engines(model_dir)
-    moe = ro.capabilities.captures_routing and tr.is_moe
-    probs = task.heldout_problems(n_prompts, difficulty=difficulty) if problems is None else problems()
     if encode is None:
         prompts = [tok(task.format_prompt(p.problem))["input_ids"] for p in probs for _ in range(group_size)]
     else:
         prompts = [ids for p in probs for ids in [encode(tok, p.problem)] * group_size]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop_token_ids=stop_ids)
     samples = ro.generate(prompts, params, capture_routing=moe)
-    if callable(close := getattr(ro, "close", None)):  # vLLM: release the engine (and its KV cache) now
-        close()
     groups = [
         rollout.Group(problem=p, samples=samples[i * group_size : (i + 1) * group_size], rewards=[0.0] * group_size)
         for i, p in enumerate(probs)
     ]
-    return rollout.build_batch(groups, pad_id=tok.pad_token_id, with_routing=moe), tr, moe
+    return rollout.build_batch(groups, pad_id=tok.pad_token_id, with_routing=moe)
+
+
+def _close(engine) -> None:
+    """Release what an engine holds (vLLM's engine and KV cache, a driver proxy's followers), if it can."""
+    if callable(close := getattr(engine, "close", None)):
+        close()
+
+
+def _release(engine) -> None:
+    """_close(engine); the caller then drops its references, and gc (megatron's modules hold reference
+    cycles) plus the CUDA cache return the memory, so the next model's engines are built after this
+    one's memory is free."""
+    import gc
+
+    _close(engine)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _Accumulator:
+    """Per-token results of several batches for `_metrics`: train and inference logprobs at the
+    loss-mask positions kept as flat tensors (floats: small), routing disagreement averaged per fed
+    token batch by batch (the [tokens, L, K] traces are not kept). One batch: `_metrics` of its own
+    tensors, exactly as before batching existed."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+
+    def add(self, train_BT, infer_BT, mask_BT, rollout_ids=None, train_ids=None, fed_BT=None):
+        if len(self.parts) == 1:  # a second batch: keep only what the metrics read of the first
+            self.parts[0] = self._compact(*self.parts[0])
+        part = (train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT)
+        self.parts.append(part if not self.parts else self._compact(*part))
+
+    @staticmethod
+    def _compact(train_BT, infer_BT, mask_BT, rollout_ids, train_ids, fed_BT):
+        from r3.metrics import routing_disagreement
+
+        m = mask_BT.bool()
+        routing = None
+        if rollout_ids is not None and train_ids is not None:
+            rd = routing_disagreement(rollout_ids[fed_BT], train_ids[fed_BT])
+            routing = (int(fed_BT.sum()), rd)
+        return ("flat", train_BT[m], infer_BT[m], routing)
+
+    def metrics(self) -> dict:
+        if len(self.parts) == 1:
+            return _metrics(*self.parts[0])
+        train = torch.cat([p[1] for p in self.parts]).unsqueeze(0)
+        infer = torch.cat([p[2] for p in self.parts]).unsqueeze(0)
+        out = _metrics(train, infer, torch.ones_like(train), None, None, None)
+        routed = [p[3] for p in self.parts if p[3] is not None]
+        if routed:  # means over fed tokens: each batch's mean weighted by its fed tokens
+            n = sum(f for f, _ in routed)
+
+            def mean(key):
+                return sum(rd[key].double() * f for f, rd in routed) / n
+
+            out["routing_pair_disagreement"] = float(mean("routing/pair_disagreement"))
+            out["routing_token_disagreement"] = float(mean("routing/token_disagreement"))
+            out["per_layer_disagreement"] = mean("routing/per_layer").float().tolist()
+            out["fed_tokens"] = n
+        return out
 
 
 def measure(
@@ -170,29 +216,23 @@ def measure(
     stop_ids: tuple[int, ...] = (),
     progress: bool = True,
     on_phase=None,
+    batch_prompts: int = 0,
 ) -> dict:
-    """The static.json record of one rollout precision. engines / problems / encode / stop_ids:
-    see `_rollout_batch` (None: the zoo's); engines(model_dir) is called once per model, MoE first.
+    """The static.json record of one rollout precision. engines(model_dir) -> (rollout, train engine),
+    problems() -> [task.Problem], encode(tokenizer, text) -> ids, stop_ids: a checkpoint measurement's
+    (None: the zoo's engines, held-out problems and prompt format); engines() is called once per model,
+    MoE first, and the MoE model's engines are released (closed, dropped, memory freed) before the
+    dense model's are built. batch_prompts > 0: prompts are rolled out and recomputed that many at a
+    time (batch_prompts x group_size rows per train-engine call, so a batch, its routing trace and the
+    driver's broadcast of it stay bounded), metrics over all of them; 0: one batch.
     progress: the zoo engines' progress bar over decode steps (off in a worker process).
-    on_phase(fraction): called after each of the five phases with the share of the work done
-    (`PHASE_SHARES`), for a progress bar in another process (experiments.demo)."""
+    on_phase(fraction): called after each phase of each batch with the share of the work done
+    (`PHASE_SHARES`; with one batch exactly those five), for a progress bar in another process."""
     report = on_phase or (lambda fraction: None)
+    from transformers import AutoTokenizer
+
     from r3.replay import ReplayMode
 
-    kw = dict(
-        n_prompts=n_prompts,
-        group_size=group_size,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        difficulty=difficulty,
-        train_engine=train_engine,
-        rollout_engine=rollout_engine,
-        engines=engines,
-        problems=problems,
-        encode=encode,
-        stop_ids=stop_ids,
-        progress=progress,
-    )
     out: dict = {
         "precision": precision,
         "rollout_engine": rollout_engine,
@@ -201,30 +241,57 @@ def measure(
         "group_size": group_size,
         "fp8_scope": "router" if precision == "fp8" else None,
     }
-    batch, tr, moe = _rollout_batch(moe_dir, precision, **kw)
-    if not moe:
+    probs = task.heldout_problems(n_prompts, difficulty=difficulty) if problems is None else problems()
+    step = batch_prompts or len(probs)
+    chunks = [probs[i : i + step] for i in range(0, len(probs), step)]
+    sample = dict(group_size=group_size, max_new_tokens=max_new_tokens, seed=seed, encode=encode, stop_ids=stop_ids)
+    eng = dict(seed=seed, train_engine=train_engine, rollout_engine=rollout_engine, engines=engines, progress=progress)
+    P = PHASE_SHARES
+
+    def share(i: int, k: int) -> float:  # phase k of batch i: MoE phases 0-2, dense phases 3-4
+        lo, hi = (0.0, P[2]) if k <= 2 else (P[2], 1.0)
+        return lo + (hi - lo) * (i + (P[k] - lo) / (hi - lo)) / len(chunks)
+
+    tok = AutoTokenizer.from_pretrained(moe_dir)
+    ro, tr = _engines_for(moe_dir, precision, **eng)
+    if not (ro.capabilities.captures_routing and tr.is_moe):
         raise ValueError(f"{moe_dir} is not an MoE model (no router found); the static measurement needs one")
-    report(PHASE_SHARES[0])
-    tb, mask, fed = batch.train, batch.train.loss_mask_BT, batch.train.attention_mask_BS[:, 1:].bool()
-    native = tr.compute_logprobs(tb, routing=ReplayMode.RECORD)
-    out["moe"] = _metrics(native.logp_BT, batch.infer_logp_BT, mask, tb.expert_ids_BTLK, native.expert_ids_BTLK, fed)
-    report(PHASE_SHARES[1])
-    r3 = tr.compute_logprobs(tb, routing=ReplayMode.REPLAY)
-    # Under replay every MoE layer uses the rollout's experts (the engines' consumed-once check
-    # stops the forward otherwise), so the routing fields are left empty rather than filled with a
-    # disagreement of 0 that would be true by construction.
-    out["moe_r3"] = _metrics(r3.logp_BT, batch.infer_logp_BT, mask, None, None, None)
-    report(PHASE_SHARES[2])
-    if callable(done := getattr(tr, "close", None)):  # a driver proxy: release the MoE engine's followers
-        done()
-    batch, tr, _ = _rollout_batch(dense_dir, precision, **kw)
-    report(PHASE_SHARES[3])
-    dense = tr.compute_logprobs(batch.train)
-    if callable(done := getattr(tr, "close", None)):
-        done()
-    out["dense"] = _metrics(dense.logp_BT, batch.infer_logp_BT, batch.train.loss_mask_BT, None, None, None)
+    native_acc, r3_acc = _Accumulator(), _Accumulator()
+    for i, chunk in enumerate(chunks):
+        batch = _sample_batch(ro, tok, chunk, moe=True, **sample)
+        if i == len(chunks) - 1:
+            _close(ro)  # vLLM: release the engine (and its KV cache) before the last recompute
+        report(share(i, 0))
+        tb, mask, fed = batch.train, batch.train.loss_mask_BT, batch.train.attention_mask_BS[:, 1:].bool()
+        native = tr.compute_logprobs(tb, routing=ReplayMode.RECORD)
+        native_acc.add(native.logp_BT, batch.infer_logp_BT, mask, tb.expert_ids_BTLK, native.expert_ids_BTLK, fed)
+        del native
+        report(share(i, 1))
+        # Under replay every MoE layer uses the rollout's experts (the engines' consumed-once check
+        # stops the forward otherwise), so the routing fields are left empty rather than filled with a
+        # disagreement of 0 that would be true by construction.
+        r3_acc.add(tr.compute_logprobs(tb, routing=ReplayMode.REPLAY).logp_BT, batch.infer_logp_BT, mask)
+        del batch, tb
+        report(share(i, 2))
+    out["moe"], out["moe_r3"] = native_acc.metrics(), r3_acc.metrics()
+    del native_acc, r3_acc
+    _release(tr)
+    del ro, tr  # the MoE engines' memory is free before the dense model's engines are built
+    tok = AutoTokenizer.from_pretrained(dense_dir)
+    ro, tr = _engines_for(dense_dir, precision, **eng)
+    dense_acc = _Accumulator()
+    for i, chunk in enumerate(chunks):
+        batch = _sample_batch(ro, tok, chunk, moe=False, **sample)
+        if i == len(chunks) - 1:
+            _close(ro)
+        report(share(i, 3))
+        dense_acc.add(tr.compute_logprobs(batch.train).logp_BT, batch.infer_logp_BT, batch.train.loss_mask_BT)
+        del batch
+        report(share(i, 4))
+    _release(tr)
+    del ro, tr
+    out["dense"] = dense_acc.metrics()
     out["tokens"] = out["moe"]["tokens"]
-    report(PHASE_SHARES[4])
     return out
 
 
@@ -312,6 +379,12 @@ def checkpoint_engine_configs(cell: dict, model_dir: str, urls: tuple[str, ...])
     return ro, tr
 
 
+CHECKPOINT_BATCH_PROMPTS = 8
+"""Prompts per rollout-and-recompute batch of a checkpoint measurement (x group_size 8 = 64 rows): the
+paper preset's 600 prompts x 8 samples of up to 9,216 tokens in one batch would carry a 136 GB int64
+routing trace through the driver's broadcast to every rank; 64 rows carry 1.8 GB."""
+
+
 def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
     """The static.json record of a StaticCell (experiments.grid, as a dict) naming its checkpoints:
     cell["model_moe"], cell["model_dense"], engines by registry name, server URLs in
@@ -343,7 +416,10 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
         distributed._init_process_group()
         if torch.distributed.get_rank() != 0:  # follow the driver's train engine, MoE then dense
             for model in (cell["model_moe"], cell["model_dense"]):
-                distributed.follow(build_train_engine(checkpoint_engine_configs(cell, model, ())[1]))
+                engine = build_train_engine(checkpoint_engine_configs(cell, model, ())[1])
+                distributed.follow(engine)
+                _release(engine)  # freed before the next model's engine is built, as on the driver
+                del engine
             distributed._shutdown()
             return None
 
@@ -375,6 +451,7 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
         problems=lambda: problems,
         encode=lambda tok, text: template.encode(text, tok),
         stop_ids=stop_ids,
+        batch_prompts=CHECKPOINT_BATCH_PROMPTS,
     )
     rec["models"] = {"moe": cell["model_moe"], "dense": cell["model_dense"]}
     rec["prompts"] = cell.get("prompts", "benchmarks")
