@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from eval.benchmarks import SHIPPED_FILES
+
 POOLS = ("deepscaler_40k", "math_train", "math_lvl3to5_8k")
 """The offline training pools shipped in data_prep/pools (see pools/README.md)."""
-EVAL_SETS = ("aime24", "aime25", "amc23", "math500")
-"""Evaluation sets of the paper (PAPER.md, RL results); MATH500-L5 is a subset of math500."""
+EVAL_SETS = SHIPPED_FILES
+"""Evaluation sets the pool is decontaminated against: each built-in set with a file of its own
+(eval.benchmarks.EVAL_SETS; MATH500-L5 is covered through math500)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

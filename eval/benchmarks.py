@@ -1,10 +1,11 @@
 """Evaluation sets: `load(name)` -> rows {"id", "problem", "answer", ...extra fields kept}.
 
 Names, resolved in this order:
-  1. registered names: the built-ins `aime24`, `aime25`, `amc23`, `math500` (the project's own
-     copies in eval/data, origins and licenses in eval/data/README.md) and `math500_l5` (the
-     134 level-5 MATH-500 problems: the subset the paper reports as "MATH500"), plus whatever
-     other packages add with `register(name, loader_fn)` (the embedded task adds `synthetic`);
+  1. registered names: the built-ins declared once in EVAL_SETS, `aime24`, `aime25`, `amc23`,
+     `math500` (the project's own copies in eval/data, origins and licenses in eval/data/README.md)
+     and `math500_l5` (the 134 level-5 MATH-500 problems: the subset the paper reports as
+     "MATH500"), plus whatever other packages add with `register(name, loader_fn, title=...)`
+     (the embedded task adds `synthetic`, its title with `declare_title`);
   2. a local file: `.jsonl`, `.json` (a list of objects) or `.parquet`;
   3. a Hugging Face dataset name (`datasets.load_dataset(name, split=...)`, needs network).
 Rows of files and hub datasets are mapped from common field names (problem/question/prompt,
@@ -14,15 +15,43 @@ stops the load with its index, since an evaluation set with holes would shift ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500_l5", "math500")
-"""The paper's table columns in its order (MATH500 reported as its level-5 subset), then the full
-MATH500. The one definition: the grid evaluates these, the plots order table columns by them."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSet:
+    """One built-in evaluation set: the one place it is declared. The grid evaluates the paper's
+    sets (PAPER_BENCHMARKS), the plots title and order table columns by them, data_prep
+    decontaminates the training pool against the shipped files (SHIPPED_FILES)."""
+
+    name: str
+    """Key of its scores in eval.jsonl and the name `load` takes."""
+    title: str
+    """Column title in tables and figures."""
+    subset_of: str | None = None
+    """A subset of another set's file (its problems are decontaminated through that set)."""
+
+
+EVAL_SETS: tuple[EvalSet, ...] = (
+    EvalSet(name="aime24", title="AIME24"),
+    EvalSet(name="aime25", title="AIME25"),
+    EvalSet(name="amc23", title="AMC23"),
+    EvalSet(name="math500_l5", title="MATH500 (L5)", subset_of="math500"),
+    EvalSet(name="math500", title="MATH500 (all)"),
+)
+"""The paper's evaluation sets in its table order (its MATH500 column is the level-5 subset; the
+full MATH500 follows). Adding a set: its file in eval/data (origin in eval/data/README.md) and a line here."""
+PAPER_BENCHMARKS = tuple(e.name for e in EVAL_SETS)
+"""Names of EVAL_SETS, in the paper's column order."""
+SHIPPED_FILES = tuple(e.name for e in EVAL_SETS if e.subset_of is None)
+"""Sets with a file of their own in eval/data."""
+_TITLES: dict[str, str] = {e.name: e.title for e in EVAL_SETS}
 
 Row = dict[str, Any]
 Loader = Callable[[], list[Row]]
@@ -113,8 +142,8 @@ def _math500_l5() -> list[Row]:
     return rows
 
 
-_REGISTRY: dict[str, Loader] = {n: _builtin(n) for n in ("aime24", "aime25", "amc23", "math500")}
-_REGISTRY["math500_l5"] = _math500_l5
+_SUBSETS: dict[str, Loader] = {"math500_l5": _math500_l5}
+_REGISTRY: dict[str, Loader] = {e.name: _SUBSETS.get(e.name) or _builtin(e.name) for e in EVAL_SETS}
 _BUILTINS = frozenset(_REGISTRY)
 
 
@@ -126,6 +155,18 @@ def register(name: str, loader_fn: Loader) -> None:
     if not callable(loader_fn):
         raise TypeError(f"loader_fn for {name!r} must be callable, got {type(loader_fn).__name__}")
     _REGISTRY[name] = loader_fn
+
+
+def declare_title(name: str, title_: str) -> None:
+    """The column title of a set another package provides (declared with the set, at its import)."""
+    if name in _BUILTINS:
+        raise ValueError(f"benchmark {name!r} is built in: its title is declared in EVAL_SETS")
+    _TITLES[name] = title_
+
+
+def title(name: str) -> str:
+    """A benchmark's column title (tables, figures); unknown names are their own title."""
+    return _TITLES.get(name, name)
 
 
 def short_name(name: str) -> str:

@@ -14,29 +14,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+import experiments.task  # noqa: F401  (declares the embedded task's evaluation set and its title)
+from eval import benchmarks
 from eval.benchmarks import PAPER_BENCHMARKS
 from plots import paper_numbers
 from plots.groups import Cell
 from plots.rundir import Setting
 from plots.table_format import Table, fmt_num, fmt_sci
 
-# The paper's column order; the paper's MATH500 column is the level-5 subset, the full 500
-# follows it as a second column (issue 6). Other benchmarks (e.g. `synthetic`) come after.
-BENCH_TITLES = {
-    "aime24": "AIME24",
-    "aime25": "AIME25",
-    "amc23": "AMC23",
-    "math500_l5": "MATH500 (L5)",
-    "math500": "MATH500 (all)",
-    "synthetic": "synthetic (held-out)",
-}
-
 
 def bench_title(name: str) -> str:
-    return BENCH_TITLES.get(name, name)
+    """Column title of a benchmark (declared with it: eval.benchmarks.EVAL_SETS / register)."""
+    return benchmarks.title(name)
 
 
 def ordered_benchmarks(names: set[str]) -> list[str]:
+    """The paper's column order (eval.benchmarks.EVAL_SETS), then any other benchmark by name."""
     return [b for b in PAPER_BENCHMARKS if b in names] + sorted(names - set(PAPER_BENCHMARKS))
 
 

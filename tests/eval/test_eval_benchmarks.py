@@ -127,3 +127,19 @@ def test_bad_rows_fail_loudly(tmp_path):
         benchmarks.load(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="limit must be >= 0"):
         benchmarks.load("aime24", limit=-1)
+
+
+def test_evaluation_sets_are_declared_once():
+    """The grid's sets, the table columns and titles, and data_prep's decontamination sets all
+    come from eval.benchmarks.EVAL_SETS."""
+    from data_prep import config as data_config
+    from plots import tables
+
+    names = [e.name for e in benchmarks.EVAL_SETS]
+    assert list(benchmarks.PAPER_BENCHMARKS) == names
+    assert set(data_config.EVAL_SETS) == {e.name for e in benchmarks.EVAL_SETS if e.subset_of is None}
+    assert [tables.bench_title(n) for n in names] == [e.title for e in benchmarks.EVAL_SETS]
+    assert tables.ordered_benchmarks({"synthetic", *names}) == [*names, "synthetic"]
+    assert tables.bench_title("synthetic") == "synthetic (held-out)"  # declared with the embedded task
+    for e in benchmarks.EVAL_SETS:
+        assert (benchmarks.DATA_DIR / f"{e.subset_of or e.name}.jsonl").exists(), e
