@@ -226,6 +226,7 @@ class DriverEngine:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.is_moe = engine.is_moe
+        self.device = engine.device  # r3.engines.base.TrainEngine: where its results live on this rank
         self.train_step_sees_whole_batch = getattr(engine, "train_step_sees_whole_batch", False)
         self.closed = False
         _control_group()

@@ -44,6 +44,7 @@ class Poison:
 
 class Engine:
     is_moe = True
+    device = torch.device("cpu")
 
     def __init__(self, scenario: str) -> None:
         self.scenario = scenario
