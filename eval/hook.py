@@ -20,7 +20,7 @@ from typing import Any
 
 from eval import grader
 from eval.run import evaluate
-from experiments import rundir
+from r3 import rundir
 from r3.engines.base import RolloutEngine
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from eval import benchmarks as bench_mod
 from eval import grader, templates
-from experiments import rundir
+from r3 import rundir
 from r3.engines.base import PRECISIONS, RolloutEngine, SamplingParams
 
 _SETTING_KEYS = ("template", "temperature", "top_p", "max_new_tokens", "seed")
@@ -94,7 +94,7 @@ def summarize(records: Sequence[dict], *, benchmarks: Sequence[str], n_samples: 
 
 
 def _read_records(path: Path) -> list[dict]:
-    """Valid records of a per-sample file (experiments.rundir's reader); a torn last line (killed
+    """Valid records of a per-sample file (r3.rundir's reader); a torn last line (killed
     mid-write) is cut from the file, so later appends start on a clean line."""
     rundir.drop_torn_tail(path)
     return rundir.read_jsonl(path)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from r3 import rundir
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every checkpoint directory, newest first (complete or not)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / rundir.CHECKPOINTS
     if not root.exists():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
@@ -42,7 +44,7 @@ def _rng_from_text(text: str) -> torch.Tensor:
 
 def save(run_dir: Path, step: int, engine, state: dict, *, keep: int) -> Path:
     """Write checkpoints/step_<step>/ (engine + state.json, then COMPLETE); prune to `keep` newest."""
-    path = Path(run_dir) / "checkpoints" / f"step_{step}"
+    path = Path(run_dir) / rundir.CHECKPOINTS / f"step_{step}"
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiments import rundir
+from r3 import rundir
 
 DEMO_CELLS = (
     "sft-single-grpo",
@@ -80,7 +80,7 @@ def _run_static(out: str, precision: str, zoo_dir: str, n_prompts: int | None) -
 
 
 def _static_progress_file(out: Path, precision: str) -> Path:
-    return out / "static" / precision / "progress"
+    return out / rundir.STATIC_DIR / precision / "progress"
 
 
 def _static_done(out: Path, precision: str) -> float:

@@ -14,13 +14,22 @@ engine. Every call the loop makes on the train engine (compute_logprobs, train_s
 rollout_state_dict, save, load) is first broadcast to the other ranks, which run the same call on
 their engine (`follow`), so the collectives inside the engine (EP token gathers, DP gradient
 all-reduce, row all-gathers) line up; the batch reaches them inside that broadcast (tensors by
-`dist.broadcast`, the rest, including the loss function's closure, by cloudpickle). After each call
-all ranks exchange an error flag: a failure on any rank raises on the driver (and, being a
-barrier, `save` is complete on every rank before rank 0 marks the checkpoint COMPLETE).
+`dist.broadcast` on the default group, the rest, including the loss function's closure, by
+cloudpickle).
+
+Control plane: call headers, a receive acknowledgement per call (a follower that cannot unpickle or
+allocate a call says so before any rank enters its collectives) and an error exchange after each call
+travel on a separate gloo group whose timeout (`Timeouts.control_s`, hours) outlasts the driver's
+longest phase without a call (waiting for the servers, evaluation, rollout); the default group's
+collectives wait `Timeouts.collective_s`. A failure on any rank, or a SystemExit on the driver
+(submitit's requeue), is raised on the driver, which writes the FAILED marker (not for SystemExit)
+and stops the followers; being a barrier, `save` is complete on every rank before rank 0 marks the
+checkpoint COMPLETE. docs/cluster.md ("Timeouts and failures") lists each case and its bound.
 
 With no WORLD_SIZE, or WORLD_SIZE=1, this is experiments.run.run_cell unchanged.
-Departures: a failure inside a collective on one rank only (e.g. out of memory) leaves the others
-waiting until torch.distributed's timeout; Slurm then ends the step.
+Departures: a follower that dies inside an NCCL collective is seen by the driver only through NCCL's
+watchdog (after `collective_s`, which ends the process without a FAILED marker); srun's
+--kill-on-bad-exit (slurm.submit) ends the step sooner.
 """
 
 from __future__ import annotations
@@ -41,8 +50,8 @@ import torch
 import torch.distributed as dist
 
 from experiments import run as run_mod
-from experiments import rundir
 from experiments.config import RunConfig
+from r3 import rundir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -305,7 +314,7 @@ def drive(run_dir: Path, engine, body: Callable[[DriverEngine], T]) -> T | None:
     """The driver/follower split of one run on an initialised world: rank 0 returns `body(DriverEngine(engine))`,
     the others follow its calls and return None.
 
-    On rank 0 a failure writes the FAILED marker of `run_dir` (experiments.rundir; slurm.job rewrites it
+    On rank 0 a failure writes the FAILED marker of `run_dir` (r3.rundir; slurm.job rewrites it
     with the job id) and the followers are told to stop; a SystemExit (submitit's requeue on
     preemption) stops them too but is no failure. Either way every rank leaves: followers return, the
     driver raises. When the followers cannot be told (one of them died), that error is logged and the

@@ -107,9 +107,9 @@ def check_routing_equality(model_dir: Path) -> str:
 
 def run_cell(model_dir: Path, out: Path, steps: int) -> str:
     """A GRPO + R3 cell: vLLM bf16 rollout, megatron-core bf16 + distributed optimizer on cuda:0."""
-    from experiments import rundir
     from experiments.config import RunConfig
     from experiments.run import run_cell as run
+    from r3 import rundir
 
     cfg = RunConfig(
         name="gpu-smoke-grpo-r3",

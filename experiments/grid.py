@@ -5,7 +5,7 @@
     python -m experiments.grid show CELL --preset paper|tiny      # the cell's RunConfig as JSON
 
 Inputs: a preset name (and, for `paper`, checkpoint paths). Outputs: `list` prints every cell with
-its key settings and its state, read from the run directory `<runs>/<cell>` (slurm.state: not
+its key settings and its state, read from the run directory `<runs>/<cell>` (r3.rundir: not
 started / queued / running / incomplete / complete / collapsed / failed); `show` prints one config.
 
 One private builder (`_rl`) plus one named function per paper cell (torchtitan config_registry
@@ -34,9 +34,20 @@ from typing import Literal
 
 from eval.benchmarks import PAPER_BENCHMARKS
 from experiments.config import Algorithm, ModelKind, Precision, RunConfig
-from slurm.resources import TRAIN_LAYOUT
+from r3 import rundir
 
 Preset = Literal["tiny", "paper"]
+
+# Training layout per preset, part of each RL cell's RunConfig (recorded in its config.json; the
+# user's overrides win). Not published: the paper does not describe its layout. On the 16 training
+# GPUs of the paper preset (slurm.resources): experts split 8 ways (EP 8 x expert-DP 2; DP 16 for
+# the dense part), full activation recompute, one sequence per micro-batch, bf16 parameters + fp32
+# main grads + distributed optimizer, which r3.engines.megatron.memory plans to fit an 80 GB GPU
+# (fp32 with a replicated AdamW would not).
+TRAIN_LAYOUT: dict[Preset, dict] = {
+    "paper": {"train_expert_parallel": 8, "train_recompute": True, "train_micro_batch": 1, "train_precision": "bf16"},
+    "tiny": {},
+}
 Mini = Literal["single", "multi"]
 PRESETS: tuple[Preset, ...] = ("paper", "tiny")
 
@@ -257,7 +268,7 @@ class StaticCell:
     """Sequences per recompute forward (0: all at once)."""
 
     def run_dir(self, runs: Path) -> Path:
-        return Path(runs) / "static" / self.precision
+        return Path(runs) / rundir.STATIC_DIR / self.precision
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -366,11 +377,9 @@ def _fmt(x, spec: str = "") -> str:
 def listing(preset: str, runs: Path, *, seeds=(0,), pattern: str | None = None, model_paths=None,
             **overrides) -> list[dict]:  # fmt: skip
     """One row per cell (RL cells, then the static parts) with key settings and state."""
-    from slurm.state import run_status, static_status
-
     rows = []
     for name, c in cells(preset, seeds=seeds, model_paths=model_paths, pattern=pattern, **overrides).items():
-        st = run_status(Path(runs) / name)
+        st = rundir.run_status(Path(runs) / name)
         rows.append({
             "cell": name,
             "model": c.model,
@@ -382,8 +391,8 @@ def listing(preset: str, runs: Path, *, seeds=(0,), pattern: str | None = None, 
     for name, sc in static_cells(preset, seeds=seeds, model_paths=model_paths).items():
         if name not in select([name], pattern):
             continue
-        st = static_status(sc.run_dir(runs))
-        for _key, label in STATIC_PARTS:
+        st = rundir.static_status(sc.run_dir(runs))
+        for _key, label in rundir.STATIC_PARTS:
             rows.append({
                 "cell": f"{name}: {label}", "model": "dense" if _key == "dense" else "sft",
                 "algo": "static", "mini": "-", "lr": "-", "rollout": sc.precision, "steps": "-",

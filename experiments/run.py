@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import checkpoint, rollout, rundir, task
-from experiments.collapse import collapse_step
+from experiments import checkpoint, rollout, task
 from experiments.config import RunConfig
 from experiments.tracking import MetricsSink
+from r3 import rundir
 from r3.algorithm import policy_update, to_host
+from r3.collapse import collapse_step
 from r3.engines.base import SamplingParams
 from r3.engines.registry import build_rollout_engine, build_train_engine
 
@@ -168,7 +169,7 @@ def run_cell(
     train_engine=None,
 ) -> dict:
     """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
-    Engines come from r3.engines.registry (`engine_configs`); files from experiments.rundir.
+    Engines come from r3.engines.registry (`engine_configs`); files from r3.rundir.
 
     reward_fn: replaces the grader-based reward (a test seam; evaluation always uses the grader).
     train_engine: an engine already built from engine_configs (the rank-0 driver of a multi-rank
@@ -223,7 +224,7 @@ def run_cell(
         log(f"resumed from checkpoint step {start}")
     for name in (rundir.METRICS, rundir.EVAL):
         rundir.truncate_jsonl(run_dir / name, start)
-    for p in (run_dir / "eval").glob("step_*.jsonl"):
+    for p in (run_dir / rundir.EVAL_SAMPLES_DIR).glob("step_*.jsonl"):
         if int(p.stem.split("_")[1]) > start:
             p.unlink()
 

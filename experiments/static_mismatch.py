@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import rollout, rundir, task
+from experiments import rollout, task
+from r3 import rundir
 
 TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
 """F(tau) grid for the extreme-token curve (log-spaced; F(2) is reported separately)."""
@@ -306,7 +307,7 @@ def run_static(out_root: Path, precision: str, *, zoo_dir: Path | None = None, f
     from experiments import zoo
 
     name = static_dir_name(precision, kw.get("rollout_engine", "hf"), kw.get("train_engine", "hf"))
-    path = Path(out_root) / "static" / name / "static.json"
+    path = Path(out_root) / rundir.STATIC_DIR / name / rundir.STATIC
     if path.exists() and not force:
         return json.loads(path.read_text())
     zoo_dir = Path(zoo_dir or zoo.default_zoo_dir())
@@ -466,7 +467,7 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
 def run_static_checkpoints(cell: dict, out_dir: Path, *, force: bool = False) -> dict | None:
     """Measure (or reuse) <out_dir>/static.json for a StaticCell naming its checkpoints; written last via a
     temporary file, by rank 0 only (None on the other ranks)."""
-    path = Path(out_dir) / "static.json"
+    path = Path(out_dir) / rundir.STATIC
     if path.exists() and not force:
         return json.loads(path.read_text())
     t0 = time.time()

@@ -19,7 +19,7 @@ incomplete ones resume from their last checkpoint (experiments.run.run_cell); ce
 one-thread processes (experiments.demo.run_cells: one progress bar with ETA over all remaining
 steps; Ctrl-C stops every cell and says how to resume).
 
-Collapse (experiments.collapse, the project's rule; the paper publishes none): the first
+Collapse (r3.collapse, the project's rule; the paper publishes none): the first
 evaluation step from which the held-out average stays below 0.5 x its running best for at least
 2 consecutive evaluation points and never recovers. The study's plans set stop_on_collapse, so a
 run stops once 2 points are below the line.
@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import rundir, study_grid
+from experiments import study_grid
+from r3 import rundir
 
 
 def _steps_done(run_dir: Path) -> int:

@@ -13,7 +13,7 @@ not appear here). A cell is one single-mini-step RL run on the embedded zoo's SF
 
 A plan (`_Plan`, one function per plan in `PLANS`) fixes everything else: zoo size (model scale),
 task difficulty and response length, global steps, learning rates, batch shape, evaluation, and
-`stop_on_collapse`. The collapse step is `experiments.collapse` (eval average below 0.5 x its
+`stop_on_collapse`. The collapse step is `r3.collapse` (eval average below 0.5 x its
 running best for 2 consecutive evaluation points, never recovering), checked after every step;
 with stop_on_collapse the run stops there.
 

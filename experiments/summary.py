@@ -23,10 +23,12 @@ import json
 import math
 from pathlib import Path
 
-from experiments.collapse import collapse_step
-from experiments.rundir import EVAL, METRICS, read_config, read_json, read_jsonl
+from experiments.config import RunConfig
+from r3 import rundir
+from r3.collapse import collapse_step
+from r3.rundir import EVAL, METRICS, read_json, read_jsonl
 
-STATIC_PARTS = ("moe", "moe_r3", "dense")
+STATIC_PARTS = tuple(key for key, _ in rundir.STATIC_PARTS)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -46,9 +48,9 @@ def static_entry(rec: dict) -> dict:
 
 def cell_entry(run_dir: Path) -> dict | None:
     """C of one run directory (None when it has no config.json)."""
-    if not (run_dir / "config.json").exists():
+    if not (run_dir / rundir.CONFIG).exists():
         return None
-    cfg = read_config(run_dir).config
+    cfg = rundir.read_config(run_dir, RunConfig).config
     metrics = read_jsonl(run_dir / METRICS)
     ev = read_jsonl(run_dir / EVAL)
     best = max(ev, key=lambda e: (e["avg"], -e["step"])) if ev else None
@@ -74,7 +76,7 @@ def cell_entry(run_dir: Path) -> dict | None:
 
 def _extras(run_dir: Path) -> dict:
     """Numbers for the Markdown only: initial / final score, lr, routing disagreement, step time."""
-    cfg = read_config(run_dir).config
+    cfg = rundir.read_config(run_dir, RunConfig).config
     metrics = read_jsonl(run_dir / METRICS)
     ev = read_jsonl(run_dir / EVAL)
     return {
@@ -90,14 +92,14 @@ def _extras(run_dir: Path) -> dict:
 def build(runs: Path, *, cells: list[str] | None = None, grid_precision: str = "fp8") -> dict:
     runs = Path(runs)
     by_prec = {}
-    for p in sorted((runs / "static").glob("*/static.json")):
+    for p in sorted((runs / rundir.STATIC_DIR).glob(f"*/{rundir.STATIC}")):
         rec = read_json(p)
-        # keyed by directory (as plots.rundir does): `bf16` (transformers) and `vllm-bf16` share a precision
+        # keyed by directory (as plots.runs does): `bf16` (transformers) and `vllm-bf16` share a precision
         by_prec[p.parent.name] = {k: static_entry(rec[k]) for k in STATIC_PARTS}
     names = (
         cells
         if cells is not None
-        else sorted(d.name for d in runs.iterdir() if d.is_dir() and (d / "config.json").exists())
+        else sorted(d.name for d in runs.iterdir() if d.is_dir() and (d / rundir.CONFIG).exists())
     )
     out_cells = {n: c for n in names if (c := cell_entry(runs / n)) is not None}
     return {"static": by_prec.get(grid_precision, {}), "static_by_precision": by_prec, "cells": out_cells}
@@ -209,7 +211,7 @@ def _claims(summary: dict, runs: Path) -> list[str]:
         col_r3 = [n for n, c in r3 if c["collapse_step"] is not None]
         col_no = [n for n, c in nor3 if c["collapse_step"] is not None]
         out.append(
-            f"- Collapses (documented rule, experiments.collapse): without R3 {col_no or 'none'}; with R3 "
+            f"- Collapses (documented rule, r3.collapse): without R3 {col_no or 'none'}; with R3 "
             f"{col_r3 or 'none'}. The paper's GRPO collapses (steps 60-120 of 180) "
             f"{'are seen here' if col_no and not col_r3 else 'do not reproduce at this scale and length'}."
         )

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from experiments import rundir
+from r3 import rundir
 
 BACKENDS = ("tensorboard", "wandb")
 

@@ -17,7 +17,7 @@ With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex
 figures/study_dose_response.{png,pdf} and figures/study_routing_layers.{png,pdf} (plots.figures_study).
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
-the collapse rule is experiments.collapse (the paper does not publish one).
+the collapse rule is r3.collapse (the paper does not publish one).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from plots import figures_static, figures_steps, figures_study
 from plots.groups import group_cells
-from plots.rundir import discover
+from plots.runs import discover
 from plots.style import paper_style, save
 from plots.table_format import Table, to_markdown, write_table
 from plots.tables import results_table, static_table

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from plots.groups import Cell
-from plots.rundir import Setting
+from plots.runs import Setting
 from plots.style import FULL_WIDTH_IN, cell_color, cell_linestyle, new_figure, no_data, plot_band
 from plots.tables import bench_title, ordered_benchmarks
 

@@ -1,11 +1,11 @@
 """The collapse study's table and dose-response figure (issue 11), from run directories only.
 
-Runs (plots.rundir.Run) are grouped into *conditions*: configs equal in everything but the
+Runs (plots.runs.Run) are grouped into *conditions*: configs equal in everything but the
 seed, the name and the arm (replay, TIS). In a condition, the runs of one method (GRPO,
 GRPO+TIS, GRPO+R3, ...) are that cell's seeds. Per run:
   best  = the highest evaluation average and its step (step 0, the SFT model, counts; earliest
           on ties); final = the last evaluation average;
-  collapse step = experiments.collapse with the run's own rule (plots.rundir.Run.collapse_step);
+  collapse step = r3.collapse with the run's own rule (plots.runs.Run.collapse_step);
   mismatch = the run's mean over global steps of `mismatch/k3_kl` (train engine's old logprobs
           vs the rollout engine's, before the update) and of `mismatch/extreme_frac@2`.
 Per cell: mean +/- standard error over seeds (s.e. = sample std / sqrt(n); blank for one seed).
@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from plots.rundir import Run, method_order
+from plots.runs import Run, method_order
 from plots.style import FULL_WIDTH_IN, METHOD_COLORS, new_figure, no_data
 from plots.table_format import Table, fmt_sci
 
@@ -275,7 +275,7 @@ def study_table(runs: list[Run]) -> Table:
         "Scores: held-out accuracy in % (eval average); best = highest evaluation point of each seed "
         "(step 0 counts; steps per seed in parentheses), final = last evaluation point; mean ± standard "
         "error over seeds (no ± with one seed).",
-        "Collapse step by experiments.collapse: the first evaluation step from which the average stays below "
+        "Collapse step by r3.collapse: the first evaluation step from which the average stays below "
         "collapse_frac (0.5) x its running best for collapse_patience (2) consecutive points and never "
         "recovers; '-' = no collapse; seeds joined by '/'. Steps to collapse: a seed that did not collapse "
         "counts as its last step (a lower bound).",

@@ -14,7 +14,7 @@ from typing import Literal
 
 import pandas as pd
 
-from plots.rundir import Run, RunStatus, Setting, method_order
+from plots.runs import Run, RunStatus, Setting, method_order
 
 # Fields that do not make two runs different cells: seeds are averaged; URLs are deployment.
 _SEED_FIELDS = ("name", "seed", "sglang_urls")

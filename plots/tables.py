@@ -3,7 +3,7 @@
 Main results (PAPER.md "Reported numbers"): per method, the score on each benchmark at the
 best evaluation point, the average, the best step and the collapse step. Best = the
 evaluation point with the highest average (seed mean when several seeds; earliest on ties;
-step 0, the starting checkpoint, counts as a point). Collapse = experiments.collapse per run.
+step 0, the starting checkpoint, counts as a point). Collapse = r3.collapse per run.
 The paper's published row is printed under a reproduced row of the same layout and method;
 the difference only where the benchmark is the same one (the `paper` preset).
 """
@@ -19,7 +19,7 @@ from eval import benchmarks
 from eval.benchmarks import PAPER_BENCHMARKS
 from plots import paper_numbers
 from plots.groups import Cell
-from plots.rundir import Setting
+from plots.runs import Setting
 from plots.table_format import Table, fmt_num, fmt_sci
 
 
@@ -81,7 +81,7 @@ def results_table(setting: Setting, cells: list[Cell]) -> Table:
         "points (seed mean; earliest on ties; step 0 counts); average over "
         + ", ".join(bench_title(b) for b in benchmarks)
         + ".",
-        "Collapse step by experiments.collapse (average below frac x running best for patience points, "
+        "Collapse step by r3.collapse (average below frac x running best for patience points, "
         "never recovering); '-' = no collapse; several seeds are joined by '/'.",
     ]
     diffable = setting.preset == "paper"

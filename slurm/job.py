@@ -43,7 +43,8 @@ from typing import Any
 
 import submitit
 
-from slurm import state, topology
+from r3 import rundir
+from slurm import topology
 from slurm.resources import CellKind, Resources
 from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, vllm_specs, wait_healthy
 
@@ -132,7 +133,7 @@ def _link_logs(run_dir: Path) -> None:
 
 
 def _write_failed(run_dir: Path, err: BaseException, job_id: str) -> None:
-    state.write_json_atomic(run_dir / state.FAILED, {
+    rundir.write_json_atomic(run_dir / rundir.FAILED, {
         "error": f"{type(err).__name__}: {err}"[:2000],
         "traceback": traceback.format_exc()[-8000:],
         "job_id": job_id, "time": time.time(),
@@ -185,7 +186,7 @@ class CellJob(submitit.helpers.Checkpointable):
             return self._call_body(plan, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         _link_logs(run_dir)
-        with state.RunningMarker(run_dir, task.job_id):
+        with rundir.RunningMarker(run_dir, task.job_id):
             try:
                 return self._call_body(plan, run_dir)
             except Exception as e:  # not SystemExit: a requeue exits through here and is no failure
@@ -238,7 +239,7 @@ class CellJob(submitit.helpers.Checkpointable):
             self._wait_for_end(run_dir, started, None)
 
     def _wait_for_end(self, run_dir: Path, started: float, servers: ProcessServers | None) -> None:
-        stop, done = run_dir / STOP_FILE, ("manifest.json", "static.json")
+        stop, done = run_dir / STOP_FILE, (rundir.MANIFEST, rundir.STATIC)
         while True:
             if any((run_dir / d).exists() for d in done):
                 return

@@ -104,16 +104,6 @@ RESOURCES: dict[tuple[Preset, CellKind], Resources] = {
 # mem_gb=0 asks Slurm for all the memory of each node (sbatch --mem=0).
 
 
-# Training layout per preset, applied by slurm.submit to every RL cell as RunConfig overrides
-# (the user's --override wins); recorded in each run's config.json. Not published: the paper does
-# not describe its layout. On the 16 training GPUs of ("paper", "rl"): experts split 8 ways (EP 8 x
-# expert-DP 2; DP 16 for the dense part), full activation recompute, one sequence per micro-batch,
-# bf16 parameters + fp32 main grads + distributed optimizer: 71 GB per 80 GB GPU by
-# r3.engines.megatron.memory (fp32 with a replicated AdamW would need 103 GB).
-TRAIN_LAYOUT: dict[Preset, dict] = {
-    "paper": {"train_expert_parallel": 8, "train_recompute": True, "train_micro_batch": 1, "train_precision": "bf16"},
-    "tiny": {},
-}
 PROMPT_TOKENS = 1024
 """Prompt length assumed by the memory plan (sequence = prompt + max_new_tokens): a RunConfig
 does not bound prompts; math prompts in the paper's pools are far shorter."""

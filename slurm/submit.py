@@ -35,7 +35,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes; used for --dry-run
 
 from experiments import grid
-from slurm import state
+from r3 import rundir
 from slurm.job import RL_BODY, STATIC_BODY, CellJob, JobSpec
 from slurm.resources import PROMPT_TOKENS, Resources, parse_time_min, resources_for
 
@@ -69,12 +69,12 @@ def plan_cells(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
     todo, notes = [], []
     live = _live_jobs(specs) if args.executor == "slurm" and not args.dry_run else set()
     for s in specs:
-        st = (state.static_status if s.kind == "static" else state.run_status)(Path(s.run_dir))
-        if st.state in state.DONE:
+        st = (rundir.static_status if s.kind == "static" else rundir.run_status)(Path(s.run_dir))
+        if st.state in rundir.DONE:
             notes.append(f"skip {s.name}: {st.state.value}")
-        elif st.state == state.RunState.RUNNING:
+        elif st.state == rundir.RunState.RUNNING:
             notes.append(f"skip {s.name}: running ({st.detail})")
-        elif st.state == state.RunState.FAILED and not args.retry_failed:
+        elif st.state == rundir.RunState.FAILED and not args.retry_failed:
             notes.append(f"skip {s.name}: FAILED (resubmit with --retry-failed)\n{failure_report(Path(s.run_dir))}")
         elif _job_id(Path(s.run_dir)) in live:
             notes.append(f"skip {s.name}: job {_job_id(Path(s.run_dir))} still in the queue")
@@ -114,59 +114,115 @@ def _resources(args: argparse.Namespace, kind: str) -> Resources:
 
 
 def memory_plan(spec: JobSpec, preset: str):
-    """(MemoryPlan, note) of one RL cell's training rank on GPUs; (None, reason) when not planned."""
+    """(MemoryPlan, note, layout kwargs) of one GPU cell's training rank: an RL cell's train step, or a
+    static cell's forward-only recompute (compute_logprobs: step=False); (None, reason, None) when not
+    planned."""
+    from experiments.static_mismatch import CHECKPOINT_BATCH_PROMPTS
     from r3.engines.megatron.memory import QWEN3_30B_A3B, ModelShape, plan_memory
 
     p, res = spec.payload, spec.resources
-    if spec.kind != "rl" or not res.gpus_per_node or p.get("train_engine") != "megatron":
-        return None, "no GPU training (CPU job or not the megatron trainer)"
-    path, note = p.get("model_path"), ""
+    if not res.gpus_per_node or p.get("train_engine") != "megatron":
+        return None, "no GPU training (CPU job or not the megatron trainer)", None
+    static = spec.kind == "static"
+    path, note = p.get("model_moe") if static else p.get("model_path"), ""
     try:
         shape = ModelShape.from_model_dir(path)
         note = f"model {path}/config.json"
     except (OSError, TypeError, KeyError, ValueError):
         if preset != "paper":
-            return None, f"no readable config.json under model_path {path!r}"
+            return None, f"no readable config.json under model path {path!r}", None
         shape, note = QWEN3_30B_A3B, f"{path}/config.json not readable here: Qwen3-30B-A3B's published config"
     world = res.train_nodes * res.tasks_per_node
-    batch = p["prompts_per_step"] * p["group_size"] // p["mini_steps"]
-    dp = world // (p.get("train_tensor_parallel", 1) * p.get("train_pipeline_parallel", 1))
+    tp, pp = p.get("train_tensor_parallel", 1), p.get("train_pipeline_parallel", 1)
+    dp = world // (tp * pp)
+    if static:  # experiments.static_mismatch: CHECKPOINT_BATCH_PROMPTS prompts x group_size rows per call
+        batch = CHECKPOINT_BATCH_PROMPTS * p.get("group_size", 8)
+    else:
+        batch = p["prompts_per_step"] * p["group_size"] // p["mini_steps"]
     micro = p.get("train_micro_batch") or -(-batch // max(1, dp))  # 0: the rank's whole mini-batch share
     kw = dict(
         world=world,
-        tp=p.get("train_tensor_parallel", 1),
-        pp=p.get("train_pipeline_parallel", 1),
+        tp=tp,
+        pp=pp,
         ep=p.get("train_expert_parallel", 1),
         micro_batch=micro,
         seq_len=PROMPT_TOKENS + p["max_new_tokens"],
-        recompute=p.get("train_recompute", False),
+        recompute=False if static else p.get("train_recompute", False),
     )
     precision = p.get("train_precision", "fp32")
     if precision == "fp32":
         note += "; train_precision='bf16' (bf16 + fp32 main grads + distributed optimizer) needs far less"
-    return plan_memory(shape, precision=precision, **kw), note
+    if static:
+        note += "; forward only (compute_logprobs: no Adam state, no activation gradients)"
+    plan = plan_memory(shape, precision=precision, step=not static, **kw)
+    return plan, note, dict(kw, precision=precision, shape=shape, static=static, call_rows=batch)
 
 
-def check_memory(specs: Sequence[JobSpec], preset: str) -> None:
-    """Print each GPU cell's memory plan; refuse (SystemExit, with the numbers) a layout that cannot fit."""
+def rehearsed_peak(layout: dict, *, live: bool, cache: dict | None):
+    """(step peak bytes, call dict, source note) of a layout's training rank from the CPU rehearsal
+    (r3.engines.megatron.rehearsal): the cached paper rehearsal when it is of this layout, or, with
+    `live`, a rehearsal run now (~1 minute) for Qwen3-30B-A3B layouts with TP = PP = 1, recompute,
+    micro-batch 1; (None, None, reason) otherwise. RL cells only: the static job runs no step."""
+    from r3.engines.megatron import rehearsal
+    from r3.engines.megatron.memory import QWEN3_30B_A3B
+
+    if layout["static"]:
+        return None, None, "a forward-only cell: the plan only"
+    keys = ("world", "ep", "tp", "pp", "micro_batch", "seq_len", "recompute", "precision", "shape")
+    if cache and rehearsal.matches_cache(cache, **{k: layout[k] for k in keys}):
+        return cache["step_peak"], cache["call"], "cached rehearsal r3/engines/megatron/rehearsal_paper.json"
+    rehearsable = layout["shape"] == QWEN3_30B_A3B and (layout["tp"], layout["pp"], layout["micro_batch"]) == (
+        1, 1, 1) and layout["recompute"] and layout["precision"] == "bf16"  # fmt: skip
+    if live and rehearsable:
+        r = rehearsal.rehearse_layout(world=layout["world"], ep=layout["ep"], seq_len=layout["seq_len"])
+        return r["step_peak"], r["call"], "rehearsed now (--rehearse)"
+    return None, None, "no rehearsal of this layout (plan only; --rehearse runs one for Qwen3-30B-A3B, TP = PP = 1)"
+
+
+def check_memory(specs: Sequence[JobSpec], preset: str, *, rehearse: bool = False) -> None:
+    """Print each GPU cell's memory plan and, where there is one, its rehearsed peak (the cached paper
+    rehearsal, or one run now with `rehearse`); refuse (SystemExit, with the numbers) a layout whose plan
+    or rehearsed step peak exceeds the GPU. The driver-to-follower call's message is printed beside it
+    (a warning: its size is set by experiments.distributed, not by the layout)."""
+    from r3.engines.megatron import rehearsal
     from r3.engines.megatron.memory import GB
 
+    cache = rehearsal.load_cache()
     bad = []
     for s in specs:
         try:
-            plan, note = memory_plan(s, preset)
+            plan, note, layout = memory_plan(s, preset)
         except ValueError as e:
             bad.append(f"{s.name}: {e}")
             continue
         if plan is None:
             continue
-        fits = plan.total <= s.resources.gpu_mem_gb * GB
+        gpu = s.resources.gpu_mem_gb * GB
+        peak, _, source = rehearsed_peak(layout, live=rehearse, cache=cache)
+        need = max(plan.total, peak or 0.0)
+        fits = need <= gpu
+        lines = [f"{s.name}: {plan.table()}"]
+        if peak is not None:
+            lines.append(f"  rehearsed peak per GPU (train step)        {peak / GB:8.1f} GB  ({source})")
+        else:
+            lines.append(f"  ({source})")
+        shape = layout["shape"]
+        if shape.moe_layers:  # one train-engine call's message, from shapes (rehearsal.call_message_bytes)
+            call = rehearsal.call_message_bytes(layout["call_rows"], layout["seq_len"], shape.moe_layers, shape.top_k)
+            call_peak = plan.static + call["total"] + plan.reserve
+            warn = " WARNING: exceeds the GPU" if call_peak > gpu else ""
+            lines.append(
+                f"  driver-to-follower call of {layout['call_rows']} rows: {call['total'] / GB:.1f} GB message on "
+                f"each follower's GPU (int64 routing trace {call['expert_ids'] / GB:.1f} GB), "
+                f"{call_peak / GB:.1f} GB with the static state and reserve{warn}"
+            )
         print(
-            f"{s.name}: {plan.table()}\n  ({note}; prompts assumed <= {PROMPT_TOKENS} tokens; "
+            "\n".join(lines) + f"\n  ({note}; prompts assumed <= {PROMPT_TOKENS} tokens; "
             f"{s.resources.gpu_mem_gb} GB per GPU: {'fits' if fits else 'DOES NOT FIT'})"
         )
         if not fits:
-            bad.append(f"{s.name}: {plan.total / GB:.1f} GB per GPU needed, {s.resources.gpu_mem_gb} GB available")
+            what = "rehearsed" if peak is not None and peak > plan.total else "planned"
+            bad.append(f"{s.name}: {need / GB:.1f} GB per GPU needed ({what}), {s.resources.gpu_mem_gb} GB available")
     if bad:
         raise SystemExit(
             "refusing layouts that cannot fit:\n  " + "\n  ".join(bad) + "\nraise "
@@ -191,7 +247,7 @@ def _check_placeholders(specs: Sequence[JobSpec]) -> None:
 
 
 def _job_id(run_dir: Path) -> str | None:
-    job = state._read_json(run_dir / state.JOB_JSON)
+    job = rundir.read_job(run_dir)
     return None if job is None else str(job.get("job_id"))
 
 
@@ -209,9 +265,9 @@ def _live_jobs(specs: Sequence[JobSpec]) -> set[str]:
 
 def failure_report(run_dir: Path, lines: int = 20) -> str:
     """The error of a failed cell and the tail of its log (log.txt, else the newest Slurm stderr)."""
-    failed = state._read_json(run_dir / state.FAILED) or {}
+    failed = rundir.read_failed(run_dir) or {}
     out = [f"  error: {failed.get('error', '?')} (job {failed.get('job_id', '?')})"]
-    logs = [run_dir / "log.txt"] if (run_dir / "log.txt").exists() else []
+    logs = [run_dir / rundir.LOG] if (run_dir / rundir.LOG).exists() else []
     logs = logs or sorted((run_dir / "slurm").glob("*_log.err"), key=lambda p: p.stat().st_mtime)[-1:]
     for p in logs:
         tail = p.read_text(errors="replace").splitlines()[-lines:]
@@ -263,9 +319,7 @@ def _folder(group: list[JobSpec], runs: Path) -> Path:
 
 def _record(spec: JobSpec, job_id: str, executor: str, folder: Path) -> None:
     run_dir = Path(spec.run_dir)
-    (run_dir / state.FAILED).unlink(missing_ok=True)
-    state.write_json_atomic(run_dir / state.JOB_JSON, {"job_id": job_id, "executor": executor,
-                                                       "folder": str(folder), "submitted": time.time()})  # fmt: skip
+    rundir.write_job(run_dir, {"job_id": job_id, "executor": executor, "folder": str(folder), "submitted": time.time()})
 
 
 def dry_run(groups: list[list[JobSpec]], args: argparse.Namespace, runs: Path) -> list[Path]:
@@ -352,9 +406,9 @@ def report(specs: Sequence[JobSpec]) -> int:
     """Print each cell's final state; failed ones with the tail of their log. Returns #failed."""
     failed = 0
     for s in specs:
-        st = (state.static_status if s.kind == "static" else state.run_status)(Path(s.run_dir))
+        st = (rundir.static_status if s.kind == "static" else rundir.run_status)(Path(s.run_dir))
         print(f"{s.name}: {st.state.value}" + (f" (step {st.last_step})" if st.last_step is not None else ""))
-        if st.state in (state.RunState.FAILED, state.RunState.INCOMPLETE):
+        if st.state in (rundir.RunState.FAILED, rundir.RunState.INCOMPLETE):
             failed += 1
             print(failure_report(Path(s.run_dir)))
     return failed
@@ -384,6 +438,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-static", action="store_true", help="leave out the static mismatch jobs")
     ap.add_argument("--retry-failed", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="write and print the sbatch scripts only")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="rehearse each GPU layout's training rank on this CPU (~1 min each) instead of using "
+                         "the cached paper rehearsal (r3/engines/megatron/rehearsal_paper.json)")  # fmt: skip
     ap.add_argument("--wait", action="store_true", help="slurm: block until the jobs leave the queue, then report")
     ap.add_argument("--wait-timeout", type=float, default=None, help="seconds (with --wait)")
     ap.add_argument("--body", default=None, help=f"RL job body module:function (default {RL_BODY})")
@@ -400,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         print("nothing to submit")
         return
-    check_memory(todo, args.preset)
+    check_memory(todo, args.preset, rehearse=args.rehearse)
     if args.dry_run:
         dry_run(_groups(todo, not args.no_array), args, runs)
         return

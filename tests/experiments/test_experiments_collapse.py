@@ -1,4 +1,4 @@
-"""The collapse rule (experiments.collapse) as the run loop and the summary use it."""
+"""The collapse rule (r3.collapse) as the run loop and the summary use it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from experiments.collapse import collapse_step
 from experiments.config import RunConfig
 from experiments.summary import cell_entry
+from r3.collapse import collapse_step
 
 S = [0, 5, 10, 15, 20, 25]
 

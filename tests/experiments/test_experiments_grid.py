@@ -85,7 +85,7 @@ def test_tiny_shares_definitions_and_changes_only_scale():
         "gen_prompts_per_round",
         "eval_batch_size",
         "train_max_tokens_per_micro_batch",
-        # the paper's training layout (slurm.resources.TRAIN_LAYOUT): scale, not algorithm
+        # the paper's training layout (experiments.grid.TRAIN_LAYOUT): scale, not algorithm
         "train_expert_parallel",
         "train_recompute",
         "train_micro_batch",

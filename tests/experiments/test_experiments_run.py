@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from experiments import checkpoint, rundir
+from experiments import checkpoint
 from experiments.config import RunConfig
 from experiments.run import NonFiniteError, check_engines, run_cell
+from r3 import rundir
 
 TIME_KEYS = ("time",)
 

@@ -191,7 +191,7 @@ def _study_root(root: Path) -> Path:
 
 def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     from plots.figures_study import conditions, study_table
-    from plots.rundir import discover
+    from plots.runs import discover
 
     runs = discover(_study_root(tmp_path / "runs")).runs
     low, high = conditions(runs)
@@ -221,7 +221,7 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
 
 def test_dose_response_figure_on_fixture_runs(tmp_path):
     from plots import figures_study
-    from plots.rundir import discover
+    from plots.runs import discover
     from plots.style import paper_style, save
 
     root = _study_root(tmp_path / "runs")
@@ -275,7 +275,7 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
 
 def test_routing_layers_figure_on_fixture_runs(tmp_path):
     from plots import figures_study
-    from plots.rundir import discover
+    from plots.runs import discover
     from plots.style import paper_style, save
 
     runs = discover(_study_root(tmp_path / "runs")).runs

@@ -9,9 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
-from experiments import rundir
+from experiments.config import RunConfig
 from plots.all import make_all
-from plots.rundir import discover
+from plots.runs import discover
+from r3 import rundir
 
 V0 = Path(__file__).parent / "fixtures" / "runs_v0_1fb90cc"
 
@@ -33,7 +34,7 @@ def test_config_with_keys_this_version_lacks_still_loads(tmp_path):
     cfg["a_field_removed_later"] = 3
     del cfg["keep_checkpoints"]  # a field added later: takes its default
     (run / rundir.CONFIG).write_text(json.dumps(cfg))
-    read = rundir.read_config(run)
+    read = rundir.read_config(run, RunConfig)
     assert read.unknown == ("a_field_removed_later",) and read.config.replay
     assert discover(tmp_path).runs[0].config.name == "sft-single-grpo-r3"
 

@@ -1,4 +1,4 @@
-"""Reading run directories: status, torn tails, contract violations, collapse via experiments.collapse."""
+"""Reading run directories: status, torn tails, contract violations, collapse via r3.collapse."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 from plots_fixtures import tiny_cfg, write_run
 
-from experiments.collapse import collapse_step
 from plots.groups import group_cells
-from plots.rundir import discover, load_run, method_label
+from plots.runs import discover, load_run, method_label
+from r3.collapse import collapse_step
 
 
 def test_status_and_torn_tail(tmp_path):

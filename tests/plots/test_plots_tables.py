@@ -11,7 +11,7 @@ import pytest
 from plots_fixtures import EXPECTED, STATIC, write_static
 
 from plots import paper_numbers
-from plots.rundir import discover
+from plots.runs import discover
 from plots.tables import static_table
 
 

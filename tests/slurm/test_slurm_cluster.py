@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from experiments import grid
-from slurm import state
+from r3 import rundir as state
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from experiments import grid
-from slurm import state
+from r3 import rundir as state
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm, pytest.mark.megatron]
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 import submitit
 
 from experiments import grid
-from slurm import state
+from r3 import rundir as state
 from slurm.job import STOP_FILE, CellJob, JobSpec, resolve
 from slurm.resources import Resources
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm import state
+from r3 import rundir as state
 from slurm.submit import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 A runs root holds cell directories (any child with a `config.json`) and optionally
 `static/<precision>/static.json`. A cell is complete when `manifest.json` exists, failed when
-the manifest says so or the job wrapper's `FAILED` marker exists (slurm/state.py), and running
+the manifest says so or the job wrapper's `FAILED` marker exists (r3.rundir.run_status), and running
 otherwise (running or interrupted: both are partial); running cells are
 read as far as they go (a half-written last JSONL line is skipped, since the files are
 append-only while running). Files that break the contract (a gap in metrics steps, a bad line
@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from experiments import rundir
-from experiments.collapse import collapse_step
 from experiments.config import RunConfig
+from r3 import rundir
+from r3.collapse import collapse_step
 
 RunStatus = Literal["complete", "running", "failed"]
-STATIC_ARMS = ("moe", "moe_r3", "dense")
-"""The three measurements in a static.json: MoE native, MoE + R3, dense reference."""
+"""How plots show a run: complete (complete or collapsed), failed, or running (partial: any other
+state of r3.rundir.RunState, a live run or one waiting to resume)."""
+STATIC_ARMS = tuple(key for key, _ in rundir.STATIC_PARTS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,7 +114,7 @@ class Run:
 
     @property
     def collapse_step(self) -> int | None:
-        """experiments.collapse.collapse_step on the eval averages, with the run's own rule."""
+        """r3.collapse.collapse_step on the eval averages, with the run's own rule."""
         if not len(self.evals):
             return None
         return collapse_step(
@@ -176,17 +177,14 @@ def load_run(path: Path) -> Run:
     """Read one cell directory (must contain config.json)."""
     path = Path(path)
     try:
-        config = rundir.read_config(path).config  # tolerant of configs written by older versions
+        config = rundir.read_config(path, RunConfig).config  # tolerant of configs written by older versions
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path / rundir.CONFIG}: not a RunConfig ({e})") from None
     manifest = rundir.read_manifest(path)
-    status: RunStatus
-    if manifest is not None and manifest.get("status", "complete") != "failed":
-        status = "complete"
-    elif manifest is not None or rundir.read_failed(path) is not None:
-        status = "failed"
-    else:
-        status = "running"
+    state = rundir.run_status(path).state
+    status: RunStatus = (
+        "complete" if state in rundir.DONE else "failed" if state is rundir.RunState.FAILED else "running"
+    )
     done = manifest is not None
     metrics = _metrics_frame(path / rundir.METRICS, rundir.read_jsonl(path / rundir.METRICS, complete=done))
     evals = _evals_frame(path / rundir.EVAL, rundir.read_jsonl(path / rundir.EVAL, complete=done))
@@ -217,7 +215,7 @@ def discover(runs_dir: Path) -> RunsRoot:
         raise FileNotFoundError(f"runs directory {runs_dir} does not exist (or is not a directory)")
     cells = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / rundir.CONFIG).exists())
     static: dict[str, dict[str, Any]] = {}
-    for f in sorted(runs_dir.glob(f"static/*/{rundir.STATIC}")):
+    for f in sorted(runs_dir.glob(f"{rundir.STATIC_DIR}/*/{rundir.STATIC}")):
         data = json.loads(f.read_text())
         _check_static(f, data)
         # keyed by directory: `bf16` (transformers engine) and `vllm-bf16` share a precision

@@ -1,4 +1,4 @@
-"""Run-directory states (slurm.state) from files alone."""
+"""Run-directory states (r3.rundir) from files alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from slurm.state import (
+from r3.rundir import (
     FAILED,
     JOB_JSON,
     RUNNING,
@@ -59,7 +59,7 @@ def test_running_collapse_from_eval_jsonl(tmp_path):
 
 
 def test_running_marker_heartbeat_and_cleanup(tmp_path, monkeypatch):
-    import slurm.state as state
+    import r3.rundir as state
 
     monkeypatch.setattr(state, "HEARTBEAT_S", 0.05)
     with RunningMarker(tmp_path, "7") as m:
