@@ -5,7 +5,7 @@
 
 Inputs: a transformers checkpoint directory (engine `hf`: generated in-process by
 r3.engines.hf.rollout.HFRolloutEngine) or the same path for its tokenizer plus running SGLang
-servers (engine `sglang`: r3.engines.sglang.SGLangRolloutEngine); benchmark names as in
+servers (engine `sglang`: r3.engines.sglang.engine.SGLangRolloutEngine); benchmark names as in
 eval.benchmarks.load (registered names, local files, hub datasets).
 Outputs in DIR: `samples.jsonl`, one record per (benchmark, problem, sample): problem id, sample
 index, response, extracted answer, gold, correct, timeout flag, token counts, finish reason and

@@ -202,7 +202,7 @@ def run_cell(
     train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
     check_engines(cfg, rollout_engine, train_engine)
     if cfg.rollout_engine == "sglang":  # post-sync probe check against the trainer's own forward (paper scale)
-        from r3.engines.sglang import train_engine_reference
+        from r3.engines.sync_check import train_engine_reference
 
         rollout_engine.set_sync_reference(train_engine_reference(train_engine))
     moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe

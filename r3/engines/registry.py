@@ -18,7 +18,7 @@ from typing import Any
 from r3.engines.base import RolloutEngine, TrainEngine
 from r3.engines.hf.config import HFRolloutConfig, HFTrainConfig
 from r3.engines.megatron.config import MegatronTrainConfig
-from r3.engines.sglang import SGLangRolloutConfig  # light: urllib + torch, config beside the client
+from r3.engines.sglang.config import SGLangRolloutConfig  # light: no sglang import
 from r3.engines.vllm.config import VLLMRolloutConfig  # light: no vllm import
 
 
@@ -94,5 +94,5 @@ def build_train_engine(config: Any) -> TrainEngine:
 register_rollout(HFRolloutConfig, "r3.engines.hf.rollout:HFRolloutEngine")
 register_train(HFTrainConfig, "r3.engines.hf.train:HFTrainEngine")
 register_train(MegatronTrainConfig, "r3.engines.megatron.train:MegatronTrainEngine")
-register_rollout(SGLangRolloutConfig, "r3.engines.sglang:SGLangRolloutEngine")
+register_rollout(SGLangRolloutConfig, "r3.engines.sglang.engine:SGLangRolloutEngine")
 register_rollout(VLLMRolloutConfig, "r3.engines.vllm.engine:VLLMRolloutEngine")

@@ -1,6 +1,6 @@
 """Readback check of a weight sync: what the rollout engine holds vs what the trainer synced (light: torch).
 
-DESIGN invariant 8. A probe of the engine's logprobs (r3.engines.vllm.check) cannot tell a stale
+DESIGN invariant 8. A probe of the engine's logprobs (r3.engines.sync_check) cannot tell a stale
 tensor after one small RL step: an lr-1e-5 step moves a 48-token probe by about 1e-4 nats, far
 below any tolerance that a bf16 engine passes. So after every sync the engine is asked for the
 values it holds at a deterministic sample of elements and they are compared, exactly, with the
@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from r3.engines.vllm.check import SyncCheckError  # light: torch only
+from r3.engines.sync_check import SyncCheckError  # light: torch only
 
 EXPERT = re.compile(r"^(?P<layer>.*\.mlp\.experts\.)(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 """A routed expert's tensor under its on-disk checkpoint name."""
@@ -44,7 +44,7 @@ def checkpoint_views(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[s
     """(on-disk checkpoint name, view) for every tensor, without copies: transformers-5 fused experts
     `mlp.experts.gate_up_proj` [E, 2I, H] -> `mlp.experts.{e}.gate_proj.weight` = [e, :I] and
     `up_proj.weight` = [e, I:] (forward: `linear(x, W[e]).chunk(2)`, gate first), `down_proj` [E, H, I]
-    -> `{e}.down_proj.weight` = [e]; the same mapping as r3.engines.sglang.to_checkpoint_names."""
+    -> `{e}.down_proj.weight` = [e]; the same mapping as r3.engines.hf_checkpoint.to_checkpoint_names."""
     for k, v in state_dict.items():
         if k.endswith(".mlp.experts.gate_up_proj") and v.ndim == 3:
             prefix, i = k[: -len("gate_up_proj")], v.shape[1] // 2

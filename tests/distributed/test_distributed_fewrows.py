@@ -1,7 +1,7 @@
 """Mini-batches with fewer rows than data-parallel ranks (1 row on DP = 2) and odd counts (3 rows):
 every rank joins the collectives (a rank without rows runs a padding row with no loss), and the
 results equal one rank's. The 1-row case is the post-sync probe that scores through the trainer
-(r3.engines.sglang.train_engine_reference) at every sync and resume; before, dp_slice refused it."""
+(r3.engines.sync_check.train_engine_reference) at every sync and resume; before, dp_slice refused it."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from r3.engines.base import RolloutEngine, SamplingParams, request_seed
-from r3.engines.sglang import SGLangError, SGLangRolloutEngine, urllib_transport
+from r3.engines.http import urllib_transport
+from r3.engines.sglang.engine import SGLangError, SGLangRolloutEngine
 from r3.trace import RoutingSpec
 
 SPEC = RoutingSpec(num_layers=2, top_k=2, num_experts=8)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from r3.engines.base import SamplingParams
-from r3.engines.sglang import SGLangRolloutEngine, decode_routed_experts, response_bytes_estimate
+from r3.engines.base import SamplingParams, request_seed
+from r3.engines.sglang.engine import SGLangRolloutEngine
+from r3.engines.sglang.routing import decode_routed_experts, response_bytes_estimate
 from r3.trace import RoutingSpec
 
 
@@ -69,7 +70,7 @@ def test_split_batches_keep_per_prompt_seeds_and_order():
     out = eng.generate([[1, 2], [3], [4, 5, 6]], SamplingParams(max_new_tokens=1, seed=10), capture_routing=True)
     assert [len(b["input_ids"]) for b in srv.bodies] == [2, 1]
     seeds = [sp["sampling_seed"] for b in srv.bodies for sp in b["sampling_params"]]
-    assert seeds == [10, 11, 12]  # the same seeds as one request: splitting does not change sampling
+    assert seeds == [request_seed(10, i) for i in range(3)]  # as one request: splitting does not change sampling
     assert [s.prompt_ids for s in out] == [[1, 2], [3], [4, 5, 6]]
 
 
@@ -111,7 +112,7 @@ def test_decode_refuses_wrong_counts_and_ids():
 
 
 def test_server_flags_are_checked_once_before_the_first_request():
-    from r3.engines.sglang import SGLangError
+    from r3.engines.sglang.engine import SGLangError
 
     spec = RoutingSpec(num_layers=2, top_k=2, num_experts=8)
     info = {"enable_return_routed_experts": False, "enable_deterministic_inference": False}

@@ -15,13 +15,9 @@ import torch
 from sglang_test_double import ModelServer
 
 from r3.engines.base import SamplingParams
-from r3.engines.sglang import (
-    SGLangError,
-    SGLangRolloutConfig,
-    SGLangRolloutEngine,
-    SyncCheckError,
-    train_engine_reference,
-)
+from r3.engines.sglang import SGLangRolloutConfig
+from r3.engines.sglang.engine import SGLangError, SGLangRolloutEngine
+from r3.engines.sync_check import SyncCheckError, train_engine_reference
 
 FP32_ATOL = 1e-3
 """The double computes in fp32, so its bound is the fp32 one (r3.engines.vllm.config: a correct fp32

@@ -13,7 +13,8 @@ import torch
 from r3_tiny_models import tiny_moe
 from safetensors import safe_open
 
-from r3.engines.sglang import SGLangRolloutEngine, to_checkpoint_names
+from r3.engines.hf_checkpoint import to_checkpoint_names
+from r3.engines.sglang.engine import SGLangRolloutEngine
 
 FUSED = re.compile(r"experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 
@@ -119,7 +120,7 @@ def test_megatron_export_synced_loads_exactly(tmp_path):
 
 def test_a_server_still_on_old_weights_stops_the_step(tmp_path):
     from r3.engines.base import SamplingParams
-    from r3.engines.sglang import SGLangError
+    from r3.engines.sglang.engine import SGLangError
 
     version = {"v": "0"}
 

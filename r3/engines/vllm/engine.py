@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
-from r3.engines.vllm.check import SyncChecker, SyncCheckError, prompt_logprobs_of
+from r3.engines.hf_checkpoint import write_checkpoint
+from r3.engines.sync_check import SyncChecker, SyncCheckError, prompt_logprobs_of
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import routing_trace
-from r3.engines.vllm.weights import write_checkpoint
 from r3.engines.weight_check import ReadbackChecker, check_version
 from r3.trace import RoutingSpec
 
@@ -155,6 +155,7 @@ class VLLMRolloutEngine:
                 enable_return_routed_experts=self.captures,
                 max_model_len=self.max_model_len,
                 max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
                 enforce_eager=cfg.enforce_eager,
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -186,6 +187,7 @@ class VLLMRolloutEngine:
         return RolloutCapabilities(
             captures_routing=self.captures,
             weight_sync=True,
+            prefix_cache=self.cfg.enable_prefix_caching,
             prefix_cached_routing=self.captures,  # generate_continuations
         )
 
@@ -307,6 +309,9 @@ class VLLMRolloutEngine:
         )
         if len(outs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outs)} results for {len(prompts)} prompts")
+        # prompt tokens served from vLLM's prefix cache, per request (RequestOutput.num_cached_tokens,
+        # vllm/outputs.py); r3.conformance checks that a hit keeps every prompt row
+        self.last_num_cached_tokens = [int(o.num_cached_tokens or 0) for o in outs]
         samples = [
             self._sample(i, p, o, capture_routing, prompt_start=k)
             for i, (p, o, k) in enumerate(zip(prompts, outs, starts))
@@ -387,7 +392,7 @@ class VLLMRolloutEngine:
         """Raise SyncCheckError unless the engine holds `state_dict` (just synced): every worker reports
         the synced weight version; read-back weights equal the trainer's cast to the engine's dtype
         (r3.engines.weight_check; unless verify_readback is off); the probe's logprobs match an fp32
-        forward of `state_dict` (r3.engines.vllm.check). Returns the measured numbers."""
+        forward of `state_dict` (r3.engines.sync_check). Returns the measured numbers."""
         out = self.check_readback(state_dict)
         out.update(self.check_probe(state_dict))
         return out

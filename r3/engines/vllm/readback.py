@@ -63,7 +63,7 @@ def read_request(plan: ReadbackPlan, hf_config) -> str:
 
 def decode_values(plan: ReadbackPlan, reply: dict, *, where: str) -> tuple[object, dict[str, torch.Tensor]]:
     """(reported weight version, checkpoint name -> float32 values) from one worker's reply."""
-    from r3.engines.vllm.check import SyncCheckError
+    from r3.engines.sync_check import SyncCheckError
 
     if not isinstance(reply, dict) or reply.get("error"):
         raise SyncCheckError(

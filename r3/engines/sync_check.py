@@ -1,4 +1,5 @@
-"""The post-sync check: does the engine compute what the synced weights compute? (light: torch)
+"""The post-sync probe check, shared by every engine that syncs weights: does the engine compute what
+the synced weights compute? (light: torch)
 
 The second line of the sync check; the first reads weights back (r3.engines.weight_check). A fixed
 probe sequence (PROBE_LEN token ids drawn once from a seeded generator) is scored by the engine
@@ -14,7 +15,8 @@ the readback comes first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -77,7 +79,7 @@ class SyncChecker:
         med, mean, mx = float(diff.median()), float(diff.mean()), float(diff.max())
         if not med <= self.tolerance:  # also catches NaN
             raise SyncCheckError(
-                f"after weight sync v{version}: the {self.precision} vLLM engine{where}'s logprobs of a "
+                f"after weight sync v{version}: the {self.precision} engine{where}'s logprobs of a "
                 f"{len(self.probe)}-token probe differ from {reference} of the synced weights by "
                 f"median {med:.3g} / mean {mean:.3g} / max {mx:.3g} nats per token; expected median <= "
                 f"{self.tolerance:g}. Likely cause: the reload left stale or mis-laid-out weights (vLLM's CPU reload "
@@ -101,3 +103,28 @@ def prompt_logprobs_of(probe: Sequence[int], prompt_logprobs: Sequence) -> torch
             raise SyncCheckError(f"prompt logprobs at position {t} lack the probe token {probe[t]}: {str(entry)[:200]}")
         out.append(float(lp["logprob"] if isinstance(lp, dict) else lp.logprob))
     return torch.tensor(out, dtype=torch.float32)
+
+
+SyncReference = Callable[[Sequence[int]], torch.Tensor]
+"""probe token ids [P] -> float32 [P - 1]: log p(probe[t+1] | probe[:t+1]) under the weights just synced
+(e.g. `train_engine_reference(train_engine)`: the trainer's own forward, which holds those weights)."""
+
+
+def train_engine_reference(train_engine: Any) -> SyncReference:
+    """A SyncReference from a TrainEngine: its compute_logprobs of a one-row batch holding the probe
+    (native routing, no replay), on the host. Call it right after a sync (the RL loop syncs
+    `train_engine.rollout_state_dict()`), so the trainer holds the synced weights; under several
+    training ranks pass the driver's proxy (experiments.distributed.DriverEngine) so the followers
+    run the same forward (a 1-row batch under data parallelism: the ranks without a row run padding)."""
+    from r3.engines.base import TrainBatch
+
+    def reference(probe: Sequence[int]) -> torch.Tensor:
+        ids_BS = torch.tensor([list(map(int, probe))], dtype=torch.long)
+        batch = TrainBatch(
+            input_ids_BS=ids_BS,
+            attention_mask_BS=torch.ones_like(ids_BS),
+            loss_mask_BT=torch.ones(1, ids_BS.shape[1] - 1, dtype=torch.float32),
+        )
+        return train_engine.compute_logprobs(batch).logp_BT[0].float().cpu()
+
+    return reference

@@ -57,244 +57,28 @@ here (no GPU): untested end to end.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
-import dataclasses
-import http.client
 import json
 import shutil
-import socket
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 
-from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, TrainBatch, request_seed
-from r3.engines.vllm.check import PROBE_LEN, SyncCheckError, probe_ids  # light: torch only
-from r3.engines.weight_check import ReadbackChecker, check_version  # light: torch only
-from r3.trace import RoutingSpec, RoutingTrace
-
-Transport = Callable[[str, str, "dict | None", float], tuple[int, Any]]
-"""(method, url, json body or None, timeout s) -> (HTTP status, parsed JSON or text). Raises
-ConnectionError / TimeoutError / OSError when the server cannot be reached."""
-
-_RETRY_STATUS = (502, 503, 504)
-
-SyncReference = Callable[[Sequence[int]], torch.Tensor]
-"""probe token ids [P] -> float32 [P - 1]: log p(probe[t+1] | probe[:t+1]) under the weights just synced
-(e.g. `train_engine_reference(train_engine)`: the trainer's own forward, which holds those weights)."""
-
-_DEFAULT_SYNC_ATOL = {"bf16": 0.25, "fp8": 0.5}
-"""Largest median |logprob difference| per probe token between a server and the reference. bf16: the
-bound measured for vLLM (r3.engines.vllm.config._DEFAULT_SYNC_ATOL: a correct bf16 engine is 0.016-0.020
-from an fp32 forward, stale/mis-laid-out weights 2.5-3.1); SGLang's bf16 kernels are not measured here
-(no GPU). Against a bf16 megatron reference both sides carry bf16 error, so expect up to about twice
-that: 0.25 is still >= 6x above it. fp8 (`--quantization fp8`, all linear weights in e4m3): NOT
-measured; 0.5 is a guess at 2x the bf16 bound (set sync_atol after measuring a correct server).
-Sensitivity: a server that skips the expert tensors on load (keeps its old experts) is off by a
-median 0.68 nats per token when the tiny zoo's Base is served and its SFT weights synced, 0.023 in
-the micro zoo, 0.004 between two random-init tiny models (measured with the test double of
-tests/r3/test_r3_sglang_sync_check.py): stale experts are seen once they differ from the synced
-ones by more than the tolerance, not after one small RL step (docs/cluster.md)."""
+from r3.engines import http
+from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
+from r3.engines.hf_checkpoint import checkpoint_dtype, write_checkpoint
+from r3.engines.http import ServerError, Transport, urllib_transport
+from r3.engines.sglang.config import SGLangRolloutConfig
+from r3.engines.sglang.routing import decode_routed_experts, response_bytes_estimate
+from r3.engines.sync_check import PROBE_LEN, SyncCheckError, SyncReference, probe_ids
+from r3.engines.weight_check import ReadbackChecker, check_version
+from r3.trace import RoutingSpec
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SGLangRolloutConfig:
-    """Client of SGLang servers (cluster mode)."""
-
-    name: ClassVar[str] = "sglang"
-    urls: tuple[str, ...]
-    """Server base URLs (http://host:port)."""
-    model_path: str
-    """The served checkpoint (transformers format): the routing spec (L, K, E) is read from its
-    config.json, and its config/tokenizer files are copied beside every synced weight version."""
-    weight_sync_dir: str | None = None
-    """Directory on a file system the servers can read, where sync_weights writes each version
-    (None: the engine serves fixed weights and sync_weights refuses)."""
-    batch_size: int = 64
-    """Prompts per /generate request."""
-    in_flight_per_server: int = 2
-    """Concurrent requests per server."""
-    request_timeout_s: float = 3600.0
-    """Seconds before one request is abandoned."""
-    retries: int = 5
-    """Retries on connection errors and 502/503/504."""
-    send_seeds: bool = True
-    """Pass SamplingParams.seed as per-prompt `sampling_seed`."""
-    max_response_mb: float = 256.0
-    """Upper bound on one /generate response's estimated JSON size; larger batches are split."""
-    check_server_flags: bool = True
-    """Before the first /generate, refuse servers without --enable-return-routed-experts when
-    routing is captured, and warn when seeds are sent to servers without deterministic inference."""
-    precision: Literal["bf16", "fp8"] = "bf16"
-    """The servers' numerics (slurm.servers: `--dtype bfloat16`, plus `--quantization fp8` for fp8);
-    chooses the default tolerance of the sync check."""
-    verify_sync: bool = True
-    """After every sync, score a fixed probe sequence on every server (teacher-forced logprobs) and
-    compare with a reference of the synced weights; raise SyncCheckError when they disagree."""
-    sync_atol: float | None = None
-    """Tolerance of that check (median |logprob difference| per probe token); None: 0.25 for bf16,
-    0.5 for fp8 (_DEFAULT_SYNC_ATOL)."""
-    verify_readback: bool = True
-    """After every sync, read back the first `readback_rows` rows of a sample of tensors (every MoE
-    layer's experts, router, attention, embeddings, lm_head, norms) through /get_weights_by_name and
-    require them equal to the trainer's values in the served dtype (r3.engines.weight_check). bf16 only:
-    off for fp8 (quantised weights need their scales; a warning says so)."""
-    readback_rows: int = 1
-    """Rows per tensor returned by /get_weights_by_name (its `truncate_size`)."""
-    readback_experts_per_layer: int = 4
-    """Experts per MoE layer whose gate/up/down tensors are read back (the same ones every sync)."""
-    reference_max_params: int = 2_000_000_000
-    """Without a reference set by the caller (`set_sync_reference`), the engine computes one with an
-    fp32 transformers forward of the synced state dict in this process when it has at most this
-    many parameters (8 GB of fp32); above it the sync is not verified (a warning says so)."""
-
-    def __post_init__(self) -> None:
-        if self.precision not in _DEFAULT_SYNC_ATOL:
-            raise ValueError(f"SGLangRolloutConfig.precision must be 'bf16' or 'fp8', got {self.precision!r}")
-        if self.sync_atol is not None and self.sync_atol <= 0:
-            raise ValueError(f"sync_atol must be > 0 (or None for the precision's default), got {self.sync_atol}")
-        if self.readback_rows < 1 or self.readback_experts_per_layer < 1:
-            raise ValueError(
-                f"readback_rows and readback_experts_per_layer must be >= 1, got {self.readback_rows}, "
-                f"{self.readback_experts_per_layer} (verify_readback=False turns the readback off)"
-            )
-        if self.precision == "fp8" and self.verify_readback:
-            import warnings
-
-            warnings.warn(
-                "SGLang fp8 servers hold e4m3 weights with block scales: the exact readback of the synced weights "
-                "does not apply and is off; syncs are checked by weight version and the probe only",
-                stacklevel=3,
-            )
-
-    @property
-    def sync_tolerance(self) -> float:
-        return self.sync_atol if self.sync_atol is not None else _DEFAULT_SYNC_ATOL[self.precision]
-
-
-LOGPROB_ENTRY_BYTES = 40
-"""JSON bytes of one `[logprob, token_id, null]` entry of output_token_logprobs (about 35 written)."""
-
-
-def response_bytes_estimate(prompt_len: int, max_new_tokens: int, *, routing_layers: int, top_k: int) -> int:
-    """Upper estimate of one sample's /generate response JSON: base64 of int32 routing rows for
-    every fed token (4/3 x 4 B per id) plus one logprob entry per generated token."""
-    fed = prompt_len + max_new_tokens - 1
-    return fed * routing_layers * top_k * 4 * 4 // 3 + max_new_tokens * LOGPROB_ENTRY_BYTES
-
-
-def decode_routed_experts(
-    b64: str | bytes,
-    *,
-    seqlen: int,
-    spec: RoutingSpec,
-    layer_ids: Sequence[int] | None = None,
-    num_rows: int | None = None,
-) -> RoutingTrace:
-    """SGLang's `meta_info.routed_experts` -> a validated RoutingTrace of the MoE layers, uint8 when
-    E <= 256 (int32 otherwise).
-
-    Wire format: base64 of little-endian int32, shape (seqlen - 1, num_rows, top_k) with num_rows =
-    num_hidden_layers (a row per decoder layer); layer_ids: which rows are MoE layers (None: every
-    row, num_rows = spec.num_layers). A payload with exactly spec.num_layers rows is accepted too."""
-    import numpy as np
-
-    raw = base64.b64decode(b64)
-    if len(raw) % 4:
-        raise ValueError(f"routed_experts has {len(raw)} bytes, not a whole number of int32 values")
-    flat = np.frombuffer(raw, dtype="<i4")
-    tokens, k = seqlen - 1, spec.top_k
-    rows = num_rows if num_rows is not None else spec.num_layers
-    if flat.size == tokens * rows * k:
-        ids = flat.reshape(tokens, rows, k)
-        if layer_ids is not None and rows != spec.num_layers:
-            ids = ids[:, list(layer_ids)]
-    elif flat.size == tokens * spec.num_layers * k:  # a server that sends MoE rows only
-        ids = flat.reshape(tokens, spec.num_layers, k)
-    else:
-        raise ValueError(
-            f"routed_experts element count does not match sample tokens: got={flat.size}, expected="
-            f"{tokens * rows * k} (tokens={tokens} = seqlen {seqlen} - 1, rows={rows} decoder layers, topk={k})"
-            f" or {tokens * spec.num_layers * k} (MoE layers only: {spec.num_layers})"
-        )
-    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
-    if lo < 0 or hi >= spec.num_experts:
-        raise ValueError(f"expert ids must be in [0, {spec.num_experts}), got min={lo} max={hi}")
-    narrow = np.uint8 if spec.num_experts <= 256 else np.int32
-    return RoutingTrace(torch.from_numpy(np.array(ids, dtype=narrow)), spec)  # a writable copy
-
-
-def to_checkpoint_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers-5 in-memory Qwen3-MoE names -> the names of an HF checkpoint on disk.
-
-    In memory (transformers >= 5) each MoE layer holds fused expert tensors:
-    `mlp.experts.gate_up_proj` [E, 2I, H] (rows [gate; up]: `gate, up = linear(x, W[e]).chunk(2)`)
-    and `mlp.experts.down_proj` [E, H, I]. On disk (Qwen3-MoE checkpoints on the hub, what
-    `save_pretrained` writes, what SGLang's and vLLM's loaders match) each expert has
-    `mlp.experts.{e}.gate_proj.weight` [I, H], `up_proj.weight` [I, H], `down_proj.weight` [H, I].
-    Every other name is the same in both; names already per-expert pass through.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        if k.endswith(".mlp.experts.gate_up_proj"):
-            prefix = k[: -len("gate_up_proj")]
-            if v.ndim != 3 or v.shape[1] % 2:
-                raise ValueError(f"{k}: expected a fused [E, 2I, H] tensor, got shape {tuple(v.shape)}")
-            gate_EIH, up_EIH = v.chunk(2, dim=1)
-            for e in range(v.shape[0]):
-                # clones: safetensors refuses tensors that share storage
-                out[f"{prefix}{e}.gate_proj.weight"] = gate_EIH[e].clone()
-                out[f"{prefix}{e}.up_proj.weight"] = up_EIH[e].clone()
-        elif k.endswith(".mlp.experts.down_proj"):
-            prefix = k[: -len("down_proj")]
-            if v.ndim != 3:
-                raise ValueError(f"{k}: expected a fused [E, H, I] tensor, got shape {tuple(v.shape)}")
-            for e in range(v.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = v[e].clone()
-        else:
-            out[k] = v
-    return out
-
-
-def checkpoint_dtype(model_path: str | Path | None) -> torch.dtype | None:
-    """The dtype a served checkpoint declares in config.json (`dtype`, or `torch_dtype` before
-    transformers 5); None when it declares none."""
-    if model_path is None or not (Path(model_path) / "config.json").exists():
-        return None
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    if not isinstance(name, str):
-        return None
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    return dt if isinstance(dt, torch.dtype) else None
-
-
-class SGLangError(RuntimeError):
+class SGLangError(ServerError):
     """The server answered, but not as the protocol requires."""
-
-
-def urllib_transport(method: str, url: str, body: dict | None, timeout_s: float) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:  # an HTTP answer (4xx/5xx): not a connection problem
-        status, raw = e.code, e.read()
-    except urllib.error.URLError as e:
-        raise ConnectionError(f"{method} {url}: {e.reason}") from e
-    except (http.client.HTTPException, socket.timeout) as e:
-        raise ConnectionError(f"{method} {url}: {type(e).__name__}: {e}") from e
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
 
 
 class SGLangRolloutEngine:
@@ -376,7 +160,7 @@ class SGLangRolloutEngine:
         self.sync_tolerance = sync_tolerance
         self.sync_reference = sync_reference
         self.reference_max_params = reference_max_params
-        self._fp32_checker = None  # r3.engines.vllm.check.SyncChecker, built on first use
+        self._fp32_checker = None  # r3.engines.sync_check.SyncChecker, built on first use
         self._warned_unverified = False
         self.last_sync_check: dict[str, float] = {}
         self.readback = (
@@ -437,50 +221,29 @@ class SGLangRolloutEngine:
         return RolloutCapabilities(
             captures_routing=self.routing_spec is not None,
             weight_sync=self.weight_sync_dir is not None,
+            prefix_cache=True,  # SGLang's radix cache is on unless launched with --disable-radix-cache
             prefix_cached_routing=True,
         )
 
     # --- HTTP ---------------------------------------------------------------------------------
     def _request(self, method: str, url: str, body: dict | None, *, timeout_s: float | None = None) -> Any:
-        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                status, payload = self.transport(method, url, body, timeout_s)
-            except (ConnectionError, TimeoutError, OSError) as e:
-                last = e
-            else:
-                if status == 200:
-                    return payload
-                if status not in _RETRY_STATUS:
-                    raise SGLangError(f"{method} {url} returned HTTP {status}: {str(payload)[:500]}")
-                last = SGLangError(f"HTTP {status}: {str(payload)[:200]}")
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise ConnectionError(
-            f"{method} {url} failed after {self.retries + 1} attempts (last: {last}); is the server up? "
-            f"check `curl {url.rsplit('/', 1)[0]}/health`"
-        ) from last
+        return http.request_with_retry(
+            self.transport,
+            method,
+            url,
+            body,
+            timeout_s=self.request_timeout_s if timeout_s is None else timeout_s,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            error_cls=SGLangError,
+        )
 
     def health(self) -> dict[str, bool]:
         """GET /health on every server (one attempt each)."""
-        out = {}
-        for u in self.urls:
-            try:
-                out[u] = self.transport("GET", f"{u}/health", None, 10.0)[0] == 200
-            except (ConnectionError, TimeoutError, OSError):
-                out[u] = False
-        return out
+        return http.health(self.transport, self.urls)
 
     def wait_until_healthy(self, timeout_s: float = 600.0, poll_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self.health()
-            if all(status.values()):
-                return
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"SGLang servers not healthy after {timeout_s} s: {status}")
-            time.sleep(poll_s)
+        http.wait_until_healthy(self.transport, self.urls, timeout_s=timeout_s, poll_s=poll_s, what="SGLang servers")
 
     # --- generation ---------------------------------------------------------------------------
     def request_body(
@@ -679,24 +442,13 @@ class SGLangRolloutEngine:
                 "sync_weights needs weight_sync_dir: a directory on a file system the SGLang "
                 "servers can read (pass weight_sync_dir=... to SGLangRolloutEngine)"
             )
-        from safetensors.torch import save_file
-
         self.weight_version += 1
-        out = self.weight_sync_dir / f"v{self.weight_version:06d}"
-        out.mkdir(parents=True, exist_ok=True)
-        if self.base_model_path is not None:  # config/tokenizer files beside the weights
-            for f in self.base_model_path.iterdir():
-                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and "index" not in f.name:
-                    shutil.copy2(f, out / f.name)
-        dtype = checkpoint_dtype(self.base_model_path)
-        tensors = {
-            k: v.detach()
-            .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-            .contiguous()
-            for k, v in to_checkpoint_names(state_dict).items()
-        }
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
+        out = write_checkpoint(
+            self.weight_sync_dir / f"v{self.weight_version:06d}",
+            state_dict,
+            base_model_path=self.base_model_path,
+            dtype=checkpoint_dtype(self.base_model_path),
+        )
         self.update_weights_from_disk(out, weight_version=str(self.weight_version))
         if self.readback is not None or self.sync_tolerance is not None:
             self.last_sync_check = self.check_version()
@@ -706,7 +458,7 @@ class SGLangRolloutEngine:
                 self.last_sync_check.update(self.check_sync(state_dict))
         prev = self.weight_sync_dir / f"v{self.weight_version - 1:06d}"
         if prev.exists():
-            shutil.rmtree(prev, ignore_errors=True)
+            shutil.rmtree(prev, ignore_errors=True)  # the servers hold the new version
 
     # --- the check after a sync ---------------------------------------------------------------
     def check_version(self) -> dict[str, float]:
@@ -847,7 +599,7 @@ class SGLangRolloutEngine:
         if self._fp32_checker is None:
             from transformers import AutoConfig
 
-            from r3.engines.vllm.check import SyncChecker
+            from r3.engines.sync_check import SyncChecker
 
             cfg = AutoConfig.from_pretrained(str(self.base_model_path))
             self._fp32_checker = SyncChecker(cfg, precision="fp32", tolerance=self.sync_tolerance or 0.0, probe=probe)
@@ -882,22 +634,3 @@ class SGLangRolloutEngine:
             if med >= worst.get("probe_median_abs_diff", -1.0):
                 worst = {"probe_median_abs_diff": med, "probe_mean_abs_diff": mean, "probe_max_abs_diff": mx}
         return worst
-
-
-def train_engine_reference(train_engine: Any) -> SyncReference:
-    """A SyncReference from a TrainEngine: its compute_logprobs of a one-row batch holding the probe
-    (native routing, no replay). Call it right after a sync (the RL loop syncs
-    `train_engine.rollout_state_dict()`), so the trainer holds the synced weights; under several
-    training ranks pass the driver's proxy (experiments.distributed.DriverEngine) so the followers
-    run the same forward."""
-
-    def reference(probe: Sequence[int]) -> torch.Tensor:
-        ids_BS = torch.tensor([list(map(int, probe))], dtype=torch.long)
-        batch = TrainBatch(
-            input_ids_BS=ids_BS,
-            attention_mask_BS=torch.ones_like(ids_BS),
-            loss_mask_BT=torch.ones(1, ids_BS.shape[1] - 1, dtype=torch.float32),
-        )
-        return train_engine.compute_logprobs(batch).logp_BT[0].float().cpu()
-
-    return reference
