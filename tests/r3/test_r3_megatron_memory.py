@@ -78,5 +78,26 @@ def test_tensor_parallel_splits_dense_weights_and_activations_not_experts():
     one = plan_memory(QWEN3_30B_A3B, world=16, ep=8, micro_batch=1, seq_len=9216, recompute=False)
     two = plan_memory(QWEN3_30B_A3B, world=16, tp=2, ep=8, micro_batch=1, seq_len=9216, recompute=False)
     assert two.dense_local == one.dense_local // 2 and two.expert_local == one.expert_local  # expert TP = 1
-    logits = 1 * 9216 * QWEN3_30B_A3B.vocab * 6  # gathered over TP: not split
-    assert two.activations - logits == pytest.approx((one.activations - logits) / 2)
+    assert two.logits == one.logits  # gathered over TP: not split
+    assert two.activations - two.logits == pytest.approx((one.activations - one.logits) / 2)
+
+
+def test_logits_term_hand_computed_and_the_prefix_paths_do_not_fit():
+    V, S, h = QWEN3_30B_A3B.vocab, 9216, QWEN3_30B_A3B.hidden
+    p = plan_memory(QWEN3_30B_A3B, world=16, ep=8, micro_batch=1, seq_len=S, recompute=True)
+    # bf16 logits + their gradient + the output layer's weight gradient; 1,024-token fp32 chunks (12 B)
+    assert p.logits == S * V * 2 + max(1024 * V * 12, S * V * 2 + V * h * 2)
+    assert p.attention_scores == 0
+    old = plan_memory(QWEN3_30B_A3B, world=16, ep=8, micro_batch=1, seq_len=S, recompute=True, attention="local",
+                      logits_chunk=0)  # fmt: skip
+    assert old.attention_scores == 14 * 32 * S * S  # baddbmm buffer + result, fp32 upcast + softmax, bf16 probs
+    assert old.logits == S * V * 2 + S * V * 16
+    assert p.total < 80 * GB < old.total
+
+
+def test_forward_only_plan_of_the_static_job():
+    p = plan_memory(QWEN3_30B_A3B, world=8, ep=8, micro_batch=1, seq_len=9216, recompute=False, step=False)
+    dense, expert = 1_541_093_376, 28_991_029_248 // 8
+    assert p.optimizer == pytest.approx(4 * (dense / 8 + expert / 1))  # the fp32 master shard, no Adam state
+    assert p.logits == 9216 * QWEN3_30B_A3B.vocab * 2 + 1024 * QWEN3_30B_A3B.vocab * 12
+    assert p.total < 80 * GB

@@ -27,10 +27,31 @@ def test_paper_dry_run_prints_fitting_plans(tmp_path, capsys):
     assert out.count("memory plan per GPU: bf16; world 16 = TP 1 x PP 1 x DP 16, experts EP 8 x expert-DP 2") == 2
     assert "80 GB per GPU: fits" in out and "total per GPU" in out
     assert "Qwen3-30B-A3B's published config" in out
+    # the cached CPU rehearsal of this layout beside the plan, and the call's message from shapes
+    assert out.count("rehearsed peak per GPU (train step)") == 2 and "rehearsal_paper.json" in out
+    assert "driver-to-follower call of 1024 rows: 29.2 GB message" in out
+
+
+def test_static_cells_are_planned_forward_only(tmp_path, capsys):
+    args = [a for a in PAPER if a != "--no-static"] + ["--model-dense", "/ckpt/dense", "--runs", str(tmp_path)]
+    submit.main(args + ["--cells", "static*"])
+    out = capsys.readouterr().out
+    assert "static: memory plan per GPU: bf16; world 8 = TP 1 x PP 1 x DP 8, experts EP 8 x expert-DP 1" in out
+    assert "forward only" in out and "call of 64 rows" in out and "80 GB per GPU: fits" in out
+
+
+def test_a_layout_whose_rehearsed_peak_exceeds_the_gpu_is_refused(tmp_path, capsys, monkeypatch):
+    from r3.engines.megatron import rehearsal
+
+    cache = rehearsal.load_cache()
+    monkeypatch.setattr(rehearsal, "load_cache", lambda: {**cache, "step_peak": 85e9})  # plan 69.3 GB fits
+    with pytest.raises(SystemExit, match=r"sft-single-grpo-r3: 85\.0 GB per GPU needed \(rehearsed\), 80 GB"):
+        submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo-r3"])
+    assert "DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_paper_dry_run_refuses_a_layout_that_cannot_fit(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"sft-single-grpo: 223\.6 GB per GPU needed, 80 GB available"):
+    with pytest.raises(SystemExit, match=r"sft-single-grpo: 221\.5 GB per GPU needed \(planned\), 80 GB available"):
         submit.main(
             PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override", "train_expert_parallel=1"]
         )
@@ -50,7 +71,7 @@ def test_paper_cells_carry_the_layout(tmp_path):
 
 
 def test_fp32_training_is_refused_for_the_paper_layout(tmp_path):
-    with pytest.raises(SystemExit, match=r"103\.3 GB per GPU needed, 80 GB available"):
+    with pytest.raises(SystemExit, match=r"107\.4 GB per GPU needed \(planned\), 80 GB available"):
         submit.main(
             PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override", "train_precision=fp32"]
         )

@@ -25,38 +25,49 @@ def _chunks(B: int, T: int, chunk: int):
             yield b, slice(t, min(t + chunk, T))
 
 
+def _scaled(x_CV: torch.Tensor, temperature: float, *, copy: bool = False) -> torch.Tensor:
+    """x / temperature in fp32 (no division, hence no second temporary, at temperature 1); copy: a
+    new tensor even when x is fp32 already (the caller writes it in place)."""
+    x_CV = x_CV.to(torch.float32, copy=copy)
+    return x_CV if temperature == 1.0 else x_CV.div_(temperature) if copy else x_CV / temperature
+
+
 class ChunkedLogprob(torch.autograd.Function):
-    """logp_BT[b, t] = log softmax(logits_BTV[b, t])[target_BT[b, t]] in float32, chunked (module
-    docstring). logits_BTV may be a non-contiguous view ([:, :-1] of [B, S, V])."""
+    """logp_BT[b, t] = log softmax(logits_BSV[b, t])[target_BT[b, t]] for t < T = S - 1, in float32,
+    chunked (module docstring). Takes the whole [B, S, V] logits rather than their [:, :-1] view, so
+    that backward writes one gradient of the logits' shape (last position zero) instead of a gradient
+    of the view plus the slice's backward copy into a second [B, S, V] tensor."""
 
     @staticmethod
-    def forward(ctx, logits_BTV: torch.Tensor, target_BT: torch.Tensor, chunk: int, temperature: float):
-        B, T, _ = logits_BTV.shape
-        lse_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BTV.device)
-        picked_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BTV.device)
+    def forward(ctx, logits_BSV: torch.Tensor, target_BT: torch.Tensor, chunk: int, temperature: float):
+        B, T = target_BT.shape
+        lse_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BSV.device)
+        picked_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BSV.device)
         for b, t in _chunks(B, T, chunk):
-            x_CV = logits_BTV[b, t].float() / temperature
+            x_CV = _scaled(logits_BSV[b, t], temperature)
             lse_BT[b, t] = torch.logsumexp(x_CV, dim=-1)
             picked_BT[b, t] = x_CV.gather(-1, target_BT[b, t].unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(logits_BTV, target_BT, lse_BT)
+        ctx.save_for_backward(logits_BSV, target_BT, lse_BT)
         ctx.chunk, ctx.temperature = chunk, temperature
         return picked_BT - lse_BT
 
     @staticmethod
     def backward(ctx, grad_BT: torch.Tensor):
-        logits_BTV, target_BT, lse_BT = ctx.saved_tensors
-        B, T, _ = logits_BTV.shape
-        grad_BTV = torch.empty_like(logits_BTV, memory_format=torch.contiguous_format)
+        logits_BSV, target_BT, lse_BT = ctx.saved_tensors
+        B, T = target_BT.shape
+        grad_BSV = torch.empty_like(logits_BSV, memory_format=torch.contiguous_format)
+        grad_BSV[:, T:] = 0  # positions without a target
         tau = ctx.temperature
         for b, t in _chunks(B, T, ctx.chunk):
             g_C = grad_BT[b, t].float() / tau  # d(x / tau) / dx
             # d logp / d x_v = onehot_v - softmax_v (the log-softmax backward: aten's
             # _log_softmax_backward_data computes grad - exp(out) * sum(grad), the same expression)
-            x_CV = logits_BTV[b, t].float() / tau
-            g_CV = torch.exp(x_CV.sub_(lse_BT[b, t].unsqueeze(-1))).mul_(-g_C.unsqueeze(-1))
-            g_CV.scatter_add_(-1, target_BT[b, t].unsqueeze(-1), g_C.unsqueeze(-1))
-            grad_BTV[b, t] = g_CV.to(grad_BTV.dtype)
-        return grad_BTV, None, None, None
+            # one fp32 temporary per chunk: a copy of the chunk, turned into the gradient in place
+            g_CV = _scaled(logits_BSV[b, t], tau, copy=True).sub_(lse_BT[b, t].unsqueeze(-1)).exp_()
+            g_CV.mul_(-g_C.unsqueeze(-1)).scatter_add_(-1, target_BT[b, t].unsqueeze(-1), g_C.unsqueeze(-1))
+            grad_BSV[b, t] = g_CV
+            del g_CV
+        return grad_BSV, None, None, None
 
 
 def token_logprobs(
@@ -74,7 +85,7 @@ def token_logprobs(
     logits_BTV = logits_BSV[:, :-1]
     target_BT = input_ids_BS[:, 1:]
     if chunk_tokens:
-        logp_BT = ChunkedLogprob.apply(logits_BTV, target_BT, chunk_tokens, float(temperature))
+        logp_BT = ChunkedLogprob.apply(logits_BSV, target_BT, chunk_tokens, float(temperature))
         entropy_BT = None
         if with_entropy:
             with torch.no_grad():

@@ -11,16 +11,29 @@ What it counts, per GPU, for megatron-core's mixed precision with the distribute
   grads        4 B/param  fp32 main-gradient buffer (megatron DDP's contiguous buffer);
   optimizer   12 B/param  fp32 master copy + Adam m + Adam v, sharded over the data-parallel
                           replicas of that parameter (dense: DP; experts: expert-DP);
-  activations             one micro-batch of `micro_batch` sequences of `seq_len` tokens:
-      per token and layer, bf16 (2 B), flash attention (no s^2 term), no dropout, divided by TP
-      (the engine runs TP > 1 with sequence parallelism, which splits them all):
+  activations             one micro-batch of `micro_batch` sequences of `seq_len` tokens (the engine
+                          cuts each micro-batch to its own longest row, so seq_len is the longest
+                          a row can be: prompt + max_new_tokens):
+      layers: per token and layer, bf16 (2 B), no dropout, divided by TP (the engine runs TP > 1
+      with sequence parallelism, which splits them all):
         attention  2 * (4h + q + 2kv + q)    LN in, QKV in/out, core attention out, proj in
         MoE        2 * k * (2h + 3I) + 2 * 2h  per routed copy: permuted input, fc1 out (2I),
                                                 activation out (I), fc2 out; router/LN in
       with full recompute only each layer's input (2h B) is kept, plus one layer in full during
-      its recompute; the logits add 6 B per vocabulary entry per token (bf16 logits + fp32
-      log-softmax), not divided by TP (the engine gathers the vocab-parallel logits);
+      its recompute;
+      attention scores: none with the engine's SDPA core attention (model.SDPADotProductAttention);
+      with megatron's local DotProductAttention (attention="local") 14 B per score per head
+      (b x heads x S x S: the baddbmm buffer and result 2 + 2, the fp32 upcast 4 and fp32 softmax 4,
+      the bf16 probabilities 2; the composition r3.engines.megatron.rehearsal measured);
+      logits: not divided by TP (the engine gathers the vocab-parallel logits): the logits and their
+      gradient (2 x 2 B per vocabulary entry per token in bf16), the output layer's weight gradient
+      before it joins the main grad (2 B x V x h), and the fp32 temporaries of the chunked logprob /
+      entropy (12 B per entry of one chunk of `logits_chunk` tokens; r3.engines.megatron.logits);
+      unchunked (logits_chunk=0) 16 B per entry of every token instead;
   reserve     a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
+A forward-only engine (`step=False`: the static measurement's compute_logprobs) keeps megatron's
+fp32 main-grad buffer and the distributed optimizer's fp32 master shard (both built with the
+engine) but no Adam state (created at the first step) and no gradients of activations.
 Parameter shards: dense parameters (attention, router, norms, embeddings) over TP x PP, experts
 over EP x PP (expert-TP = 1, as r3.engines.megatron.parallel sets it). PP is assumed to split
 layers evenly and embeddings are counted as if spread with them (the first/last stages hold more:
@@ -35,6 +48,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
+
+from r3.metrics import LOGITS_CHUNK_TOKENS
 
 GB = 1e9
 BYTES_WEIGHT, BYTES_GRAD, BYTES_OPTIM = 2, 4, 12
@@ -146,10 +161,19 @@ class MemoryPlan:
     optimizer: float
     activations: float
     reserve: float
+    logits: float = 0.0
+    """Part of `activations`: logits, their gradient and the logprob/entropy temporaries."""
+    attention_scores: float = 0.0
+    """Part of `activations`: the [b, heads, S, S] scores of megatron's local attention (0 with SDPA)."""
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.activations + self.reserve
+
+    @property
+    def static(self) -> float:
+        """Weights, grads and optimizer state: what a rank holds between steps."""
+        return self.weights + self.grads + self.optimizer
 
     def table(self) -> str:
         rows = [
@@ -157,6 +181,8 @@ class MemoryPlan:
             ("grads", self.grads),
             ("optimizer state", self.optimizer),
             ("activations", self.activations),
+            ("  of which logits + logprob/entropy", self.logits),
+            ("  of which attention scores", self.attention_scores),
             ("reserve (context, NCCL, fragmentation)", self.reserve),
             ("total per GPU", self.total),
         ]
@@ -197,12 +223,16 @@ def plan_memory(
     recompute: bool,
     reserve_gb: float = RESERVE_GB,
     precision: Literal["bf16", "fp32"] = "bf16",
+    attention: Literal["sdpa", "local"] = "sdpa",
+    logits_chunk: int = LOGITS_CHUNK_TOKENS,
+    step: bool = True,
 ) -> MemoryPlan:
     """Per-GPU memory of one training rank; see the module docstring. micro_batch: sequences per
     forward/backward; seq_len: tokens per sequence (prompt + response). precision "bf16": megatron's
     mixed precision with the distributed optimizer (the cluster target); "fp32": what
     MegatronTrainEngine runs today (fp32 weights, grads and activations; AdamW m and v replicated
-    on every DP rank, no master copy)."""
+    on every DP rank, no master copy). attention, logits_chunk: the engine's core attention and
+    logprob/entropy chunk (module docstring); step False: a forward-only engine (module docstring)."""
     if world % (tp * pp) or world % (ep * pp):
         raise ValueError(f"world size {world} is not divisible by TP x PP = {tp * pp} and EP x PP = {ep * pp}")
     if m.experts and m.experts % ep:
@@ -215,11 +245,12 @@ def plan_memory(
     if precision == "bf16":
         weights = BYTES_WEIGHT * (dense_local + expert_local)
         grads = BYTES_GRAD * (dense_local + expert_local)
-        optimizer = BYTES_OPTIM * (dense_local / dp + expert_local / edp)
+        per_param = BYTES_OPTIM if step else 4  # master + Adam m, v; forward-only: the master shard only
+        optimizer = per_param * (dense_local / dp + expert_local / edp)
         act_scale = 1
     elif precision == "fp32":
         weights = grads = 4 * (dense_local + expert_local)
-        optimizer = 8 * (dense_local + expert_local)
+        optimizer = 8 * (dense_local + expert_local) if step else 0
         act_scale = 2
     else:
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
@@ -229,11 +260,23 @@ def plan_memory(
     per_layer = moe_frac * activation_bytes_per_token_layer(m, moe=True) + (
         1 - moe_frac
     ) * activation_bytes_per_token_layer(m, moe=False)
-    if recompute:
+    if not step:  # no_grad forward: one layer's activations at a time
+        act = tokens * per_layer
+    elif recompute:
         act = tokens * (layers_local * 2 * m.hidden + per_layer)
     else:
         act = tokens * layers_local * per_layer
-    act = act * act_scale / tp + tokens * m.vocab * 6
+    scores = 0.0
+    if attention == "local":  # live in the forward, and again in the recompute inside backward
+        scores = 14 * micro_batch * (m.heads / tp) * seq_len**2 * (1 if recompute or not step else layers_local)
+    elif attention != "sdpa":
+        raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
+    lb = 2 * act_scale  # bytes of one logit (bf16, or fp32)
+    chunk = min(logits_chunk, tokens) if logits_chunk else 0
+    temporaries = chunk * m.vocab * 12 if chunk else tokens * m.vocab * 16
+    grad_side = (tokens * m.vocab * lb + m.vocab * m.hidden * lb) if step else 0  # d logits, output-layer dW
+    logits = tokens * m.vocab * lb + max(temporaries, grad_side)
+    act = act * act_scale / tp + scores + logits
     layout = (
         f"{precision}; world {world} = TP {tp} x PP {pp} x DP {dp}, experts EP {ep} x expert-DP {edp}; "
         f"micro-batch {micro_batch} x {seq_len} tokens, recompute {'on' if recompute else 'off'}"
@@ -247,4 +290,6 @@ def plan_memory(
         optimizer=optimizer,
         activations=act,
         reserve=reserve_gb * GB,
+        logits=logits,
+        attention_scores=scores,
     )
