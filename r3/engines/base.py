@@ -38,6 +38,9 @@ class RolloutCapabilities:
     engine that exposes its routing)."""
     weight_sync: bool
     """sync_weights() loads new policy weights (False: the engine serves fixed weights)."""
+    prefix_cache: bool = False
+    """The engine reuses the KV (and routing rows) of a prompt prefix it computed before (vLLM's prefix
+    caching, SGLang's radix cache): a repeated prompt must still get every prompt row (r3.conformance)."""
     prefix_cached_routing: bool = False
     """The engine can return routing from a given prompt position on, so the routing of a prefix
     the caller already holds (multi-turn, r3.prefix_cache) is neither recomputed nor transferred."""

@@ -34,6 +34,7 @@ from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, Sampl
 from r3.engines.hf.config import HFRolloutConfig
 from r3.engines.hf.fp8 import Fp8Scope, apply_fp8
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
+from r3.trace import trace_dtype
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 _COMPACT_BELOW = 0.75
@@ -231,6 +232,9 @@ class HFRolloutEngine:
             bar.close()
             self.last_generate = stats  # what the last call fed (benchmarks, tests)
             traces = self.replay.recorded_traces(mask_BS[:, : P + len(tokens)]) if record else None
+            if traces is not None:  # compact as vLLM's and SGLang's clients return them (r3.trace.trace_dtype)
+                dtype = trace_dtype(int(self.model.config.num_experts))
+                traces = [t.to(dtype) for t in traces]
         tok_BN = torch.stack(tokens, dim=1).cpu()
         lp_BN = torch.stack(logps, dim=1).float().cpu()
         n_resp = n_resp_B.tolist()

@@ -44,6 +44,12 @@ class VLLMRolloutConfig:
     """A generate call with at least this many prompts shows vLLM's progress bar (requests done,
     ETA); smaller calls (RL steps, evaluations) stay quiet. 0: never."""
     capture_routing: bool = True
+    max_num_batched_tokens: int | None = None
+    """Tokens scheduled per engine step (vLLM `max_num_batched_tokens`); a prompt longer than this is
+    prefilled in chunks (vLLM's chunked prefill, on by default for this model class:
+    vllm/engine/arg_utils.py `_set_default_chunked_prefill_and_prefix_caching_args`). None: vLLM's
+    default. Must be >= max_num_seqs (vllm/config/scheduler.py). r3.conformance sets it small to check
+    that chunked prefill keeps every prompt row."""
     """In-process engine: start vLLM with routed-experts capture (`enable_return_routed_experts`) for
     MoE models (a server captures per its own flag). False:
     an engine that cannot capture (benchmarks.bench_trl times capture's overhead against it; the
@@ -91,9 +97,11 @@ class VLLMRolloutConfig:
         ):
             raise ValueError(
                 f"VLLMRolloutConfig needs max_model_len >= 2, max_num_seqs >= 1, cpu_kvcache_space_gb "
-                f">= 1; got {self.max_model_len}, {self.max_num_seqs}, {self.cpu_kvcache_space_gb}"
+                f">= 1, max_num_batched_tokens >= max_num_seqs (vLLM refuses less); got {self.max_model_len}, "
+                f"{self.max_num_seqs}, {self.cpu_kvcache_space_gb}, {self.max_num_batched_tokens}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:
+            or (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs)
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
