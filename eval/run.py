@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: K samples per problem, graded, avg@K and pass@K per benchmark.
 
-    python -m eval.run --model PATH --engine hf|sglang --benchmarks aime24,aime25,amc23,math500 \
-        --n-samples K --temperature T --out DIR [--sglang-url URL ...] [--max-new-tokens N]
+    python -m eval.run --model PATH --engine hf|vllm|sglang --benchmarks aime24,aime25,amc23,math500 \
+        --n-samples K --temperature T --out DIR [--rollout-url URL ...] [--max-new-tokens N]
 
 Inputs: a transformers checkpoint directory (engine `hf`: generated in-process by
 r3.engines.hf.rollout.HFRolloutEngine) or the same path for its tokenizer plus running SGLang
@@ -110,17 +110,18 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 """owner/name: a hub repo id (a missing local path of this shape is passed on as a hub name)."""
 
 
-def check_model_path(model: str, engine: str) -> None:
+def check_model_path(model: str, *, served: bool) -> None:
     """Refuse a --model that can be neither loaded nor downloaded, in one line, before any engine
     or tokenizer is built (transformers would otherwise end in a traceback about repo ids).
 
-    A local directory must hold config.json (engine hf: the weights are loaded from it) or, for
-    engine sglang (the path only supplies the tokenizer), config.json or a tokenizer file. A path
+    A local directory must hold config.json (an in-process engine loads the weights from it) or, when
+    servers serve the model (`served`: the path only supplies the tokenizer), config.json or a
+    tokenizer file. A path
     that does not exist is refused unless it has the shape of a hub id `owner/name` whose `owner`
     is not a local directory."""
     p = Path(model).expanduser()
     if p.is_dir():
-        need = ("config.json",) if engine == "hf" else ("config.json", *_TOKENIZER_FILES)
+        need = ("config.json", *_TOKENIZER_FILES) if served else ("config.json",)
         if not any((p / f).is_file() for f in need):
             found = sorted(x.name for x in p.iterdir())[:8]
             raise SystemExit(
@@ -273,17 +274,16 @@ def _build_engine(args) -> RolloutEngine:
     """Through the engine registry (r3.engines.registry), like every other stage."""
     from r3.engines import registry
 
-    if args.engine == "sglang":
-        urls = tuple(u for spec in args.sglang_url for u in spec.split(",") if u)
-        if not urls:
-            raise SystemExit("--engine sglang needs --sglang-url http://HOST:PORT (one per server)")
-        cfg = registry.rollout_config("sglang", urls=urls, model_path=args.model)
-    elif args.engine == "hf":
-        cfg = registry.rollout_config(
-            "hf", model_path=args.model, precision=args.precision, device=args.device, seed=args.seed
-        )
-    else:
-        cfg = registry.rollout_config(args.engine, model_path=args.model, precision=args.precision, seed=args.seed)
+    urls = tuple(u for spec in args.rollout_url for u in spec.split(",") if u)
+    settings = registry.RolloutSettings(
+        model_path=args.model, precision=args.precision, seed=args.seed, urls=urls, options={"device": args.device}
+    )
+    try:
+        cfg = registry.rollout_config_for(args.engine, settings)
+    except ValueError as e:
+        raise SystemExit(
+            f"--engine {args.engine}: {e} (servers: --rollout-url http://HOST:PORT, one per server)"
+        ) from e
     try:
         return registry.build_rollout_engine(cfg)
     except ImportError as e:
@@ -306,10 +306,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--grader-workers", type=int, default=2)
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="in-process engine numerics (hf, vllm)")
     p.add_argument("--device", default="cpu", help="hf engine device")
-    p.add_argument("--sglang-url", action="append", default=[], help="SGLang server URL (repeat or comma-separate)")
+    p.add_argument(
+        "--rollout-url",
+        "--sglang-url",
+        dest="rollout_url",
+        action="append",
+        default=[],
+        help="server URL of a server-backed engine (repeat or comma-separate); none: the engine runs in process",
+    )
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    check_model_path(args.model, args.engine)  # before any engine, tokenizer or output directory
+    from r3.engines import registry
+
+    served = bool(args.rollout_url) or registry.server_only(args.engine)
+    check_model_path(args.model, served=served)  # before any engine, tokenizer or output directory
 
     from transformers import AutoTokenizer
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from r3.engines import registry
 from r3.engines.base import Precision
 from r3.losses import LossAgg
 
@@ -28,6 +29,10 @@ TrainEngineName = str
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """One RL run (one cell of the grid)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"sglang_urls": "rollout_urls"}
+    """Keys of config.json files written by older versions -> today's field (read by from_dict and
+    r3.rundir.read_config)."""
 
     name: str
     """Cell name; also the run directory's name under the runs root."""
@@ -108,9 +113,9 @@ class RunConfig:
     servers (`sglang`), vLLM (`vllm`, when registered)."""
     rollout_precision: Precision = "bf16"
     """Rollout numerics: bf16 (default engine) or an FP8 inference engine (e4m3, per-row)."""
-    sglang_urls: tuple[str, ...] = ()
-    """Rollout server URLs (cluster mode) of whichever server engine `rollout_engine` names, SGLang's
-    or vLLM's (the name predates vLLM); the Slurm job launches them and fills this when empty."""
+    rollout_urls: tuple[str, ...] = ()
+    """Servers of a server-backed rollout engine (cluster mode); the Slurm job launches them and fills
+    this when empty (the engine says what servers it needs: r3.engines.registry.server_launcher)."""
     train_engine: TrainEngineName = "hf"
     """Training engine: transformers fp32 (`hf`) or megatron-core (`megatron`)."""
     train_micro_batch: int = 0
@@ -248,8 +253,12 @@ class RunConfig:
                 "tis=True with algorithm='gspo' is not supported (TIS would not be applied); "
                 "use algorithm='grpo' for TIS, or tis=False"
             )
-        if self.replay and self.rollout_engine == "sglang" and not self.sglang_urls and self.preset == "tiny":
-            errors.append("replay with the sglang engine needs a cluster (preset 'paper')")
+        known = self.rollout_engine in registry.rollout_engine_names()  # unknown names are reported above
+        if known and not self.rollout_urls and self.preset == "tiny" and registry.server_only(self.rollout_engine):
+            errors.append(
+                f"rollout_engine={self.rollout_engine!r} runs on servers only: set rollout_urls, or use the paper "
+                "preset on a cluster (slurm.submit launches the servers)"
+            )
         if self.mini_steps < 1:
             errors.append(f"mini_steps must be >= 1, got {self.mini_steps}")
         if self.group_size < 2:
@@ -277,6 +286,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = {cls.RENAMED.get(k, k): v for k, v in d.items()}  # config.json files of older versions
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:

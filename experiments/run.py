@@ -30,6 +30,7 @@ SGLang vs Megatron kernels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -74,71 +75,43 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
 
 def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[object, object]:
     """(rollout config, train config) of r3.engines.registry for this cell: the one place where a
-    RunConfig becomes engines."""
-    from r3.engines.registry import rollout_config, train_config
+    RunConfig becomes engine settings; each engine's config takes the fields it has (the registry maps
+    them by name, so no engine is named here)."""
+    from r3.engines import registry
 
-    model = str(model_dir)
-    if cfg.rollout_engine == "hf":
-        ro = rollout_config(
-            "hf", model_path=model, precision=cfg.rollout_precision, fp8_scope=cfg.rollout_fp8_scope, seed=cfg.seed
-        )
-    elif cfg.rollout_engine == "sglang":
-        ro = rollout_config(
-            "sglang",
-            urls=tuple(cfg.sglang_urls),
-            model_path=model,
-            weight_sync_dir=str(run_dir / "weight_sync"),
-            precision=cfg.rollout_precision,  # the post-sync check's tolerance
-        )
-    elif cfg.rollout_engine == "vllm" and cfg.sglang_urls:  # vLLM servers (cluster): weights synced via disk
-        ro = rollout_config(
-            "vllm",
-            model_path=model,
-            precision=cfg.rollout_precision,
-            seed=cfg.seed,
-            urls=tuple(cfg.sglang_urls),
-            weight_sync_dir=str(run_dir / "weight_sync"),
-        )
-    else:
-        ro = rollout_config(cfg.rollout_engine, model_path=model, precision=cfg.rollout_precision, seed=cfg.seed)
-    if cfg.train_engine == "megatron":
-        par = dict(
-            tensor_parallel=cfg.train_tensor_parallel,
-            pipeline_parallel=cfg.train_pipeline_parallel,
-            expert_parallel=cfg.train_expert_parallel,
-            recompute=cfg.train_recompute,
-            precision=cfg.train_precision,
-        )
-    elif cfg.train_engine == "hf":
-        par = {"max_tokens_per_micro_batch": cfg.train_max_tokens_per_micro_batch}
-    else:
-        par = {}
-    tr = train_config(
-        cfg.train_engine,
-        model_path=model,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        micro_batch=cfg.train_micro_batch,
+    rollout = registry.RolloutSettings(
+        model_path=str(model_dir),
+        precision=cfg.rollout_precision,
         seed=cfg.seed,
-        **par,
+        urls=tuple(cfg.rollout_urls),
+        weight_sync_dir=str(run_dir / "weight_sync"),
+        options={"fp8_scope": cfg.rollout_fp8_scope},
     )
-    return ro, tr
+    train_options = {
+        f.name.removeprefix("train_"): getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name.startswith("train_") and f.name not in ("train_engine", "train_data")
+    }
+    train = registry.TrainSettings(
+        model_path=str(model_dir),
+        lr=cfg.lr,
+        seed=cfg.seed,
+        options={"weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, **train_options},
+    )
+    return registry.rollout_config_for(cfg.rollout_engine, rollout), registry.train_config_for(cfg.train_engine, train)
 
 
 def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
     """DESIGN.md invariant 3, from the engines' declared capabilities: replay requires a rollout
     engine that captures routing; training requires one that takes weight syncs."""
+    from r3.engines import registry
+
     caps = rollout_engine.capabilities
     if cfg.replay and not caps.captures_routing:
-        hint = (
-            "start the SGLang servers with --enable-return-routed-experts and serve an MoE model"
-            if cfg.rollout_engine == "sglang"
-            else "use an MoE model (model='base'/'sft' or an MoE model_path)"
-        )
         raise ValueError(
             f"cell {cfg.name!r}: RunConfig.replay=True but the {cfg.rollout_engine!r} rollout engine "
-            f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or {hint}"
+            f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or "
+            f"{registry.capture_hint(cfg.rollout_engine)}"
         )
     if cfg.replay and not train_engine.is_moe:
         raise ValueError(f"cell {cfg.name!r}: RunConfig.replay=True but the training model has no routed experts")
@@ -201,7 +174,7 @@ def run_cell(
     rollout_engine = build_rollout_engine(ro_cfg)
     train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
     check_engines(cfg, rollout_engine, train_engine)
-    if cfg.rollout_engine == "sglang":  # post-sync probe check against the trainer's own forward (paper scale)
+    if rollout_engine.capabilities.sync_reference:  # the post-sync probe scored by the trainer (server mode)
         from r3.engines.sync_check import train_engine_reference
 
         rollout_engine.set_sync_reference(train_engine_reference(train_engine))

@@ -51,12 +51,14 @@ TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
 
 
 def static_dir_name(precision: str, rollout_engine: str = "hf", train_engine: str = "hf") -> str:
-    """Directory of one static measurement under <out>/static/: `bf16` for the transformers rollout
-    engine (the layout plots and Slurm expect), `vllm-bf16` for vLLM, `vllm-bf16-megatron` when
-    megatron-core recomputes (so no engine pair overwrites another's tables)."""
-    if rollout_engine == "hf":
+    """Directory of one static measurement under <out>/static/: `bf16` for the default engines (the
+    layout plots and Slurm expect), `vllm-bf16` for another rollout engine, `vllm-bf16-megatron` when
+    another trainer recomputes (so no engine pair overwrites another's tables)."""
+    from r3.engines.registry import DEFAULT_ROLLOUT, DEFAULT_TRAIN
+
+    if rollout_engine == DEFAULT_ROLLOUT:
         return precision
-    return f"{rollout_engine}-{precision}" + ("" if train_engine == "hf" else f"-{train_engine}")
+    return f"{rollout_engine}-{precision}" + ("" if train_engine == DEFAULT_TRAIN else f"-{train_engine}")
 
 
 def _engine_pair(
@@ -64,17 +66,17 @@ def _engine_pair(
 ):
     from r3.engines import registry
 
-    ro = registry.build_rollout_engine(
-        registry.rollout_config(
-            rollout_engine,
-            model_path=str(model_dir),
-            precision=precision,
-            seed=seed,
-            **({} if progress else {"progress_min_prompts": 0}),  # 0: no progress bar (a worker process)
-        )
+    settings = registry.RolloutSettings(
+        model_path=str(model_dir),
+        precision=precision,
+        seed=seed,
+        options={} if progress else {"progress_min_prompts": 0},  # 0: no progress bar (a worker process)
     )
+    ro = registry.build_rollout_engine(registry.rollout_config_for(rollout_engine, settings))
     # no step is taken; lr must be > 0
-    tr = registry.build_train_engine(registry.train_config(train_engine, model_path=str(model_dir), lr=1e-6, seed=seed))
+    tr = registry.build_train_engine(
+        registry.train_config_for(train_engine, registry.TrainSettings(model_path=str(model_dir), lr=1e-6, seed=seed))
+    )
     return ro, tr
 
 
@@ -349,34 +351,24 @@ def checkpoint_problems(prompts: str, n_prompts: int, *, difficulty: int = 2) ->
 
 def checkpoint_engine_configs(cell: dict, model_dir: str, urls: tuple[str, ...]) -> tuple[object, object]:
     """(rollout config, train config) of r3.engines.registry for one model of a StaticCell (as a dict).
-    urls: the servers of this model (sglang: required; vllm: empty = in-process engine)."""
-    from r3.engines.registry import rollout_config, train_config
+    urls: the servers of this model (slurm.job fills rollout_urls / rollout_urls_dense; an engine that
+    runs on servers only refuses none, one that also runs in process takes none as in-process)."""
+    from r3.engines import registry
 
-    name, prec = cell["rollout_engine"], cell["precision"]
-    if name == "sglang":
-        if not urls:
-            raise ValueError(
-                f"static cell {cell['name']}: rollout_engine='sglang' needs the servers' URLs of {model_dir} "
-                "(slurm.job passes them as sglang_urls / sglang_urls_dense; outside Slurm start them with "
-                "`python -m slurm.servers` and set them in the cell)"
-            )
-        ro = rollout_config("sglang", urls=tuple(urls), model_path=model_dir, precision=prec)
-    elif name == "vllm":
-        ro = rollout_config("vllm", model_path=model_dir, precision=prec, seed=cell["seed"], urls=tuple(urls))
-    else:
-        ro = rollout_config(name, model_path=model_dir, precision=prec, seed=cell["seed"])
-    par = {}
-    if cell["train_engine"] == "megatron":
-        par = dict(
-            tensor_parallel=cell.get("train_tensor_parallel", 1),
-            expert_parallel=cell.get("train_expert_parallel", 1),
-            precision=cell.get("train_precision", "fp32"),
-            micro_batch=cell.get("train_micro_batch", 0),
-        )
-    elif cell.get("train_micro_batch"):
-        par = dict(micro_batch=cell["train_micro_batch"])
+    ro = registry.rollout_config_for(
+        cell["rollout_engine"],
+        registry.RolloutSettings(
+            model_path=model_dir, precision=cell["precision"], seed=cell["seed"], urls=tuple(urls)
+        ),
+    )
+    train_options = {
+        k.removeprefix("train_"): v for k, v in cell.items() if k.startswith("train_") and k != "train_engine"
+    }
     # no step is taken; lr must be > 0
-    tr = train_config(cell["train_engine"], model_path=model_dir, lr=1e-6, seed=cell["seed"], **par)
+    tr = registry.train_config_for(
+        cell["train_engine"],
+        registry.TrainSettings(model_path=model_dir, lr=1e-6, seed=cell["seed"], options=train_options),
+    )
     return ro, tr
 
 
@@ -389,7 +381,7 @@ routing trace through the driver's broadcast to every rank; 64 rows carry 1.8 GB
 def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
     """The static.json record of a StaticCell (experiments.grid, as a dict) naming its checkpoints:
     cell["model_moe"], cell["model_dense"], engines by registry name, server URLs in
-    cell["sglang_urls"] (MoE) and cell["sglang_urls_dense"]. Same measurement as the zoo's (`measure`):
+    cell["rollout_urls"] (MoE) and cell["rollout_urls_dense"]. Same measurement as the zoo's (`measure`):
     MoE native, MoE + R3, dense control on held-out prompts (`checkpoint_problems`).
 
     Several training ranks (WORLD_SIZE > 1, megatron): rank 0 measures and its train engine is a
@@ -405,8 +397,8 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
                 "(config.json); pass --model-sft / --model-dense"
             )
     urls = {
-        cell["model_moe"]: tuple(cell.get("sglang_urls") or ()),
-        cell["model_dense"]: tuple(cell.get("sglang_urls_dense") or ()),
+        cell["model_moe"]: tuple(cell.get("rollout_urls") or ()),
+        cell["model_dense"]: tuple(cell.get("rollout_urls_dense") or ()),
     }
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -492,19 +484,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--zoo-dir", type=Path, default=None)
     ap.add_argument("--n-prompts", type=int, default=task.HELDOUT_N)
     ap.add_argument("--group-size", type=int, default=8)
-    from r3.engines.registry import rollout_engine_names, train_engine_names
+    from r3.engines import registry
 
-    ap.add_argument("--train-engine", choices=train_engine_names(), default="hf")
+    ap.add_argument("--train-engine", choices=registry.train_engine_names(), default=registry.DEFAULT_TRAIN)
     ap.add_argument(
         "--rollout-engine",
-        choices=rollout_engine_names(),
-        default="hf",
+        choices=registry.rollout_engine_names(),
+        default=registry.DEFAULT_ROLLOUT,
         help="the inference engine (an in-process one: hf, or vllm when installed)",
     )
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     if args.precision is None:
-        args.precision = ["bf16", "fp32"] if args.rollout_engine == "vllm" else ["bf16", "fp8"]
+        args.precision = list(registry.static_precisions(args.rollout_engine))
     for prec in tqdm(args.precision, desc="static mismatch"):
         rec = run_static(
             args.out,

@@ -30,7 +30,7 @@ from plots.runs import Run, method_order
 from plots.style import FULL_WIDTH_IN, METHOD_COLORS, new_figure, no_data
 from plots.table_format import Table, fmt_sci
 
-SEED_FIELDS = ("name", "seed", "sglang_urls")
+SEED_FIELDS = ("name", "seed", "rollout_urls")
 ARM_FIELDS = ("replay", "tis")
 SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope")
 """Config fields that make the mismatch source; the other differing fields make a `family`."""

@@ -17,7 +17,7 @@ import pandas as pd
 from plots.runs import Run, RunStatus, Setting, method_order
 
 # Fields that do not make two runs different cells: seeds are averaged; URLs are deployment.
-_SEED_FIELDS = ("name", "seed", "sglang_urls")
+_SEED_FIELDS = ("name", "seed", "rollout_urls")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

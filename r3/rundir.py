@@ -168,6 +168,8 @@ def read_config(run_dir: Path, config_cls: type[C]) -> ConfigRead:
     ValueError when its values are invalid now."""
     path = Path(run_dir) / CONFIG
     d = json.loads(path.read_text())
+    renamed = getattr(config_cls, "RENAMED", {})  # keys an older version wrote under another name
+    d = {renamed.get(k, k): v for k, v in d.items()}
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = tuple(sorted(set(d) - known))
     try:

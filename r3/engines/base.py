@@ -41,6 +41,9 @@ class RolloutCapabilities:
     prefix_cache: bool = False
     """The engine reuses the KV (and routing rows) of a prompt prefix it computed before (vLLM's prefix
     caching, SGLang's radix cache): a repeated prompt must still get every prompt row (r3.conformance)."""
+    sync_reference: bool = False
+    """set_sync_reference(reference) takes a reference forward (r3.engines.sync_check.SyncReference: the
+    trainer's) for the post-sync probe, instead of building the model in this process (server mode)."""
     prefix_cached_routing: bool = False
     """The engine can return routing from a given prompt position on, so the routing of a prefix
     the caller already holds (multi-turn, r3.prefix_cache) is neither recomputed nor transferred."""

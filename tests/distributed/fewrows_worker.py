@@ -31,7 +31,9 @@ def batch_of(n: int, spec) -> TrainBatch:
     forced = torch.stack(
         [torch.randperm(spec.num_experts, generator=g)[: spec.top_k] for _ in range(n * (S - 1) * spec.num_layers)]
     ).view(n, S - 1, spec.num_layers, spec.top_k)
-    return TrainBatch(input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=mask, expert_ids_BTLK=forced, temperature=0.7)
+    return TrainBatch(
+        input_ids_BS=ids, attention_mask_BS=am, loss_mask_BT=mask, expert_ids_BTLK=forced, temperature=0.7
+    )
 
 
 def run(model: str, n: int) -> dict:

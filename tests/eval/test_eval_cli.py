@@ -107,7 +107,7 @@ def test_cli_sglang_end_to_end(fake_sglang, tmp_path, capsys):
 
 def test_cli_needs_url(tmp_path, fake_sglang):
     _, model = fake_sglang
-    with pytest.raises(SystemExit, match="--sglang-url"):
+    with pytest.raises(SystemExit, match="--rollout-url"):
         main(["--model", str(model), "--engine", "sglang", "--benchmarks", "aime24", "--out", str(tmp_path / "o")])
 
 

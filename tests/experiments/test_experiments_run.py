@@ -221,14 +221,26 @@ def test_engine_configs_route_server_urls_to_the_named_engine(tmp_path):
     from experiments.run import engine_configs
 
     urls = ("http://h:30000",)
-    ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16", sglang_urls=urls),
+    ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16", rollout_urls=urls),
                            tmp_path / "ckpt", tmp_path / "run")  # fmt: skip
     assert ro.name == "vllm" and ro.urls == urls and ro.weight_sync_dir == str(tmp_path / "run" / "weight_sync")
     ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16"), tmp_path, tmp_path)
     assert ro.urls == ()
-    ro, _ = engine_configs(RunConfig(name="s", rollout_engine="sglang", preset="paper", sglang_urls=urls),
+    ro, _ = engine_configs(RunConfig(name="s", rollout_engine="sglang", preset="paper", rollout_urls=urls),
                            tmp_path / "ckpt", tmp_path / "run")  # fmt: skip
     assert ro.name == "sglang" and ro.weight_sync_dir == str(tmp_path / "run" / "weight_sync")
+
+
+def test_config_json_of_an_older_version_with_sglang_urls_still_loads(tmp_path):
+    """`rollout_urls` was written as `sglang_urls` by older versions: both readers map it."""
+    from r3 import rundir
+
+    old = RunConfig(name="old", rollout_engine="vllm").to_dict()
+    old.pop("rollout_urls")
+    old["sglang_urls"] = ["http://h:30000"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert rundir.read_config(tmp_path, RunConfig).config.rollout_urls == ("http://h:30000",)
+    assert RunConfig.load(tmp_path / "config.json").rollout_urls == ("http://h:30000",)
 
 
 @pytest.mark.parametrize("replay", [False, True])

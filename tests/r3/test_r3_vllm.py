@@ -499,11 +499,12 @@ def _free_port() -> int:
 
 
 def test_server_mode_against_a_real_vllm_server(models, engine, tmp_path):
-    """slurm.servers.vllm_specs launches a real (CPU) vLLM OpenAI server; the HTTP client samples
-    exactly what the in-process engine samples (same seeds, fp32), with the same routing, and its
-    weight sync reaches the server."""
+    """r3.engines.vllm.servers.specs (run by slurm.servers) launches a real (CPU) vLLM OpenAI server;
+    the HTTP client samples exactly what the in-process engine samples (same seeds, fp32), with the
+    same routing, and its weight sync reaches the server."""
     from r3.engines.vllm.client import VLLMServerEngine
-    from slurm.servers import ProcessServers, vllm_specs
+    from r3.engines.vllm.servers import specs as vllm_specs
+    from slurm.servers import ProcessServers
 
     moe_a = str(models["dir"] / "moe_a")
     specs = vllm_specs(

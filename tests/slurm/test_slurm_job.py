@@ -231,8 +231,8 @@ def test_static_cell_servers_alternate_moe_and_dense(tmp_path, monkeypatch):
     STATIC_CALLS.clear()
     train = Plan(role="train", dist_env={}, is_driver=False, owns_servers=False, server_urls=urls)
     CellJob(spec)._call_body(train, tmp_path)
-    assert STATIC_CALLS[0]["sglang_urls"] == ["http://r:30000"]
-    assert STATIC_CALLS[0]["sglang_urls_dense"] == ["http://r:30001"]
+    assert STATIC_CALLS[0]["rollout_urls"] == ["http://r:30000"]
+    assert STATIC_CALLS[0]["rollout_urls_dense"] == ["http://r:30001"]
     one = JobSpec(**{**spec.__dict__, "resources": res.replace(servers_per_node=1)})
     with pytest.raises(ValueError, match="dense control needs its own server"):
         CellJob(one)._serve(plan, tmp_path)

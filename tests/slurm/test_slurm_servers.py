@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from slurm.servers import (
-    ProcessServers,
-    ServerLauncher,
-    ServerSpec,
-    is_healthy,
-    sglang_command,
-    sglang_specs,
-    wait_healthy,
-)
+from r3.engines.serving import ServerSpec
+from r3.engines.sglang.servers import sglang_command
+from r3.engines.sglang.servers import specs as sglang_specs
+from slurm.servers import ProcessServers, ServerLauncher, is_healthy, wait_healthy
 
 FAKE = str(Path(__file__).with_name("fake_health_server.py"))
 
@@ -93,7 +88,8 @@ def test_sigterm_to_the_launcher_stops_its_servers(tmp_path):
         textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-        from slurm.servers import ProcessServers, ServerSpec, stop_on_sigterm
+        from r3.engines.serving import ServerSpec
+        from slurm.servers import ProcessServers, stop_on_sigterm
         spec = ServerSpec(name="s", command=(sys.executable, {FAKE!r}, "--port", "{port}"), url="http://127.0.0.1:{port}")
         servers = ProcessServers([spec], {str(tmp_path / "logs")!r}, poll_s=0.1)
         with stop_on_sigterm(servers), servers:

@@ -16,6 +16,7 @@ class HFRolloutConfig:
     """In-process transformers rollout engine (embedded mode)."""
 
     name: ClassVar[str] = "hf"
+    static_precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp8")
     model_path: str
     """transformers checkpoint directory (config.json + weights)."""
     precision: Precision = "bf16"

@@ -25,6 +25,10 @@ class SGLangRolloutConfig:
     """Client of SGLang servers (cluster mode)."""
 
     name: ClassVar[str] = "sglang"
+    static_precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp8")
+    servers_only: ClassVar[bool] = True
+    server_launcher: ClassVar[str] = "r3.engines.sglang.servers:specs"
+    capture_hint: ClassVar[str] = "start the SGLang servers with --enable-return-routed-experts and serve an MoE model"
     urls: tuple[str, ...]
     """Server base URLs (http://host:port)."""
     model_path: str
@@ -93,5 +97,3 @@ class SGLangRolloutConfig:
     @property
     def sync_tolerance(self) -> float:
         return self.sync_atol if self.sync_atol is not None else _DEFAULT_SYNC_ATOL[self.precision]
-
-

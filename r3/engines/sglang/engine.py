@@ -223,6 +223,7 @@ class SGLangRolloutEngine:
             weight_sync=self.weight_sync_dir is not None,
             prefix_cache=True,  # SGLang's radix cache is on unless launched with --disable-radix-cache
             prefix_cached_routing=True,
+            sync_reference=True,
         )
 
     # --- HTTP ---------------------------------------------------------------------------------

@@ -60,5 +60,3 @@ def decode_routed_experts(
         raise ValueError(f"expert ids must be in [0, {spec.num_experts}), got min={lo} max={hi}")
     narrow = np.uint8 if spec.num_experts <= 256 else np.int32
     return RoutingTrace(torch.from_numpy(np.array(ids, dtype=narrow)), spec)  # a writable copy
-
-

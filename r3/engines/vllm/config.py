@@ -20,6 +20,12 @@ class VLLMRolloutConfig:
     """vLLM rollout: one in-process `vllm.LLM` (no urls) or a client of vLLM servers (urls)."""
 
     name: ClassVar[str] = "vllm"
+    static_precisions: ClassVar[tuple[str, ...]] = ("bf16", "fp32")
+    server_launcher: ClassVar[str] = "r3.engines.vllm.servers:specs"
+    """On a cluster the job launches vLLM servers (in-process without urls, as in the embedded mode)."""
+    capture_hint: ClassVar[str] = (
+        "serve an MoE model with routed-experts capture (capture_routing=True; servers: --enable-return-routed-experts)"
+    )
     model_path: str
     """transformers checkpoint directory (config.json + safetensors); servers must serve this model."""
     precision: VLLMPrecision = "bf16"
@@ -38,18 +44,18 @@ class VLLMRolloutConfig:
     """GPU build only: fraction of GPU memory vLLM may take (the trainer shares the GPU in colocated runs)."""
     enforce_eager: bool = True
     """No torch.compile / CUDA graphs: start-up in seconds; on CPU the compiled path gains little for tiny models."""
-    enable_prefix_caching: bool = True
-    """Reuse KV (and routing rows) of shared prompt prefixes; reset after every weight sync."""
-    progress_min_prompts: int = 1024
-    """A generate call with at least this many prompts shows vLLM's progress bar (requests done,
-    ETA); smaller calls (RL steps, evaluations) stay quiet. 0: never."""
-    capture_routing: bool = True
     max_num_batched_tokens: int | None = None
     """Tokens scheduled per engine step (vLLM `max_num_batched_tokens`); a prompt longer than this is
     prefilled in chunks (vLLM's chunked prefill, on by default for this model class:
     vllm/engine/arg_utils.py `_set_default_chunked_prefill_and_prefix_caching_args`). None: vLLM's
     default. Must be >= max_num_seqs (vllm/config/scheduler.py). r3.conformance sets it small to check
     that chunked prefill keeps every prompt row."""
+    enable_prefix_caching: bool = True
+    """Reuse KV (and routing rows) of shared prompt prefixes; reset after every weight sync."""
+    progress_min_prompts: int = 1024
+    """A generate call with at least this many prompts shows vLLM's progress bar (requests done,
+    ETA); smaller calls (RL steps, evaluations) stay quiet. 0: never."""
+    capture_routing: bool = True
     """In-process engine: start vLLM with routed-experts capture (`enable_return_routed_experts`) for
     MoE models (a server captures per its own flag). False:
     an engine that cannot capture (benchmarks.bench_trl times capture's overhead against it; the
@@ -94,6 +100,7 @@ class VLLMRolloutConfig:
             (self.max_model_len is not None and self.max_model_len < 2)
             or self.max_num_seqs < 1
             or self.cpu_kvcache_space_gb < 1
+            or (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs)
         ):
             raise ValueError(
                 f"VLLMRolloutConfig needs max_model_len >= 2, max_num_seqs >= 1, cpu_kvcache_space_gb "
@@ -101,7 +108,6 @@ class VLLMRolloutConfig:
                 f"{self.max_num_seqs}, {self.cpu_kvcache_space_gb}, {self.max_num_batched_tokens}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:
-            or (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs)
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
