@@ -208,19 +208,25 @@ class RunConfig:
                 errors.append(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.train_micro_batch < 0:
             errors.append(f"train_micro_batch must be >= 0 (0: whole mini-batch), got {self.train_micro_batch}")
-        if self.train_max_tokens_per_micro_batch and (self.train_engine != "hf" or self.train_micro_batch):
+        if self.train_max_tokens_per_micro_batch and self.train_micro_batch:
             errors.append(
-                f"train_max_tokens_per_micro_batch={self.train_max_tokens_per_micro_batch} needs train_engine='hf' "
-                f"and train_micro_batch=0 (got {self.train_engine!r}, {self.train_micro_batch})"
+                f"set train_micro_batch (fixed rows) or train_max_tokens_per_micro_batch (length-grouped), not both; "
+                f"got {self.train_micro_batch} and {self.train_max_tokens_per_micro_batch}"
             )
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
-        megatron_only = par != (1, 1, 1) or self.train_recompute or self.train_precision != "fp32"
-        if min(par) < 1 or (megatron_only and self.train_engine != "megatron"):
-            errors.append(
-                f"train_tensor/pipeline/expert_parallel = {par} need values >= 1, and sizes > 1 (or "
-                f"train_recompute, train_precision='bf16') need train_engine='megatron' "
-                f"(got {self.train_engine!r})"
-            )
+        if min(par) < 1:
+            errors.append(f"train_tensor/pipeline/expert_parallel = {par} must be >= 1")
+        if self.train_engine in registry.train_engine_names():  # unknown names are reported above
+            for f in dataclasses.fields(self):  # train_<x> applies to a train engine whose config has <x>
+                key = f.name.removeprefix("train_")
+                if key == f.name or f.name in ("train_engine", "train_data") or getattr(self, f.name) == f.default:
+                    continue
+                if not registry.train_config_has(self.train_engine, key):
+                    having = [n for n in registry.train_engine_names() if registry.train_config_has(n, key)]
+                    errors.append(
+                        f"{f.name}={getattr(self, f.name)!r} is not a setting of the {self.train_engine!r} train "
+                        f"engine (its config has no field {key!r}); use a train engine that has it {having}, or drop it"
+                    )
         if self.train_precision not in ("fp32", "bf16"):
             errors.append(f"train_precision must be 'fp32' or 'bf16', got {self.train_precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0:

@@ -341,14 +341,16 @@ def drive(run_dir: Path, engine, body: Callable[[DriverEngine], T]) -> T | None:
 def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=None) -> dict | None:
     """experiments.run.run_cell on the driver (rank 0), `follow` on the other ranks. Returns the
     manifest on rank 0, None elsewhere; one process without a world: experiments.run.run_cell."""
+    from r3.engines import registry
     from r3.engines.registry import build_train_engine
 
     if _world() <= 1:
         return run_mod.run_cell(cfg, run_dir, progress=progress, reward_fn=reward_fn)
-    if cfg.train_engine != "megatron":
+    if not registry.multi_rank(cfg.train_engine):
+        multi = [n for n in registry.train_engine_names() if registry.multi_rank(n)]
         raise ValueError(
             f"cell {cfg.name!r}: {_world()} training ranks, but train_engine={cfg.train_engine!r} runs in "
-            "one process (no gradient exchange); use train_engine='megatron' or one task"
+            f"one process (no gradient exchange); use a multi-rank train engine {multi} or one task"
         )
     _init_process_group()
     run_dir = Path(run_dir)

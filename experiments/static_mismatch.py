@@ -403,9 +403,13 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from experiments import distributed
+        from r3.engines import registry
 
-        if cell["train_engine"] != "megatron":
-            raise ValueError(f"static cell {cell['name']}: {world} training ranks need train_engine='megatron'")
+        if not registry.multi_rank(cell["train_engine"]):
+            raise ValueError(
+                f"static cell {cell['name']}: {world} training ranks need a multi-rank train engine, "
+                f"got train_engine={cell['train_engine']!r}"
+            )
         distributed._init_process_group()
         if torch.distributed.get_rank() != 0:  # follow the driver's train engine, MoE then dense
             for model in (cell["model_moe"], cell["model_dense"]):

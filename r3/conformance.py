@@ -713,22 +713,21 @@ def chunked_prefill_setting(engine: Any) -> str:
 
 
 def chunked_prefill_config(rollout_cfg: Any, chunk_tokens: int) -> tuple[Any | None, str]:
-    """The config of the same engine prefilling in chunks of `chunk_tokens`, or (None, why not)."""
-    name = getattr(type(rollout_cfg), "name", "")
-    if name == "vllm" and not rollout_cfg.urls:
-        return (
-            dataclasses.replace(
-                rollout_cfg,
-                max_num_batched_tokens=chunk_tokens,
-                max_num_seqs=min(rollout_cfg.max_num_seqs, chunk_tokens),
-            ),
-            "",
-        )
-    if name == "vllm":
-        return None, "server mode: run against a server launched with a small --max-num-batched-tokens"
-    if name == "sglang":
-        return None, "server mode: run against a server launched with a small --chunked-prefill-size"
-    return None, "engine has no chunked prefill (one prefill call per batch)"
+    """The config of the same engine prefilling in chunks of `chunk_tokens`, or (None, why not): an
+    in-process engine whose config schedules prefill by `max_num_batched_tokens` (vLLM's)."""
+    fields = {f.name for f in dataclasses.fields(rollout_cfg)}
+    if "max_num_batched_tokens" not in fields:
+        return None, "engine has no chunked prefill (one prefill call per batch)"
+    if getattr(rollout_cfg, "urls", ()):
+        return None, "server mode: run against a server launched with a small prefill chunk (tokens per step)"
+    return (
+        dataclasses.replace(
+            rollout_cfg,
+            max_num_batched_tokens=chunk_tokens,
+            max_num_seqs=min(rollout_cfg.max_num_seqs, chunk_tokens),
+        ),
+        "",
+    )
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -736,17 +735,17 @@ def chunked_prefill_config(rollout_cfg: Any, chunk_tokens: int) -> tuple[Any | N
 
 def engine_configs(cfg: ConformanceConfig) -> tuple[Any, Any]:
     """(rollout config, train config) through the registry, as every run builds them."""
-    from r3.engines.registry import rollout_config, train_config
+    from r3.engines import registry
 
-    fields: dict[str, Any] = {"model_path": cfg.model_path}
-    if cfg.engine != "sglang":  # SGLang servers' numerics are their launch flags (bf16)
-        fields["precision"] = cfg.precision
-    if cfg.urls:
-        fields["urls"] = tuple(cfg.urls)
-        fields["weight_sync_dir"] = cfg.weight_sync_dir
-    if cfg.engine in ("hf", "vllm"):
-        fields["seed"] = cfg.seed
-    return rollout_config(cfg.engine, **fields), train_config(cfg.train_engine, model_path=cfg.model_path, lr=1e-6)
+    rollout = registry.RolloutSettings(
+        model_path=cfg.model_path,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        urls=tuple(cfg.urls),
+        weight_sync_dir=cfg.weight_sync_dir,
+    )
+    train = registry.TrainSettings(model_path=cfg.model_path, lr=1e-6)
+    return registry.rollout_config_for(cfg.engine, rollout), registry.train_config_for(cfg.train_engine, train)
 
 
 def battery_for(

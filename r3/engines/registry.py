@@ -145,6 +145,16 @@ def train_config_for(name: str, s: TrainSettings):
     return cls(**kw)
 
 
+def train_config_has(name: str, field: str) -> bool:
+    """The config of train engine `name` has `field` (a setting that applies to it)."""
+    return field in _fields(_lookup(_TRAIN, "train", name).config_cls)
+
+
+def multi_rank(name: str) -> bool:
+    """Train engine `name` trains on several ranks (its config's `multi_rank`; else one process)."""
+    return bool(getattr(_lookup(_TRAIN, "train", name).config_cls, "multi_rank", False))
+
+
 def rollout_config_class(name: str) -> type:
     return _lookup(_ROLLOUT, "rollout", name).config_cls
 

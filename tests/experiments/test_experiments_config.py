@@ -30,7 +30,15 @@ from experiments.config import RunConfig
         (dict(eval_batch_size=0), r"eval_batch_size must be >= 1, got 0"),
         (
             dict(train_max_tokens_per_micro_batch=1024, train_engine="megatron"),
-            r"train_max_tokens_per_micro_batch=1024 needs train_engine='hf' and train_micro_batch=0",
+            r"train_max_tokens_per_micro_batch=1024 is not a setting of the 'megatron' train engine .* \['hf'\]",
+        ),
+        (
+            dict(train_tensor_parallel=2),
+            r"train_tensor_parallel=2 is not a setting of the 'hf' train engine .*'megatron'",
+        ),
+        (
+            dict(train_max_tokens_per_micro_batch=1024, train_micro_batch=2),
+            r"set train_micro_batch \(fixed rows\) or train_max_tokens_per_micro_batch",
         ),
     ],
 )

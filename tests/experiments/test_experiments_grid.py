@@ -55,7 +55,7 @@ def test_a_tiny_cell_moved_to_megatron_drops_the_transformers_only_micro_batchin
         0,
         2,
     )
-    with pytest.raises(ValueError, match="needs train_engine='hf'"):  # asked for explicitly: refused, not dropped
+    with pytest.raises(ValueError, match="not a setting of the 'megatron' train engine"):  # asked for: refused
         grid.cells("tiny", pattern=cell, train_engine="megatron", train_max_tokens_per_micro_batch=512)
 
 

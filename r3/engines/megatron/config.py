@@ -11,6 +11,8 @@ class MegatronTrainConfig:
     """megatron-core GPTModel built from a transformers Qwen3-MoE checkpoint, with RouterReplay."""
 
     name: ClassVar[str] = "megatron"
+    multi_rank: ClassVar[bool] = True
+    """Trains on N ranks (TP/PP/EP/DP from the torch.distributed environment)."""
     model_path: str
     """transformers checkpoint directory to start from (converted to megatron's layout)."""
     lr: float
