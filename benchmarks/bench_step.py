@@ -23,50 +23,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+PHASES = ("rollout", "old_logprob", "routing_probe", "train", "sync")
 
-def timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step: int) -> tuple[dict[str, float], object]:
-    """One global step of the loop's own pieces (rollout with capture + grading, the algorithm
-    step, weight sync), no dynamic sampling. Returns (seconds per phase, the step's training
+
+def timed_step(loop, step: int) -> tuple[dict[str, float], object]:
+    """One global step of the RL loop itself (experiments.step.global_step: rollout with capture +
+    grading, the algorithm step, weight sync). Returns (seconds per phase, the step's training
     batch). Phases the config skips are 0: old_logprob when pi_old comes from the update's own
     forward (single mini-step with R3), routing_probe without R3 or with cfg.routing_probe off."""
-    from experiments import rollout, task
-    from r3.algorithm import policy_update
-    from r3.engines.base import SamplingParams
+    from experiments.step import global_step
 
-    t0 = time.perf_counter()
-    ro = rollout.collect(
-        ro_eng,
-        lambda p: tok(task.format_prompt(p))["input_ids"],
-        lambda ids: tok.batch_decode(ids, skip_special_tokens=True),
-        stream,
-        reward_fn=reward,
-        prompts_per_step=cfg.prompts_per_step,
-        group_size=cfg.group_size,
-        params=SamplingParams(max_new_tokens=cfg.max_new_tokens),
-        dynamic=False,
-        max_rounds=1,
-        capture_routing=True,
-        run_seed=0,
-        step=step,
-    )
-    t_roll = time.perf_counter() - t0
-    batch = rollout.build_batch(ro.kept, pad_id=tok.pad_token_id, with_routing=True)
-    m = policy_update(cfg, tr_eng, batch)
-    t0 = time.perf_counter()
-    ro_eng.sync_weights(tr_eng.rollout_state_dict())
-    row = {
-        "rollout": t_roll,
-        "old_logprob": float(m.get("time/old_logprob", 0.0)),
-        "routing_probe": float(m.get("time/routing_probe", 0.0)),
-        "train": float(m["time/train"]),
-        "sync": time.perf_counter() - t0,
-    }
-    return row, batch
+    rec = global_step(loop, step)
+    row = {k: float(rec.get(f"time/{k}", 0.0)) for k in PHASES}
+    return row, loop.last_batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,51 +65,46 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from transformers import AutoTokenizer
 
     from eval import grader
-    from experiments import task, zoo
+    from experiments import zoo
     from experiments.config import RunConfig
-    from experiments.run import engine_configs
-    from r3.engines.registry import build_rollout_engine, build_train_engine
+    from experiments.step import build_loop
+    from r3.engines import registry
 
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
     zoo.build_zoo(zoo_dir, size=args.zoo_size)
     model_dir = zoo.model_dir("sft", zoo_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     engines = ("hf", "megatron") if args.train_engine == "both" else (args.train_engine,)
-    loops = {}
-    for engine in engines:
-        for replay in (False, True):
-            cfg = RunConfig(
-                name=f"bench-{engine}-r3={replay}",
-                replay=replay,
-                rollout_precision=args.precision,
-                lr=1e-5,
-                train_engine=engine,
-                prompts_per_step=args.prompts,
-                group_size=args.group_size,
-                dynamic_sampling=False,
-                # the tiny preset's length-grouped micro-batches (transformers trainer only)
-                train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch if engine == "hf" else 0,
-            )
-            ro_cfg, tr_cfg = engine_configs(cfg, model_dir, Path(args.zoo_dir or "."))
-            loops[engine, replay] = (
-                cfg,
-                build_rollout_engine(ro_cfg),
-                build_train_engine(tr_cfg),
-                task.TrainStream(seed=0, difficulty=2),
-            )
-    phases = ("rollout", "old_logprob", "routing_probe", "train", "sync", "total")
-    times = {key: {k: [] for k in phases} for key in loops}
+    phases = (*PHASES, "total")
     with grader.make_pool(workers=2) as pool:
 
         def reward(texts, golds):
             return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
+        loops = {}
+        for engine in engines:
+            for replay in (False, True):
+                cfg = RunConfig(
+                    name=f"bench-{engine}-r3={replay}",
+                    replay=replay,
+                    rollout_precision=args.precision,
+                    lr=1e-5,
+                    train_engine=engine,
+                    prompts_per_step=args.prompts,
+                    group_size=args.group_size,
+                    dynamic_sampling=False,  # equal work per step
+                    max_sampling_rounds=1,
+                    # the tiny preset's length-grouped micro-batches, where the trainer has that setting
+                    train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch
+                    if registry.train_config_has(engine, "max_tokens_per_micro_batch")
+                    else 0,
+                )
+                loops[engine, replay] = build_loop(cfg, model_dir, Path(args.zoo_dir or "."), reward_fn=reward)
+        times = {key: {k: [] for k in phases} for key in loops}
         for step in range(1, args.steps + 2):  # step 1 is a warm-up, not recorded
-            for key, (cfg, ro_eng, tr_eng, stream) in loops.items():
-                row, _ = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
+            for key, loop in loops.items():
+                row, _ = timed_step(loop, step)
                 if step == 1:
                     continue
                 row["total"] = sum(row.values())

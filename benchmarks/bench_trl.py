@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.set_verbosity_error()
     from benchmarks.bench_step import timed_step
-    from eval import grader
+    from eval import grader, templates
     from experiments import task, zoo
     from experiments.config import RunConfig
     from experiments.run import engine_configs
+    from experiments.step import Loop
     from r3.engines.base import SamplingParams
     from r3.engines.registry import build_rollout_engine, build_train_engine
     from r3.replay import ReplayMode
@@ -102,6 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     ro_cfg, tr_cfg = engine_configs(cfg, model_dir, scratch)
     ro_eng, tr_eng = build_rollout_engine(ro_cfg), build_train_engine(tr_cfg)
     stream = task.TrainStream(seed=0, difficulty=2)
+    task.register_benchmark()  # the embedded task's prompt template `arith`
+    loop = Loop(  # the RL loop's own step (experiments.step.global_step) on these engines
+        cfg=cfg,
+        rollout_engine=ro_eng,
+        train_engine=tr_eng,
+        stream=stream,
+        tokenizer=tok,
+        template=templates.get("arith"),
+        reward_fn=reward,
+        params=SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, stop_token_ids=templates.get("arith").stop_token_ids(tok)
+        ),
+    )
     ours: list[dict[str, float]] = []
     # twins for the overheads: a rollout engine without capture, two train engines (replay / native)
     no_capture = (
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     sync_parts: list[dict[str, float]] = []
 
     def our_step(step: int) -> None:
-        row, batch = timed_step(cfg, ro_eng, tr_eng, stream, tok, reward, step)
+        row, batch = timed_step(loop, step)
         row["total"] = sum(row.values())
         ours.append(row)
         sync_parts.append(dict(getattr(ro_eng, "last_sync", {})))  # vLLM: write / reload / check seconds

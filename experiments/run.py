@@ -39,21 +39,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments import checkpoint, rollout, task
+from experiments import checkpoint, rollout
 from experiments.config import RunConfig
+from experiments.step import Loop, build_loop, global_step
 from experiments.tracking import MetricsSink
 from r3 import rundir
-from r3.algorithm import policy_update, to_host
 from r3.collapse import collapse_step
-from r3.engines.base import SamplingParams
-from r3.engines.registry import build_rollout_engine, build_train_engine
-
-SIGNIFICANT_KEYS = ("mismatch/k3_kl", "actor/loss", "actor/grad_norm")
-"""Metrics that stop the run when NaN/inf (the failing step is not checkpointed)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or inf loss / gradient: the run stops; its last checkpoint is the last good step."""
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -128,10 +119,6 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 # --- the run ---------------------------------------------------------------------------------------
 def run_cell(
     cfg: RunConfig,
@@ -142,173 +129,99 @@ def run_cell(
     train_engine=None,
 ) -> dict:
     """Run (or resume, or skip when complete) one cell in `run_dir`; returns the manifest.
-    Engines come from r3.engines.registry (`engine_configs`); files from r3.rundir.
+    Set-up (experiments.step.build_loop), resume, then global steps (experiments.step.global_step)
+    with evaluation and checkpoints on their schedules; files through r3.rundir.
 
     reward_fn: replaces the grader-based reward (a test seam; evaluation always uses the grader).
     train_engine: an engine already built from engine_configs (the rank-0 driver of a multi-rank
         run passes its engine proxy, experiments.distributed); None builds it here.
     """
-    from transformers import AutoTokenizer
-
-    from eval import grader, templates
-    from eval.hook import evaluate_step
+    from eval import grader
 
     run_dir = Path(run_dir)
     if (manifest := rundir.read_manifest(run_dir)) is not None:
         return manifest
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_or_check_config(run_dir, cfg)
-    log_f = (run_dir / rundir.LOG).open("a")
+    pool = grader.make_pool(workers=2)
+    with (run_dir / rundir.LOG).open("a") as log_f, MetricsSink(run_dir, cfg) as sink, pool:
 
-    def log(msg: str) -> None:
-        log_f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-        log_f.flush()
+        def log(msg: str) -> None:
+            log_f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+            log_f.flush()
 
-    model_dir = resolve_model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    synthetic = cfg.train_data == "synthetic"
-    if synthetic:
-        task.register_benchmark(difficulty=cfg.task_difficulty)
-    template = templates.get("arith" if synthetic else "qwen-math-boxed")
-    ro_cfg, tr_cfg = engine_configs(cfg, model_dir, run_dir)
-    rollout_engine = build_rollout_engine(ro_cfg)
-    train_engine = build_train_engine(tr_cfg) if train_engine is None else train_engine
-    check_engines(cfg, rollout_engine, train_engine)
-    if rollout_engine.capabilities.sync_reference:  # the post-sync probe scored by the trainer (server mode)
-        from r3.engines.sync_check import train_engine_reference
+        def grader_reward(texts, golds):
+            return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
-        rollout_engine.set_sync_reference(train_engine_reference(train_engine))
-    moe = rollout_engine.capabilities.captures_routing and train_engine.is_moe
-    log(
-        f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
-        f"train {cfg.train_engine}, replay={cfg.replay}"
-    )
+        model_dir = resolve_model_dir(cfg)
+        loop = build_loop(
+            cfg, model_dir, run_dir, reward_fn=reward_fn or grader_reward, train_engine=train_engine, log=log
+        )
+        log(f"start {cfg.name}: model {model_dir}, rollout {cfg.rollout_engine}/{cfg.rollout_precision}, "
+            f"train {cfg.train_engine}, replay={cfg.replay}")  # fmt: skip
+        start = _resume(loop, run_dir)
+        if start == 0:
+            _evaluate(loop, run_dir, 0, pool)
+        bar = tqdm(range(start + 1, cfg.global_steps + 1), desc=cfg.name, unit="step", disable=not progress,
+                   initial=start, total=cfg.global_steps)  # fmt: skip
+        for step in bar:
+            rec = global_step(loop, step)
+            sink.log(rec)
+            bar.set_postfix(reward=f"{rec['rollout/reward_mean']:.2f}", kl=f"{rec.get('mismatch/k3_kl', math.nan):.1e}")
+            if step % cfg.eval_every == 0 or step == cfg.global_steps:
+                _evaluate(loop, run_dir, step, pool)
+            collapsed = _collapse(cfg, run_dir) if cfg.stop_on_collapse else None
+            if step % cfg.checkpoint_every == 0 or step == cfg.global_steps or collapsed is not None:
+                _save(loop, run_dir, step)
+            if collapsed is not None:
+                log(f"collapsed at step {collapsed}; stopping (stop_on_collapse)")
+                break
+    return _write_manifest(cfg, run_dir)
 
-    state = checkpoint.load_latest(run_dir, train_engine, log=log)
+
+def _resume(loop: Loop, run_dir: Path) -> int:
+    """Restore the newest complete checkpoint (weights, optimizer, stream position; the rollout engine
+    synced to it) and drop what was logged after it, so the files hold no gap and no repeat. Returns
+    the step to continue from (0: a fresh run)."""
+    state = checkpoint.load_latest(run_dir, loop.train_engine, log=loop.log)
     start = 0 if state is None else state["step"]
-    stream = (
-        task.TrainStream(seed=cfg.seed, difficulty=cfg.task_difficulty)
-        if synthetic
-        else rollout.TableStream(cfg.train_data, seed=cfg.seed)
-    )
     if state is not None:
-        stream.position = state["stream_position"]
-        rollout_engine.sync_weights(train_engine.rollout_state_dict())
-        log(f"resumed from checkpoint step {start}")
+        loop.stream.position = state["stream_position"]
+        loop.rollout_engine.sync_weights(loop.train_engine.rollout_state_dict())
+        loop.log(f"resumed from checkpoint step {start}")
     for name in (rundir.METRICS, rundir.EVAL):
         rundir.truncate_jsonl(run_dir / name, start)
     for p in (run_dir / rundir.EVAL_SAMPLES_DIR).glob("step_*.jsonl"):
         if int(p.stem.split("_")[1]) > start:
             p.unlink()
+    return start
 
-    sink = MetricsSink(run_dir, cfg)
-    pool = grader.make_pool(workers=2)
-    stop_ids = template.stop_token_ids(tokenizer)
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stop_ids
+
+def _evaluate(loop: Loop, run_dir: Path, step: int, pool) -> None:
+    from eval.hook import evaluate_step
+
+    cfg = loop.cfg
+    evaluate_step(
+        loop.rollout_engine,
+        loop.tokenizer,
+        cfg.eval_benchmarks,
+        step=step,
+        run_dir=run_dir,
+        n_samples=cfg.eval_samples,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        max_problems=cfg.eval_max_problems,
+        seed=cfg.seed,
+        template=loop.template.name,
+        batch_size=cfg.eval_batch_size,
+        grader_pool=pool,
+        progress=False,
     )
 
-    def grader_reward(texts, golds):
-        return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
-    def encode(problem: str) -> list[int]:
-        return template.encode(problem, tokenizer)
-
-    def decode(ids):
-        return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-    def evaluate(step: int) -> None:
-        evaluate_step(
-            rollout_engine,
-            tokenizer,
-            cfg.eval_benchmarks,
-            step=step,
-            run_dir=run_dir,
-            n_samples=cfg.eval_samples,
-            temperature=cfg.eval_temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            max_problems=cfg.eval_max_problems,
-            seed=cfg.seed,
-            template=template.name,
-            batch_size=cfg.eval_batch_size,
-            grader_pool=pool,
-            progress=False,
-        )
-
-    def save_ckpt(step: int) -> None:
-        checkpoint.save(run_dir, step, train_engine, {"stream_position": stream.position}, keep=cfg.keep_checkpoints)
-
-    try:
-        if start == 0:
-            evaluate(0)
-        bar = tqdm(
-            range(start + 1, cfg.global_steps + 1),
-            desc=cfg.name,
-            unit="step",
-            disable=not progress,
-            initial=start,
-            total=cfg.global_steps,
-        )
-        for step in bar:
-            t_step = time.time()
-            t0 = time.time()
-            ro = rollout.collect(
-                rollout_engine,
-                encode,
-                decode,
-                stream,
-                prompts_per_step=cfg.prompts_per_step,
-                group_size=cfg.group_size,
-                params=params,
-                dynamic=cfg.dynamic_sampling,
-                max_rounds=cfg.max_sampling_rounds,
-                gen_prompts=cfg.gen_prompts_per_round,
-                capture_routing=moe,
-                run_seed=cfg.seed,
-                step=step,
-                reward_fn=reward_fn or grader_reward,
-            )
-            rec: dict = {
-                "step": step,
-                "time/rollout": time.time() - t0,
-                "rollout/reward_mean": ro.reward_mean,
-                "rollout/response_len_mean": ro.response_len_mean,
-                "rollout/stop_frac": ro.stop_frac,
-                "rollout/kept_groups": float(len(ro.kept)),
-                "rollout/sampled_groups": float(ro.sampled_groups),
-                "rollout/sampling_rounds": float(ro.rounds),
-            }
-            if ro.kept:
-                batch = rollout.build_batch(ro.kept, pad_id=tokenizer.pad_token_id, with_routing=moe)
-                rec.update(to_host(policy_update(cfg, train_engine, batch)))
-                bad = [k for k in SIGNIFICANT_KEYS if k in rec and not _finite(rec[k])]
-                if bad:  # no checkpoint of this step: a resumed run redoes it from the last good one, no gap
-                    log(f"non-finite {bad} at step {step}; run stopped; the step's metrics: {json.dumps(rec)}")
-                    raise NonFiniteError(
-                        f"cell {cfg.name!r}: non-finite {', '.join(f'{k}={rec[k]}' for k in bad)} at global step "
-                        f"{step}; the run stopped without checkpointing this step (the step's metrics are in "
-                        f"{run_dir / rundir.LOG}); likely cause: lr {cfg.lr} too high or a broken batch"
-                    )
-                t0 = time.time()
-                rollout_engine.sync_weights(train_engine.rollout_state_dict())
-                rec["time/sync"] = time.time() - t0
-            rec["time/step"] = time.time() - t_step
-            rec["time"] = time.time()
-            sink.log(rec)
-            bar.set_postfix(reward=f"{ro.reward_mean:.2f}", kl=f"{rec.get('mismatch/k3_kl', float('nan')):.1e}")
-            if step % cfg.eval_every == 0 or step == cfg.global_steps:
-                evaluate(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.global_steps:
-                save_ckpt(step)
-            if cfg.stop_on_collapse and (collapsed := _collapse(cfg, run_dir)) is not None:
-                log(f"collapsed at step {collapsed}; stopping (stop_on_collapse)")
-                save_ckpt(step)
-                break
-    finally:
-        sink.close()
-        pool.close()
-        log_f.close()
-    return _write_manifest(cfg, run_dir)
+def _save(loop: Loop, run_dir: Path, step: int) -> None:
+    state = {"stream_position": loop.stream.position}
+    checkpoint.save(run_dir, step, loop.train_engine, state, keep=loop.cfg.keep_checkpoints)
 
 
 def _collapse(cfg: RunConfig, run_dir: Path) -> int | None:

@@ -70,6 +70,12 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.log(nums, step=step)
 
+    def __enter__(self) -> MetricsSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -8,7 +8,8 @@ import pytest
 
 from experiments import checkpoint
 from experiments.config import RunConfig
-from experiments.run import NonFiniteError, check_engines, run_cell
+from experiments.run import check_engines, run_cell
+from experiments.step import NonFiniteError
 from r3 import rundir
 
 TIME_KEYS = ("time",)
@@ -137,7 +138,7 @@ def test_non_finite_loss_stops_without_checkpointing_the_step_and_resumes_withou
 ):
     """The failing step is not checkpointed (a resubmission would resume past it and leave a gap in
     metrics.jsonl); its metrics go to log.txt; a resumed run redoes it from the last good checkpoint."""
-    from experiments import run as run_mod
+    from experiments import step as run_mod
 
     real = run_mod.policy_update
     calls = {"n": 0}
