@@ -497,12 +497,15 @@ def to_global_layer_names(mg_sd: Mapping[str, torch.Tensor], offset: int) -> dic
     return {_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", k): v for k, v in mg_sd.items()}
 
 
-def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config, *, consume: bool = False) -> dict[str, torch.Tensor]:
     """megatron GPTModel (local spec) state dict -> transformers Qwen3(-MoE) state dict
     (`_extra_state` entries are dropped). Tensors are detached copies' views: clone before
-    mutating."""
+    mutating. consume: empty `mg_sd` (a dict) while converting, so each layer's per-expert tensors are
+    freed as they are stacked (a whole gathered model is not held twice: the weight sync)."""
     nh, ng, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, _head_dim(hf_config)
     sd = {k: v.detach() for k, v in mg_sd.items() if not k.endswith("_extra_state")}
+    if consume:
+        mg_sd.clear()  # type: ignore[attr-defined]
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
     expert_re = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc1\.weight$")
     for i, moe in enumerate(moe_layer_pattern(hf_config)):
@@ -525,8 +528,9 @@ def megatron_to_hf(mg_sd: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
                 )
             out[a + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
             ex = m + "mlp.experts.local_experts."
-            out[a + "mlp.experts.gate_up_proj"] = torch.stack([sd[f"{ex}{e}.linear_fc1.weight"] for e in range(n_exp)])
-            out[a + "mlp.experts.down_proj"] = torch.stack([sd[f"{ex}{e}.linear_fc2.weight"] for e in range(n_exp)])
+            get = sd.pop if consume else sd.__getitem__
+            out[a + "mlp.experts.gate_up_proj"] = torch.stack([get(f"{ex}{e}.linear_fc1.weight") for e in range(n_exp)])
+            out[a + "mlp.experts.down_proj"] = torch.stack([get(f"{ex}{e}.linear_fc2.weight") for e in range(n_exp)])
         else:
             gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
             out[a + "mlp.gate_proj.weight"], out[a + "mlp.up_proj.weight"] = gate, up

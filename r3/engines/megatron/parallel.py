@@ -281,10 +281,11 @@ def ep_rank_size() -> tuple[int, int]:
 
 def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor] | None:
     """A local-spec megatron state dict with this rank's experts (`local_experts.{i}`, i < E / EP)
-    -> on the first rank of each EP group, the same with all E experts under their global index,
-    every tensor moved to the CPU as soon as it arrives (so the full model never sits on one GPU);
-    None on the other ranks. Collective: every rank of the EP group must call it. With EP = 1 every
-    rank gets its (complete) state dict on the CPU."""
+    -> on the first rank of the EP group of expert-DP rank 0 (with PP, one per stage; rank 0's own),
+    the same with all E experts under their global index, every tensor moved to the CPU as soon as it
+    arrives (so the full model never sits on one GPU); None on every other rank. Collective: every
+    rank of the EP group must call it. With EP = 1 every rank gets its (complete) state dict on the
+    CPU."""
     import re
 
     from megatron.core import parallel_state
@@ -293,6 +294,12 @@ def gather_experts(mg_sd: dict[str, torch.Tensor], num_experts: int) -> dict[str
     keep = {k: v for k, v in mg_sd.items() if not k.endswith("_extra_state")}  # TE fp8 metadata: not weights
     if ep == 1:
         return {k: v.detach().to("cpu", copy=True) for k, v in keep.items()}
+    if parallel_state.get_expert_data_parallel_rank() != 0:
+        # Another replica of these experts: the EP group of expert-DP rank 0 (global rank 0's, the
+        # driver that syncs) gathers them; every member of an EP group has the same expert-DP rank
+        # (megatron's expert RankGenerator, order tp-ep-dp-pp), so the whole group skips together
+        # rather than building a full expert set that would be discarded (rank 8 of the paper's 16)
+        return None
     n_local = num_experts // ep
     pat = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
     out, local = {}, []

@@ -298,10 +298,18 @@ class MegatronTrainEngine:
         at least 2 tokens) instead of the whole batch's: a micro-batch of short rows does not pay for
         the mini-batch's longest row (attention, logits and their fp32 temporaries grow with it).
         Right padding only, so the cut drops padding positions alone; callers pad results back to the
-        batch's width (_pad_cols, _pad_record)."""
+        batch's width (_pad_cols, _pad_record). Under DP the length is the longest over the DP ranks'
+        micro-batches of this index (one all-reduce): megatron's allgather token dispatcher gathers
+        equal shapes over the EP group, whose ranks are DP replicas of the dense part."""
         am = batch.attention_mask_BS[rows]
         S = am.shape[1]
         s = int((am.bool() * torch.arange(1, S + 1, device=am.device)).amax()) if am.numel() else S
+        if self.dp_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([s], device=parallel.device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel.dp_group())
+            s = int(t.item())
         s = min(S, -(-max(s, 2) // self.tp_size) * self.tp_size)
         ids = batch.expert_ids_BTLK
         return dataclasses.replace(
@@ -566,7 +574,12 @@ class MegatronTrainEngine:
         sd = parallel.gather_stages(sd)  # every stage's layers on the first stage (PP > 1)
         if sd is None:
             return {}
-        return {k: v.clone() for k, v in megatron_to_hf(sd, self.hf_config).items()}  # no shared storage
+        # one copy of the model at a time on the syncing rank's host: the conversion frees each layer's
+        # gathered experts as it stacks them (consume), and each tensor is cloned (no storage shared
+        # with the model or between views) as its view is dropped
+        hf = megatron_to_hf(sd, self.hf_config, consume=True)
+        del sd
+        return {k: hf.pop(k).clone() for k in list(hf)}
 
     def export_hf(self, path: str, *, dtype: torch.dtype | None = None) -> Path | None:
         """Write the current weights as a transformers checkpoint directory (config.json +
@@ -585,15 +598,43 @@ class MegatronTrainEngine:
         self.hf_config.save_pretrained(out)
         return out
 
-    def checkpoint_file(self, path: str) -> Path:
-        """This rank's checkpoint file in `path`: its model shard (own experts under EP), optimizer
-        state and RNG. One file per rank keeps save/load free of collectives."""
+    def checkpoint_file(self, path: str, rank: int | None = None) -> Path:
+        """The checkpoint file of `rank` (default: this rank) in `path`: the weights that rank owns
+        (_weight_owners), its optimizer state and RNG. One file per rank keeps save/load free of
+        collectives."""
         world = self.layout.world_size
         if world == 1:
             return Path(path) / CHECKPOINT_FILE
         import torch.distributed as dist
 
-        return Path(path) / f"megatron_train_engine.rank{dist.get_rank():05d}-of-{world:05d}.pt"
+        rank = dist.get_rank() if rank is None else rank
+        return Path(path) / f"megatron_train_engine.rank{rank:05d}-of-{world:05d}.pt"
+
+    def _weight_owners(self) -> tuple[int, int]:
+        """(global rank whose checkpoint file holds this rank's dense weights, ... its experts): the
+        first rank of its data-parallel group, over which the dense weights are identical copies, and
+        of its expert-data-parallel group, over which its experts are (megatron's parallel_state
+        groups). Without this, every rank would write the same dense weights: 16 copies per paper
+        checkpoint. One process: itself."""
+        if self.layout.world_size == 1:
+            return 0, 0
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        dense = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())[0]
+        expert = dist.get_process_group_ranks(parallel_state.get_expert_data_parallel_group())[0]
+        return dense, expert
+
+    def _owned(self, key: str, rank: int) -> bool:
+        dense, expert = self._weight_owners()
+        return (expert if ".local_experts." in key else dense) == rank
+
+    def _rank(self) -> int:
+        if self.layout.world_size == 1:
+            return 0
+        import torch.distributed as dist
+
+        return dist.get_rank()
 
     def save(self, path: str) -> None:
         """Model, optimizer and step count in `checkpoint_file(path)` (directory created); every rank
@@ -603,7 +644,12 @@ class MegatronTrainEngine:
         state = {
             # tensors only: megatron's `_extra_state` entries (TE fp8 metadata; None/BytesIO without
             # TE) would need pickle to load, so they are dropped and the load is weights_only
-            "model": {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)},
+            # and only the weights this rank owns (_weight_owners): load reads the rest from their owners
+            "model": {
+                k: v
+                for k, v in self.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and self._owned(k, self._rank())
+            },
             "optimizer": self.optim.state_dict(),
             "precision": self.precision,
             "steps": self.steps,
@@ -628,7 +674,27 @@ class MegatronTrainEngine:
             saved, now = state["shape"].get(key), getattr(self.hf_config, key, None)
             if saved != now:
                 raise ValueError(f"checkpoint {f} has {key}={saved}, this engine's model has {now}")
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        model = dict(state["model"])
+        peers: dict[int, dict] = {}
+        for k in self.model.state_dict():  # weights another rank owns: from its file, mapped, not read whole
+            if k.endswith("_extra_state") or k in model:
+                continue
+            dense, expert = self._weight_owners()
+            owner = expert if ".local_experts." in k else dense
+            if owner == self._rank():
+                continue  # reported as missing below
+            if owner not in peers:
+                peer = self.checkpoint_file(path, owner)
+                if not peer.is_file():
+                    raise FileNotFoundError(
+                        f"{f} leaves {k} to rank {owner}'s file, which is missing: {peer} (a checkpoint is "
+                        f"complete only with every rank's file)"
+                    )
+                peers[owner] = torch.load(peer, map_location="cpu", weights_only=True, mmap=True)["model"]
+            if k in peers[owner]:
+                model[k] = peers[owner][k]
+        missing, unexpected = self.model.load_state_dict(model, strict=False)
+        del peers
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ValueError(
