@@ -228,7 +228,6 @@ def sft_multi_gspo_r3(s: _Scale) -> RunConfig:
 
 
 # --- static mismatch cells -----------------------------------------------------------------------
-STATIC_PARTS = (("moe", "MoE native"), ("moe_r3", "MoE + R3"), ("dense", "dense reference"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

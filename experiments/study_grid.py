@@ -23,11 +23,11 @@ Step times (`STEP_SECONDS`) are measured values (docs/study.md) used to print a 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from experiments import grid, zoo
 from experiments.config import RunConfig
 
 # --- arms: the paper's single-mini-step methods ---------------------------------------------------
@@ -205,11 +205,6 @@ EVAL_SECONDS: dict[str, float] = {"tiny": 6.3}
 """Measured seconds per evaluation point (512 held-out problems, one sample) in the same pilot."""
 
 
-def zoo_dir_for(size: str) -> Path:
-    """Default zoo directory of a zoo size: runs/zoo for tiny (the demo's), runs/zoo-<size> otherwise."""
-    return Path("runs/zoo" if size == "tiny" else f"runs/zoo-{size}").resolve()
-
-
 def _lr_text(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
 
@@ -236,15 +231,14 @@ def cells(plan_name: str, *, zoo_dir: Path | None = None, pattern: str | None = 
     pattern: comma-separated globs on cell names. overrides: RunConfig fields for every cell
     (debugging, e.g. global_steps=10 to time a pilot)."""
     p = plan(plan_name)
-    zdir = Path(zoo_dir).resolve() if zoo_dir else zoo_dir_for(p.zoo_size)
-    globs = [g.strip() for g in (pattern or "").split(",") if g.strip()]
+    zdir = Path(zoo_dir).resolve() if zoo_dir else zoo.default_zoo_dir(p.zoo_size)
     out: dict[str, RunConfig] = {}
     for seed in p.seeds:
         for lr in p.lrs:
             for level in p.levels:
                 for arm in p.arms:
                     c = cell(p, level=level, arm=arm, seed=seed, lr=lr, zoo_dir=zdir)
-                    if globs and not any(fnmatch.fnmatchcase(c.name, g) for g in globs):
+                    if not grid.select([c.name], pattern):  # the grid's one glob rule
                         continue
                     out[c.name] = c.replace(**overrides) if overrides else c
     return out

@@ -141,8 +141,9 @@ SIZES: dict[str, ZooConfig] = {
 }
 
 
-def default_zoo_dir() -> Path:
-    return Path("runs/zoo").resolve()
+def default_zoo_dir(size: str = "tiny") -> Path:
+    """Where a zoo of `size` is built and found by default: runs/zoo (the demo's tiny zoo), runs/zoo-<size>."""
+    return Path("runs/zoo" if size == "tiny" else f"runs/zoo-{size}").resolve()
 
 
 def model_configs(cfg: ZooConfig, tokenizer) -> tuple:

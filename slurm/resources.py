@@ -18,8 +18,9 @@ import dataclasses
 import re
 from typing import Literal
 
+from experiments.grid import Preset  # the presets are the grid's
+
 CellKind = Literal["rl", "static"]
-Preset = Literal["tiny", "paper"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

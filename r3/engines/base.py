@@ -154,6 +154,14 @@ Rows = slice | torch.Tensor
 engine that groups rows of similar length); either indexes [B, ...] tensors the same way."""
 
 
+def config_kwargs(cfg, **changes) -> dict:
+    """An engine config's fields as the keyword arguments of the engine's constructor (one name per
+    setting from config to engine), without `model_path` (the constructor's first argument), with
+    `changes` applied."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model_path"}
+    return {**out, **changes}
+
+
 def request_seed(base: int, i: int) -> int:
     """The sampling seed of request `i` of a call seeded `base`: a 64-bit mix of both (splitmix64's
     finaliser), so requests of different calls never share a seed the way `base + i` does when two

@@ -44,3 +44,30 @@ def specs_on_node(
 
 Launcher = Callable[..., list[ServerSpec]]
 """specs(*, model_path, host, servers, tp, port, capture_routing, precision, seed, extra) -> one spec per server."""
+
+
+def launcher(
+    command: Callable[..., Sequence[str]], env: Callable[[int, int], tuple[tuple[str, str], ...]] = lambda i, tp: ()
+) -> Launcher:
+    """An engine's Launcher from its one-server command line: command(i, port, *, model_path, tp,
+    capture_routing, precision, seed, extra) for server i of the node; env(i, tp) its extra environment."""
+
+    def specs(
+        *,
+        model_path: str,
+        host: str,
+        servers: int,
+        tp: int,
+        port: int,
+        capture_routing: bool = True,
+        precision: str = "bf16",
+        seed: int = 0,
+        extra: Sequence[str] = (),
+    ) -> list[ServerSpec]:
+        def one(i: int, p: int) -> Sequence[str]:
+            kw = dict(model_path=model_path, tp=tp, capture_routing=capture_routing, precision=precision, seed=seed)
+            return command(i, p, extra=extra, **kw)
+
+        return specs_on_node(host=host, servers=servers, tp=tp, port=port, command=one, env=lambda i: env(i, tp))
+
+    return specs

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams
+from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams, config_kwargs
 from r3.engines.hf.config import HFRolloutConfig
 from r3.engines.hf.fp8 import Fp8Scope, apply_fp8
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
@@ -89,14 +89,7 @@ class HFRolloutEngine:
     @classmethod
     def from_config(cls, cfg: HFRolloutConfig) -> "HFRolloutEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(
-            cfg.model_path,
-            precision=cfg.precision,
-            device=cfg.device,
-            fp8_scope=cfg.fp8_scope,
-            seed=cfg.seed,
-            progress_min_prompts=cfg.progress_min_prompts,
-        )
+        return cls(cfg.model_path, **config_kwargs(cfg))
 
     @property
     def capabilities(self) -> RolloutCapabilities:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from r3.engines.base import LogprobResult, LossFn, Rows, TrainBatch
+from r3.engines.base import LogprobResult, LossFn, Rows, TrainBatch, config_kwargs
 from r3.engines.hf.config import HFTrainConfig
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.engines.hf.rollout import load_causal_lm
@@ -73,16 +73,7 @@ class HFTrainEngine:
     @classmethod
     def from_config(cls, cfg: HFTrainConfig) -> "HFTrainEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(
-            cfg.model_path,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            grad_clip=cfg.grad_clip,
-            micro_batch=cfg.micro_batch,
-            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-            seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        )
+        return cls(cfg.model_path, **config_kwargs(cfg))
 
     @property
     def device(self) -> torch.device:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from r3.engines.base import LogprobResult, LossFn, TrainBatch
+from r3.engines.base import LogprobResult, LossFn, TrainBatch, config_kwargs
 from r3.engines.megatron import parallel
 from r3.engines.megatron.compat import cpu_device_scope
 from r3.engines.megatron.config import MegatronTrainConfig
@@ -214,22 +214,8 @@ class MegatronTrainEngine:
     @classmethod
     def from_config(cls, cfg: MegatronTrainConfig) -> "MegatronTrainEngine":
         """The registry's constructor (r3.engines.registry)."""
-        return cls(
-            cfg.model_path,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            grad_clip=cfg.grad_clip,
-            micro_batch=cfg.micro_batch,
-            seed=cfg.seed,
-            recompute=cfg.recompute,
-            tensor_parallel=cfg.tensor_parallel,
-            pipeline_parallel=cfg.pipeline_parallel,
-            expert_parallel=cfg.expert_parallel,
-            precision=cfg.precision,
-            token_dispatcher=None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher,
-            context_parallel=cfg.context_parallel,
-            packed_sequences=cfg.packed_sequences,
-        )
+        dispatcher = None if cfg.token_dispatcher == "auto" else cfg.token_dispatcher
+        return cls(cfg.model_path, **config_kwargs(cfg, token_dispatcher=dispatcher))
 
     # --- batch handling ---------------------------------------------------------------------
     def _check_batch(self, batch: TrainBatch, routing: ReplayMode) -> None:
@@ -429,9 +415,7 @@ class MegatronTrainEngine:
                     logits = gpt_logits(self.optim.module, ids_BS)
                     if sess is not None:
                         sess.end_forward()
-                    logp_BT, ent_BT = token_logprobs(
-                        logits, ids_BS, with_entropy=True, temperature=batch.temperature
-                    )
+                    logp_BT, ent_BT = token_logprobs(logits, ids_BS, with_entropy=True, temperature=batch.temperature)
                     logp_BT, ent_BT = _pad_cols(logp_BT, W)[:, :T], _pad_cols(ent_BT, W)[:, :T]  # no SP padding
                     # k = 0 (padding only: a DP rank left without rows): loss_fn on no rows gives zero
                     # loss and zero metrics under the same keys as every other rank (their DP sum lines

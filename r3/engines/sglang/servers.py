@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from r3.engines.base import Precision
-from r3.engines.serving import ServerSpec, specs_on_node
+from r3.engines.serving import launcher
 
 
 def sglang_command(
@@ -46,31 +46,6 @@ def sglang_command(
     return cmd
 
 
-def specs(
-    *,
-    model_path: str,
-    host: str,
-    servers: int,
-    tp: int,
-    port: int,
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    extra: Sequence[str] = (),
-) -> list[ServerSpec]:
-    """`servers` SGLang servers on this node: server i uses GPUs i*tp..i*tp+tp-1 (--base-gpu-id) and
-    port `port + i`."""
-
-    def command(i: int, p: int) -> list[str]:
-        return sglang_command(
-            model_path=model_path,
-            port=p,
-            tp=tp,
-            base_gpu_id=i * tp,
-            capture_routing=capture_routing,
-            precision=precision,
-            seed=seed,
-            extra=extra,
-        )
-
-    return specs_on_node(host=host, servers=servers, tp=tp, port=port, command=command)
+specs = launcher(lambda i, port, *, tp, **kw: sglang_command(port=port, tp=tp, base_gpu_id=i * tp, **kw))
+"""`servers` SGLang servers on this node: server i uses GPUs i*tp..i*tp+tp-1 (--base-gpu-id) and
+port `port + i` (r3.engines.serving.launcher)."""

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from r3.engines.base import Precision
-from r3.engines.serving import ServerSpec, specs_on_node
+from r3.engines.serving import launcher
 
 VLLM_WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
 """The worker extension vLLM servers load for weight sync (reload + CPU MoE prepack fix)."""
@@ -66,33 +66,10 @@ def vllm_env(*, cpu_kvcache_space_gb: int = 1) -> tuple[tuple[str, str], ...]:
     )
 
 
-def specs(
-    *,
-    model_path: str,
-    host: str,
-    servers: int,
-    tp: int,
-    port: int,
-    capture_routing: bool = True,
-    precision: Precision = "bf16",
-    seed: int = 0,
-    extra: Sequence[str] = (),
-) -> list[ServerSpec]:
-    """`servers` vLLM servers on this node: server i sees GPUs i*tp..i*tp+tp-1 (CUDA_VISIBLE_DEVICES)
-    and listens on `port + i`."""
+def _gpus(i: int, tp: int) -> tuple[tuple[str, str], ...]:
+    return (*vllm_env(), ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(i * tp, (i + 1) * tp))))
 
-    def command(i: int, p: int) -> list[str]:
-        return vllm_command(
-            model_path=model_path,
-            port=p,
-            tp=tp,
-            capture_routing=capture_routing,
-            precision=precision,
-            seed=seed,
-            extra=extra,
-        )
 
-    def env(i: int) -> tuple[tuple[str, str], ...]:
-        return (*vllm_env(), ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(i * tp, (i + 1) * tp))))
-
-    return specs_on_node(host=host, servers=servers, tp=tp, port=port, command=command, env=env)
+specs = launcher(lambda i, port, **kw: vllm_command(port=port, **kw), env=_gpus)
+"""`servers` vLLM servers on this node: server i sees GPUs i*tp..i*tp+tp-1 (CUDA_VISIBLE_DEVICES)
+and listens on `port + i` (r3.engines.serving.launcher)."""
