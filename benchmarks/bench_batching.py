@@ -1,11 +1,11 @@
-"""The embedded loop's batch shapes, side by side: what each of issue 12's batching levers saves.
+"""The embedded loop's batch shapes, side by side: what each batching lever saves.
 
     python -m benchmarks.bench_batching [--zoo-dir runs/zoo] [--repeats 5] [--precision fp8] [--threads 1]
 
 On the zoo's SFT model with the transformers engines (one torch thread), each repeat times, in turn:
   decode     one generate of 16 prompts x 8 samples (48 new tokens at most), finished rows kept in
-             the batch (`_COMPACT_BELOW` = 0, the loop before issue 12) / dropped (the engine's default)
-  rounds     the same 384 samples as three rounds of 16 prompts (dynamic sampling before issue 12)
+             the batch (`_COMPACT_BELOW` = 0: no compaction) / dropped (the engine's default)
+  rounds     the same 384 samples as three rounds of 16 prompts (dynamic sampling without oversampling)
              / one round of 48 prompts (the tiny preset's gen_prompts_per_round), compaction on
   eval       the 512 held-out prompts in batches of 64 (eval.run's default) / one batch of 512
              (the tiny preset's eval_batch_size)

@@ -9,7 +9,7 @@ worked response ending in a boxed right or wrong answer. Each measurement runs i
 subprocess (so no mode inherits the other's sympy/math-verify caches), after the grader's
 warm-up (untimed in both modes, run once in the measuring process; the pool's workers are forked
 from it afterwards and inherit it).
-Target (issue 4): the pool reaches at least 1.7x serial on 2 cores. The machine's load, the cores
+Target: the pool reaches at least 1.7x serial on 2 cores. The machine's load, the cores
 this session can actually get (busy-loop probe), and the CPU seconds of every process involved
 are printed: other jobs on the cores lower the pool's wall-clock advantage, and workers * serial
 CPU / pool CPU is what the pool could reach on idle cores (its CPU overhead: IPC, per-worker

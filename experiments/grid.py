@@ -88,7 +88,7 @@ class _Scale:
             raise ValueError(f"preset {self.preset!r}: {unknown} are not RunConfig fields")
 
 
-# The tiny preset: ONE block, edited by whoever tunes the embedded runs (helper G's LR sweep).
+# The tiny preset: ONE block, edited by whoever tunes the embedded runs.
 _TINY = _Scale(
     preset="tiny",
     model_paths={"base": None, "sft": None, "dense": None},
@@ -102,7 +102,7 @@ _TINY = _Scale(
         global_steps=60, eval_every=5, eval_benchmarks=("synthetic",), eval_samples=1, eval_temperature=1.0,
         eval_max_problems=0, prompts_per_step=16, group_size=8, max_new_tokens=48, temperature=1.0,
         checkpoint_every=5,
-        # Batch shapes (issue 12; each lever measured by benchmarks/bench_batching.py): 3 x oversampled
+        # Batch shapes (each lever measured by benchmarks/bench_batching.py): 3 x oversampled
         # dynamic-sampling rounds (about 40% of the SFT model's groups are informative, so one round
         # of 48 prompts usually fills the 16, and costs 0.63 x three rounds of 16), evaluation in one
         # batch of all 512 problems (0.34 x batches of 64)

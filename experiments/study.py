@@ -1,4 +1,4 @@
-"""The collapse study (issue 11): does the training-inference mismatch destabilise MoE RL at CPU
+"""The collapse study: does the training-inference mismatch destabilise MoE RL at CPU
 scale, and does R3 prevent it? A separate entry point from `make demo`.
 
     python -m experiments.study collapse --out runs/study                 # the planned sweep (plan `full`)
@@ -155,7 +155,7 @@ def collapse(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="study", required=True)
-    c = sub.add_parser("collapse", help="the collapse study: arms x mismatch levels x seeds (issue 11)")
+    c = sub.add_parser("collapse", help="the collapse study: arms x mismatch levels x seeds")
     c.add_argument("--out", type=Path, default=Path("runs/study"))
     c.add_argument(
         "--plan",

@@ -1,4 +1,4 @@
-"""The collapse study's table and dose-response figure (issue 11), from run directories only.
+"""The collapse study's table and dose-response figure, from run directories only.
 
 Runs (plots.runs.Run) are grouped into *conditions*: configs equal in everything but the
 seed, the name and the arm (replay, TIS). In a condition, the runs of one method (GRPO,

@@ -2,7 +2,7 @@
 
 The mode is an explicit value held by one object per model (STYLE.md rule 3: verl's
 `RouterReplayAction` enum, not slime's `os.environ["ROUTING_REPLAY_STAGE"]`). Engine adapters
-(r3.engines.hf.replay for transformers, r3.megatron_* for megatron-core) use `ConsumptionCheck` so that
+(r3.engines.hf.replay for transformers, r3.engines.megatron.replay for megatron-core) use `ConsumptionCheck` so that
 a forward in which some MoE layer did not use its recorded routing, or used it twice, fails
 loudly instead of silently training on the training engine's own routing.
 """

@@ -1,5 +1,5 @@
 """RunConfig refuses, at construction, every value that used to crash late or be silently ignored
-(issue 10, bugs 2 and 3): each message names the field, what was given and what is allowed."""
+each message names the field, what was given and what is allowed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from experiments.config import RunConfig
         # used to divide by zero at step 5 (step % eval_every)
         (dict(eval_every=0), r"eval_every must be >= 1, got 0"),
         (dict(checkpoint_every=0), r"checkpoint_every must be >= 1, got 0"),
-        # used to be checked only inside the loss, at step 1
+        # checked at construction, not only inside the loss at step 1
         (dict(dual_clip=1.0), r"dual_clip must be > 1 \(common value 3\) or None to disable, got 1.0"),
         (dict(tis_cap=0.0), r"tis_cap must be > 0 \(common value 2\), got 0.0"),
         # used to build the SGLang client silently
@@ -25,7 +25,7 @@ from experiments.config import RunConfig
         (dict(loss_agg="mean"), r"loss_agg='mean' is not one of"),
         # bug 2: the GSPO loss takes no importance weights, so TIS would be logged but not applied
         (dict(algorithm="gspo", tis=True), r"tis=True with algorithm='gspo' is not supported"),
-        # the engines' batch shapes (issue 12)
+        # the engines' batch shapes
         (dict(gen_prompts_per_round=8), r"gen_prompts_per_round \(8\) must be 0 or >= prompts_per_step \(16\)"),
         (dict(eval_batch_size=0), r"eval_batch_size must be >= 1, got 0"),
         (

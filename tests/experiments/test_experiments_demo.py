@@ -46,7 +46,7 @@ def test_demo_end_to_end_micro(micro_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_cell_and_queued_cells_never_start(micro_zoo, tmp_path):
-    """Regression (issue 12): SIGINT to the demo's process group (what Ctrl-C in a terminal sends)
+    """SIGINT to the demo's process group (what Ctrl-C in a terminal sends)
     used to kill the running cells while the pool went on to start the queued ones. Now all stop
     within seconds, no queued cell starts, the message says how to resume, and a rerun resumes."""
     import os

@@ -73,7 +73,7 @@ def test_three_step_loop_writes_the_run_directory(micro_zoo, tmp_path, train_eng
     ):
         assert key in m[0], key
     assert m[0]["actor/grad_norm"] > 0  # the parity reward gives nonzero advantages
-    # routing disagreement per MoE layer (issue 11); the pair share is their mean over layers
+    # routing disagreement per MoE layer; the pair share is their mean over layers
     per_layer = [m[0][f"routing/layer{i}_disagreement"] for i in range(_num_layers(micro_zoo))]
     assert f"routing/layer{len(per_layer)}_disagreement" not in m[0]
     assert sum(per_layer) / len(per_layer) == pytest.approx(m[0]["routing/pair_disagreement"], rel=1e-5, abs=1e-7)

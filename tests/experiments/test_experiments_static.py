@@ -75,7 +75,7 @@ def test_summary_json_shape(fp8_static, tmp_path):
     assert "sft-single-grpo-r3" in md and "| fp8 | moe |" in md
 
 
-# --- the checkpoint path: any registered engines on user checkpoints (issue 14, the paper's job) ---------
+# --- the checkpoint path: any registered engines on user checkpoints (the paper's job) ---------
 def _save_pair(zoo_dir, out):
     """A tiny Qwen3-MoE and a dense Qwen3 with the zoo's tokenizer, saved as user checkpoints (head_dim 32:
     vLLM's CPU attention needs >= 32; routers and experts larger than the default, as tests/r3/test_r3_vllm.py,

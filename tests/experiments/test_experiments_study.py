@@ -1,4 +1,4 @@
-"""The collapse study (issue 11): its cells, its aggregation on hand-written run directories, and
+"""The collapse study: its cells, its aggregation on hand-written run directories, and
 `python -m experiments.study collapse` end to end on the micro zoo (2 cells x 2 steps, rerun skips)."""
 
 from __future__ import annotations

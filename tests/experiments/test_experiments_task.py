@@ -49,7 +49,7 @@ def test_train_stream_skips_heldout_and_resumes_from_position():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_training_never_sees_the_evaluated_problems_for_any_seed(seed):
-    """Regression (issue 10, bug 1): the run loop evaluates benchmark `synthetic`; the training
+    """The run loop evaluates benchmark `synthetic`; the training
     stream of every run seed must avoid all of it (it used to avoid the held-out set of its own
     seed only, so seeds 1 and 2 trained on 82 and 59 evaluated problems over 3,840 prompts)."""
     from eval import benchmarks

