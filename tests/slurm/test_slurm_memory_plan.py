@@ -75,3 +75,23 @@ def test_fp32_training_is_refused_for_the_paper_layout(tmp_path):
         submit.main(
             PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo", "--override", "train_precision=fp32"]
         )
+
+
+def test_rehearse_flag_rehearses_a_layout_without_a_cached_rehearsal(tmp_path, capsys, monkeypatch):
+    from r3.engines.megatron import rehearsal
+
+    asked = []
+
+    def fake(**kw):  # the real one takes ~1 minute (benchmarks/rehearse_paper.py); its result's fields
+        asked.append(kw)
+        return {"step_peak": 70e9, "call": {}}
+
+    monkeypatch.setattr(rehearsal, "rehearse_layout", fake)
+    submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo-r3", "--rehearse",
+                         "--override", "train_expert_parallel=16"])  # fmt: skip
+    assert asked == [{"world": 16, "ep": 16, "seq_len": 9216}]
+    out = capsys.readouterr().out
+    assert "70.0 GB  (rehearsed now (--rehearse))" in out
+    submit.main(PAPER + ["--runs", str(tmp_path), "--cells", "sft-single-grpo-r3", "--override",
+                         "train_expert_parallel=16"])  # fmt: skip
+    assert "no rehearsal of this layout (plan only" in capsys.readouterr().out and len(asked) == 1
