@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from eval import grader, templates
     from experiments import task, zoo
     from experiments.config import RunConfig
-    from experiments.run import engine_configs
-    from experiments.step import Loop
+    from experiments.step import Loop, engine_configs
     from r3.engines.base import SamplingParams
     from r3.engines.registry import build_rollout_engine, build_train_engine
     from r3.replay import ReplayMode

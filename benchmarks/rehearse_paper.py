@@ -41,7 +41,8 @@ def report(r: dict, gpu_gb: float) -> str:
     c = r["call"]
     lines.append(
         f"  driver-to-follower call of {c['rows']} rows: message {c['total'] / GB:.1f} GB (routing trace "
-        f"{c['expert_ids'] / GB:.1f} GB) on each follower's wire device; static + message + reserve "
+        f"{c['expert_ids'] / GB:.1f} GB), one part at a time through each follower's wire device; static + "
+        f"largest part + reserve "
         f"{c['peak'] / GB:.1f} GB {'fits' if c['peak'] <= gpu_gb * GB else 'EXCEEDS'}"
     )
     verdict = "fits" if r["step_peak"] <= gpu_gb * GB else "DOES NOT FIT"

@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from experiments import run as run_mod
 from experiments.config import RunConfig
+from experiments.step import engine_configs
 from r3 import rundir
 
 log = logging.getLogger(__name__)
@@ -207,25 +208,28 @@ def _recv():
     dist.broadcast_object_list(header, src=0, group=_control_group())
     payload, meta = header
     wire = _wire_device()
-    err, obj, pairs = None, None, []
+    err, obj, pairs = None, None, []  # pairs: the received tensors in send order
     try:
-        for shape, dtype, dev in meta:  # allocated before the unpickling, filled after it
-            t = torch.empty(shape, dtype=dtype, device=wire)
-            pairs.append((t, t if dev == wire.type else torch.empty(shape, dtype=dtype, device=dev)))
+        for shape, dtype, dev in meta:  # the final tensors, allocated before the unpickling, filled after it
+            pairs.append(torch.empty(shape, dtype=dtype, device=wire if dev == wire.type else dev))
 
         class _Unpickler(pickle.Unpickler):
             def persistent_load(self, pid):
-                return pairs[pid][1]
+                return pairs[pid]
 
         obj = _Unpickler(io.BytesIO(payload)).load()
     except BaseException as e:  # reported on the control group; the driver raises it, naming this rank
         err = e
     if any(_gather_errors(err)):
         return _SKIP
-    for t, final in pairs:
-        dist.broadcast(t, src=0)
-        if final is not t:
-            final.copy_(t)
+    for final in pairs:  # a host tensor passes through one wire buffer of its own size, freed at once:
+        if final.device == wire:  # the GPU holds at most the largest such tensor (the routing trace), not all
+            dist.broadcast(final, src=0)
+            continue
+        buf = torch.empty(final.shape, dtype=final.dtype, device=wire)
+        dist.broadcast(buf, src=0)
+        final.copy_(buf)
+        del buf
     return obj
 
 
@@ -373,7 +377,7 @@ def run_cell(cfg: RunConfig, run_dir: Path, *, progress: bool = True, reward_fn=
     if "manifest" in msg[0]:
         _shutdown()
         return msg[0]["manifest"] if rank == 0 else None
-    _, tr_cfg = run_mod.engine_configs(cfg, Path(msg[0]["model_dir"]), run_dir)
+    _, tr_cfg = engine_configs(cfg, Path(msg[0]["model_dir"]), run_dir)
     engine = build_train_engine(tr_cfg)  # collective: megatron's parallel state on every rank
 
     def body(driver: DriverEngine) -> dict:

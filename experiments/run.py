@@ -30,7 +30,6 @@ SGLang vs Megatron kernels.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -62,55 +61,6 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
         zoo.build_zoo(zoo_dir, size=cfg.zoo_size or "tiny")
     zoo.check_size(zoo_dir, cfg.zoo_size)
     return zoo.model_dir(cfg.model, zoo_dir)
-
-
-def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[object, object]:
-    """(rollout config, train config) of r3.engines.registry for this cell: the one place where a
-    RunConfig becomes engine settings; each engine's config takes the fields it has (the registry maps
-    them by name, so no engine is named here)."""
-    from r3.engines import registry
-
-    rollout = registry.RolloutSettings(
-        model_path=str(model_dir),
-        precision=cfg.rollout_precision,
-        seed=cfg.seed,
-        urls=tuple(cfg.rollout_urls),
-        weight_sync_dir=str(run_dir / "weight_sync"),
-        options={"fp8_scope": cfg.rollout_fp8_scope},
-    )
-    train_options = {
-        f.name.removeprefix("train_"): getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if f.name.startswith("train_") and f.name not in ("train_engine", "train_data")
-    }
-    train = registry.TrainSettings(
-        model_path=str(model_dir),
-        lr=cfg.lr,
-        seed=cfg.seed,
-        options={"weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, **train_options},
-    )
-    return registry.rollout_config_for(cfg.rollout_engine, rollout), registry.train_config_for(cfg.train_engine, train)
-
-
-def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
-    """DESIGN.md invariant 3, from the engines' declared capabilities: replay requires a rollout
-    engine that captures routing; training requires one that takes weight syncs."""
-    from r3.engines import registry
-
-    caps = rollout_engine.capabilities
-    if cfg.replay and not caps.captures_routing:
-        raise ValueError(
-            f"cell {cfg.name!r}: RunConfig.replay=True but the {cfg.rollout_engine!r} rollout engine "
-            f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or "
-            f"{registry.capture_hint(cfg.rollout_engine)}"
-        )
-    if cfg.replay and not train_engine.is_moe:
-        raise ValueError(f"cell {cfg.name!r}: RunConfig.replay=True but the training model has no routed experts")
-    if not caps.weight_sync:
-        raise ValueError(
-            f"cell {cfg.name!r}: the {cfg.rollout_engine!r} rollout engine cannot take weight syncs, "
-            "so rollout would keep the initial policy while training moves on"
-        )
 
 
 def _versions() -> dict[str, str]:

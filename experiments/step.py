@@ -65,6 +65,55 @@ class Loop:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
+def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[object, object]:
+    """(rollout config, train config) of r3.engines.registry for this cell: the one place where a
+    RunConfig becomes engine settings; each engine's config takes the fields it has (the registry maps
+    them by name, so no engine is named here)."""
+    from r3.engines import registry
+
+    rollout = registry.RolloutSettings(
+        model_path=str(model_dir),
+        precision=cfg.rollout_precision,
+        seed=cfg.seed,
+        urls=tuple(cfg.rollout_urls),
+        weight_sync_dir=str(run_dir / "weight_sync"),
+        options={"fp8_scope": cfg.rollout_fp8_scope},
+    )
+    train_options = {
+        f.name.removeprefix("train_"): getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name.startswith("train_") and f.name not in ("train_engine", "train_data")
+    }
+    train = registry.TrainSettings(
+        model_path=str(model_dir),
+        lr=cfg.lr,
+        seed=cfg.seed,
+        options={"weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, **train_options},
+    )
+    return registry.rollout_config_for(cfg.rollout_engine, rollout), registry.train_config_for(cfg.train_engine, train)
+
+
+def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:
+    """DESIGN.md invariant 3, from the engines' declared capabilities: replay requires a rollout
+    engine that captures routing; training requires one that takes weight syncs."""
+    from r3.engines import registry
+
+    caps = rollout_engine.capabilities
+    if cfg.replay and not caps.captures_routing:
+        raise ValueError(
+            f"cell {cfg.name!r}: RunConfig.replay=True but the {cfg.rollout_engine!r} rollout engine "
+            f"({type(rollout_engine).__name__}) does not capture routing; set replay=False, or "
+            f"{registry.capture_hint(cfg.rollout_engine)}"
+        )
+    if cfg.replay and not train_engine.is_moe:
+        raise ValueError(f"cell {cfg.name!r}: RunConfig.replay=True but the training model has no routed experts")
+    if not caps.weight_sync:
+        raise ValueError(
+            f"cell {cfg.name!r}: the {cfg.rollout_engine!r} rollout engine cannot take weight syncs, "
+            "so rollout would keep the initial policy while training moves on"
+        )
+
+
 def build_loop(
     cfg: RunConfig,
     model_dir: Path,
@@ -79,7 +128,6 @@ def build_loop(
     from transformers import AutoTokenizer
 
     from eval import templates
-    from experiments.run import check_engines, engine_configs
     from r3.engines.registry import build_rollout_engine, build_train_engine
 
     synthetic = cfg.train_data == "synthetic"
@@ -124,22 +172,27 @@ def global_step(loop: Loop, step: int) -> dict[str, float]:
     returns its metrics line. Raises NonFiniteError (nothing synced) on a NaN/inf loss or gradient."""
     cfg = loop.cfg
     t_step = t0 = time.time()
-    ro = rollout.collect(
-        loop.rollout_engine,
-        loop.encode,
-        loop.decode,
-        loop.stream,
-        prompts_per_step=cfg.prompts_per_step,
-        group_size=cfg.group_size,
-        params=loop.params,
-        dynamic=cfg.dynamic_sampling,
-        max_rounds=cfg.max_sampling_rounds,
-        gen_prompts=cfg.gen_prompts_per_round,
-        capture_routing=loop.capture_routing,
-        run_seed=cfg.seed,
-        step=step,
-        reward_fn=loop.reward_fn,
-    )
+    if cfg.max_turns > 1:  # episodes of several turns, the prefix's routing from the held rows
+        from experiments import multiturn
+
+        ro = multiturn.collect(loop, step)
+    else:
+        ro = rollout.collect(
+            loop.rollout_engine,
+            loop.encode,
+            loop.decode,
+            loop.stream,
+            prompts_per_step=cfg.prompts_per_step,
+            group_size=cfg.group_size,
+            params=loop.params,
+            dynamic=cfg.dynamic_sampling,
+            max_rounds=cfg.max_sampling_rounds,
+            gen_prompts=cfg.gen_prompts_per_round,
+            capture_routing=loop.capture_routing,
+            run_seed=cfg.seed,
+            step=step,
+            reward_fn=loop.reward_fn,
+        )
     rec: dict[str, float] = {
         "step": step,
         "time/rollout": time.time() - t0,
@@ -149,6 +202,7 @@ def global_step(loop: Loop, step: int) -> dict[str, float]:
         "rollout/kept_groups": float(len(ro.kept)),
         "rollout/sampled_groups": float(ro.sampled_groups),
         "rollout/sampling_rounds": float(ro.rounds),
+        **ro.extra,
     }
     loop.last_batch = None
     if ro.kept:

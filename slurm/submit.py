@@ -210,11 +210,11 @@ def check_memory(specs: Sequence[JobSpec], preset: str, *, rehearse: bool = Fals
         shape = layout["shape"]
         if shape.moe_layers:  # one train-engine call's message, from shapes (rehearsal.call_message_bytes)
             call = rehearsal.call_message_bytes(layout["call_rows"], layout["seq_len"], shape.moe_layers, shape.top_k)
-            call_peak = plan.static + call["total"] + plan.reserve
+            call_peak = plan.static + call["wire_peak"] + plan.reserve
             warn = " WARNING: exceeds the GPU" if call_peak > gpu else ""
             lines.append(
-                f"  driver-to-follower call of {layout['call_rows']} rows: {call['total'] / GB:.1f} GB message on "
-                f"each follower's GPU (int64 routing trace {call['expert_ids'] / GB:.1f} GB), "
+                f"  driver-to-follower call of {layout['call_rows']} rows: {call['total'] / GB:.1f} GB message "
+                f"(routing trace {call['expert_ids'] / GB:.1f} GB), through each follower's GPU one part at a time: "
                 f"{call_peak / GB:.1f} GB with the static state and reserve{warn}"
             )
         print(

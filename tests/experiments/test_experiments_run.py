@@ -8,8 +8,8 @@ import pytest
 
 from experiments import checkpoint
 from experiments.config import RunConfig
-from experiments.run import check_engines, run_cell
-from experiments.step import NonFiniteError
+from experiments.run import run_cell
+from experiments.step import NonFiniteError, check_engines
 from r3 import rundir
 
 TIME_KEYS = ("time",)
@@ -219,7 +219,7 @@ def test_unknown_tracking_backend_is_refused():
 def test_engine_configs_route_server_urls_to_the_named_engine(tmp_path):
     """vLLM servers (launched by the Slurm job) get a client with a weight-sync directory; without
     URLs the vLLM engine runs in-process; SGLang always syncs through the run directory."""
-    from experiments.run import engine_configs
+    from experiments.step import engine_configs
 
     urls = ("http://h:30000",)
     ro, _ = engine_configs(RunConfig(name="v", rollout_engine="vllm", rollout_precision="bf16", rollout_urls=urls),

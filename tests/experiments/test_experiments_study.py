@@ -48,7 +48,7 @@ def test_a_plan_refuses_fields_runconfig_does_not_have():
 
 
 def test_fp8_scope_reaches_the_rollout_engine_config(tmp_path):
-    from experiments.run import engine_configs
+    from experiments.step import engine_configs
 
     c = study_grid.cells("full", zoo_dir=tmp_path, pattern="full-fp8all-grpo-s0")["full-fp8all-grpo-s0"]
     ro, _ = engine_configs(c, tmp_path, tmp_path / "run")

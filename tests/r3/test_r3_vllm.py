@@ -364,7 +364,7 @@ def test_moe_engine_started_without_capture_says_so_and_refuses_to_capture(model
 
 def test_dense_model_does_not_capture_routing(models):
     from experiments.config import RunConfig
-    from experiments.run import check_engines
+    from experiments.step import check_engines
 
     eng = build_rollout_engine(rollout_config("vllm", model_path=str(models["dir"] / "dense"), precision="fp32"))
     try:

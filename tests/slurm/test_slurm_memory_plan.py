@@ -29,7 +29,7 @@ def test_paper_dry_run_prints_fitting_plans(tmp_path, capsys):
     assert "Qwen3-30B-A3B's published config" in out
     # the cached CPU rehearsal of this layout beside the plan, and the call's message from shapes
     assert out.count("rehearsed peak per GPU (train step)") == 2 and "rehearsal_paper.json" in out
-    assert "driver-to-follower call of 1024 rows: 29.2 GB message" in out
+    assert "driver-to-follower call of 1024 rows: 3.8 GB message (routing trace 3.6 GB)" in out
 
 
 def test_static_cells_are_planned_forward_only(tmp_path, capsys):

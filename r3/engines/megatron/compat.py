@@ -42,14 +42,6 @@ def init_single_process_group() -> None:
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def init_single_process() -> None:
-    """The process model with TP = PP = EP = 1 (kept for callers of the single-process API): from
-    the environment under torchrun/Slurm, else one gloo process (r3.engines.megatron.parallel)."""
-    from r3.engines.megatron.parallel import init_parallel
-
-    init_parallel()
-
-
 def install_no_te_shims() -> None:
     """Shim 1 (megatron without Transformer Engine, CPU or GPU; idempotent).
 

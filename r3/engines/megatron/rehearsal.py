@@ -396,12 +396,19 @@ def alltoall_receive_bytes(seq_len: int, r: RankShape, micro_batch: int = 1, byt
     return 2 * micro_batch * seq_len * r.top_k * r.hidden * bytes_per
 
 
-def call_message_bytes(rows: int, seq_len: int, moe_layers: int, top_k: int, *, trace_bytes: int = 8) -> dict:
+def call_message_bytes(rows: int, seq_len: int, moe_layers: int, top_k: int, *, trace_bytes: int | None = None) -> dict:
     """Bytes of one driver-to-follower call (experiments.distributed: every tensor of the TrainBatch is
     broadcast whole to every rank, allocated on the wire device, the GPU under NCCL) for a batch of
     `rows` sequences of seq_len tokens, from shapes on the meta device: input ids (int64), attention
-    mask (int64), loss mask (fp32), expert ids [rows, seq_len - 1, L, K] (`trace_bytes` per id: int64
-    as experiments.rollout.pad_traces builds it, 1 for uint8)."""
+    mask (int64), loss mask (fp32), expert ids [rows, seq_len - 1, L, K] (`trace_bytes` per id; None:
+    the dtype r3.trace.pad_traces builds for the model's experts, uint8 up to 256). On a follower each
+    host tensor passes through a wire buffer of its own size, one at a time (experiments.distributed._recv),
+    so the GPU holds at most the largest part (`wire_peak`)."""
+    from r3.engines.megatron.memory import QWEN3_30B_A3B
+    from r3.trace import trace_dtype
+
+    if trace_bytes is None:
+        trace_bytes = torch.empty((), dtype=trace_dtype(QWEN3_30B_A3B.experts)).element_size()
     m = torch.device("meta")
     ids = torch.empty(rows, seq_len, dtype=torch.int64, device=m)
     mask = torch.empty(rows, seq_len - 1, dtype=torch.float32, device=m)
@@ -410,6 +417,7 @@ def call_message_bytes(rows: int, seq_len: int, moe_layers: int, top_k: int, *, 
     parts = {"input_ids": ids, "attention_mask": ids, "loss_mask": mask, "expert_ids": trace}
     out = {k: v.numel() * v.element_size() for k, v in parts.items()}
     out["total"] = sum(out.values())
+    out["wire_peak"] = max(out[k] for k in parts)
     return out
 
 
@@ -432,7 +440,7 @@ def rehearse_layout(
     attention: str = "sdpa",
     legacy: bool = False,
     call_rows: int = 1024,
-    trace_bytes: int = 8,
+    trace_bytes: int | None = None,
 ) -> dict:
     """Rehearsed per-GPU peak of one training rank of Qwen3-30B-A3B (QWEN3_30B_A3B) at EP `ep` on
     `world` ranks (TP = PP = 1, bf16, full recompute, micro-batch 1 of seq_len tokens), by phase:
@@ -442,7 +450,8 @@ def rehearse_layout(
       optimizer step: static + the optimizer's transient measured at the deeper rehearsal beyond its
         built state and Adam state, scaled by the rank's optimizer shard / the rehearsed model's
         parameters (the rehearsal runs DP = 1, the rank DP 16 / expert-DP 2) + the reserve;
-      call: static + one driver-to-follower message of `call_rows` rows (call_message_bytes, on the
+      call: static + the largest part of one driver-to-follower message of `call_rows` rows
+        (call_message_bytes `wire_peak`: parts pass through the
         wire device) + the reserve.
     `calibration`: the bytes live after the rehearsed engine was built over the plan's 10 B per
     parameter at DP = 1 (2 weights + 4 main grads + 4 master copy). legacy: the pre-fix logprob and
@@ -483,7 +492,7 @@ def rehearse_layout(
         },  # fmt: skip
         "phases": phases,
         "step_peak": step_peak,
-        "call": {**call, "rows": call_rows, "peak": plan.static + call["total"] + plan.reserve},
+        "call": {**call, "rows": call_rows, "peak": plan.static + call["wire_peak"] + plan.reserve},
         "plan_total": plan.total,
         "plan_static": plan.static,
         "reserve": plan.reserve,

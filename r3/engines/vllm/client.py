@@ -67,7 +67,7 @@ class VLLMServerEngine:
         backoff_s: float = 1.0,
         in_flight_per_server: int = 16,
     ):
-        from r3.engines.vllm.engine import model_routing, readback_checker
+        from r3.engines.vllm.common import model_routing, readback_checker
 
         if not cfg.urls:
             raise ValueError("VLLMServerEngine needs VLLMRolloutConfig.urls (http://host:port of each server)")
@@ -214,7 +214,7 @@ class VLLMServerEngine:
             raise ValueError(
                 "sync_weights needs VLLMRolloutConfig.weight_sync_dir: a directory the vLLM servers can read"
             )
-        from r3.engines.vllm.engine import check_prefix_cache_reset
+        from r3.engines.vllm.common import check_prefix_cache_reset
 
         t0 = time.time()
         self.weight_version += 1

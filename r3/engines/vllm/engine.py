@@ -46,14 +46,13 @@ import torch
 
 from r3.engines.base import RolloutCapabilities, RolloutSample, SamplingParams, request_seed
 from r3.engines.hf_checkpoint import write_checkpoint
-from r3.engines.sync_check import SyncChecker, SyncCheckError, prompt_logprobs_of
+from r3.engines.sync_check import SyncChecker, prompt_logprobs_of
+from r3.engines.vllm.common import check_prefix_cache_reset, model_routing, readback_checker
 from r3.engines.vllm.config import VLLMRolloutConfig
 from r3.engines.vllm.routing import routing_trace
-from r3.engines.weight_check import ReadbackChecker, check_version
-from r3.trace import RoutingSpec
+from r3.engines.weight_check import check_version
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORKER_EXTENSION = "r3.engines.vllm.worker.R3WorkerExtension"
 
 
@@ -75,41 +74,6 @@ def _restore_env(before: dict[str, str]) -> None:
     for k, v in before.items():
         if not k.startswith("VLLM_") and os.environ.get(k) != v:
             os.environ[k] = v
-
-
-def model_routing(model_path: str | Path):
-    """(transformers config, RoutingSpec or None for a model without routed experts, EOS ids)."""
-    from transformers import AutoConfig
-
-    hf_cfg = AutoConfig.from_pretrained(str(model_path))
-    spec = RoutingSpec.from_hf_config(hf_cfg) if getattr(hf_cfg, "num_experts", None) else None
-    eos = hf_cfg.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-    return hf_cfg, spec, eos_ids
-
-
-def readback_checker(cfg: VLLMRolloutConfig) -> ReadbackChecker | None:
-    """The readback of held weights after each sync (None when verify_sync or verify_readback is off)."""
-    if not (cfg.verify_sync and cfg.verify_readback):
-        return None
-    return ReadbackChecker(
-        engine_dtype=TORCH_DTYPES[cfg.precision],
-        experts_per_layer=cfg.readback_experts_per_layer,
-        elements=cfg.readback_elements,
-    )
-
-
-def check_prefix_cache_reset(ok: object, *, version: int, where: str) -> None:
-    """vLLM's reset_prefix_cache returns False when blocks are still held (vllm/v1/core/sched/scheduler.py:
-    running requests or in-flight KV transfers); the cache then still serves KV (and routing rows)
-    computed under the old weights."""
-    if ok is not True:
-        raise SyncCheckError(
-            f"after weight sync v{version}: {where} reset_prefix_cache returned {ok!r}, expected True. Likely cause: "
-            "requests were still running (or KV transfers in flight) during the sync, so vLLM kept prefix-cache "
-            "blocks computed under the previous weights; later prompts sharing a prefix would reuse stale KV. "
-            "Sync only between generate calls"
-        )
 
 
 class VLLMRolloutEngine:
