@@ -136,6 +136,12 @@ class RunConfig:
     """megatron trainer numerics: fp32 (embedded default), or bf16 parameters with fp32 main grads
     and megatron's distributed optimizer (what a 30B model needs; r3.engines.megatron.optim)."""
 
+    max_turns: int = 1
+    """Model turns per episode (experiments.multiturn): 1 is single-turn; more lets the synthetic task's
+    environment answer a wrong answer with a hint (environment tokens, masked out of the loss) and the
+    model answer again on the same sequence, up to this many times; the reward is the last answer's.
+    Each turn's prefix routing comes from the rows already held (router-mask caching, PAPER.md)."""
+
     # --- data ------------------------------------------------------------------------------
     train_data: str = "synthetic"
     """Training prompts: `synthetic` (embedded task) or a data_prep output directory/parquet."""
@@ -278,6 +284,14 @@ class RunConfig:
             errors.append(
                 f"gen_prompts_per_round ({self.gen_prompts_per_round}) must be 0 or >= prompts_per_step "
                 f"({self.prompts_per_step}): a round samples at least one batch"
+            )
+        if self.max_turns < 1:
+            errors.append(f"max_turns must be >= 1 (1: single-turn), got {self.max_turns}")
+        elif self.max_turns > 1 and self.train_data != "synthetic":
+            errors.append(
+                f"max_turns={self.max_turns} needs train_data='synthetic', got {self.train_data!r}: the multi-turn "
+                "environment (experiments.multiturn) replies with steps of the synthetic task's worked solution, "
+                "which a data_prep table does not have; use max_turns=1 for table data"
             )
         if self.model == "dense" and self.replay:
             errors.append("replay needs an MoE model; the dense control has no router")

@@ -227,6 +227,25 @@ def sft_multi_gspo_r3(s: _Scale) -> RunConfig:
     return _rl(s, model="sft", mini="multi", algorithm="gspo", replay=True)
 
 
+# Multi-turn GRPO+R3 (router-mask caching, experiments.multiturn; not a paper cell): tiny preset only,
+# transformers rollout and vLLM's (bf16 only: vLLM's CPU build has no FP8 path).
+ONLY: dict[str, tuple[Preset, tuple[Precision, ...]]] = {
+    "sft-single-grpo-r3-mt": ("tiny", ("fp8", "bf16")),
+    "sft-single-grpo-r3-mt-vllm": ("tiny", ("bf16",)),
+}
+"""Cells that exist in one preset at some rollout precisions: name -> (preset, precisions)."""
+
+
+@_cell
+def sft_single_grpo_r3_mt(s: _Scale) -> RunConfig:
+    return _rl(s, model="sft", mini="single", algorithm="grpo", replay=True).replace(max_turns=3)
+
+
+@_cell
+def sft_single_grpo_r3_mt_vllm(s: _Scale) -> RunConfig:
+    return sft_single_grpo_r3_mt(s).replace(rollout_engine="vllm")
+
+
 # --- static mismatch cells -----------------------------------------------------------------------
 
 
@@ -265,6 +284,19 @@ class StaticCell:
     """Parameters of the recomputing trainer (megatron; transformers is fp32)."""
     train_micro_batch: int = 0
     """Sequences per recompute forward (0: all at once)."""
+    rollout_urls: tuple[str, ...] = ()
+    """Servers of the MoE checkpoint (the Slurm job fills them when it launches servers)."""
+    rollout_urls_dense: tuple[str, ...] = ()
+    """Servers of the dense checkpoint."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StaticCell:
+        """A cell from its JSON form (the job payload): lists become tuples, unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown StaticCell fields {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def run_dir(self, runs: Path) -> Path:
         return Path(runs) / rundir.STATIC_DIR / self.precision
@@ -333,7 +365,8 @@ def cells(preset: str, *, seeds: Iterable[int] = (0,), precisions: Iterable[str]
         for prec in precs:
             for seed in seeds:
                 name = base + _suffix(prec, s, seed, seeds)
-                if not select([name], pattern):
+                only = ONLY.get(base)
+                if not select([name], pattern) or (only and (s.preset != only[0] or prec not in only[1])):
                     continue
                 cfg = fn(s)
                 trainer = s.per_trainer.get(overrides.get("train_engine", cfg.train_engine), {})

@@ -11,7 +11,9 @@ Batching: sequence i = prompt_i + response_i, right-padded to S; target position
 token t+1, so response token j of sequence i sits at t = len(prompt_i) - 1 + j in every [B, T]
 tensor (T = S - 1), and the routing trace (len(prompt_i) + len(response_i) - 1 rows, one per
 fed token, DESIGN.md invariant 1) fills rows 0.. of expert_ids_BTLK, padding rows holding
-r3.trace's distinct dummy experts.
+r3.trace's distinct dummy experts. A multi-turn sample (experiments.multiturn.EpisodeSample) carries
+`loss_mask_R`, 0 on the environment's tokens inside its response: those positions stay out of the
+loss and of every mismatch metric (they were fed, so their routing rows stay in the trace).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from r3.trace import pad_traces
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 """reward_fn(responses, gold_answers) -> rewards (1.0 right, 0.0 wrong)."""
+SampleFn = Callable[[list[task.Problem], list[list[int]], SamplingParams], tuple[list[RolloutSample], list[float]]]
+"""sample_fn(problems, prompts, params) -> (samples, rewards), one problem and prompt per sample: a
+round's sampling and grading when it is not one generate call (experiments.multiturn)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,9 +59,12 @@ class StepRollout:
     reward_mean: float
     """Mean reward over every sampled response (kept or not)."""
     response_len_mean: float
-    """Mean response length in tokens over every sampled response."""
+    """Mean response length in tokens over every sampled response (sampled tokens: a multi-turn
+    response's environment tokens are not counted)."""
     stop_frac: float
     """Fraction of sampled responses that ended with EOS (the rest hit max_new_tokens)."""
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Further metrics of the step's sampling (multiturn/* of experiments.multiturn)."""
 
 
 def sampling_seed(run_seed: int, step: int, round_: int) -> int:
@@ -116,12 +124,15 @@ def collect(
     run_seed: int,
     step: int,
     gen_prompts: int = 0,
+    sample_fn: SampleFn | None = None,
 ) -> StepRollout:
     """Sample rounds of `gen_prompts` (0: prompts_per_step) prompts x `group_size` until
     `prompts_per_step` groups are kept (or the cap).
 
     encode: problem text -> prompt ids (the prompt template); decode: response ids -> texts.
-    stream: experiments.task.TrainStream or TableStream (anything with take(n) -> problems)."""
+    stream: experiments.task.TrainStream or TableStream (anything with take(n) -> problems).
+    sample_fn: replaces the round's generate + grading (None: one engine.generate call, rewards of
+    the decoded responses)."""
     if max_rounds < 1:
         raise ValueError(f"max_sampling_rounds must be >= 1, got {max_rounds}")
     gen_prompts = gen_prompts or prompts_per_step
@@ -135,10 +146,13 @@ def collect(
         prompts = [encode(p.problem) for p in problems]
         flat = [ids for ids in prompts for _ in range(group_size)]
         p = dataclasses.replace(params, seed=sampling_seed(run_seed, step, rounds))
-        samples = engine.generate(flat, p, capture_routing=capture_routing)
-        texts = decode([s.response_ids for s in samples])
-        golds = [pr.answer for pr in problems for _ in range(group_size)]
-        rewards = [float(r) for r in reward_fn(texts, golds)]
+        if sample_fn is None:
+            samples = engine.generate(flat, p, capture_routing=capture_routing)
+            texts = decode([s.response_ids for s in samples])
+            golds = [pr.answer for pr in problems for _ in range(group_size)]
+            rewards = [float(r) for r in reward_fn(texts, golds)]
+        else:
+            samples, rewards = sample_fn([pr for pr in problems for _ in range(group_size)], flat, p)
         groups = [
             Group(
                 problem=pr,
@@ -150,7 +164,7 @@ def collect(
         kept += select_groups(groups, prompts_per_step - len(kept), dynamic=dynamic)
         n_sampled += len(groups)
         rewards_all += rewards
-        lens_all += [len(s.response_ids) for s in samples]
+        lens_all += [model_tokens(s) for s in samples]
         stops += sum(s.finish_reason == "stop" for s in samples)
         rounds += 1
         if not dynamic:
@@ -163,6 +177,12 @@ def collect(
         response_len_mean=sum(lens_all) / len(lens_all),
         stop_frac=stops / len(lens_all),
     )
+
+
+def model_tokens(s: RolloutSample) -> int:
+    """Response tokens the model sampled (a multi-turn response also holds environment tokens)."""
+    mask = getattr(s, "loss_mask_R", None)
+    return len(s.response_ids) if mask is None else int(mask.sum())
 
 
 def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> Batch:
@@ -182,7 +202,11 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
             raise ValueError(f"sample {b}: logprobs_R has shape {tuple(s.logprobs_R.shape)}, expected ({R},)")
         ids_BS[b, : P + R] = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
         att_BS[b, : P + R] = 1
-        mask_BT[b, P - 1 : P - 1 + R] = 1.0
+        # 1 on sampled tokens; a multi-turn sample's loss_mask_R is 0 on the environment's tokens
+        loss_mask_R = getattr(s, "loss_mask_R", None)
+        if loss_mask_R is not None and loss_mask_R.shape != (R,):
+            raise ValueError(f"sample {b}: loss_mask_R has shape {tuple(loss_mask_R.shape)}, expected ({R},)")
+        mask_BT[b, P - 1 : P - 1 + R] = 1.0 if loss_mask_R is None else loss_mask_R.float()
         infer_BT[b, P - 1 : P - 1 + R] = s.logprobs_R.float()
     expert_ids = None
     if with_routing:

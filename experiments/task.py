@@ -145,6 +145,20 @@ class TrainStream:
             yield self.next()
 
 
+def solution_steps(solution: str) -> list[str]:
+    """The worked steps of a solution, each `a op b = c.` (the boxed answer left out)."""
+    return [step + "." for step in solution.split(BOXED)[0].split(".") if step]
+
+
+def hint_text(problem: Problem, turn: int) -> str:
+    """The environment's reply after a wrong answer in turn `turn` (1-based) of a multi-turn episode
+    (experiments.multiturn): step `turn` of the worked solution, as a calculator tool would return
+    it, between newlines; past the last step a bare newline (try again). The task's alphabet has no
+    letters, so the verdict "wrong" is the reply itself."""
+    steps = solution_steps(problem.solution)
+    return f"\n{steps[turn - 1]}\n" if turn <= len(steps) else "\n"
+
+
 def format_prompt(problem: str) -> str:
     """The prompt text of a problem (the `arith` template: the expression and a newline)."""
     return f"{problem}\n"

@@ -61,7 +61,11 @@ def test_a_tiny_cell_moved_to_megatron_drops_the_transformers_only_micro_batchin
 
 def test_tiny_shares_definitions_and_changes_only_scale():
     paper, tiny = grid.cells("paper"), grid.cells("tiny")
-    assert list(tiny) == [n + s for n in PAPER_CELLS for s in ("", "-bf16")]
+    assert list(tiny) == [n + s for n in PAPER_CELLS for s in ("", "-bf16")] + [
+        "sft-single-grpo-r3-mt",  # tiny-only multi-turn cells (grid.ONLY)
+        "sft-single-grpo-r3-mt-bf16",
+        "sft-single-grpo-r3-mt-vllm-bf16",
+    ]
     scale_fields = {
         "preset",
         "model_path",
@@ -102,7 +106,7 @@ def test_tiny_shares_definitions_and_changes_only_scale():
 
 def test_seeds_are_an_axis_and_overrides_apply_everywhere():
     cells = grid.cells("tiny", seeds=(0, 1, 2), precisions=["fp8"], global_steps=3)
-    assert len(cells) == 36 and "sft-multi-gspo-r3-s2" in cells and "sft-multi-gspo-r3" not in cells
+    assert len(cells) == 39 and "sft-multi-gspo-r3-s2" in cells and "sft-multi-gspo-r3" not in cells
     assert {c.global_steps for c in cells.values()} == {3}
     assert cells["sft-single-grpo-s1"].seed == 1
     with pytest.raises(ValueError, match=r"unknown RunConfig override\(s\) \['global_stepz'\]"):

@@ -93,8 +93,13 @@ class HFRolloutEngine:
 
     @property
     def capabilities(self) -> RolloutCapabilities:
-        # always prefills in full: no prefix-cached routing (r3.prefix_cache is not wired in here)
-        return RolloutCapabilities(captures_routing=self.replay is not None, weight_sync=True)
+        # generate_continuations returns the rows from a prompt position on (the prefix's rows are the
+        # caller's); it still prefills the whole prompt: this engine keeps no KV across calls
+        return RolloutCapabilities(
+            captures_routing=self.replay is not None,
+            weight_sync=True,
+            prefix_cached_routing=self.replay is not None,
+        )
 
     # --- weight sync --------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,4 +249,50 @@ class HFRolloutEngine:
                     finish_reason="stop" if stopped[b] else "length",
                 )
             )
+        return samples
+
+    def generate_continuations(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        known_routing: Sequence[torch.Tensor],
+    ) -> list[RolloutSample]:
+        """Multi-turn rollout (the same contract as r3.engines.vllm.engine.VLLMRolloutEngine.
+        generate_continuations): prompt i continues a sequence whose first k_i = len(known_routing[i])
+        routing rows the caller holds (its previous turn's trace, experiments.multiturn); the engine
+        returns only rows k_i.. (`last_prefix_stats` counts the rows and bytes it did not return), and the
+        sample's trace is the known rows followed by those, [len(prompt) + len(response) - 1, L, K].
+
+        Departure from a serving engine with a prefix cache (vLLM, SGLang): this engine keeps no KV
+        cache between calls, so it prefills the whole prompt again (the prefix's rows are recomputed in
+        that forward and dropped; in fp32 they equal the known rows, tests/experiments/
+        test_experiments_multiturn.py); what it saves is the transfer of the prefix's rows."""
+        if self.replay is None:
+            raise ValueError("generate_continuations needs routing capture; this model has no routed experts")
+        if len(known_routing) != len(prompts):
+            raise ValueError(f"got {len(known_routing)} known traces for {len(prompts)} prompts")
+        L, K = self.replay.spec.num_layers, self.replay.spec.top_k
+        for i, (p, known) in enumerate(zip(prompts, known_routing)):
+            if known.ndim != 3 or tuple(known.shape[1:]) != (L, K):
+                raise ValueError(f"prompt {i}: known routing has shape {tuple(known.shape)}, expected [k, {L}, {K}]")
+            if not 0 <= known.shape[0] <= len(p) - 1:
+                raise ValueError(
+                    f"prompt {i}: {known.shape[0]} known routing rows for a {len(p)}-token prompt; at most "
+                    f"len(prompt) - 1 = {len(p) - 1} rows are fed prompt tokens"
+                )
+        samples = self.generate(prompts, params, capture_routing=True)
+        rows = 0
+        for s, known in zip(samples, known_routing):
+            k = known.shape[0]
+            s.expert_ids_TLK = torch.cat([known.to(s.expert_ids_TLK.dtype), s.expert_ids_TLK[k:]])
+            rows += k
+        total = sum(s.expert_ids_TLK.shape[0] for s in samples)
+        itemsize = samples[0].expert_ids_TLK.element_size()
+        self.last_prefix_stats = {
+            "cached_rows": rows,
+            "total_rows": total,
+            "hit_rate": rows / max(total, 1),
+            "bytes_saved": rows * L * K * itemsize,
+        }
         return samples
