@@ -35,6 +35,7 @@ dense control (no router) is rolled out in plain bf16, so its row is the same un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -44,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from experiments import rollout, task
+from experiments.grid import StaticCell
 from r3 import rundir
 
 TAUS = [float(x) for x in torch.logspace(0.005, 2, 30).tolist()]  # 1.01 .. 100
@@ -349,25 +351,25 @@ def checkpoint_problems(prompts: str, n_prompts: int, *, difficulty: int = 2) ->
     return out[:n_prompts] if n_prompts else out
 
 
-def checkpoint_engine_configs(cell: dict, model_dir: str, urls: tuple[str, ...]) -> tuple[object, object]:
-    """(rollout config, train config) of r3.engines.registry for one model of a StaticCell (as a dict).
+def checkpoint_engine_configs(cell: StaticCell, model_dir: str, urls: tuple[str, ...]) -> tuple[object, object]:
+    """(rollout config, train config) of r3.engines.registry for one model of a StaticCell.
     urls: the servers of this model (slurm.job fills rollout_urls / rollout_urls_dense; an engine that
     runs on servers only refuses none, one that also runs in process takes none as in-process)."""
     from r3.engines import registry
 
     ro = registry.rollout_config_for(
-        cell["rollout_engine"],
-        registry.RolloutSettings(
-            model_path=model_dir, precision=cell["precision"], seed=cell["seed"], urls=tuple(urls)
-        ),
+        cell.rollout_engine,
+        registry.RolloutSettings(model_path=model_dir, precision=cell.precision, seed=cell.seed, urls=tuple(urls)),
     )
     train_options = {
-        k.removeprefix("train_"): v for k, v in cell.items() if k.startswith("train_") and k != "train_engine"
+        f.name.removeprefix("train_"): getattr(cell, f.name)
+        for f in dataclasses.fields(cell)
+        if f.name.startswith("train_") and f.name != "train_engine"
     }
     # no step is taken; lr must be > 0
     tr = registry.train_config_for(
-        cell["train_engine"],
-        registry.TrainSettings(model_path=model_dir, lr=1e-6, seed=cell["seed"], options=train_options),
+        cell.train_engine,
+        registry.TrainSettings(model_path=model_dir, lr=1e-6, seed=cell.seed, options=train_options),
     )
     return ro, tr
 
@@ -378,10 +380,10 @@ paper preset's 600 prompts x 8 samples of up to 9,216 tokens in one batch would 
 routing trace through the driver's broadcast to every rank; 64 rows carry 1.8 GB."""
 
 
-def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
-    """The static.json record of a StaticCell (experiments.grid, as a dict) naming its checkpoints:
-    cell["model_moe"], cell["model_dense"], engines by registry name, server URLs in
-    cell["rollout_urls"] (MoE) and cell["rollout_urls_dense"]. Same measurement as the zoo's (`measure`):
+def measure_checkpoints(cell: StaticCell, *, progress: bool = True) -> dict:
+    """The static.json record of a StaticCell (experiments.grid) naming its checkpoints:
+    cell.model_moe, cell.model_dense, engines by registry name, server URLs in
+    cell.rollout_urls (MoE) and cell.rollout_urls_dense. Same measurement as the zoo's (`measure`):
     MoE native, MoE + R3, dense control on held-out prompts (`checkpoint_problems`).
 
     Several training ranks (WORLD_SIZE > 1, megatron): rank 0 measures and its train engine is a
@@ -391,28 +393,28 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
     from r3.engines.registry import build_rollout_engine, build_train_engine
 
     for key in ("model_moe", "model_dense"):
-        if not cell.get(key) or not (Path(cell[key]) / "config.json").exists():
+        if not getattr(cell, key) or not (Path(getattr(cell, key)) / "config.json").exists():
             raise FileNotFoundError(
-                f"static cell {cell['name']}: {key}={cell.get(key)!r} is not a transformers checkpoint directory "
+                f"static cell {cell.name}: {key}={getattr(cell, key)!r} is not a transformers checkpoint directory "
                 "(config.json); pass --model-sft / --model-dense"
             )
     urls = {
-        cell["model_moe"]: tuple(cell.get("rollout_urls") or ()),
-        cell["model_dense"]: tuple(cell.get("rollout_urls_dense") or ()),
+        cell.model_moe: tuple(cell.rollout_urls),
+        cell.model_dense: tuple(cell.rollout_urls_dense),
     }
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from experiments import distributed
         from r3.engines import registry
 
-        if not registry.multi_rank(cell["train_engine"]):
+        if not registry.multi_rank(cell.train_engine):
             raise ValueError(
-                f"static cell {cell['name']}: {world} training ranks need a multi-rank train engine, "
-                f"got train_engine={cell['train_engine']!r}"
+                f"static cell {cell.name}: {world} training ranks need a multi-rank train engine, "
+                f"got train_engine={cell.train_engine!r}"
             )
         distributed._init_process_group()
         if torch.distributed.get_rank() != 0:  # follow the driver's train engine, MoE then dense
-            for model in (cell["model_moe"], cell["model_dense"]):
+            for model in (cell.model_moe, cell.model_dense):
                 engine = build_train_engine(checkpoint_engine_configs(cell, model, ())[1])
                 distributed.follow(engine)
                 _release(engine)  # freed before the next model's engine is built, as on the driver
@@ -429,29 +431,29 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
             tr = DriverEngine(tr)
         return build_rollout_engine(ro_cfg), tr
 
-    template = templates.get(cell.get("template") or "qwen-math-boxed")
-    problems = checkpoint_problems(cell.get("prompts", "benchmarks"), cell.get("n_prompts", 0))
+    template = templates.get(cell.template or "qwen-math-boxed")
+    problems = checkpoint_problems(cell.prompts, cell.n_prompts)
     from transformers import AutoTokenizer
 
-    stop_ids = template.stop_token_ids(AutoTokenizer.from_pretrained(cell["model_moe"]))
+    stop_ids = template.stop_token_ids(AutoTokenizer.from_pretrained(cell.model_moe))
     rec = measure(
-        Path(cell["model_moe"]),
-        Path(cell["model_dense"]),
-        cell["precision"],
+        Path(cell.model_moe),
+        Path(cell.model_dense),
+        cell.precision,
         n_prompts=len(problems),
-        group_size=cell.get("group_size", 8),
-        max_new_tokens=cell.get("max_new_tokens", 48),
-        seed=cell["seed"],
-        train_engine=cell["train_engine"],
-        rollout_engine=cell["rollout_engine"],
+        group_size=cell.group_size,
+        max_new_tokens=cell.max_new_tokens,
+        seed=cell.seed,
+        train_engine=cell.train_engine,
+        rollout_engine=cell.rollout_engine,
         engines=engines,
         problems=lambda: problems,
         encode=lambda tok, text: template.encode(text, tok),
         stop_ids=stop_ids,
         batch_prompts=CHECKPOINT_BATCH_PROMPTS,
     )
-    rec["models"] = {"moe": cell["model_moe"], "dense": cell["model_dense"]}
-    rec["prompts"] = cell.get("prompts", "benchmarks")
+    rec["models"] = {"moe": cell.model_moe, "dense": cell.model_dense}
+    rec["prompts"] = cell.prompts
     rec["template"] = template.name
     if world > 1:
         from experiments import distributed
@@ -460,7 +462,7 @@ def measure_checkpoints(cell: dict, *, progress: bool = True) -> dict:
     return rec
 
 
-def run_static_checkpoints(cell: dict, out_dir: Path, *, force: bool = False) -> dict | None:
+def run_static_checkpoints(cell: StaticCell, out_dir: Path, *, force: bool = False) -> dict | None:
     """Measure (or reuse) <out_dir>/static.json for a StaticCell naming its checkpoints; written last via a
     temporary file, by rank 0 only (None on the other ranks)."""
     path = Path(out_dir) / rundir.STATIC

@@ -264,19 +264,22 @@ class CellJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
 
 
-def static_server_models(cell: dict, servers_per_node: int) -> list[str | None]:
+def static_server_models(cell, servers_per_node: int) -> list[str | None]:
     """What the servers of a static cell's rollout node serve: server i serves models[i % 2], the MoE
     checkpoint on even and the dense control on odd servers (one server per node: the MoE only, for
-    a cell measuring the zoo)."""
-    if not cell.get("model_dense") or servers_per_node < 2:
-        if cell.get("model_dense") and registry.server_launcher(cell.get("rollout_engine", "hf")) is not None:
+    a cell measuring the zoo). `cell`: an experiments.grid.StaticCell (or its dict form)."""
+    from experiments.grid import StaticCell
+
+    cell = StaticCell.from_dict(cell) if isinstance(cell, dict) else cell
+    if not cell.model_dense or servers_per_node < 2:
+        if cell.model_dense and registry.server_launcher(cell.rollout_engine) is not None:
             raise ValueError(
-                f"static cell {cell.get('name')}: the dense control needs its own server; the rollout node runs "
+                f"static cell {cell.name}: the dense control needs its own server; the rollout node runs "
                 f"{servers_per_node}; pass --servers-per-node 2 or more (even servers serve the MoE model, odd the "
                 "dense one)"
             )
-        return [cell.get("model_moe")]
-    return [cell.get("model_moe"), cell.get("model_dense")]
+        return [cell.model_moe]
+    return [cell.model_moe, cell.model_dense]
 
 
 def split_static_urls(urls: tuple[str, ...] | list[str], servers_per_node: int) -> tuple[list[str], list[str]]:
@@ -289,28 +292,28 @@ def split_static_urls(urls: tuple[str, ...] | list[str], servers_per_node: int) 
     return moe, dense
 
 
-def run_static_cell(cell: dict, out_dir: Path) -> dict:
+def run_static_cell(payload: dict, out_dir: Path) -> dict:
     """Static-mismatch job body: one precision's static.json in out_dir.
 
-    cell: a StaticCell as a dict (experiments.grid), with `rollout_urls` / `rollout_urls_dense` added by
+    payload: a StaticCell as a dict (experiments.grid), with `rollout_urls` / `rollout_urls_dense` set by
     the job when it runs servers; out_dir: <runs>/static/<precision>. A cell naming no checkpoints
     measures the embedded zoo (`experiments.static_mismatch.run_static`); one naming its MoE and dense
     checkpoints (the paper preset: SGLang rollout vs megatron, Qwen3-30B-A3B and Qwen3-8B) runs the same
     measurement on them with the cell's engines (`run_static_checkpoints`): every training task calls
     this, rank 0 measures and writes, the others follow its megatron engine.
     """
+    from experiments.grid import StaticCell
     from experiments.static_mismatch import run_static, run_static_checkpoints
 
+    cell = StaticCell.from_dict(payload)
     out_dir = Path(out_dir)
-    if (out_dir.parent.name, out_dir.name) != ("static", cell["precision"]):
-        raise ValueError(
-            f"static cell {cell['name']}: out_dir must be <runs>/static/{cell['precision']}, got {out_dir}"
-        )
-    if cell.get("model_moe") or cell.get("model_dense"):
-        if not (cell.get("model_moe") and cell.get("model_dense")):
+    if (out_dir.parent.name, out_dir.name) != (rundir.STATIC_DIR, cell.precision):
+        raise ValueError(f"static cell {cell.name}: out_dir must be <runs>/static/{cell.precision}, got {out_dir}")
+    if cell.model_moe or cell.model_dense:
+        if not (cell.model_moe and cell.model_dense):
             raise ValueError(
-                f"static cell {cell['name']}: name both checkpoints (model_moe={cell.get('model_moe')!r}, "
-                f"model_dense={cell.get('model_dense')!r}); pass --model-sft and --model-dense"
+                f"static cell {cell.name}: name both checkpoints (model_moe={cell.model_moe!r}, "
+                f"model_dense={cell.model_dense!r}); pass --model-sft and --model-dense"
             )
         return run_static_checkpoints(cell, out_dir)
-    return run_static(out_dir.parent.parent, cell["precision"], seed=cell["seed"], train_engine=cell["train_engine"])
+    return run_static(out_dir.parent.parent, cell.precision, seed=cell.seed, train_engine=cell.train_engine)
