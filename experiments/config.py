@@ -136,6 +136,11 @@ class RunConfig:
     """megatron trainer numerics: fp32 (embedded default), or bf16 parameters with fp32 main grads
     and megatron's distributed optimizer (what a 30B model needs; r3.engines.megatron.optim)."""
 
+    rollout_max_num_batched_tokens: int = 0
+    """vLLM rollout: tokens scheduled per engine step (VLLMRolloutConfig.max_num_batched_tokens; 0: vLLM's
+    default, 2048). vLLM's CPU build (0.30.0) fails a seeded request whose prefill is split over steps
+    (gpu_model_runner._bookkeeping_sync calls Generator.get_offset, which a CPU generator lacks:
+    "CPU Generator does not use offset"); long multi-turn prompts need a budget that holds a whole batch."""
     max_turns: int = 1
     """Model turns per episode (experiments.multiturn): 1 is single-turn; more lets the synthetic task's
     environment answer a wrong answer with a hint (environment tokens, masked out of the loss) and the
@@ -285,6 +290,9 @@ class RunConfig:
                 f"gen_prompts_per_round ({self.gen_prompts_per_round}) must be 0 or >= prompts_per_step "
                 f"({self.prompts_per_step}): a round samples at least one batch"
             )
+        if self.rollout_max_num_batched_tokens < 0:
+            errors.append(f"rollout_max_num_batched_tokens must be >= 0 (0: vLLM's default), got "
+                          f"{self.rollout_max_num_batched_tokens}")  # fmt: skip
         if self.max_turns < 1:
             errors.append(f"max_turns must be >= 1 (1: single-turn), got {self.max_turns}")
         elif self.max_turns > 1 and self.train_data != "synthetic":

@@ -243,7 +243,8 @@ def sft_single_grpo_r3_mt(s: _Scale) -> RunConfig:
 
 @_cell
 def sft_single_grpo_r3_mt_vllm(s: _Scale) -> RunConfig:
-    return sft_single_grpo_r3_mt(s).replace(rollout_engine="vllm")
+    # every prompt of a step's batch prefilled in one engine step (RunConfig.rollout_max_num_batched_tokens)
+    return sft_single_grpo_r3_mt(s).replace(rollout_engine="vllm", rollout_max_num_batched_tokens=65536)
 
 
 # --- static mismatch cells -----------------------------------------------------------------------

@@ -146,7 +146,10 @@ def run_episodes(
     mask: list[list[float]] = [[] for _ in range(n)]
     traces: list[torch.Tensor | None] = [None] * n
     turns, finish, rewards = [0] * n, ["length"] * n, [0.0] * n
-    cached = capture_routing and engine.capabilities.prefix_cached_routing
+    # the SGLang client declares the capability (routed_experts_start_len) but has no continuation call
+    # yet: it recaptures, and multiturn/prefix_cached_routing says so
+    cont = getattr(engine, "generate_continuations", None)
+    cached = capture_routing and engine.capabilities.prefix_cached_routing and callable(cont)
     stats.prefix_cached_routing = cached
     active = list(range(n))
     for turn in range(1, max_turns + 1):
@@ -158,7 +161,7 @@ def run_episodes(
             out = engine.generate(batch, p, capture_routing=capture_routing)
         elif cached:
             known = [traces[i] for i in active]
-            out = engine.generate_continuations(batch, p, known_routing=known)
+            out = cont(batch, p, known_routing=known)
             stats.rows_reused += sum(k.shape[0] for k in known)
             stats.bytes_saved += sum(k.numel() * k.element_size() for k in known)
         else:  # no prefix-cached routing: the whole sequence's rows again (the prefix's are re-transferred)

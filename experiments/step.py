@@ -77,7 +77,10 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         seed=cfg.seed,
         urls=tuple(cfg.rollout_urls),
         weight_sync_dir=str(run_dir / "weight_sync"),
-        options={"fp8_scope": cfg.rollout_fp8_scope},
+        options={"fp8_scope": cfg.rollout_fp8_scope}
+        | (
+            {"max_num_batched_tokens": cfg.rollout_max_num_batched_tokens} if cfg.rollout_max_num_batched_tokens else {}
+        ),
     )
     train_options = {
         f.name.removeprefix("train_"): getattr(cfg, f.name)
