@@ -26,13 +26,8 @@ Departures from the paper: scale (tiny model, synthetic arithmetic, 60 global st
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import multiprocessing as mp
-import signal
 import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 from r3 import rundir
 
@@ -101,83 +96,38 @@ def _steps_done(run_dir: Path) -> int:
     return rundir.last_step(run_dir) or 0
 
 
-class Interrupted(SystemExit):
-    """Ctrl-C / SIGTERM during the grid: workers stopped, queued cells never started."""
-
-
-def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
-    """Cancel queued cells and terminate the running ones now (their run directories stay
-    resumable: a rerun restarts each from its last complete checkpoint). `_processes` is the
-    executor's own table of worker processes (CPython concurrent/futures/process.py); shutdown()
-    alone would wait for the running cells, and the pool would start the queued ones."""
-    procs = list((ex._processes or {}).values())  # read before shutdown(), which drops the table
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=10)
-
-
 def run_cells(cfgs: dict, out: Path, *, jobs: int, static: dict[str, tuple] | None = None) -> dict[str, dict]:
     """Run the static measurements `static` (precision -> `_run_static` args after out, precision)
-    and then the cells, in `jobs` spawned processes; one progress bar over all of it, in grid steps.
-    Ctrl-C (or SIGTERM) stops every job within seconds and says how to resume. Returns the cells'
-    results and, under "static/<precision>", the static records."""
+    and then the cells, in `jobs` spawned processes (experiments.local.run_jobs: one progress bar
+    over all of it in grid steps; Ctrl-C stops every job within seconds and says how to resume).
+    Returns the cells' results and, under "static/<precision>", the static records."""
+    from experiments.local import LocalJob, run_jobs
+
     static = static or {}
-    total = sum(c.global_steps for c in cfgs.values()) + STATIC_WORK * len(static)
-    results: dict[str, dict] = {}
-    errors: dict[str, str] = {}
-    ctx = mp.get_context("spawn")
-    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
-    # Ctrl-C and SIGTERM raise KeyboardInterrupt here, even when the shell started us with SIGINT
-    # ignored (a background job of a script); the parent then stops the workers itself.
-    prev = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        # steps already done (a resumed grid) are the bar's start, so the ETA counts only new work
-        done_before = sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
-        desc = f"static ({len(static)}) + RL grid ({len(cfgs)} cells)" if static else f"RL grid ({len(cfgs)} cells)"
-        with tqdm(total=total, initial=done_before, desc=desc, unit="step") as bar:
-            for n in cfgs:
-                rundir.clear_failed(out / n)
-            futs = {ex.submit(_run_static, str(out), p, *args): f"static/{p}" for p, args in static.items()}
-            futs |= {ex.submit(_run_one, c.to_dict(), str(out / n)): n for n, c in cfgs.items()}
-            _wait_cells(futs, cfgs, out, bar, results, errors)
-    except KeyboardInterrupt:
-        _stop_pool(ex)
-        done = sorted(n for n in results if n in cfgs)
-        raise Interrupted(
-            f"\n[demo] interrupted: stopped all cells ({len(done)} of {len(cfgs)} complete). Every run directory "
-            f"under {out} is resumable: run the same command again (e.g. `make demo`) and complete cells are "
-            "skipped, the others resume from their last checkpoint."
-        ) from None
-    finally:
-        for s, h in prev.items():
-            signal.signal(s, h)
-    ex.shutdown(wait=True)
-    if errors:
-        raise RuntimeError("jobs failed:\n" + "\n".join(f"  {n}: {e}" for n, e in errors.items()))
-    return results
-
-
-def _wait_cells(futs: dict, cfgs: dict, out: Path, bar, results: dict, errors: dict) -> None:
-    pending = set(futs)
-    while pending:
-        done, pending = cf.wait(pending, timeout=2.0)
-        for f in done:
-            name = futs[f]
-            try:
-                results[name] = f.result()
-            except Exception as e:  # report every failed job, keep the others running
-                errors[name] = f"{type(e).__name__}: {e}"
-                if name in cfgs:
-                    (out / name).mkdir(parents=True, exist_ok=True)
-                    rundir.write_failed(out / name, e, log=str(out / name / rundir.LOG))  # removed on rerun
-        static = [n.removeprefix("static/") for n in futs.values() if n.startswith("static/")]
-        static_done = sum(1.0 if f"static/{p}" in results else _static_done(out, p) for p in static)
-        bar.n = round(STATIC_WORK * static_done) + sum(min(_steps_done(out / n), cfgs[n].global_steps) for n in cfgs)
-        bar.set_postfix(done=f"{sum(n in cfgs for n in results)}/{len(cfgs)}", failed=len(errors))
-        bar.refresh()
+    work = [
+        LocalJob(
+            name=f"static/{p}",
+            fn=_run_static,
+            args=(str(out), p, *args),
+            work=STATIC_WORK,
+            done=lambda p=p: STATIC_WORK * _static_done(out, p),
+        )
+        for p, args in static.items()
+    ]
+    work += [
+        LocalJob(
+            name=n,
+            fn=_run_one,
+            args=(c.to_dict(), str(out / n)),
+            work=c.global_steps,
+            done=lambda n=n, c=c: min(_steps_done(out / n), c.global_steps),
+            run_dir=out / n,
+        )
+        for n, c in cfgs.items()
+    ]
+    desc = f"static ({len(static)}) + RL grid ({len(cfgs)} cells)" if static else f"RL grid ({len(cfgs)} cells)"
+    hint = f"run the same command again (e.g. `make demo`; every run directory under {out} resumes)"
+    return run_jobs(work, parallel=jobs, desc=desc, worker_init=_worker_init, resume_hint=hint)
 
 
 def main(argv: list[str] | None = None) -> dict:

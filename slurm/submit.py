@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -360,35 +361,30 @@ def submit_slurm(groups: list[list[JobSpec]], args: argparse.Namespace, runs: Pa
 
 
 def run_local(specs: Sequence[JobSpec], args: argparse.Namespace) -> None:
-    """Run cells as local processes, `--max-parallel` at a time; block until all end."""
-    pending, running = list(specs), []
-    while pending or running:
-        while pending and len(running) < args.max_parallel:
-            s = pending.pop(0)
-            if s.resources.nodes != 1:
-                raise SystemExit(f"--executor local runs one node; cell {s.name} needs {s.resources.nodes}")
-            if s.resources.cpu_tasks_per_node != 1:
-                raise SystemExit(
-                    f"--executor local runs one task per cell; for {s.resources.cpu_tasks_per_node} "
-                    f"ranks use Slurm or `torchrun -m experiments.distributed`"
-                )
-            folder = Path(s.run_dir) / "slurm"
-            ex = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
-            ex.update_parameters(timeout_min=s.resources.time_min, tasks_per_node=1,
-                                 gpus_per_node=s.resources.gpus_per_node, signal_delay_s=SIGNAL_DELAY_S)  # fmt: skip
-            job = ex.submit(CellJob(s))
-            _record(s, job.job_id, "local", folder)
-            print(f"started {s.name}: local process {job.job_id}", flush=True)
-            running.append((s, job))
-        time.sleep(1.0)
-        for item in [r for r in running if r[1].done()]:
-            running.remove(item)
-            s, job = item
-            try:
-                job.result()
-                print(f"finished {s.name}", flush=True)
-            except Exception as e:  # reported below from the run directory
-                print(f"FAILED {s.name}: {type(e).__name__}", flush=True)
+    """Run cells on this machine, `--max-parallel` at a time, through the Slurm job wrapper (CellJob:
+    RUNNING/FAILED markers, the cell's body) in the one local executor (experiments.local: a progress
+    bar in steps, Ctrl-C stops all); blocks until all end. A failed cell is reported, the others go on."""
+    from experiments.local import LocalJob, run_jobs
+
+    jobs = []
+    for s in specs:
+        if s.resources.nodes != 1:
+            raise SystemExit(f"--executor local runs one node; cell {s.name} needs {s.resources.nodes}")
+        if s.resources.cpu_tasks_per_node != 1:
+            raise SystemExit(
+                f"--executor local runs one task per cell; for {s.resources.cpu_tasks_per_node} "
+                f"ranks use Slurm or `torchrun -m experiments.distributed`"
+            )
+        _record(s, f"local-{os.getpid()}", "local", Path(s.run_dir) / "slurm")
+        steps = int(s.payload.get("global_steps", 1)) if s.kind == "rl" else 1
+        done = (lambda d=Path(s.run_dir), n=steps: min(rundir.last_step(d) or 0, n)) if s.kind == "rl" else (lambda: 0)
+        jobs.append(LocalJob(name=s.name, fn=CellJob(s), work=steps, done=done))
+    try:
+        run_jobs(
+            jobs, parallel=args.max_parallel, desc=f"{len(jobs)} cells (local)", log=lambda m: print(m, flush=True)
+        )
+    except RuntimeError as e:  # each failed cell wrote its FAILED marker; the state report below shows it
+        print(e, flush=True)
 
 
 def wait_slurm(submitted: Sequence[tuple[JobSpec, str]], timeout_s: float | None) -> None:
