@@ -14,8 +14,8 @@ array's is `<runs>/slurm/<array>/`, and each task links its logs into `<runs>/<c
 `<runs>/slurm/dry-run/` and prints them without submitting.
 Skipped: complete/collapsed cells, running cells, queued cells whose job is still in squeue.
 Failed cells are reported with the tail of their log and resubmitted only with --retry-failed.
-`--executor local` runs the same jobs as local processes (one node; `--max-parallel` at a time)
-and waits for them: this is the embedded path.
+`--executor local` runs the same jobs as local processes (one node; `--max-parallel` at a time;
+experiments.local, the demo's executor) and waits for them: this is the embedded path.
 
 Departures: the paper does not describe its cluster; resources are our choice (slurm.resources).
 """
