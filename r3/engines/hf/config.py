@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Literal
 
 from r3.engines.base import PRECISIONS, Precision
 
-Fp8Scope = Literal["router", "all"]
-"""Which weights the FP8 engine quantises (r3.engines.hf.fp8)."""
+Fp8Scope = Literal["router", "all", "w8a8"]
+"""What the FP8 engine quantises (r3.engines.hf.fp8): `router` and `all` weights only (e4m3, one scale
+per output channel); `w8a8` the weights of every linear layer but the routers and the output head,
+plus each such layer's input activations with a dynamic per-token scale, as FP8 serving does."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,7 +26,17 @@ class HFRolloutConfig:
     """Numerics of the inference engine; the trainer is fp32, so bf16/fp8 is a real mismatch."""
     fp8_scope: Fp8Scope = "router"
     """With precision fp8: which weights are quantised: the MoE routers only, or `all` linear layers
-    (attention, experts per expert and output channel, routers; embeddings, norms, lm_head stay bf16)."""
+    (attention, experts per expert and output channel, routers; embeddings, norms, lm_head stay bf16),
+    or `w8a8` (attention and expert weights and their input activations, per token; routers and
+    lm_head stay bf16: r3.engines.hf.fp8)."""
+    router_noise: float = 0.0
+    """Mismatch dose (r3.engines.hf.noise): std of seeded Gaussian noise added to every MoE router's
+    logits before its top-k (gate weights stay those of the clean logits): changes routing only, so
+    R3 removes it. 0: off."""
+    logit_noise: float = 0.0
+    """Mismatch dose (r3.engines.hf.noise): std of seeded Gaussian noise added to the output logits;
+    the rollout samples from and reports the noisy distribution: a non-routing mismatch R3 cannot
+    remove. 0: off."""
     device: str = "cpu"
     """torch device."""
     seed: int = 0
@@ -38,9 +51,13 @@ class HFRolloutConfig:
             raise ValueError(f"HFRolloutConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.fp8_scope not in Fp8Scope.__args__:
             raise ValueError(
-                f"HFRolloutConfig.fp8_scope must be one of {Fp8Scope.__args__} (router only, or every "
-                f"linear layer: r3.engines.hf.fp8), got {self.fp8_scope!r}"
+                f"HFRolloutConfig.fp8_scope must be one of {Fp8Scope.__args__} (router weights only, every "
+                f"linear layer's weights, or W8A8 serving numerics: r3.engines.hf.fp8), got {self.fp8_scope!r}"
             )
+        for name in ("router_noise", "logit_noise"):
+            std = getattr(self, name)
+            if not (math.isfinite(std) and std >= 0):
+                raise ValueError(f"HFRolloutConfig.{name} must be a finite std >= 0 in logit units (0: off), got {std}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams, config_kwargs
 from r3.engines.hf.config import HFRolloutConfig
 from r3.engines.hf.fp8 import Fp8Scope, apply_fp8
+from r3.engines.hf.noise import RolloutNoise
 from r3.engines.hf.replay import RoutingReplay, find_moe_blocks
 from r3.trace import trace_dtype
 
@@ -67,6 +68,8 @@ class HFRolloutEngine:
         fp8_scope: Fp8Scope = "router",
         seed: int = 0,
         progress_min_prompts: int = 1024,
+        router_noise: float = 0.0,
+        logit_noise: float = 0.0,
     ):
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
@@ -80,6 +83,8 @@ class HFRolloutEngine:
         if precision == "fp8":
             apply_fp8(self.model, fp8_scope)
         self.replay = RoutingReplay(self.model) if find_moe_blocks(self.model) else None
+        # seeded mismatch doses on this engine's own model copy only (the trainer never sees them)
+        self.noise = RolloutNoise.attach(self.model, router_std=router_noise, logit_std=logit_noise, seed=seed)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         cfg = self.model.config
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -156,6 +161,8 @@ class HFRolloutEngine:
         gen = self.generator
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.noise is not None:  # a dose's noise follows the call's seed, as the sampler does
+            self.noise.reseed(params.seed)
         B, P, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
         dev = self.device
         input_ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
