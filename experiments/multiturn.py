@@ -247,22 +247,6 @@ def collect(loop, step: int) -> rollout.StepRollout:
             stats=stats,
         )
 
-    ro = rollout.collect(
-        loop.rollout_engine,
-        loop.encode,
-        loop.decode,
-        loop.stream,
-        prompts_per_step=cfg.prompts_per_step,
-        group_size=cfg.group_size,
-        params=loop.params,
-        dynamic=cfg.dynamic_sampling,
-        max_rounds=cfg.max_sampling_rounds,
-        gen_prompts=cfg.gen_prompts_per_round,
-        capture_routing=loop.capture_routing,
-        run_seed=cfg.seed,
-        step=step,
-        reward_fn=loop.reward_fn,
-        sample_fn=sample,
-    )
+    ro = rollout.collect_step(loop, step, sample_fn=sample)
     ro.extra.update(stats.metrics())
     return ro

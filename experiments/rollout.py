@@ -232,3 +232,27 @@ def build_batch(groups: Sequence[Group], *, pad_id: int, with_routing: bool) -> 
         infer_logp_BT=infer_BT,
         rewards_B=rewards,
     )
+
+
+def collect_step(loop, step: int, *, sample_fn=None) -> StepRollout:
+    """`collect` with a run's settings: `loop` is an experiments.step.Loop (engines, stream,
+    tokenizer, reward, sampling params, its RunConfig). `sample_fn` replaces the one-call sampling
+    of a round (experiments.multiturn: episodes of several turns)."""
+    cfg = loop.cfg
+    return collect(
+        loop.rollout_engine,
+        loop.encode,
+        loop.decode,
+        loop.stream,
+        prompts_per_step=cfg.prompts_per_step,
+        group_size=cfg.group_size,
+        params=loop.params,
+        dynamic=cfg.dynamic_sampling,
+        max_rounds=cfg.max_sampling_rounds,
+        gen_prompts=cfg.gen_prompts_per_round,
+        capture_routing=loop.capture_routing,
+        run_seed=cfg.seed,
+        step=step,
+        reward_fn=loop.reward_fn,
+        **({} if sample_fn is None else {"sample_fn": sample_fn}),
+    )

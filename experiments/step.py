@@ -77,7 +77,11 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         seed=cfg.seed,
         urls=tuple(cfg.rollout_urls),
         weight_sync_dir=str(run_dir / "weight_sync"),
-        options={"fp8_scope": cfg.rollout_fp8_scope}
+        options={
+            "fp8_scope": cfg.rollout_fp8_scope,
+            "router_noise": cfg.rollout_router_noise,  # seeded mismatch doses (r3.engines.hf.noise)
+            "logit_noise": cfg.rollout_logit_noise,
+        }
         | (
             {"max_num_batched_tokens": cfg.rollout_max_num_batched_tokens} if cfg.rollout_max_num_batched_tokens else {}
         ),
@@ -180,22 +184,7 @@ def global_step(loop: Loop, step: int) -> dict[str, float]:
 
         ro = multiturn.collect(loop, step)
     else:
-        ro = rollout.collect(
-            loop.rollout_engine,
-            loop.encode,
-            loop.decode,
-            loop.stream,
-            prompts_per_step=cfg.prompts_per_step,
-            group_size=cfg.group_size,
-            params=loop.params,
-            dynamic=cfg.dynamic_sampling,
-            max_rounds=cfg.max_sampling_rounds,
-            gen_prompts=cfg.gen_prompts_per_round,
-            capture_routing=loop.capture_routing,
-            run_seed=cfg.seed,
-            step=step,
-            reward_fn=loop.reward_fn,
-        )
+        ro = rollout.collect_step(loop, step)
     rec: dict[str, float] = {
         "step": step,
         "time/rollout": time.time() - t0,
