@@ -222,7 +222,10 @@ class SGLangRolloutEngine:
             captures_routing=self.routing_spec is not None,
             weight_sync=self.weight_sync_dir is not None,
             prefix_cache=True,  # SGLang's radix cache is on unless launched with --disable-radix-cache
-            prefix_cached_routing=True,
+            # the server can return rows from `routed_experts_start_len` on, but this client has no
+            # continuation call yet (one start length per request: prompts would be grouped by it), so
+            # multi-turn runs recapture the prefix rows (experiments.multiturn reports it)
+            prefix_cached_routing=False,
             sync_reference=True,
         )
 
