@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -182,8 +183,17 @@ class RunConfig:
     (experiments.tracking; off by default; W&B honours WANDB_MODE=offline)."""
     wandb_project: str = "r3"
     """W&B project name (with `wandb` in log_to)."""
-    rollout_fp8_scope: Literal["router", "all"] = "router"
-    """FP8 rollout (hf engine, precision fp8): quantise the MoE routers only, or every linear layer (per-row e4m3)."""
+    rollout_fp8_scope: Literal["router", "all", "w8a8"] = "router"
+    """FP8 rollout (hf engine, precision fp8): quantise the MoE routers only, or every linear layer (per-row e4m3),
+    or `w8a8` as FP8 serving does (weights and per-token dynamic activations of every linear layer but the
+    routers and lm_head, which stay bf16; r3.engines.hf.fp8)."""
+    rollout_router_noise: float = 0.0
+    """Mismatch dose, rollout only: std of seeded Gaussian noise on the inference engine's router logits
+    before top-k (gate weights from the clean logits): a routing-only mismatch that R3 removes, the analogue
+    of two engines' kernels disagreeing (r3.engines.hf.noise; calibrated doses: docs/study.md "Doses"). 0: off."""
+    rollout_logit_noise: float = 0.0
+    """Mismatch dose, rollout only: std of seeded Gaussian noise on the inference engine's output logits; the
+    rollout samples from and reports that distribution: a non-routing mismatch that R3 cannot remove. 0: off."""
     zoo_size: str | None = None
     """Zoo recipe (experiments.zoo.SIZES) expected in zoo_dir when model_path is None; None: whatever zoo is there."""
 
@@ -303,6 +313,26 @@ class RunConfig:
             )
         if self.model == "dense" and self.replay:
             errors.append("replay needs an MoE model; the dense control has no router")
+        choice("rollout_fp8_scope", ("router", "all", "w8a8"))
+        rollout_fields = (
+            {f.name for f in dataclasses.fields(registry.rollout_config_class(self.rollout_engine))} if known else set()
+        )
+        for field in ("rollout_router_noise", "rollout_logit_noise"):
+            std = getattr(self, field)
+            if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
+                errors.append(f"{field} must be a finite std >= 0 in logit units (0: off), got {std!r}")
+            elif std > 0 and known and field.removeprefix("rollout_") not in rollout_fields:
+                # the registry applies an option only where the engine's config has it: refuse, not ignore
+                errors.append(
+                    f"{field}={std} is not a setting of the {self.rollout_engine!r} rollout engine (its config has no "
+                    f"field {field.removeprefix('rollout_')!r}); the noise doses exist in the transformers engine: "
+                    "use rollout_engine='hf', or drop the dose"
+                )
+        router_noise = self.rollout_router_noise
+        if self.model == "dense" and isinstance(router_noise, (int, float)) and router_noise > 0:
+            errors.append(
+                f"rollout_router_noise={self.rollout_router_noise} needs an MoE model; the dense control has no router"
+            )
         if not 0 < self.collapse_frac < 1:
             errors.append(f"collapse_frac must be in (0, 1), got {self.collapse_frac}")
         if errors:
