@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             dynamic_sampling=False,
             routing_probe=False,
             train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+            rollout_fp32_attention=True,  # the faster bf16 attention (HFRolloutConfig.fp32_attention)
         )
         loop = build_loop(cfg, model_dir, scratch / engine, reward_fn=reward, log=lambda *a, **k: None)
         if args.fixed_length:

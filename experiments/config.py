@@ -187,6 +187,9 @@ class RunConfig:
     """FP8 rollout (hf engine, precision fp8): quantise the MoE routers only, or every linear layer (per-row e4m3),
     or `w8a8` as FP8 serving does (weights and per-token dynamic activations of every linear layer but the
     routers and lm_head, which stay bf16; r3.engines.hf.fp8)."""
+    rollout_fp32_attention: bool = False
+    """Transformers bf16/fp8 rollout: attention with fp32 internals (HFRolloutConfig.fp32_attention: faster
+    on CPU, GPU-serving-like accumulation); off keeps torch's bf16 kernel, as the documented measurements."""
     rollout_router_noise: float = 0.0
     """Mismatch dose, rollout only: std of seeded Gaussian noise on the inference engine's router logits
     before top-k (gate weights from the clean logits): a routing-only mismatch that R3 removes, the analogue

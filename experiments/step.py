@@ -79,6 +79,7 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         weight_sync_dir=str(run_dir / "weight_sync"),
         options={
             "fp8_scope": cfg.rollout_fp8_scope,
+            "fp32_attention": cfg.rollout_fp32_attention,
             "router_noise": cfg.rollout_router_noise,  # seeded mismatch doses (r3.engines.hf.noise)
             "logit_noise": cfg.rollout_logit_noise,
         }

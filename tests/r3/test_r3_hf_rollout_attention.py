@@ -23,9 +23,12 @@ def _token_logp(model, ids_BS: torch.Tensor) -> torch.Tensor:
 
 
 def test_precisions_pick_their_attention():
-    assert HFRolloutEngine(SFT, precision="fp32").model.config._attn_implementation == "sdpa"  # fp32: unchanged
+    """fp32 attention internals are opt-in (fp32_attention) for bf16 / fp8 engines; fp32 never changes."""
+    assert HFRolloutEngine(SFT, precision="fp32", fp32_attention=True).model.config._attn_implementation == "sdpa"
     for precision in ("bf16", "fp8"):
-        assert HFRolloutEngine(SFT, precision=precision).model.config._attn_implementation == _SDPA_FP32
+        assert HFRolloutEngine(SFT, precision=precision).model.config._attn_implementation == "sdpa"
+        on = HFRolloutEngine(SFT, precision=precision, fp32_attention=True)
+        assert on.model.config._attn_implementation == _SDPA_FP32
 
 
 def test_bf16_attention_in_fp32_keeps_the_bf16_mismatch():
@@ -34,9 +37,8 @@ def test_bf16_attention_in_fp32_keeps_the_bf16_mismatch():
     not fp32's); and the two bf16 variants are far closer to each other than either is to fp32."""
     torch.manual_seed(0)
     ref = HFRolloutEngine(SFT, precision="fp32")
-    new = HFRolloutEngine(SFT, precision="bf16")
+    new = HFRolloutEngine(SFT, precision="bf16", fp32_attention=True)
     native = HFRolloutEngine(SFT, precision="bf16")
-    native.model.set_attn_implementation("sdpa")
     prompts = [[1, 5 + i % 10, 7, 4 + i % 7, 9] for i in range(32)]
     out = ref.generate(prompts, SamplingParams(max_new_tokens=24, seed=0))
     L = min(len(s.prompt_ids) + len(s.response_ids) for s in out)
@@ -51,7 +53,7 @@ def test_bf16_attention_in_fp32_keeps_the_bf16_mismatch():
 
 
 def test_bf16_generate_with_fp32_attention_is_seeded_and_captures():
-    eng = HFRolloutEngine(SFT, precision="bf16")
+    eng = HFRolloutEngine(SFT, precision="bf16", fp32_attention=True)
     prompts = [[1, 6, 7, 8, 9]] * 4
     a = eng.generate(prompts, SamplingParams(max_new_tokens=12, seed=3), capture_routing=True)
     b = eng.generate(prompts, SamplingParams(max_new_tokens=12, seed=3), capture_routing=True)

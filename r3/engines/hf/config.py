@@ -41,6 +41,11 @@ class HFRolloutConfig:
     """torch device."""
     seed: int = 0
     """Seed of the engine's sampling generator (a call's SamplingParams.seed overrides it)."""
+    fp32_attention: bool = False
+    """bf16 / fp8 engines: attention on fp32 copies of the bf16 q/k/v, output rounded to bf16 (softmax and
+    products accumulate in fp32, as GPU serving kernels do; r3.engines.hf.rollout._sdpa_fp32). Faster on
+    this CPU than torch's bf16 kernel at decode (0.75x time per token) but not torch's bf16 numerics, so
+    off by default: the embedded measurements (docs/embedded.md) use torch's bf16 attention."""
     progress_min_prompts: int = 1024
     """A generate call with at least this many prompts shows a progress bar over its decode steps,
     with an ETA (the static measurement's 4096 samples take minutes; RL steps and evaluations

@@ -94,6 +94,7 @@ class HFRolloutEngine:
         fp8_scope: Fp8Scope = "router",
         seed: int = 0,
         progress_min_prompts: int = 1024,
+        fp32_attention: bool = False,
         router_noise: float = 0.0,
         logit_noise: float = 0.0,
     ):
@@ -106,7 +107,7 @@ class HFRolloutEngine:
         self.model = load_causal_lm(model_path_or_model).to(self.device, _DTYPES[precision]).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        if precision != "fp32" and self.model.config._attn_implementation == "sdpa":
+        if fp32_attention and precision != "fp32" and self.model.config._attn_implementation == "sdpa":
             self.model.set_attn_implementation(_SDPA_FP32)  # bf16 attention with fp32 internals
         if precision == "fp8":
             apply_fp8(self.model, fp8_scope)
