@@ -6,6 +6,13 @@ scale, and does R3 prevent it? A separate entry point from `make demo`.
     python -m experiments.study collapse --out runs/study --plan deep     # other plans: experiments.study_grid
     python -m experiments.study collapse --out runs/study --list          # cells and their state, no run
     debugging only: --cells GLOB (a subset), --steps N (override global steps), --zoo-dir DIR, --jobs N
+    python -m experiments.study calibrate                                 # the doses' static mismatch vs the paper's
+    python -m experiments.study calibrate --doses fp32 router-1x --router-noise 0.5 --out runs/study/calibration.json
+
+`calibrate` (experiments.doses): per mismatch dose (rollout precision, FP8 scope, router-logit noise,
+output-logit noise), the static k3 KL per token and per response, F(2) and the routing pairs / tokens
+that differ, native and with R3, on held-out problems of the zoo's SFT model, beside the paper's
+1.5e-3 / 10% / 94%; the doses' RunConfig fields are `experiments.doses.Dose.run_fields`.
 
 Inputs: the plan's cells (experiments.study_grid: arms x mismatch levels x seeds, as RunConfigs)
 and the embedded zoo of the plan's size (built once, here, when missing: about 10 minutes for
@@ -152,6 +159,66 @@ def collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate(args: argparse.Namespace) -> int:
+    """The calibration table of the selected doses (experiments.doses) on the zoo's SFT model."""
+    import torch
+    import transformers
+
+    from experiments import doses, zoo
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.doses or ()) - set(doses.DOSES))
+    if unknown:
+        raise SystemExit(f"--doses: unknown {unknown}; known: {list(doses.DOSES)}")
+    selected = [doses.DOSES[n] for n in args.doses] if args.doses is not None else []
+    selected += [doses.Dose(name=f"router{x:g}", router_noise=x, note="ad hoc") for x in args.router_noise]
+    selected += [doses.Dose(name=f"logit{x:g}", logit_noise=x, note="ad hoc") for x in args.logit_noise]
+    if args.doses is None and not selected:
+        selected = list(doses.DOSES.values())
+    zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir()).resolve()
+    manifest = zoo.load_manifest(zoo_dir)
+    if manifest is None:
+        if args.zoo_dir is not None:
+            raise SystemExit(
+                f"--zoo-dir {zoo_dir}: no complete zoo there (expected zoo.json and sft/, dense/, base/); build it "
+                "with python -m experiments.zoo --out DIR, or leave --zoo-dir out for the shipped tiny zoo"
+            )
+        manifest = zoo.build_zoo(zoo_dir)  # the shipped tiny zoo, copied in seconds
+    settings = {
+        "zoo_dir": str(zoo_dir),
+        "zoo_size": manifest["config"]["size"],
+        "n_prompts": args.n_prompts,
+        "group_size": args.group_size,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "temperature": 1.0,
+    }
+    print(
+        f"[calibrate] {len(selected)} doses on {settings['zoo_size']!r} zoo {zoo_dir} (SFT model): "
+        f"{args.n_prompts} held-out problems x {args.group_size} samples, at most {args.max_new_tokens} tokens",
+        flush=True,
+    )
+    print(doses.HEADER + "\n" + doses.paper_row(), flush=True)
+    t0 = time.time()
+    rows = doses.measure_doses(
+        zoo.model_dir("sft", zoo_dir),
+        selected,
+        n_prompts=args.n_prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        difficulty=manifest["config"]["difficulty"],
+        log=lambda line: print(line, flush=True),
+    )
+    if args.out is not None:
+        doses.write(args.out, rows, settings)
+        print(f"[calibrate] written to {args.out}")
+    print(f"[calibrate] done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="study", required=True)
@@ -170,8 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", type=int, default=None, help="debugging: override global steps of every cell")
     c.add_argument("--list", action="store_true", help="print every cell with its state and the cost; run nothing")
     c.add_argument("--no-plots", action="store_true", help="skip the figures and tables")
+    k = sub.add_parser("calibrate", help="static mismatch of each dose beside the paper's (experiments.doses)")
+    k.add_argument("--doses", nargs="*", default=None, help="named doses of experiments.doses.DOSES (default: all)")
+    k.add_argument("--router-noise", type=float, nargs="*", default=[], help="ad-hoc router-noise stds (fp32 rollout)")
+    k.add_argument("--logit-noise", type=float, nargs="*", default=[], help="ad-hoc logit-noise stds (fp32 rollout)")
+    k.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (the shipped tiny zoo)")
+    k.add_argument("--n-prompts", type=int, default=128, help="held-out problems per dose")
+    k.add_argument("--group-size", type=int, default=8, help="samples per problem")
+    k.add_argument("--max-new-tokens", type=int, default=48)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--threads", type=int, default=1, help="torch threads")
+    k.add_argument("--out", type=Path, default=None, help="also write the records as JSON here")
     args = ap.parse_args(argv)
-    return collapse(args)
+    return calibrate(args) if args.study == "calibrate" else collapse(args)
 
 
 if __name__ == "__main__":
