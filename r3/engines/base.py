@@ -163,13 +163,17 @@ def config_kwargs(cfg, **changes) -> dict:
 
 
 def request_seed(base: int, i: int) -> int:
-    """The sampling seed of request `i` of a call seeded `base`: a 64-bit mix of both (splitmix64's
-    finaliser), so requests of different calls never share a seed the way `base + i` does when two
-    calls' bases are closer than their request counts. Fits a signed 63-bit integer (vLLM, SGLang)."""
-    x = (int(base) * 0x9E3779B97F4A7C15 + int(i) + 1) & 0xFFFFFFFFFFFFFFFF
+    """The sampling seed of request `i` of a call seeded `base`: the call's base scattered by a 64-bit
+    mix (splitmix64's finaliser) into [0, 2^31), then + i. Requests of one call get consecutive,
+    distinct seeds; two calls overlap only if their scattered bases fall within a call's size of each
+    other (about n / 2^31 per pair), where `base + i` overlapped whenever two calls' bases were closer
+    than their request counts (steps 101 apart by construction). 31 bits: vLLM's in-process engine and
+    its OpenAI server sample differently from the same seed above that (measured with
+    tests/r3/test_r3_vllm.py's server test)."""
+    x = (int(base) * 0x9E3779B97F4A7C15 + 1) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) >> 1
+    return ((x ^ (x >> 31)) + int(i)) % 2**31
 
 
 def row_count(rows: Rows) -> int:

@@ -58,6 +58,7 @@ def request_with_retry(
     backoff_s: float,
     error_cls: type[ServerError] = ServerError,
     health_url: str | None = None,
+    what: str = "server",
 ) -> Any:
     """The payload of a 200 answer; another HTTP status raises `error_cls` at once unless it is in
     RETRY_STATUS; unreachable servers and retryable answers are retried `retries` times with
@@ -78,7 +79,7 @@ def request_with_retry(
             time.sleep(backoff_s * 2**attempt)
     health = health_url or f"{url.rsplit('/', 1)[0]}/health"
     raise ConnectionError(
-        f"{method} {url} failed after {retries + 1} attempts (last: {last}); is the server up? "
+        f"{method} {url} failed after {retries + 1} attempts (last: {last}); is the {what} up? "
         f"check `curl {health}` and the server's log"
     ) from last
 

@@ -40,8 +40,12 @@ def test_dp_slices_cover_the_batch_once_and_pad_to_equal_shapes():
         assert rows == list(range(B))
         assert {n for _, n in slices} == {-(-B // dp)}
         assert all(s.stop > s.start for s, _ in slices)
-    with pytest.raises(ValueError, match="a mini-batch of 1 sequences cannot feed 2 data-parallel ranks"):
-        dp_slice(1, 2, 0)
+    # fewer rows than ranks (the 1-row post-sync probe): ranks past the rows get an empty slice and pad to 1
+    slices = [dp_slice(1, 2, r) for r in range(2)]
+    assert slices == [(slice(0, 1), 1), (slice(1, 1), 1)]
+    assert [dp_slice(3, 4, r)[0] for r in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 3)]
+    with pytest.raises(ValueError, match="at least one sequence"):
+        dp_slice(0, 2, 0)
 
 
 def test_env_world(monkeypatch):

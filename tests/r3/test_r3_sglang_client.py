@@ -292,7 +292,7 @@ def test_http_errors(server):
     closed = "http://127.0.0.1:9"  # discard port: nothing listens
     eng = SGLangRolloutEngine([closed], retries=0)
     assert eng.health() == {closed: False}
-    with pytest.raises(ConnectionError, match="is the server up"):
+    with pytest.raises(ConnectionError, match="is the SGLang server up"):
         eng.generate([[1]], SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="weight_sync_dir"):
         eng.sync_weights({})

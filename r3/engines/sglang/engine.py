@@ -240,6 +240,7 @@ class SGLangRolloutEngine:
             retries=self.retries,
             backoff_s=self.backoff_s,
             error_cls=SGLangError,
+            what="SGLang server",
         )
 
     def health(self) -> dict[str, bool]:

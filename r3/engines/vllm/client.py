@@ -119,6 +119,7 @@ class VLLMServerEngine:
             backoff_s=self.backoff_s,
             error_cls=VLLMServerError,
             health_url=f"{base}/health",
+            what="vLLM server",
         )
 
     def health(self) -> dict[str, bool]:
@@ -135,6 +136,12 @@ class VLLMServerEngine:
             "logprobs": 0,
             "return_token_ids": True,
             "stop_token_ids": sorted(set(self.eos_ids) | set(params.stop_token_ids)),
+            # stop on exactly these ids, as the in-process engine does (it runs with
+            # skip_tokenizer_init, so vLLM knows no tokenizer EOS there): a server would also stop on
+            # its tokenizer's EOS, which may differ from the model config's (vllm/sampling_params.py: with
+            # ignore_eos the EOS id stays unset; vllm/v1/core/sched/utils.py check_stop still stops on
+            # stop_token_ids)
+            "ignore_eos": True,
             "skip_special_tokens": False,
         }
         if seed is not None:
