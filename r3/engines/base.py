@@ -167,9 +167,8 @@ def request_seed(base: int, i: int) -> int:
     mix (splitmix64's finaliser) into [0, 2^31), then + i. Requests of one call get consecutive,
     distinct seeds; two calls overlap only if their scattered bases fall within a call's size of each
     other (about n / 2^31 per pair), where `base + i` overlapped whenever two calls' bases were closer
-    than their request counts (steps 101 apart by construction). 31 bits: vLLM's in-process engine and
-    its OpenAI server sample differently from the same seed above that (measured with
-    tests/r3/test_r3_vllm.py's server test)."""
+    than their request counts (steps 101 apart by construction). Below 2^31: a value every engine's
+    seed type takes (the previous scheme's seeds stayed small too)."""
     x = (int(base) * 0x9E3779B97F4A7C15 + 1) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
