@@ -152,3 +152,13 @@ def test_validation():
     n = eng.noise
     n.remove()
     assert not any(layer.mlp.gate._forward_hooks for layer in eng.model.model.layers)
+
+
+def test_stream_seeds_are_fixed():
+    """Golden values: the calibrated doses (docs/study.md "Doses") were measured with these streams;
+    a change of the mix would silently move every dose's draws."""
+    from r3.engines.hf.noise import LOGIT_STREAM, ROUTER_STREAM, stream_seed
+
+    assert stream_seed(0, ROUTER_STREAM) == 7919892530791287365
+    assert stream_seed(0, LOGIT_STREAM) == 1092597310007415928
+    assert len({stream_seed(s, k) for s in range(100) for k in (ROUTER_STREAM, LOGIT_STREAM)}) == 200

@@ -32,14 +32,23 @@ import math
 import torch
 from torch import nn
 
-from r3.engines.base import request_seed
 from r3.engines.hf.replay import find_moe_blocks
 
 ROUTER_STREAM = 1
-"""Stream index of the router noise in `request_seed(seed, stream)` (a 64-bit mix: the two doses and
-the sampler, seeded with `seed` itself, draw independent streams)."""
+"""Stream index of the router noise in `stream_seed(seed, stream)`."""
 LOGIT_STREAM = 2
 """Stream index of the output-logit noise."""
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of noise stream `stream` for a call seeded `seed`: a 64-bit mix of both (splitmix64's
+    finaliser), so the two doses and the sampler (seeded with `seed` itself) draw unrelated streams.
+    Kept here, not shared with the engines' request seeds, so a dose's draws (and the calibrated
+    numbers of docs/study.md "Doses") do not move when those change."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
 
 
 def noisy_topk_routing(
@@ -99,8 +108,8 @@ class RolloutNoise:
         """Restart both noise streams from `seed` (a generate call's SamplingParams.seed); None: continue."""
         if seed is None:
             return
-        self._router_gen.manual_seed(request_seed(seed, ROUTER_STREAM))
-        self._logit_gen.manual_seed(request_seed(seed, LOGIT_STREAM))
+        self._router_gen.manual_seed(stream_seed(seed, ROUTER_STREAM))
+        self._logit_gen.manual_seed(stream_seed(seed, LOGIT_STREAM))
 
     def remove(self) -> None:
         """Detach every hook (the model is then noise-free)."""
