@@ -98,7 +98,7 @@ def run_jobs(
                             Path(j.run_dir).mkdir(parents=True, exist_ok=True)
                             rundir.write_failed(j.run_dir, e, log=str(Path(j.run_dir) / rundir.LOG))
                 bar.n = round(_done(jobs, results))
-                bar.set_postfix(done=f"{len(results)}/{len(jobs)}", failed=len(errors))
+                bar.set_postfix(done=f"{len(results)}/{len(jobs)}", failed=len(errors), refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
         _stop_pool(ex)
