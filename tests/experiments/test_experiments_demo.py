@@ -95,3 +95,34 @@ def test_ctrl_c_stops_every_cell_and_queued_cells_never_start(micro_zoo, tmp_pat
     sizes = {c: (out / c / "metrics.jsonl").stat().st_size for c in first_two}
     time.sleep(3)
     assert sizes == {c: (out / c / "metrics.jsonl").stat().st_size for c in first_two}, "a cell kept running"
+
+
+def test_summary_claims_rest_on_late_scores_not_best_points(tmp_path):
+    """A cell whose best point is high by chance but whose late points sit at step 0 is 'within
+    noise', and the R3-vs-twin line is a paired late-score difference with its standard error."""
+    import json
+
+    from experiments import summary
+    from experiments.config import RunConfig
+
+    evs = {
+        "c-grpo": [0.50, 0.60, 0.50, 0.50, 0.50],  # one lucky point, no late gain
+        "c-grpo-r3": [0.50, 0.50, 0.52, 0.51, 0.52],
+    }
+    for name, scores in evs.items():
+        d = tmp_path / name
+        d.mkdir()
+        RunConfig(name=name, replay=name.endswith("r3")).save(d / "config.json")
+        (d / "eval.jsonl").write_text(
+            "".join(
+                json.dumps({"step": 5 * i, "avg": a, "problems": {"synthetic": 512}, "n_samples": 1}) + "\n"
+                for i, a in enumerate(scores)
+            )
+        )
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 20, "mismatch/k3_kl": 1e-4}) + "\n")
+    lines = summary._claims(summary.build(tmp_path), tmp_path)
+    text = "\n".join(lines)
+    assert "c-grpo: late score (steps 20-20) minus step 0: +0.0 points" in text and "within noise" in text
+    assert "best" not in text.split("The paper's gap")[0]  # (the paper itself reports best checkpoints)
+    assert "R3 minus its twin, late score, paired over 1 twin(s) (c-grpo-r3: +2.0)" in text
+    assert "within 2 s.e." in text
