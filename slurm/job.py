@@ -12,7 +12,7 @@ A `CellJob` is what `slurm.submit` hands to submitit. Inside the job, every task
    training ranks followers of its train engine (same calls, same collectives, no files but their
    own checkpoint shard); with one training task it is experiments.run.run_cell;
 4. the driver (training rank 0) keeps a RUNNING heartbeat, writes FAILED with the error on an
-   exception, and links this job's Slurm logs into <run_dir>/slurm/ (slurm.state).
+   exception, and links this job's Slurm logs into <run_dir>/slurm/ (markers: r3.rundir).
 
 Failures (docs/cluster.md, "Timeouts and failures"): training tasks export the JobSpec's timeouts
 (experiments.distributed.Timeouts): the control group waits `control_timeout_s` (longer than the driver's
