@@ -240,17 +240,25 @@ class RunConfig:
         par = (self.train_tensor_parallel, self.train_pipeline_parallel, self.train_expert_parallel)
         if min(par) < 1:
             errors.append(f"train_tensor/pipeline/expert_parallel = {par} must be >= 1")
-        if self.train_engine in registry.train_engine_names():  # unknown names are reported above
-            for f in dataclasses.fields(self):  # train_<x> applies to a train engine whose config has <x>
-                key = f.name.removeprefix("train_")
-                if key == f.name or f.name in ("train_engine", "train_data") or getattr(self, f.name) == f.default:
+        # <kind>_<x> applies to the chosen engine when its config has a field <x> (experiments.step
+        # passes changed settings by name): a changed setting it has no field for is refused, not ignored
+        for kind, engine, names, has, own in (
+            ("train", self.train_engine, registry.train_engine_names(), registry.train_config_has,
+             ("train_engine", "train_data")),
+            ("rollout", self.rollout_engine, registry.rollout_engine_names(), registry.rollout_config_has,
+             ("rollout_engine", "rollout_precision", "rollout_urls")),
+        ):  # fmt: skip
+            if engine not in names:  # unknown names are reported above
+                continue
+            for f in dataclasses.fields(self):
+                key = f.name.removeprefix(f"{kind}_")
+                if key == f.name or f.name in own or getattr(self, f.name) == f.default or has(engine, key):
                     continue
-                if not registry.train_config_has(self.train_engine, key):
-                    having = [n for n in registry.train_engine_names() if registry.train_config_has(n, key)]
-                    errors.append(
-                        f"{f.name}={getattr(self, f.name)!r} is not a setting of the {self.train_engine!r} train "
-                        f"engine (its config has no field {key!r}); use a train engine that has it {having}, or drop it"
-                    )
+                having = [n for n in names if has(n, key)]
+                errors.append(
+                    f"{f.name}={getattr(self, f.name)!r} is not a setting of the {engine!r} {kind} engine (its "
+                    f"config has no field {key!r}); use a {kind} engine that has it {having}, or drop it"
+                )
         if self.train_precision not in ("fp32", "bf16"):
             errors.append(f"train_precision must be 'fp32' or 'bf16', got {self.train_precision!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
@@ -317,20 +325,10 @@ class RunConfig:
         if self.model == "dense" and self.replay:
             errors.append("replay needs an MoE model; the dense control has no router")
         choice("rollout_fp8_scope", ("router", "all", "w8a8"))
-        rollout_fields = (
-            {f.name for f in dataclasses.fields(registry.rollout_config_class(self.rollout_engine))} if known else set()
-        )
         for field in ("rollout_router_noise", "rollout_logit_noise"):
             std = getattr(self, field)
             if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
                 errors.append(f"{field} must be a finite std >= 0 in logit units (0: off), got {std!r}")
-            elif std > 0 and known and field.removeprefix("rollout_") not in rollout_fields:
-                # the registry applies an option only where the engine's config has it: refuse, not ignore
-                errors.append(
-                    f"{field}={std} is not a setting of the {self.rollout_engine!r} rollout engine (its config has no "
-                    f"field {field.removeprefix('rollout_')!r}); the noise doses exist in the transformers engine: "
-                    "use rollout_engine='hf', or drop the dose"
-                )
         router_noise = self.rollout_router_noise
         if self.model == "dense" and isinstance(router_noise, (int, float)) and router_noise > 0:
             errors.append(

@@ -77,28 +77,30 @@ def engine_configs(cfg: RunConfig, model_dir: Path, run_dir: Path) -> tuple[obje
         seed=cfg.seed,
         urls=tuple(cfg.rollout_urls),
         weight_sync_dir=str(run_dir / "weight_sync"),
-        options={
-            "fp8_scope": cfg.rollout_fp8_scope,
-            "fp32_attention": cfg.rollout_fp32_attention,
-            "router_noise": cfg.rollout_router_noise,  # seeded mismatch doses (r3.engines.hf.noise)
-            "logit_noise": cfg.rollout_logit_noise,
-        }
-        | (
-            {"max_num_batched_tokens": cfg.rollout_max_num_batched_tokens} if cfg.rollout_max_num_batched_tokens else {}
-        ),
+        options=_options(cfg, "rollout_", ("rollout_engine", "rollout_precision", "rollout_urls")),
     )
-    train_options = {
-        f.name.removeprefix("train_"): getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if f.name.startswith("train_") and f.name not in ("train_engine", "train_data")
-    }
     train = registry.TrainSettings(
         model_path=str(model_dir),
         lr=cfg.lr,
         seed=cfg.seed,
-        options={"weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, **train_options},
+        options={
+            "weight_decay": cfg.weight_decay,
+            "grad_clip": cfg.grad_clip,
+            **_options(cfg, "train_", ("train_engine", "train_data")),
+        },
     )
     return registry.rollout_config_for(cfg.rollout_engine, rollout), registry.train_config_for(cfg.train_engine, train)
+
+
+def _options(cfg: RunConfig, prefix: str, exclude: tuple[str, ...]) -> dict:
+    """RunConfig's `<prefix><name>` settings that differ from their default, as engine config fields
+    `<name>` (a setting at its default leaves the engine's own default; RunConfig refuses a changed
+    setting the chosen engine's config has no field for)."""
+    return {
+        f.name.removeprefix(prefix): getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name.startswith(prefix) and f.name not in exclude and getattr(cfg, f.name) != f.default
+    }
 
 
 def check_engines(cfg: RunConfig, rollout_engine, train_engine) -> None:

@@ -150,6 +150,11 @@ def train_config_has(name: str, field: str) -> bool:
     return field in _fields(_lookup(_TRAIN, "train", name).config_cls)
 
 
+def rollout_config_has(name: str, field: str) -> bool:
+    """The config of rollout engine `name` has `field` (a setting that applies to it)."""
+    return field in _fields(_lookup(_ROLLOUT, "rollout", name).config_cls)
+
+
 def multi_rank(name: str) -> bool:
     """Train engine `name` trains on several ranks (its config's `multi_rank`; else one process)."""
     return bool(getattr(_lookup(_TRAIN, "train", name).config_cls, "multi_rank", False))

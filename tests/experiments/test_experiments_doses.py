@@ -38,7 +38,7 @@ def test_dose_fields_reach_the_rollout_engine_only(tmp_path):
         ({"rollout_router_noise": 0.3, "model": "dense"}, "needs an MoE model; the dense control has no router"),
         (
             {"rollout_logit_noise": 0.1, "rollout_engine": "vllm"},
-            r"rollout_logit_noise=0.1 is not a setting of the 'vllm' rollout engine .* use rollout_engine='hf'",
+            r"rollout_logit_noise=0.1 is not a setting of the 'vllm' rollout engine .* \['hf'\]",
         ),
         ({"rollout_fp8_scope": "w4a8"}, r"rollout_fp8_scope='w4a8' is not one of \['all', 'router', 'w8a8'\]"),
     ],

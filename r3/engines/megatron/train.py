@@ -326,7 +326,7 @@ class MegatronTrainEngine:
             return parallel.gather_rows(x[:, :T], real, B, self.dp_size)
 
         if self.pp_size > 1:
-            logp, ent, rec = self._schedule(batch, mode, with_entropy=with_entropy, start=start, real=real, B=B, T=T)
+            logp, ent, rec = self._schedule(batch, mode, with_entropy=with_entropy, start=start, real=real, T=T)
             return LogprobResult(
                 logp_BT=gather(logp),
                 entropy_BT=gather(ent) if with_entropy else None,
@@ -360,8 +360,8 @@ class MegatronTrainEngine:
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, *, routing: ReplayMode = ReplayMode.OFF) -> dict:
         """Forward (replaying when asked; with recompute the router replays again in backward via
         REPLAY_BACKWARD), loss_fn per micro-batch, backward (gradients summed over micro-batches),
-        clip, AdamW step. Metrics: loss_fn's metrics averaged over micro-batches weighted by
-        rows, `actor/loss` = sum of micro-batch losses (loss_fn normalises by the mini-batch),
+        clip, AdamW step. Metrics: loss_fn's metrics summed over micro-batches and DP ranks (LossFn
+        normalises them by the mini-batch), `actor/loss` = sum of micro-batch losses,
         `actor/grad_norm` (before clipping), `actor/lr`, `actor/skipped_step`."""
         if routing is ReplayMode.RECORD:
             raise ValueError("train_step takes routing OFF or REPLAY (record with compute_logprobs)")
@@ -373,9 +373,9 @@ class MegatronTrainEngine:
         batch, start, real = self._local(batch)
         # PP > 1: megatron's pipeline schedule, loss and metrics from the last stage on every stage
         run = self._schedule if self.pp_size > 1 else self._micro_steps
-        totals = run(batch, mode, loss_fn=loss_fn, start=start, real=real, B=B, T=T)
+        totals = run(batch, mode, loss_fn=loss_fn, start=start, real=real, T=T)
         loss_total = totals.pop("actor/loss")
-        if self.dp_size > 1:  # sums over DP ranks = the one-rank weighted means (weights k / B)
+        if self.dp_size > 1:  # sums over DP ranks = the one-rank values (LossFn metrics are mini-batch shares)
             totals["actor/loss"] = loss_total
             totals = parallel.allreduce_sum(totals)
             loss_total = totals.pop("actor/loss")
@@ -393,11 +393,11 @@ class MegatronTrainEngine:
         return totals
 
     def _micro_steps(
-        self, batch: TrainBatch, mode: ReplayMode, *, loss_fn: LossFn, start: int, real: int, B: int, T: int
+        self, batch: TrainBatch, mode: ReplayMode, *, loss_fn: LossFn, start: int, real: int, T: int
     ) -> dict[str, torch.Tensor]:
         """PP = 1: forward, loss_fn and backward of each micro-batch of this DP rank's rows (`batch`
-        from _local: rows [start, start + real) of the global batch of B rows; T = S - 1 before SP
-        padding). Returns {"actor/loss", loss_fn's metrics weighted by rows / B}, not summed over DP."""
+        from _local: rows [start, start + real) of the global batch; T = S - 1 before SP padding).
+        Returns {"actor/loss", loss_fn's metrics summed over micro-batches}, not yet summed over DP."""
         totals: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=self.device)
         W = batch.input_ids_BS.shape[1] - 1  # each micro-batch is trimmed (_trimmed); results padded to W
@@ -436,13 +436,12 @@ class MegatronTrainEngine:
         *,
         start: int,
         real: int,
-        B: int,
         T: int,
         loss_fn: LossFn | None = None,
         with_entropy: bool = False,
     ):
         """PP > 1: this DP rank's micro-batches (`batch` from _local, n rows of S tokens, rows
-        [start, start + real) of the global batch of B rows, T = its S - 1 before SP padding) through
+        [start, start + real) of the global batch, T = its S - 1 before SP padding) through
         megatron's pipeline schedule (1F1B: megatron.core.pipeline_parallel.get_forward_backward_func;
         CPU shims in compat.cpu_pipeline_schedule). Every stage runs the forward of every micro-batch
         (its routers replay or record their own trace layers: MegatronRouterReplay.pipeline_session);
@@ -454,7 +453,7 @@ class MegatronTrainEngine:
         Forward only (loss_fn None): returns (logp_NT, entropy_NT or None, recorded expert ids
         [n, S-1, L, K] or None) on every stage: the logprobs broadcast from the last stage over the PP
         group, the recording concatenated over the stages' trace layers. Training: returns
-        {"actor/loss", loss_fn's metrics (weighted by rows / B)} on every stage (broadcast from the
+        {"actor/loss", loss_fn's metrics (summed over micro-batches)} on every stage (broadcast from the
         last stage), not yet summed over DP."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
