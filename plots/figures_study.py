@@ -32,7 +32,8 @@ from plots.table_format import Table, fmt_sci
 
 SEED_FIELDS = ("name", "seed", "rollout_urls")
 ARM_FIELDS = ("replay", "tis")
-SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope")
+NOISE_FIELDS = ("rollout_router_noise", "rollout_logit_noise")
+SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope", *NOISE_FIELDS)
 """Config fields that make the mismatch source; the other differing fields make a `family`."""
 MARKERS = ("o", "s", "^", "D", "v", "P")
 DODGE_DECADES = 0.012
@@ -70,17 +71,17 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 
 def source_label(cfg) -> str:
-    """The mismatch source in words (experiments.study_grid.LEVELS when it is one of those)."""
-    from experiments.study_grid import LEVELS
+    """The mismatch source in words: the note of the dose of experiments.doses.DOSES whose RunConfig
+    fields the run has, else its engine, precision and noise."""
+    from experiments.doses import DOSES
 
     d = cfg.to_dict()
-    for lv in LEVELS.values():
-        if all(d.get(k) == v for k, v in lv.fields.items()) and (
-            cfg.rollout_precision != "fp8" or "rollout_fp8_scope" in lv.fields
-        ):
-            return lv.label
+    for dose in DOSES.values():
+        if all(d.get(k) == v for k, v in dose.run_fields().items()):
+            return f"{dose.name}: {dose.note}"
     scope = f" ({cfg.rollout_fp8_scope})" if cfg.rollout_precision == "fp8" else ""
-    return f"{cfg.rollout_engine} {cfg.rollout_precision}{scope} rollout"
+    noise = "".join(f", {k.removeprefix('rollout_')} {d[k]}" for k in NOISE_FIELDS if d.get(k))
+    return f"{cfg.rollout_engine} {cfg.rollout_precision}{scope} rollout{noise}"
 
 
 # --- cells and conditions -----------------------------------------------------------------------

@@ -82,6 +82,9 @@ def mini_batch_slices(n_groups: int, group_size: int, mini_steps: int) -> list[s
     return out
 
 
+STEP_TAUS = (2.0, 5.0, 10.0)
+"""Thresholds of the per-step F(tau) metrics (mismatch/extreme_frac@tau): the paper's F(2), and the
+tail at 5 and 10 where heavy-tailed ratios would show first."""
 ROUTING_METRIC_CHUNK_ROWS = 64
 """Rows of the rollout trace moved to the engine's device at a time for the routing-disagreement
 metric, so the whole trace (GBs at the paper's lengths) never sits on the device at once."""
@@ -240,7 +243,7 @@ def policy_update(s: AlgorithmSettings, engine: TrainEngine, batch: Batch) -> di
         old_BT, entropy_BT = fused.old_BT, fused.entropy_BT
         if s.tis:
             tis_BT = tis_weights(old_BT, infer_BT, mask_BT, cap=s.tis_cap)
-    m.update(mismatch_metrics(old_BT, infer_BT, mask_BT, taus=(2.0,)))
+    m.update(mismatch_metrics(old_BT, infer_BT, mask_BT, taus=STEP_TAUS))
     ntok = mask_BT.sum().clamp(min=1)
     m["actor/entropy"] = (entropy_BT * mask_BT).sum() / ntok if entropy_BT is not None else float("nan")
     if tis_BT is not None:

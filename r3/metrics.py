@@ -37,6 +37,8 @@ def mismatch_metrics(
 
     rho_t = pi_train(y_t) / pi_infer(y_t) over masked tokens t:
       mismatch/k3_kl               = mean_t [rho_t - 1 - log rho_t]        (k3 estimator)
+      mismatch/k3_kl_per_response  = mean over responses of the sum of k3 over its tokens (the
+                                     dose a whole response carries: grows with its length)
       mismatch/extreme_frac@{tau}  = mean_t 1[max(rho_t, 1/rho_t) > tau]  = F(tau)
                                    = mean_t 1[|log rho_t| > log tau]
       mismatch/abs_log_ratio_mean  = mean_t |log rho_t|
@@ -54,7 +56,9 @@ def mismatch_metrics(
     diff = train_logp_BT.float() - infer_logp_BT.float()
     log_r = torch.where(mask_BT.bool(), diff, torch.zeros_like(diff)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     abs_lr = log_r.abs()  # 0 off the mask
-    out: dict[str, torch.Tensor] = {"mismatch/k3_kl": ((torch.exp(log_r) - 1.0 - log_r) * m).sum() / n}
+    k3_sum = ((torch.exp(log_r) - 1.0 - log_r) * m).sum()
+    responses = (m.sum(-1) > 0).float().sum().clamp(min=1.0)
+    out: dict[str, torch.Tensor] = {"mismatch/k3_kl": k3_sum / n, "mismatch/k3_kl_per_response": k3_sum / responses}
     for tau in taus:
         if tau <= 1.0:
             raise ValueError(f"extreme-token threshold tau must be > 1, got {tau}")

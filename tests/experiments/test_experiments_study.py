@@ -195,7 +195,7 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
 
     runs = discover(_study_root(tmp_path / "runs")).runs
     low, high = conditions(runs)
-    assert low.source.startswith("bf16") and high.source.startswith("FP8 rollout, every linear")
+    assert low.source.startswith("bf16") and high.source.startswith("fp8all: FP8 weights of every linear")
     assert low.dose == pytest.approx((2e-4, 1e-4)) and high.dose == pytest.approx((1.5e-3, 5e-4))
     lg, lr3 = low.cells
     hg, hr3 = high.cells
@@ -253,7 +253,7 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
         k3 = [json.loads(x)["mismatch/k3_kl"] for x in (out / c / "metrics.jsonl").read_text().splitlines()]
         assert len(k3) == 2 and all(math.isfinite(v) for v in k3)
     md = (out / "plots" / "tables" / "study_collapse.md").read_text()
-    assert "GRPO+R3" in md and "FP8 rollout, routers only" in md
+    assert "GRPO+R3" in md and "fp8router: FP8 router weights" in md
     assert (out / "plots" / "figures" / "study_dose_response.png").exists()
     assert (
         "study_collapse" in (out / "plots" / "index.md").read_text()

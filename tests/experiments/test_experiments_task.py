@@ -62,7 +62,7 @@ def test_training_never_sees_the_evaluated_problems_for_any_seed(seed):
 
 
 def test_bad_difficulty_says_what_is_allowed():
-    with pytest.raises(ValueError, match=r"difficulty must be one of \[1, 2, 3, 4\], got 9"):
+    with pytest.raises(ValueError, match=r"difficulty must be one of \[1, 2, 3, 4, 5\], got 9"):
         task.make_problem(0, 0, 9)
 
 
@@ -91,3 +91,36 @@ def test_heldout_rows_register_as_benchmark():
     task.register_benchmark(n=16, difficulty=2)
     rows = benchmarks.load("synthetic")
     assert len(rows) == 16 and rows[0]["problem"] == task.heldout_problems(1)[0].problem
+
+
+def test_rewritten_chains_reach_the_same_value_and_keep_their_steps():
+    """From task.REWRITE_FROM on, each step is followed by the remaining expression; the value and
+    the bare steps are those of the plain chain, and the project's grader accepts the solution."""
+    from eval.grader import grade
+
+    v, sol = task.solve([12, 34, 5, 7], ["+", "-", "*"], rewrite=True)
+    assert v == 12 + 34 - 5 * 7
+    assert sol == "5*7=35.12+34-35\n12+34=46.46-35\n46-35=11.\\boxed{11}"
+    assert task.solution_steps(sol) == ["5*7=35.", "12+34=46.", "46-35=11."]
+    lengths = []
+    for i in range(200):
+        p = task.make_problem(0, i, task.REWRITE_FROM)
+        plain = task.solve(*_parse(p.problem))
+        assert p.answer == str(plain[0]) and task.solution_steps(p.solution) == task.solution_steps(plain[1])
+        assert grade(p.solution, p.answer)
+        lengths.append(len(task.build_tokenizer()(p.solution, add_special_tokens=False)["input_ids"]))
+    assert 40 <= min(lengths) and max(lengths) <= 230 and 95 <= sum(lengths) / len(lengths) <= 130
+
+
+def _parse(expr: str) -> tuple[list[int], list[str]]:
+    import re
+
+    parts = re.findall(r"\d+|[+\-*]", expr)
+    return [int(x) for x in parts[::2]], parts[1::2]
+
+
+def test_direct_solution_is_the_boxed_answer_alone():
+    from eval.grader import grade
+
+    p = task.make_problem(0, 0, 5)
+    assert task.direct_solution(p) == f"\\boxed{{{p.answer}}}" and grade(task.direct_solution(p), p.answer)

@@ -29,6 +29,16 @@ def test_mismatch_metrics_golden():
     assert all(v.ndim == 0 for v in m.values())
 
 
+def test_k3_per_response_sums_tokens_and_averages_responses_that_have_tokens():
+    train, infer, mask = _case()
+    # rows: the golden row (k3 sum 1.220003 over 3 tokens), a row with one token of rho = 2.5, an empty row
+    train = torch.cat([train, torch.tensor([[math.log(2.5), 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])])
+    infer, mask = torch.zeros(3, 4), torch.cat([mask, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]])])
+    m = mismatch_metrics(train, infer, mask)
+    torch.testing.assert_close(m["mismatch/k3_kl_per_response"], torch.tensor((1.220003 + 0.583709) / 2))
+    torch.testing.assert_close(m["mismatch/k3_kl"], torch.tensor((1.220003 + 0.583709) / 4))
+
+
 def test_mismatch_metrics_identical_is_zero_and_empty_mask():
     x = torch.randn(3, 5)
     m = mismatch_metrics(x, x, torch.ones(3, 5))
