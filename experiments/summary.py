@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments.config import RunConfig
 from r3 import rundir
-from r3.collapse import collapse_step
+from r3.collapse import collapse_step, late_score
 from r3.rundir import EVAL, METRICS, read_json, read_jsonl
 
 STATIC_PARTS = tuple(key for key, _ in rundir.STATIC_PARTS)
@@ -193,19 +193,18 @@ def late_change(run_dir: Path) -> dict | None:
     each point as `problems x n_samples` independent Bernoulli draws at the step-0 rate; one seed has
     no seed-to-seed error to add, so a difference within 2 se decides nothing. Scores are fractions."""
     ev = read_jsonl(Path(run_dir) / EVAL)
-    pts = [e for e in ev if e["step"] > 0]
-    if not ev or ev[0]["step"] != 0 or not pts:
+    late = late_score([e["step"] for e in ev], [e["avg"] for e in ev]) if ev else None
+    if not ev or ev[0]["step"] != 0 or late is None:
         return None
-    k = max(1, len(pts) // 4)
-    late = pts[-k:]
+    k = len(late[1])
     p0 = ev[0]["avg"]
     draws = sum(ev[0].get("problems", {}).values() or [0]) * int(ev[0].get("n_samples", 1))
     var = p0 * (1 - p0) / draws if draws else float("nan")
     return {
         "start": p0,
-        "late": sum(e["avg"] for e in late) / k,
-        "late_steps": [e["step"] for e in late],
-        "change": sum(e["avg"] for e in late) / k - p0,
+        "late": late[0],
+        "late_steps": late[1],
+        "change": late[0] - p0,
         "se": math.sqrt(var / k + var),
         "point_var": var,
         "points": k,

@@ -13,8 +13,9 @@ Outputs under --out:
   tables/results__<setting>.{md,tex,csv}  main results in the paper's layout, paper rows beside
   tables/static_mismatch.{md,tex,csv}     k3 KL and F(2), native / R3, per precision
   index.md                                every table and a link to every figure
-With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv} and
-figures/study_dose_response.{png,pdf} and figures/study_routing_layers.{png,pdf} (plots.figures_study).
+With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv},
+tables/study_results.json, and figures/study_dose_response, study_routing_layers, study_dynamics and
+study_f_tau (.png, .pdf) (plots.figures_study).
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
 the collapse rule is r3.collapse (the paper does not publish one).
@@ -23,6 +24,7 @@ the collapse rule is r3.collapse (the paper does not publish one).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from plots.runs import discover
 from plots.style import paper_style, save
 from plots.table_format import Table, to_markdown, write_table
 from plots.tables import results_table, static_table
+from r3 import rundir
 
 
 def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: bool = False) -> list[Path]:
@@ -66,8 +69,15 @@ def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: boo
         tables.insert(0, figures_study.study_table(root.runs))
         figure_jobs.insert(0, ("study_dose_response", lambda: figures_study.dose_response_figure(root.runs)))
         figure_jobs.insert(1, ("study_routing_layers", lambda: figures_study.routing_layers_figure(root.runs)))
+        figure_jobs.insert(2, ("study_dynamics", lambda: figures_study.dynamics_figure(root.runs)))
+        figure_jobs.insert(3, ("study_f_tau", lambda: figures_study.ftau_figure(root.runs)))
 
     written: list[Path] = []
+    if study and root.runs:  # the study's machine-readable record (docs/study/results.json is a copy)
+        tab_dir.mkdir(parents=True, exist_ok=True)
+        rec = tab_dir / "study_results.json"
+        rundir.write_text_atomic(rec, json.dumps(figures_study.study_results(root.runs), indent=1) + "\n")
+        written.append(rec)
     for t in tables:
         written += write_table(t, tab_dir)
     with paper_style():

@@ -1,17 +1,20 @@
-"""The collapse study's table and dose-response figure, from run directories only.
+"""The collapse study's table, results record and figures, from run directories only.
 
 Runs (plots.runs.Run) are grouped into *conditions*: configs equal in everything but the
 seed, the name and the arm (replay, TIS). In a condition, the runs of one method (GRPO,
 GRPO+TIS, GRPO+R3, ...) are that cell's seeds. Per run:
-  best  = the highest evaluation average and its step (step 0, the SFT model, counts; earliest
-          on ties); final = the last evaluation average;
+  start = the evaluation average at step 0 (the SFT model); late = the mean over the last quarter
+          of the evaluation points after step 0 (r3.collapse.late_score); change = late - start,
+          the decision metric (never the best point: the maximum of many noisy points is biased up);
   collapse step = r3.collapse with the run's own rule (plots.runs.Run.collapse_step);
-  mismatch = the run's mean over global steps of `mismatch/k3_kl` (train engine's old logprobs
-          vs the rollout engine's, before the update) and of `mismatch/extreme_frac@2`.
+  mismatch = the run's mean over global steps of `mismatch/k3_kl` (per token),
+          `mismatch/k3_kl_per_response`, `mismatch/extreme_frac@tau` and `abs_log_ratio_max`.
 Per cell: mean +/- standard error over seeds (s.e. = sample std / sqrt(n); blank for one seed).
-The dose of a condition is the mean k3 KL of its *native* arm (GRPO without R3 and TIS; any arm
-without R3 when that one is missing), averaged over seeds: the mismatch the condition has when
-nothing removes it. R3 cells are plotted at their condition's dose.
+Arms are compared *paired*: per seed, an arm's change minus GRPO's change in the same condition
+(the arms of one seed share prompts, sampling seeds and evaluation problems), mean +/- s.e. over
+seeds; the minimal detectable effect is MDE_Z x that s.e. (two-sided 5%, power 80%).
+The dose of a condition is the mismatch of its *native* arm (GRPO without R3 and TIS; any arm
+without R3 when that one is missing), averaged over seeds: what it has when nothing removes it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from plots.runs import Run, method_order
 from plots.style import FULL_WIDTH_IN, METHOD_COLORS, new_figure, no_data
 from plots.table_format import Table, fmt_sci
+from r3.collapse import late_score
 
 SEED_FIELDS = ("name", "seed", "rollout_urls")
 ARM_FIELDS = ("replay", "tis")
@@ -36,22 +40,27 @@ NOISE_FIELDS = ("rollout_router_noise", "rollout_logit_noise")
 SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope", *NOISE_FIELDS)
 """Config fields that make the mismatch source; the other differing fields make a `family`."""
 MARKERS = ("o", "s", "^", "D", "v", "P")
+PAPER_K3 = 1.535e-3
+"""The paper's per-token k3 KL, Qwen3-30B-A3B, SGLang vs Megatron (PAPER.md; experiments.doses.PAPER)."""
+PAPER_F2 = 2.54e-4
+"""The paper's F(2), same setting."""
+TAUS = (2, 5, 10)
+MDE_Z = 2.8
+"""Minimal detectable effect in standard errors: 1.96 (two-sided 5%) + 0.84 (power 80%)."""
 DODGE_DECADES = 0.012
 """Horizontal offset between methods at one dose (in decades of KL), so equal points stay visible."""
 
 
 # --- per run ------------------------------------------------------------------------------------
-def run_best(run: Run) -> tuple[float, int | None]:
-    """(best evaluation average, its step); (nan, None) before the first evaluation."""
-    if not len(run.evals):
-        return math.nan, None
-    avg = run.evals["avg"]
-    step = int(avg.idxmax())  # first maximum: earliest on ties
-    return float(avg.loc[step]), step
-
-
-def run_final(run: Run) -> float:
-    return float(run.evals["avg"].iloc[-1]) if len(run.evals) else math.nan
+def run_change(run: Run) -> tuple[float, float, float]:
+    """(start, late, late - start) of one run, as fractions; nan where the run has no such point."""
+    if not len(run.evals) or int(run.evals.index[0]) != 0:
+        return math.nan, math.nan, math.nan
+    steps, avgs = [int(x) for x in run.evals.index], [float(v) for v in run.evals["avg"]]
+    late = late_score(steps, avgs)
+    if late is None:
+        return avgs[0], math.nan, math.nan
+    return avgs[0], late[0], late[0] - avgs[0]
 
 
 def run_metric_mean(run: Run, column: str) -> float:
@@ -102,16 +111,25 @@ class StudyCell:
         return len(self.runs)
 
     @property
-    def best(self) -> tuple[float, float]:
-        return mean_se([100 * run_best(r)[0] for r in self.runs])
+    def start(self) -> tuple[float, float]:
+        return mean_se([100 * run_change(r)[0] for r in self.runs])
 
     @property
-    def best_steps(self) -> list[int | None]:
-        return [run_best(r)[1] for r in self.runs]
+    def late(self) -> tuple[float, float]:
+        return mean_se([100 * run_change(r)[1] for r in self.runs])
 
     @property
-    def final(self) -> tuple[float, float]:
-        return mean_se([100 * run_final(r) for r in self.runs])
+    def change(self) -> tuple[float, float]:
+        """Late score minus step 0, in points: mean +/- s.e. over seeds."""
+        return mean_se([100 * run_change(r)[2] for r in self.runs])
+
+    def paired(self, ref: StudyCell) -> tuple[float, float, int]:
+        """This arm's change minus `ref`'s, per seed both ran (in points): mean, s.e., seeds."""
+        mine = {r.config.seed: run_change(r)[2] for r in self.runs}
+        theirs = {r.config.seed: run_change(r)[2] for r in ref.runs}
+        diffs = [100 * (mine[k] - theirs[k]) for k in sorted(set(mine) & set(theirs))]
+        m, se = mean_se(diffs)
+        return m, se, sum(math.isfinite(d) for d in diffs)
 
     @property
     def collapse_steps(self) -> list[int | None]:
@@ -132,8 +150,25 @@ class StudyCell:
         return mean_se([run_metric_mean(r, "mismatch/k3_kl") for r in self.runs])
 
     @property
+    def k3_response(self) -> tuple[float, float]:
+        return mean_se([run_metric_mean(r, "mismatch/k3_kl_per_response") for r in self.runs])
+
+    @property
     def f2(self) -> tuple[float, float]:
-        return mean_se([run_metric_mean(r, "mismatch/extreme_frac@2") for r in self.runs])
+        return self.f(2)
+
+    def f(self, tau: float) -> tuple[float, float]:
+        return mean_se([run_metric_mean(r, f"mismatch/extreme_frac@{tau:g}") for r in self.runs])
+
+    @property
+    def max_log_ratio(self) -> tuple[float, float]:
+        """Mean over steps of the step's max |log(pi_train / pi_infer)|."""
+        return mean_se([run_metric_mean(r, "mismatch/abs_log_ratio_max") for r in self.runs])
+
+    @property
+    def steps(self) -> int:
+        """The cell's planned global steps (its seeds share them)."""
+        return int(self.runs[0].config.global_steps)
 
     @property
     def routing_tokens(self) -> tuple[float, float]:
@@ -151,8 +186,15 @@ class Condition:
     source: str
     family: str
     dose: tuple[float, float]
-    """Mean k3 KL of the native arm (mean, s.e. over seeds)."""
+    """Mean k3 KL per token of the native arm (mean, s.e. over seeds)."""
     cells: tuple[StudyCell, ...]
+    dose_response: tuple[float, float] = (math.nan, math.nan)
+    """Mean k3 KL per response of the native arm (mean, s.e. over seeds)."""
+
+    @property
+    def reference(self) -> StudyCell | None:
+        """The cell arms are paired against: GRPO (no TIS, no R3), else None."""
+        return next((c for c in self.cells if c.method == "GRPO"), None)
 
     @property
     def label(self) -> str:
@@ -182,20 +224,22 @@ def conditions(runs: list[Run]) -> list[Condition]:
         rs = groups[key]
         cfg = rs[0].config
         family = ", ".join(f"{f}={getattr(cfg, f)}" for f in differing)
-        dose = mean_se([run_metric_mean(r, "mismatch/k3_kl") for r in _native_runs(rs)])
+        native = _native_runs(rs)
+        dose = mean_se([run_metric_mean(r, "mismatch/k3_kl") for r in native])
+        dose_resp = mean_se([run_metric_mean(r, "mismatch/k3_kl_per_response") for r in native])
         by_method: dict[str, list[Run]] = defaultdict(list)
         for r in rs:
             by_method[r.method].append(r)
-        out.append((source_label(cfg), family, dose, by_method))
+        out.append((source_label(cfg), family, dose, by_method, dose_resp))
     out.sort(key=lambda c: (c[1], not math.isfinite(c[2][0]), c[2][0] if math.isfinite(c[2][0]) else 0.0, c[0]))
     result = []
-    for i, (source, family, dose, by_method) in enumerate(out):
+    for i, (source, family, dose, by_method, dose_resp) in enumerate(out):
         cells = tuple(
             StudyCell(condition=i, source=source, family=family, method=m,
                       runs=tuple(sorted(by_method[m], key=lambda r: (r.config.seed, r.name))))
             for m in sorted(by_method, key=method_order)
         )  # fmt: skip
-        result.append(Condition(source=source, family=family, dose=dose, cells=cells))
+        result.append(Condition(source=source, family=family, dose=dose, cells=cells, dose_response=dose_resp))
     return result
 
 
@@ -211,85 +255,73 @@ def _steps_text(steps: Sequence[int | None]) -> str:
     return "/".join("-" if s is None else str(s) for s in steps)
 
 
+def _paired_text(c: StudyCell, ref: StudyCell | None) -> str:
+    if ref is None or c is ref:
+        return "reference" if c is ref else "n/a"
+    m, se, n = c.paired(ref)
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:+.1f}" + (f" ± {se:.1f} (MDE {MDE_Z * se:.1f}, {n} seeds)" if math.isfinite(se) else f" ({n} seed)")
+
+
 def study_table(runs: list[Run]) -> Table:
-    """The paper's layout (best score (step), final score, collapse step) per condition and method,
-    mean +/- standard error over seeds, with the measured mismatch beside it."""
+    """Per condition and method, mean +/- standard error over seeds: the held-out score at step 0 and
+    late, the late change, the change paired against GRPO's, collapses, and the measured mismatch."""
     header = [
-        "method",
-        "seeds",
-        "best score (step)",
-        "final score",
-        "collapse step",
-        "collapsed",
-        "steps to collapse",
-        "mean k3 KL",
-        "mean F(2)",
-        "tokens with a routing difference",
-    ]
+        "method", "seeds", "steps", "step 0", "late", "late - step 0", "minus GRPO (paired)", "collapsed",
+        "k3 KL / token", "k3 KL / response", "F(2)", "F(10)", "max |log r|", "tokens with a routing difference",
+    ]  # fmt: skip
     csv_header = [
-        "condition",
-        "source",
-        "family",
-        "dose_k3_native",
-        "dose_k3_native_se",
-        "method",
-        "status",
-        "seeds",
-        "runs",
-        "best_mean",
-        "best_se",
-        "best_steps",
-        "final_mean",
-        "final_se",
-        "collapse_steps",
-        "collapse_rate",
-        "steps_to_collapse_mean",
-        "steps_to_collapse_se",
-        "k3_mean",
-        "k3_se",
-        "f2_mean",
-        "f2_se",
-        "routing_token_mean",
-    ]
+        "condition", "source", "family", "dose_k3_native", "dose_k3_native_se", "dose_k3_response_native",
+        "method", "status", "seeds", "runs", "steps", "start_mean", "start_se", "late_mean", "late_se",
+        "change_mean", "change_se", "paired_vs_grpo_mean", "paired_vs_grpo_se", "paired_seeds", "collapse_steps",
+        "collapse_rate", "k3_mean", "k3_se", "k3_response_mean", "k3_response_se", "f2_mean", "f5_mean",
+        "f10_mean", "max_log_ratio_mean", "routing_token_mean",
+    ]  # fmt: skip
     rows: list[list[str]] = []
     kinds: list = []
     csv_rows: list[list[object]] = []
     for cond in conditions(runs):
-        rows.append([f"{cond.label}: native k3 KL {fmt_sci(cond.dose[0])}"])
+        ref = cond.reference
+        rows.append([f"{cond.label}: native k3 KL {fmt_sci(cond.dose[0])} / token, "
+                     f"{fmt_sci(cond.dose_response[0])} / response"])  # fmt: skip
         kinds.append("group")
         for c in cond.cells:
             label = c.method + ("" if c.status == "complete" else f" ({c.status})")
             rows.append([
-                label, str(c.n), f"{_pm(c.best)} ({_steps_text(c.best_steps)})", _pm(c.final),
-                _steps_text(c.collapse_steps), f"{sum(s is not None for s in c.collapse_steps)}/{c.n}",
-                _pm(c.steps_to_collapse), fmt_sci(c.k3[0]), fmt_sci(c.f2[0]),
+                label, str(c.n), str(c.steps), _pm(c.start), _pm(c.late), _pm(c.change), _paired_text(c, ref),
+                f"{sum(s is not None for s in c.collapse_steps)}/{c.n} ({_steps_text(c.collapse_steps)})",
+                fmt_sci(c.k3[0]), fmt_sci(c.k3_response[0]), fmt_sci(c.f(2)[0]), fmt_sci(c.f(10)[0]),
+                f"{c.max_log_ratio[0]:.2f}" if math.isfinite(c.max_log_ratio[0]) else "n/a",
                 "n/a" if not math.isfinite(c.routing_tokens[0]) else f"{100 * c.routing_tokens[0]:.1f}%",
             ])  # fmt: skip
             kinds.append("ours")
+            pm, pse, pn = c.paired(ref) if ref is not None and c is not ref else (math.nan, math.nan, 0)
             csv_rows.append([
-                cond.label, cond.source, cond.family, cond.dose[0], cond.dose[1], c.method, c.status, c.n,
-                ";".join(r.name for r in c.runs), *c.best, _steps_text(c.best_steps), *c.final,
-                _steps_text(c.collapse_steps), c.collapse_rate, *c.steps_to_collapse, *c.k3, *c.f2,
-                c.routing_tokens[0],
+                cond.label, cond.source, cond.family, cond.dose[0], cond.dose[1], cond.dose_response[0], c.method,
+                c.status, c.n, ";".join(r.name for r in c.runs), c.steps, *c.start, *c.late, *c.change, pm, pse,
+                pn, _steps_text(c.collapse_steps), c.collapse_rate, *c.k3, *c.k3_response, c.f(2)[0], c.f(5)[0],
+                c.f(10)[0], c.max_log_ratio[0], c.routing_tokens[0],
             ])  # fmt: skip
     notes = [
-        "Scores: held-out accuracy in % (eval average); best = highest evaluation point of each seed "
-        "(step 0 counts; steps per seed in parentheses), final = last evaluation point; mean ± standard "
+        "Scores: held-out accuracy in % (eval average). late = mean of the last quarter of the evaluation "
+        "points after step 0 (r3.collapse.late_score); late - step 0 is the decision metric; mean ± standard "
         "error over seeds (no ± with one seed).",
-        "Collapse step by r3.collapse: the first evaluation step from which the average stays below "
-        "collapse_frac (0.5) x its running best for collapse_patience (2) consecutive points and never "
-        "recovers; '-' = no collapse; seeds joined by '/'. Steps to collapse: a seed that did not collapse "
-        "counts as its last step (a lower bound).",
-        "Mismatch: mean over global steps of mismatch/k3_kl and mismatch/extreme_frac@2 (F(2)) between the "
-        "trainer's old logprobs and the rollout engine's; a condition's dose is its native (GRPO) arm's k3 KL. "
-        "Routing: share of tokens whose top-k differs in at least one MoE layer between the engines (measured "
-        "without replay, so R3 rows show what replay removed).",
+        f"minus GRPO (paired): per seed, this arm's late - step 0 minus GRPO's in the same condition, mean ± "
+        f"s.e. over seeds; MDE = {MDE_Z} s.e., the smallest true difference these seeds detect 80% of the "
+        "time at 5% (two-sided).",
+        "Collapsed: seeds that collapsed by r3.collapse (the average stays below collapse_frac x its running "
+        "best for collapse_patience consecutive points and never recovers), their steps in parentheses.",
+        "Mismatch: means over global steps of the trainer's old logprobs vs the rollout engine's (k3 KL per "
+        "token and summed per response, F(tau) = share of tokens with max(r, 1/r) > tau, the step's max "
+        "|log r|); a condition's dose is its native (GRPO) arm's. Routing: share of tokens whose top-k "
+        "differs in at least one MoE layer (measured without replay, so R3 rows show what replay removed).",
     ]
     if any(k == "ours" and "(" in r[0] for r, k in zip(rows, kinds)):
         notes.append("(running)/(failed): no manifest.json yet; numbers cover the steps written so far.")
     return Table(
         name="study_collapse",
-        title="Collapse study: single-mini-step GRPO, mismatch x method x seeds",
+        title="Collapse study: GRPO arms, mismatch dose x method x seeds",
         header=header,
         rows=rows,
         kinds=kinds,
@@ -299,69 +331,181 @@ def study_table(runs: list[Run]) -> Table:
     )
 
 
+def study_results(runs: list[Run]) -> dict:
+    """The machine-readable record (docs/study/results.json): per condition (dose) and arm, the seeds,
+    late - step 0 mean and s.e. (points), the paired difference to GRPO, collapses, per-token and
+    per-response k3 KL."""
+    out = []
+    for cond in conditions(runs):
+        ref = cond.reference
+        for c in cond.cells:
+            pm, pse, pn = c.paired(ref) if ref is not None and c is not ref else (math.nan, math.nan, 0)
+            out.append({
+                "condition": cond.label, "dose_k3_per_token": cond.dose[0], "dose_k3_per_response":
+                cond.dose_response[0], "method": c.method, "status": c.status,
+                "seeds": sorted(int(r.config.seed) for r in c.runs), "steps": c.steps,
+                "start": c.start[0], "late": c.late[0], "change": c.change[0], "change_se": c.change[1],
+                "minus_grpo": pm, "minus_grpo_se": pse, "minus_grpo_seeds": pn,
+                "collapses": sum(s is not None for s in c.collapse_steps), "collapse_steps": c.collapse_steps,
+                "k3_per_token": c.k3[0], "k3_per_response": c.k3_response[0],
+                "f2": c.f(2)[0], "f5": c.f(5)[0], "f10": c.f(10)[0],
+            })  # fmt: skip
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in out]
+    return {"units": {"scores": "held-out accuracy, points (%)", "k3": "nats"}, "paper_k3_per_token": PAPER_K3,
+            "mde_z": MDE_Z, "cells": clean}  # fmt: skip
+
+
 # --- the dose-response figure -------------------------------------------------------------------
+CONTROL_K3 = 1e-7
+"""A condition whose native per-token k3 KL is at most this is a no-mismatch control (fp32 rollout:
+about 1e-10); it is drawn as a horizontal band, not at a dose."""
+
+
+def _log_axis(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
+
+
 def dose_response_figure(runs: list[Run]) -> Figure:
-    """Collapse rate, steps to collapse and best score against the native arm's mean k3 KL, one
-    line per method (colour) and family (marker); error bars are standard errors over seeds.
-    Methods at one dose are dodged by DODGE_DECADES so that equal values stay visible."""
+    """Late change (late - step 0) against the native arm's per-token and per-response k3 KL, and the
+    collapse rate against per-token k3 KL; one line per method (colour) and family (marker), error
+    bars the standard errors over seeds, the paper's per-token k3 KL marked, a no-mismatch control as
+    a grey band (its mean +/- s.e.). One row of panels per global-step count, so that no panel mixes
+    run lengths. Methods at one dose are dodged by DODGE_DECADES so that equal values stay visible."""
     conds = conditions(runs)
-    fig = new_figure(FULL_WIDTH_IN, 2.9)
-    axes = fig.subplots(1, 3)
+    step_counts = sorted({cell.steps for c in conds for cell in c.cells}) or [0]
+    fig = new_figure(FULL_WIDTH_IN, 2.6 * len(step_counts) + 0.3)
+    grid = np.atleast_2d(fig.subplots(len(step_counts), 3, squeeze=False))
     panels = (
-        ("collapse rate", "fraction of seeds", lambda c: (c.collapse_rate, math.nan)),
-        ("steps to collapse", "global step (no collapse: last step)", lambda c: c.steps_to_collapse),
-        ("best held-out score", "accuracy (%)", lambda c: c.best),
+        ("late - step 0 vs k3 KL per token", "dose", "held-out points", lambda c: c.change),
+        ("late - step 0 vs k3 KL per response", "dose_response", "held-out points", lambda c: c.change),
+        ("collapse rate", "dose", "fraction of seeds", lambda c: (c.collapse_rate, math.nan)),
     )
     families = sorted({c.family for c in conds})
     methods = sorted({cell.method for c in conds for cell in c.cells}, key=method_order)
-    xs_all = [c.dose[0] for c in conds if math.isfinite(c.dose[0]) and c.dose[0] > 0]
-    for ax, (title, ylabel, stat) in zip(axes, panels):
-        ax.set_title(title)
-        ax.set_xlabel("native arm's mean k3 KL")
-        ax.set_ylabel(ylabel)
-        if not xs_all:
-            no_data(ax, "mismatch/k3_kl")
-            continue
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
-        for fi, fam in enumerate(families):
-            for mi, method in enumerate(methods):
-                pts = [
-                    (c.dose[0], *stat(cell), cell.status)
-                    for c in conds
-                    if c.family == fam
-                    for cell in c.cells
-                    if cell.method == method and math.isfinite(c.dose[0]) and c.dose[0] > 0
-                ]
-                pts = [p for p in pts if math.isfinite(p[1])]
-                if not pts:
-                    continue
-                pts.sort()
-                x = np.array([p[0] for p in pts]) * 10 ** (DODGE_DECADES * (mi - (len(methods) - 1) / 2))
-                y = np.array([p[1] for p in pts])
-                err = np.array([p[2] if math.isfinite(p[2]) else 0.0 for p in pts])
-                color = METHOD_COLORS.get(method, f"C{mi}")
-                running = any(p[3] != "complete" for p in pts)
-                label = method + (f" [{fam}]" if fam else "") + (" (running)" if running else "")
-                ax.errorbar(
-                    x,
-                    y,
-                    yerr=err if err.any() else None,
-                    color=color,
-                    marker=MARKERS[fi % len(MARKERS)],
-                    markersize=3.5,
-                    linestyle="--" if running else "-",
-                    capsize=2,
-                    label=label,
-                )
-        if title == "collapse rate":
-            ax.set_ylim(-0.05, 1.05)
-    handles, labels = axes[-1].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False)
-    fig.suptitle("Collapse vs training-inference mismatch, with and without R3 (mean ± s.e. over seeds)")
+    for row, steps in zip(grid, step_counts):
+        for ax, (title, dose_attr, ylabel, stat) in zip(row, panels):
+            ax.set_title(f"{title} ({steps} steps)" if steps else title)
+            ax.set_xlabel("native arm's mean " + ("k3 KL per token" if dose_attr == "dose" else "k3 KL per response"))
+            ax.set_ylabel(ylabel)
+            dosed = [c for c in conds if getattr(c, dose_attr)[0] > 0 and c.dose[0] > CONTROL_K3
+                     and any(cell.steps == steps for cell in c.cells)]  # fmt: skip
+            if not dosed:
+                no_data(ax, "mismatch/k3_kl" if dose_attr == "dose" else "mismatch/k3_kl_per_response")
+                continue
+            _log_axis(ax)
+            controls = [c.reference for c in conds if c.dose[0] <= CONTROL_K3 and c.reference is not None]
+            for ref in controls if title != "collapse rate" else []:  # no-mismatch controls: a band
+                if ref.steps == steps:
+                    m, se = stat(ref)
+                    if math.isfinite(m):
+                        ax.axhline(m, color="0.5", linestyle=":", linewidth=1, label="fp32 control (no mismatch)")
+                        if math.isfinite(se):
+                            ax.axhspan(m - se, m + se, color="0.85", zorder=0)
+            if dose_attr == "dose":
+                ax.axvline(PAPER_K3, color="0.3", linestyle="--", linewidth=0.8, label="paper's k3 KL / token")
+            for fi, fam in enumerate(families):
+                for mi, method in enumerate(methods):
+                    pts = sorted(
+                        (getattr(c, dose_attr)[0], *stat(cell), cell.status)
+                        for c in dosed if c.family == fam
+                        for cell in c.cells if cell.method == method and cell.steps == steps
+                    )  # fmt: skip
+                    pts = [p for p in pts if math.isfinite(p[1])]
+                    if not pts:
+                        continue
+                    x = np.array([p[0] for p in pts]) * 10 ** (DODGE_DECADES * (mi - (len(methods) - 1) / 2))
+                    err = np.array([p[2] if math.isfinite(p[2]) else 0.0 for p in pts])
+                    running = any(p[3] != "complete" for p in pts)
+                    ax.errorbar(
+                        x, np.array([p[1] for p in pts]), yerr=err if err.any() else None,
+                        color=METHOD_COLORS.get(method, f"C{mi}"), marker=MARKERS[fi % len(MARKERS)], markersize=3.5,
+                        linestyle="--" if running else "-", capsize=2,
+                        label=method + (f" [{fam}]" if fam else "") + (" (running)" if running else ""),
+                    )  # fmt: skip
+            if title == "collapse rate":
+                ax.set_ylim(-0.05, 1.05)
+        handles, labels = row[0].get_legend_handles_labels()
+        if handles:
+            row[0].legend(handles, labels, loc="best", fontsize="x-small", frameon=True, framealpha=0.8)
+    fig.suptitle("Late change and collapse vs training-inference mismatch, with and without R3 (mean ± s.e.)")
+    return fig
+
+
+def dynamics_figure(runs: list[Run]) -> Figure:
+    """Per condition (one panel each): the held-out score against the global step, mean over seeds
+    per method with a band of +/- s.e., and the native arm's per-step k3 KL on a second axis, to
+    show whether the mismatch drifts up before a score drops."""
+    conds = conditions(runs)
+    n = max(1, len(conds))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = new_figure(FULL_WIDTH_IN, 2.4 * rows + 0.3)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).flatten()
+    if not conds:
+        no_data(axes[0], "eval.jsonl")
+    for ax, c in zip(axes, conds):
+        ax.set_title(c.label, fontsize="small")
+        ax.set_xlabel("global step")
+        ax.set_ylabel("held-out accuracy (%)")
+        for mi, cell in enumerate(c.cells):
+            frames = [100 * r.evals["avg"] for r in cell.runs if len(r.evals)]
+            if not frames:
+                continue
+            common = sorted(set.intersection(*(set(int(i) for i in f.index) for f in frames)))
+            arr = np.array([[float(f.loc[s]) for s in common] for f in frames])
+            mean = arr.mean(axis=0)
+            color = METHOD_COLORS.get(cell.method, f"C{mi}")
+            ax.plot(common, mean, color=color, label=cell.method, linewidth=1.2)
+            if len(arr) > 1:
+                se = arr.std(axis=0, ddof=1) / math.sqrt(len(arr))
+                ax.fill_between(common, mean - se, mean + se, color=color, alpha=0.15, linewidth=0)
+        native = _native_runs([r for cell in c.cells for r in cell.runs])
+        k3 = [r.metrics["mismatch/k3_kl"] for r in native if "mismatch/k3_kl" in r.metrics.columns]
+        if k3 and c.dose[0] > CONTROL_K3:
+            twin = ax.twinx()
+            mean_k3 = sum(k3) / len(k3)
+            twin.plot(mean_k3.index, mean_k3.rolling(5, min_periods=1).mean(), color="0.4", linewidth=0.8,
+                      linestyle=":", label="native k3 KL / token (5-step mean)")  # fmt: skip
+            twin.set_ylabel("k3 KL / token", fontsize="x-small")
+            twin.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
+        ax.legend(loc="lower left", fontsize="xx-small", frameon=True, framealpha=0.8)
+    for ax in axes[len(conds) :]:
+        ax.set_visible(False)
+    fig.suptitle("Held-out score per step (mean ± s.e. over seeds) and the native arm's mismatch")
+    return fig
+
+
+def ftau_figure(runs: list[Run]) -> Figure:
+    """F(tau), the share of tokens with max(r, 1/r) > tau, at tau = 2, 5, 10, per condition's native
+    arm and its R3 arm (means over steps and seeds), beside the paper's F(2)."""
+    conds = [c for c in conditions(runs) if c.dose[0] > CONTROL_K3]
+    fig = new_figure(FULL_WIDTH_IN / 2, 2.8)
+    ax = fig.subplots()
+    ax.set_xlabel("tau")
+    ax.set_ylabel("F(tau)")
+    ax.set_title("Extreme-token share F(tau)")
+    drawn = 0
+    for i, c in enumerate(conds):
+        for cell in c.cells:
+            if cell.method not in ("GRPO", "GRPO+R3"):
+                continue
+            ys = [cell.f(t)[0] for t in TAUS]
+            if not any(math.isfinite(y) and y > 0 for y in ys):
+                continue
+            ax.plot(TAUS, [y if y > 0 else np.nan for y in ys], marker=MARKERS[i % len(MARKERS)], markersize=3.5,
+                    color=METHOD_COLORS.get(cell.method, f"C{i}"), linestyle="-" if cell.method == "GRPO" else "--",
+                    label=f"{c.source.split(':')[0]} {cell.method}")  # fmt: skip
+            drawn += 1
+    if not drawn:
+        no_data(ax, "mismatch/extreme_frac@tau")
+        return fig
+    ax.plot([2], [PAPER_F2], marker="*", markersize=9, color="k", linestyle="none", label="paper F(2), native")
+    ax.set_yscale("log")
+    ax.set_xticks(TAUS)
+    ax.legend(loc="best", fontsize="xx-small", frameon=True, framealpha=0.8)
     return fig
 
 

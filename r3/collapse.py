@@ -1,4 +1,5 @@
-"""The collapse rule, in one place: used by the run loop, the grid listing and the plots.
+"""The collapse rule and the late score, in one place: used by the run loop, the grid listing,
+the summaries and the plots.
 
 PAPER.md: a run collapses when its score "falls sharply and does not recover". Made precise
 here (the paper does not publish its rule): the collapse step is the first evaluation step
@@ -34,3 +35,17 @@ def collapse_step(steps: Sequence[int], scores: Sequence[float], *, frac: float 
     if below_from is not None and len(scores) - below_from >= patience:
         return int(steps[below_from])
     return None
+
+
+def late_score(steps: Sequence[int], scores: Sequence[float]) -> tuple[float, list[int]] | None:
+    """The decision metric's late score: the mean evaluation average over the last quarter (at least
+    one) of the evaluation points after step 0, and their steps; None without such a point. The
+    study compares `late - score at step 0`, never the best point (the maximum of many noisy
+    evaluations is biased upwards: of 31 points with s.e. 2 the maximum sits about +4 above the mean)."""
+    if len(steps) != len(scores):
+        raise ValueError(f"steps and scores differ in length: {len(steps)} vs {len(scores)}")
+    pts = [(st, sc) for st, sc in zip(steps, scores) if st > 0]
+    if not pts:
+        return None
+    late = pts[-max(1, len(pts) // 4) :]
+    return sum(sc for _, sc in late) / len(late), [int(st) for st, _ in late]

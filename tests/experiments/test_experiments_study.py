@@ -133,6 +133,7 @@ def _write(root: Path, cfg: RunConfig, avgs: dict[int, float], *, k3: float, las
             "time": 1.7e9 + s,
             "mismatch/k3_kl": k3,
             "mismatch/extreme_frac@2": k3 / 10,
+            "mismatch/k3_kl_per_response": k3 * 100,
             "actor/grad_norm": 0.5,
             "actor/entropy": 0.8,
             "rollout/response_len_mean": 30.0,
@@ -190,7 +191,7 @@ def _study_root(root: Path) -> Path:
 
 
 def test_dose_response_aggregation_on_fixture_runs(tmp_path):
-    from plots.figures_study import conditions, study_table
+    from plots.figures_study import conditions, study_results, study_table
     from plots.runs import discover
 
     runs = discover(_study_root(tmp_path / "runs")).runs
@@ -200,23 +201,37 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     lg, lr3 = low.cells
     hg, hr3 = high.cells
     assert (lg.method, lr3.method, hg.method, hr3.method) == ("GRPO", "GRPO+R3", "GRPO", "GRPO+R3")
-    assert lg.best == pytest.approx((51.0, 1.0)) and lg.best_steps == [5, 10]
-    assert lg.final == pytest.approx((49.0, 1.0))
+    # late = the last quarter of the points after step 0 (here the last point); change = late - step 0
+    assert lg.start == pytest.approx((40.0, 0.0)) and lg.late == pytest.approx((49.0, 1.0))
+    assert lg.change == pytest.approx((9.0, 1.0))
+    assert lr3.paired(lg) == pytest.approx((-3.0, 1.0, 2))  # per seed: 6 - 8 and 6 - 10
     assert lg.collapse_steps == [None, None] and lg.collapse_rate == 0
     assert hg.collapse_steps == [10, 15] and hg.collapse_rate == 1.0
+    assert hg.change == pytest.approx((-30.0, 0.0)) and hr3.paired(hg) == pytest.approx((36.0, 0.0, 2))
     assert hg.steps_to_collapse == pytest.approx((12.5, 2.5))
     assert hr3.collapse_rate == 0 and hr3.steps_to_collapse == pytest.approx((20.0, 0.0))
-    assert hr3.k3 == pytest.approx((6e-5, 0.0)) and hr3.best[0] == pytest.approx(47.0)
+    assert hr3.k3 == pytest.approx((6e-5, 0.0))
+    assert high.reference is hg
 
     t = study_table(runs)
-    by = {(r[0], r[5]): r for r in t.csv_rows}  # (condition, method) -> csv row
-    row = by[(high.label, "GRPO")]
     h = t.csv_header
+    by = {(r[0], r[h.index("method")]): r for r in t.csv_rows}  # (condition, method) -> csv row
+    row = by[(high.label, "GRPO")]
     assert row[h.index("collapse_steps")] == "10/15" and row[h.index("collapse_rate")] == 1.0
     assert row[h.index("dose_k3_native")] == pytest.approx(1.5e-3)
+    assert by[(low.label, "GRPO+R3")][h.index("paired_vs_grpo_mean")] == pytest.approx(-3.0)
     md_rows = [r for r, k in zip(t.rows, t.kinds) if k == "ours"]
-    assert md_rows[0][:6] == ["GRPO", "2", "51.0 ± 1.0 (5/10)", "49.0 ± 1.0", "-/-", "0/2"]
-    assert md_rows[2][4:6] == ["10/15", "2/2"]
+    assert md_rows[0][:8] == ["GRPO", "2", "20", "40.0 ± 0.0", "49.0 ± 1.0", "9.0 ± 1.0", "reference", "0/2 (-/-)"]
+    assert md_rows[1][6] == "-3.0 ± 1.0 (MDE 2.8, 2 seeds)"
+    assert md_rows[2][7] == "2/2 (10/15)"
+
+    rec = study_results(runs)
+    cells = {(c["condition"], c["method"]): c for c in rec["cells"]}
+    r3_high = cells[(high.label, "GRPO+R3")]
+    assert r3_high["seeds"] == [0, 1] and r3_high["change"] == pytest.approx(6.0)
+    assert r3_high["minus_grpo"] == pytest.approx(36.0) and r3_high["collapses"] == 0
+    assert r3_high["k3_per_token"] == pytest.approx(6e-5)
+    json.dumps(rec, allow_nan=False)  # strict JSON: no NaN
 
 
 def test_dose_response_figure_on_fixture_runs(tmp_path):
@@ -228,13 +243,15 @@ def test_dose_response_figure_on_fixture_runs(tmp_path):
     with paper_style():
         fig = figures_study.dose_response_figure(discover(root).runs)
         paths = save(fig, tmp_path / "figures", "study_dose_response")
-    rate_ax, steps_ax, best_ax = fig.axes[:3]
+    change_ax, per_response_ax, rate_ax = fig.axes[:3]
     ys = {c.get_label(): list(c.lines[0].get_ydata()) for c in rate_ax.containers}
     assert ys == {"GRPO": [0.0, 1.0], "GRPO+R3": [0.0, 0.0]}
     dodge = 10 ** -(figures_study.DODGE_DECADES / 2)  # GRPO sits left of GRPO+R3
     assert list(rate_ax.containers[0].lines[0].get_xdata()) == pytest.approx([2e-4 * dodge, 1.5e-3 * dodge])
-    assert list(steps_ax.containers[0].lines[0].get_ydata()) == pytest.approx([20.0, 12.5])
-    assert list(best_ax.containers[0].lines[0].get_ydata()) == pytest.approx([51.0, 48.0])
+    assert list(change_ax.containers[0].lines[0].get_ydata()) == pytest.approx([9.0, -30.0])
+    assert figures_study.PAPER_K3 in [ln.get_xdata()[0] for ln in change_ax.lines]  # the paper's dose marked
+    assert change_ax.get_legend() is not None  # inside the frame
+    assert "20 steps" in change_ax.get_title()
     assert paths[0].suffix == ".png" and paths[0].stat().st_size > 10_000
 
 
