@@ -478,15 +478,21 @@ def dynamics_figure(runs: list[Run]) -> Figure:
     return fig
 
 
+def _half_panel(xlabel: str, ylabel: str, title: str, *, height: float = 2.6):
+    """A half-width figure with one labelled axes."""
+    fig = new_figure(FULL_WIDTH_IN / 2, height)
+    ax = fig.subplots()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax
+
+
 def ftau_figure(runs: list[Run]) -> Figure:
     """F(tau), the share of tokens with max(r, 1/r) > tau, at tau = 2, 5, 10, per condition's native
     arm and its R3 arm (means over steps and seeds), beside the paper's F(2)."""
     conds = [c for c in conditions(runs) if c.dose[0] > CONTROL_K3]
-    fig = new_figure(FULL_WIDTH_IN / 2, 2.8)
-    ax = fig.subplots()
-    ax.set_xlabel("tau")
-    ax.set_ylabel("F(tau)")
-    ax.set_title("Extreme-token share F(tau)")
+    fig, ax = _half_panel("tau", "F(tau)", "Extreme-token share F(tau)", height=2.8)
     drawn = 0
     for i, c in enumerate(conds):
         for cell in c.cells:
@@ -529,11 +535,7 @@ def routing_layers_figure(runs: list[Run]) -> Figure:
     mean +/- s.e. over seeds), one line per condition: does disagreement grow with depth (the paper:
     94% of tokens differ in at least one of 48 layers), and how does it scale with the dose?"""
     conds = conditions(runs)
-    fig = new_figure(FULL_WIDTH_IN / 2, 2.6)
-    ax = fig.subplots()
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("tokens with a different top-k set")
-    ax.set_title("Routing disagreement per layer (native arm)")
+    fig, ax = _half_panel("MoE layer", "tokens with a different top-k set", "Routing disagreement per layer (native arm)")
     drawn = 0
     for i, c in enumerate(conds):
         per_run = [layer_disagreement(r) for cell in c.cells for r in _native_runs(list(cell.runs))]
