@@ -535,7 +535,8 @@ def routing_layers_figure(runs: list[Run]) -> Figure:
     mean +/- s.e. over seeds), one line per condition: does disagreement grow with depth (the paper:
     94% of tokens differ in at least one of 48 layers), and how does it scale with the dose?"""
     conds = conditions(runs)
-    fig, ax = _half_panel("MoE layer", "tokens with a different top-k set", "Routing disagreement per layer (native arm)")
+    title = "Routing disagreement per layer (native arm)"
+    fig, ax = _half_panel("MoE layer", "tokens with a different top-k set", title)
     drawn = 0
     for i, c in enumerate(conds):
         per_run = [layer_disagreement(r) for cell in c.cells for r in _native_runs(list(cell.runs))]
