@@ -74,26 +74,40 @@ class Dose:
         }
 
 
-DOSES: dict[str, Dose] = {
-    d.name: d
-    for d in (
+NOISE_STDS: dict[str, dict[str, float]] = {
+    # Stds that reach the paper's per-token k3 KL and 3x and 10x it on each zoo's SFT model, found
+    # with `calibrate --router-noise / --logit-noise` (docs/study.md "Doses"): deeper models flip
+    # more routing per std, so each zoo has its own.
+    "tiny": {"router-1x": 0.23, "router-3x": 0.45, "router-10x": 0.69,
+             "logit-1x": 0.24, "logit-3x": 0.40, "logit-10x": 0.75},
+}  # fmt: skip
+
+
+def ladder(zoo_size: str = "tiny") -> dict[str, Dose]:
+    """The calibrated ladder of a zoo: the precision doses (any zoo) and the noise doses at that zoo's
+    stds (`NOISE_STDS`; none for a zoo not calibrated). `python -m experiments.study calibrate`
+    measures every one by default."""
+    stds = NOISE_STDS.get(zoo_size, {})
+    fixed = (
         Dose(name="fp32", note="no mismatch: the floor (KV-cached decode vs full forward, both fp32)"),
         Dose(name="bf16", precision="bf16", note="bf16 rollout"),
         Dose(name="fp8router", precision="fp8", fp8_scope="router", note="FP8 router weights"),
         Dose(name="fp8all", precision="fp8", fp8_scope="all", note="FP8 weights of every linear layer"),
         Dose(name="w8a8", precision="fp8", fp8_scope="w8a8", note="FP8 serving: W8A8, router and head bf16"),
         Dose(name="vllmbf16", engine="vllm", precision="bf16", note="vLLM's bf16 CPU kernels (the `vllm` extra)"),
-        # noise doses on an fp32 rollout, so each is the only mismatch; stds measured on the shipped tiny
-        # zoo to reach the paper's per-token k3 KL and 3x and 10x it (docs/study.md "Doses")
-        Dose(name="router-1x", router_noise=0.23, note="router noise: paper's per-token KL"),
-        Dose(name="router-3x", router_noise=0.45, note="router noise: 3x"),
-        Dose(name="router-10x", router_noise=0.69, note="router noise: 10x"),
-        Dose(name="logit-1x", logit_noise=0.24, note="logit noise: paper's per-token KL"),
-        Dose(name="logit-3x", logit_noise=0.40, note="logit noise: 3x"),
-        Dose(name="logit-10x", logit_noise=0.75, note="logit noise: 10x"),
     )
-}
-"""The calibrated ladder (`python -m experiments.study calibrate` measures every one by default)."""
+    # noise doses on an fp32 rollout, so each is the only mismatch
+    words = {"1x": "paper's per-token KL", "3x": "3x", "10x": "10x"}
+    noise = tuple(
+        Dose(name=name, **{f"{name.split('-')[0]}_noise": std},
+             note=f"{name.split('-')[0]} noise: {words[name.split('-')[1]]}")
+        for name, std in stds.items()
+    )  # fmt: skip
+    return {d.name: d for d in fixed + noise}
+
+
+DOSES: dict[str, Dose] = ladder("tiny")
+"""The tiny zoo's ladder (the default zoo of `calibrate`)."""
 
 
 def _engines(moe_dir: Path, seed: int):
@@ -107,14 +121,11 @@ def _engines(moe_dir: Path, seed: int):
 def _rollout_engine(moe_dir: Path, dose: Dose, seed: int):
     from r3.engines import registry
 
-    options = {
-        "fp8_scope": dose.fp8_scope,
-        "router_noise": dose.router_noise,
-        "logit_noise": dose.logit_noise,
-        "progress_min_prompts": 0,  # no progress bar per dose
-    }
+    options = {"progress_min_prompts": 0}  # no progress bar per dose
+    if dose.engine == "hf":  # the settings only the transformers engine has
+        options |= {"fp8_scope": dose.fp8_scope, "router_noise": dose.router_noise, "logit_noise": dose.logit_noise}
     settings = registry.RolloutSettings(model_path=str(moe_dir), precision=dose.precision, seed=seed, options=options)
-    return registry.build_rollout_engine(registry.rollout_config_for("hf", settings))
+    return registry.build_rollout_engine(registry.rollout_config_for(dose.engine, settings))
 
 
 def measure_doses(

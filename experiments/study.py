@@ -169,14 +169,6 @@ def calibrate(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    unknown = sorted(set(args.doses or ()) - set(doses.DOSES))
-    if unknown:
-        raise SystemExit(f"--doses: unknown {unknown}; known: {list(doses.DOSES)}")
-    selected = [doses.DOSES[n] for n in args.doses] if args.doses is not None else []
-    selected += [doses.Dose(name=f"router{x:g}", router_noise=x, note="ad hoc") for x in args.router_noise]
-    selected += [doses.Dose(name=f"logit{x:g}", logit_noise=x, note="ad hoc") for x in args.logit_noise]
-    if args.doses is None and not selected:
-        selected = list(doses.DOSES.values())
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir()).resolve()
     manifest = zoo.load_manifest(zoo_dir)
     if manifest is None:
@@ -186,6 +178,15 @@ def calibrate(args: argparse.Namespace) -> int:
                 "with python -m experiments.zoo --out DIR, or leave --zoo-dir out for the shipped tiny zoo"
             )
         manifest = zoo.build_zoo(zoo_dir)  # the shipped tiny zoo, copied in seconds
+    named = doses.ladder(manifest["config"]["size"])
+    unknown = sorted(set(args.doses or ()) - set(named))
+    if unknown:
+        raise SystemExit(f"--doses: unknown {unknown}; known on this zoo: {list(named)}")
+    selected = [named[n] for n in args.doses] if args.doses is not None else []
+    selected += [doses.Dose(name=f"router{x:g}", router_noise=x, note="ad hoc") for x in args.router_noise]
+    selected += [doses.Dose(name=f"logit{x:g}", logit_noise=x, note="ad hoc") for x in args.logit_noise]
+    if args.doses is None and not selected:
+        selected = [d for d in named.values() if d.engine == "hf"]  # vLLM's doses: --doses vllmbf16
     settings = {
         "zoo_dir": str(zoo_dir),
         "zoo_size": manifest["config"]["size"],
@@ -238,13 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--list", action="store_true", help="print every cell with its state and the cost; run nothing")
     c.add_argument("--no-plots", action="store_true", help="skip the figures and tables")
     k = sub.add_parser("calibrate", help="static mismatch of each dose beside the paper's (experiments.doses)")
-    k.add_argument("--doses", nargs="*", default=None, help="named doses of experiments.doses.DOSES (default: all)")
+    k.add_argument(
+        "--doses", nargs="*", default=None, help="named doses of the zoo's ladder (experiments.doses.ladder)"
+    )
     k.add_argument("--router-noise", type=float, nargs="*", default=[], help="ad-hoc router-noise stds (fp32 rollout)")
     k.add_argument("--logit-noise", type=float, nargs="*", default=[], help="ad-hoc logit-noise stds (fp32 rollout)")
     k.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (the shipped tiny zoo)")
     k.add_argument("--n-prompts", type=int, default=128, help="held-out problems per dose")
     k.add_argument("--group-size", type=int, default=8, help="samples per problem")
-    k.add_argument("--max-new-tokens", type=int, default=48)
+    k.add_argument("--max-new-tokens", type=int, default=48, help="the study zoo's cells use 256")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--threads", type=int, default=1, help="torch threads")
     k.add_argument("--out", type=Path, default=None, help="also write the records as JSON here")

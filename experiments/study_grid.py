@@ -7,7 +7,7 @@ not appear here). A cell is one single-mini-step RL run on the embedded zoo's SF
 
 - arm: `grpo`, `grpo-tis`, `grpo-r3`, `grpo-tis-r3` (PAPER.md, single-mini-step table);
 - level: the source and strength of the training-inference mismatch, a dose of the calibrated
-  ladder (experiments.doses.DOSES: RunConfig fields with a physical meaning): bf16 rollout, FP8
+  ladder of the plan's zoo (experiments.doses.ladder: RunConfig fields with a physical meaning): bf16 rollout, FP8
   rollouts (routers, every linear layer, W8A8 serving), vLLM's bf16 kernels, router-logit noise
   and output-logit noise at the paper's per-token KL and 3x and 10x it, and the fp32 control;
 - seed: prompt order, sampling and initialisation (`RunConfig.seed`).
@@ -30,7 +30,7 @@ from typing import Any
 
 from experiments import grid, zoo
 from experiments.config import RunConfig
-from experiments.doses import DOSES
+from experiments.doses import ladder
 
 # --- arms: the paper's single-mini-step methods ---------------------------------------------------
 ARMS: dict[str, dict[str, bool]] = {
@@ -197,10 +197,14 @@ def _lr_text(lr: float) -> str:
 
 def cell(plan: _Plan, *, level: str, arm: str, seed: int, lr: float, zoo_dir: Path) -> RunConfig:
     """One study cell: the SFT model, single-mini-step GRPO with the arm's TIS/R3, at `level`."""
-    if level not in DOSES or arm not in ARMS:
-        raise ValueError(f"unknown level {level!r} or arm {arm!r}; levels {sorted(DOSES)}, arms {sorted(ARMS)}")
+    doses = ladder(plan.zoo_size)
+    if level not in doses or arm not in ARMS:
+        raise ValueError(
+            f"unknown level {level!r} or arm {arm!r}; levels of zoo {plan.zoo_size!r} {sorted(doses)}, "
+            f"arms {sorted(ARMS)}"
+        )
     name = f"{plan.name}-{level}-{arm}" + (f"-lr{_lr_text(lr)}" if len(plan.lrs) > 1 else "") + f"-s{seed}"
-    fields = {**_STUDY_RUN, **plan.run, **ARMS[arm], **DOSES[level].run_fields()}
+    fields = {**_STUDY_RUN, **plan.run, **ARMS[arm], **doses[level].run_fields()}
     return RunConfig(name=name, seed=seed, zoo_dir=str(zoo_dir), zoo_size=plan.zoo_size, lr=lr, **fields)
 
 

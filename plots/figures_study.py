@@ -80,12 +80,12 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 
 def source_label(cfg) -> str:
-    """The mismatch source in words: the note of the dose of experiments.doses.DOSES whose RunConfig
-    fields the run has, else its engine, precision and noise."""
-    from experiments.doses import DOSES
+    """The mismatch source in words: the note of the dose of a calibrated ladder
+    (experiments.doses.ladder) whose RunConfig fields the run has, else its engine, precision and noise."""
+    from experiments.doses import NOISE_STDS, ladder
 
     d = cfg.to_dict()
-    for dose in DOSES.values():
+    for dose in (dose for size in NOISE_STDS for dose in ladder(size).values()):
         if all(d.get(k) == v for k, v in dose.run_fields().items()):
             return f"{dose.name}: {dose.note}"
     scope = f" ({cfg.rollout_fp8_scope})" if cfg.rollout_precision == "fp8" else ""
