@@ -5,13 +5,12 @@ numerics differ from the fp32 training engine (`r3.engines.hf.train`), so a real
 training-inference mismatch exists, and it records the routing of every fed token (one row per
 fed token: T = prompt + response - 1, DESIGN.md invariant 1) through `r3.engines.hf.replay`.
 
-Decoding is a hand-written loop over the model's forward with a KV cache preallocated for the
-call (`_PreallocatedLayer`; one prefill call, one call per decoded token), not
-`GenerationMixin.generate`: it samples from a seeded `torch.Generator` (reproducible), returns
-the logprob it sampled from, and avoids generate's per-step logits-processor machinery. Left
-padding with explicit position ids. Finished rows leave the batch and the cache
-(`_COMPACT_BELOW`), as continuous batching does in a serving engine: a batch of short and long
-responses then costs about its real tokens, not rows x longest.
+Decoding is a hand-written loop over the model's forward with a `DynamicCache` (one prefill
+call, one call per decoded token), not `GenerationMixin.generate`: it samples from a seeded
+`torch.Generator` (reproducible), returns the logprob it sampled from, and avoids generate's
+per-step logits-processor machinery. Left padding with explicit position ids. Finished rows leave
+the batch and the cache (`_COMPACT_BELOW`), as continuous batching does in a serving engine: a
+batch of short and long responses then costs about its real tokens, not rows x longest.
 
 Departures from the paper's engine: logprobs are those of the temperature-scaled distribution
 before top-p truncation (what vLLM/SGLang return by default); temperature 0 is greedy and reports
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from r3.engines.base import Precision, RolloutCapabilities, RolloutSample, SamplingParams, config_kwargs
 from r3.engines.hf.config import HFRolloutConfig
@@ -70,55 +68,6 @@ def _sdpa_fp32(module, query, key, value, attention_mask, *args, **kwargs):
 
 
 AttentionInterface.register(_SDPA_FP32, _sdpa_fp32)
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """transformers' DynamicLayer with its keys and values in buffers sized for the whole call
-    (prompt + max_new_tokens): a decode step writes its position in place, where DynamicLayer's
-    `torch.cat` copies the whole cache every step (quadratic in the response length). `keys` and
-    `values` are views of the filled part, so attention sees exactly what DynamicLayer would hold."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        B, H, _, _ = key_states.shape
-        self._k = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])
-        self._v = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
-        self._views()
-        self.is_initialized = True
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, m = self.length, key_states.shape[-2]
-        if n + m > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions is full ({n} held, {m} more fed)")
-        self._k[:, :, n : n + m] = key_states
-        self._v[:, :, n : n + m] = value_states
-        self.length = n + m
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._views()
-
-
-def _preallocated_cache(config, capacity: int) -> DynamicCache:
-    """A DynamicCache whose full-attention layers are `_PreallocatedLayer`s of `capacity` positions."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_PreallocatedLayer(capacity) if type(lay) is DynamicLayer else lay for lay in cache.layers]
-    return cache
 
 
 def load_causal_lm(model_path_or_model: str | Path | nn.Module) -> nn.Module:
@@ -264,7 +213,7 @@ class HFRolloutEngine:
         rows_A = torch.arange(B, device=dev)
         stats = {"rows": B, "decode_steps": 0, "fed_row_steps": 0, "compactions": 0}
         with ctx:
-            cache = _preallocated_cache(self.model.config, P + N)
+            cache = DynamicCache(config=self.model.config)
             out = self.model(
                 input_ids=input_ids_BP,
                 attention_mask=mask_BS[:, :P],
