@@ -32,12 +32,14 @@ from experiments import grid, zoo
 from experiments.config import RunConfig
 from experiments.doses import ladder
 
-# --- arms: the paper's single-mini-step methods ---------------------------------------------------
+# --- arms: the paper's methods ---------------------------------------------------
 ARMS: dict[str, dict[str, bool]] = {
     "grpo": {"tis": False, "replay": False},
     "grpo-tis": {"tis": True, "replay": False},
     "grpo-r3": {"tis": False, "replay": True},
     "grpo-tis-r3": {"tis": True, "replay": True},
+    "gspo": {"algorithm": "gspo", "tis": False, "replay": False},
+    "gspo-r3": {"algorithm": "gspo", "tis": False, "replay": True},
 }
 
 
@@ -141,6 +143,50 @@ def _learn() -> _Plan:
     )
 
 
+def _study() -> _Plan:
+    """The sweep on the `study` zoo: routing-only doses (router noise at the paper's per-token k3 KL,
+    3x and 10x it) and the non-routing control (logit noise at 3x, matched in per-token KL to
+    router-3x: if KL alone hurt, R3 could not help there), GRPO vs GRPO+R3, 3 seeds, 60 steps; the
+    zero-mismatch control is plan `learn` (same seeds and steps)."""
+    return _Plan(
+        name="study",
+        zoo_size="study",
+        levels=("router-1x", "router-3x", "router-10x", "logit-3x"),
+        arms=("grpo", "grpo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        run=_STUDY_ZOO_RUN,
+    )
+
+
+def _study_tis() -> _Plan:
+    """TIS at the strongest routing dose: GRPO+TIS and GRPO+TIS+R3 beside plan `study`'s cells."""
+    return _Plan(
+        name="studytis",
+        zoo_size="study",
+        levels=("router-10x",),
+        arms=("grpo-tis", "grpo-tis-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        run=_STUDY_ZOO_RUN,
+    )
+
+
+def _ministeps() -> _Plan:
+    """The paper's multi-mini-step setting (8 optimizer steps per global step, where its GRPO
+    collapsed by step 120) at the strongest routing dose: GRPO, GRPO+R3, GSPO, GSPO+R3. About 8x
+    a single-mini-step cell's training time per step."""
+    return _Plan(
+        name="ministeps",
+        zoo_size="study",
+        levels=("router-10x",),
+        arms=("grpo", "grpo-r3", "gspo", "gspo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        run={**_STUDY_ZOO_RUN, "mini_steps": 8},
+    )
+
+
 def _long() -> _Plan:
     """The response-length axis: difficulty 3 (3-5 operands, about 1.5x longer chains of thought),
     96 new tokens, on the tiny zoo, strongest default level only."""
@@ -178,6 +224,9 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "dose": _dose,
     "pilot": _pilot,
     "learn": _learn,
+    "study": _study,
+    "studytis": _study_tis,
+    "ministeps": _ministeps,
     "long": _long,
     "smoke": _smoke,
 }

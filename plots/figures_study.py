@@ -35,7 +35,7 @@ from plots.table_format import Table, fmt_sci
 from r3.collapse import late_score
 
 SEED_FIELDS = ("name", "seed", "rollout_urls")
-ARM_FIELDS = ("replay", "tis")
+ARM_FIELDS = ("replay", "tis", "algorithm")
 NOISE_FIELDS = ("rollout_router_noise", "rollout_logit_noise")
 SOURCE_FIELDS = ("rollout_engine", "rollout_precision", "rollout_fp8_scope", *NOISE_FIELDS)
 """Config fields that make the mismatch source; the other differing fields make a `family`."""

@@ -306,3 +306,28 @@ def test_routing_layers_figure_on_fixture_runs(tmp_path):
     assert list(by_dose[0]) == pytest.approx([2e-3 * (layer + 1) for layer in range(3)])
     assert list(by_dose[1]) == pytest.approx([1.5e-2 * (layer + 1) for layer in range(3)])
     assert paths[0].stat().st_size > 10_000
+
+
+def test_study_zoo_plans_share_the_control_and_use_the_study_ladder(tmp_path):
+    from experiments import doses
+
+    learn = study_grid.cells("learn", zoo_dir=tmp_path)
+    assert sorted(learn) == [f"learn-fp32-grpo-s{s}" for s in range(3)]
+    study = study_grid.cells("study", zoo_dir=tmp_path)
+    assert len(study) == 4 * 2 * 3
+    c = study["study-router-3x-grpo-r3-s1"]
+    assert c.rollout_router_noise == doses.NOISE_STDS["study"]["router-3x"] and c.replay and c.seed == 1
+    assert (c.zoo_size, c.task_difficulty, c.max_new_tokens, c.global_steps) == ("study", 5, 256, 60)
+    # the control and every dosed cell differ only in the dose, the arm, the name and the seed
+    a, b = learn["learn-fp32-grpo-s1"].to_dict(), c.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"name", "replay", "rollout_router_noise"}
+    mini = study_grid.cells("ministeps", zoo_dir=tmp_path)
+    assert {x.mini_steps for x in mini.values()} == {8}
+    assert mini["ministeps-router-10x-gspo-r3-s0"].algorithm == "gspo"
+    assert {x.tis for x in study_grid.cells("studytis", zoo_dir=tmp_path).values()} == {True}
+
+
+def test_an_uncalibrated_noise_dose_says_which_levels_the_zoo_has(tmp_path):
+    p = study_grid._Plan(name="x", zoo_size="micro", levels=("router-3x",), arms=("grpo",), seeds=(0,), lrs=(1e-4,))
+    with pytest.raises(ValueError, match=r"levels of zoo 'micro' \[.*'fp32'.*\]"):
+        study_grid.cell(p, level="router-3x", arm="grpo", seed=0, lr=1e-4, zoo_dir=tmp_path)
