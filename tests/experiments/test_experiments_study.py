@@ -317,7 +317,7 @@ def test_study_zoo_plans_share_the_control_and_use_the_study_ladder(tmp_path):
     assert len(study) == 4 * 2 * 3
     c = study["study-router-3x-grpo-r3-s1"]
     assert c.rollout_router_noise == doses.NOISE_STDS["study"]["router-3x"] and c.replay and c.seed == 1
-    assert (c.zoo_size, c.task_difficulty, c.max_new_tokens, c.global_steps) == ("study", 5, 256, 60)
+    assert (c.zoo_size, c.task_difficulty, c.max_new_tokens, c.global_steps) == ("study", 5, 256, 50)
     # the control and every dosed cell differ only in the dose, the arm, the name and the seed
     a, b = learn["learn-fp32-grpo-s1"].to_dict(), c.to_dict()
     assert {k for k in a if a[k] != b[k]} == {"name", "replay", "rollout_router_noise"}
