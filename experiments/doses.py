@@ -80,8 +80,8 @@ NOISE_STDS: dict[str, dict[str, float]] = {
     # more routing per std, so each zoo has its own.
     "tiny": {"router-1x": 0.23, "router-3x": 0.45, "router-10x": 0.69,
              "logit-1x": 0.24, "logit-3x": 0.40, "logit-10x": 0.75},
-    "study": {"router-1x": 0.49, "router-3x": 0.65, "router-10x": 0.87,
-              "logit-1x": 0.37, "logit-3x": 0.60, "logit-10x": 1.05},
+    "study": {"router-1x": 0.51, "router-3x": 0.64, "router-10x": 0.82,
+              "logit-1x": 0.37, "logit-3x": 0.61, "logit-10x": 1.11},
 }  # fmt: skip
 
 
