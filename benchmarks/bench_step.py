@@ -1,11 +1,12 @@
 """Time per global step of the RL loop, split by phase, without and with R3, side by side.
 
     python -m benchmarks.bench_step [--zoo-dir runs/zoo] [--steps 8] [--precision fp8] [--train-engine hf|megatron]
-                                    [--max-tokens-per-micro-batch 1024]
+                                    [--max-tokens-per-micro-batch 1024] [--zoo-size study --max-new-tokens 256]
 
 Two loops (R3 off / on) with identical settings run interleaved step by step in one process
 (so machine load affects both alike) on the zoo's SFT model: prompts_per_step x group_size
-samples, no dynamic sampling (equal work per step). Printed per phase: median seconds of
+samples, no dynamic sampling (equal work per step), the zoo's task level, at most --max-new-tokens
+new tokens. Printed per phase: median seconds of
   rollout       generation with routing capture + grading (experiments.rollout.collect)
   old_logprob   the train engine's no-grad pi_old forward; 0 with R3, where the single mini-step
                 takes pi_old from its own forward (r3.algorithm.policy_update); without R3 this
@@ -45,7 +46,8 @@ def timed_step(loop, step: int) -> tuple[dict[str, float], object]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo-dir", type=Path, default=None)
-    ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro"])
+    ap.add_argument("--zoo-size", default="tiny", choices=["tiny", "micro", "study"])
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="the study zoo's cells use 256")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--precision", default="fp8", choices=["bf16", "fp8"])
     ap.add_argument("--prompts", type=int, default=16)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     from r3.engines import registry
 
     zoo_dir = Path(args.zoo_dir or zoo.default_zoo_dir())
-    zoo.build_zoo(zoo_dir, size=args.zoo_size)
+    zoo_cfg = zoo.build_zoo(zoo_dir, size=args.zoo_size)["config"]
     model_dir = zoo.model_dir("sft", zoo_dir)
     engines = ("hf", "megatron") if args.train_engine == "both" else (args.train_engine,)
     phases = (*PHASES, "total")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                     train_engine=engine,
                     prompts_per_step=args.prompts,
                     group_size=args.group_size,
+                    task_difficulty=zoo_cfg["difficulty"],
+                    max_new_tokens=args.max_new_tokens,
                     dynamic_sampling=False,  # equal work per step
                     max_sampling_rounds=1,
                     # the tiny preset's length-grouped micro-batches, where the trainer has that setting
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     med = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
     print(
         f"bench_step: {args.steps} steps per loop, interleaved; {args.prompts} prompts x {args.group_size} "
-        f"samples, {args.precision} rollout, {args.threads} torch thread(s); median seconds"
+        f"samples, {zoo_cfg['size']} zoo, {args.precision} rollout, {args.threads} torch thread(s); median seconds"
     )
     for engine in engines:
         print(f"[{engine} trainer]\n{'phase':<12} {'no R3':>9} {'R3':>9} {'R3/no-R3':>9}")
