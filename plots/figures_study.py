@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 from plots.runs import Run, method_order
 from plots.style import FULL_WIDTH_IN, METHOD_COLORS, new_figure, no_data
@@ -554,6 +554,6 @@ def routing_layers_figure(runs: list[Run]) -> Figure:
         no_data(ax, "routing/layer*_disagreement")
     else:
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=None))  # decimals follow the range
         ax.legend(frameon=False, fontsize="x-small")
     return fig
