@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fixed_length:
         model_dir = fixed_length_copy(model_dir, scratch / "sft-no-eos")
     engines = [e for e in args.rollout_engines.split(",") if e]
+    difficulty = zoo.load_manifest(args.zoo_dir)["config"]["difficulty"]  # the zoo's task level, both sides
     trl_opts = dict(
+        difficulty=difficulty,
         steps=args.steps,
         prompts=args.prompts,
         group_size=args.group_size,
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts_per_step=args.prompts,
             group_size=args.group_size,
             max_new_tokens=args.max_new_tokens,
+            task_difficulty=difficulty,
             dynamic_sampling=False,
             routing_probe=False,
             train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,

@@ -1,12 +1,12 @@
 """TRL's GRPOTrainer as a child process of benchmarks.bench_trl, stepping in lockstep with its parent.
 
     python benchmarks/trl_worker.py --model-dir DIR [--steps 6] [--prompts 16] [--group-size 8]
-        [--max-new-tokens 48] [--fixed-length] [--aux off|on] [--vllm block|import|default]
+        [--max-new-tokens 48] [--difficulty 2] [--fixed-length] [--aux off|on] [--vllm block|import|default]
         [--threads 1] [--gc-freeze] [--lockstep]
 
 Runs on any Python that has TRL (the project's venv, or a clean venv with only torch + TRL +
 math-verify: the repository root is put on sys.path for the grader and the task). Trains the
-given model on the task's training stream (seed 0, difficulty 2: the prompts our loop takes, in
+given model on the task's training stream (seed 0, --difficulty: the prompts our loop takes, in
 the same order), 16 prompts x 8 samples per step, one optimizer step per generation batch, the
 eval grader (2 worker processes) as reward, temperature 1.
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--difficulty", type=int, default=2, help="task level of the prompts (the zoo's)")
     ap.add_argument("--fixed-length", action="store_true")
     ap.add_argument("--aux", choices=["off", "on"], default="off")
     ap.add_argument("--vllm", choices=["block", "import", "default"], default="block")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     pool = grader.make_pool(workers=2)
-    problems = task.TrainStream(seed=0, difficulty=2).take(args.prompts * (args.steps + 2))
+    problems = task.TrainStream(seed=0, difficulty=args.difficulty).take(args.prompts * (args.steps + 2))
     data = Dataset.from_list([{"prompt": task.format_prompt(p.problem), "answer": p.answer} for p in problems])
 
     def reward(prompts, completions, answer, **kw):
