@@ -98,7 +98,9 @@ def plan_message(plan_name: str, cfgs: dict, out: Path, jobs: int) -> str:
         wall = (steps_left * sec + evals_left * eval_s) / max(1, min(jobs, len(todo)))
         msg += (
             f"; at {sec:.1f} s/step and {eval_s:.1f} s/evaluation per cell, {min(jobs, len(todo))} cells in "
-            f"parallel: about {_fmt_hours(wall)} (less when cells collapse and stop; more on a loaded machine)"
+            f"parallel: about {_fmt_hours(wall)} ("
+            + ("less when cells collapse and stop; " if any(c.stop_on_collapse for c in todo.values()) else "")
+            + "more on a loaded machine)"
         )
     return msg
 

@@ -235,13 +235,14 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "smoke": _smoke,
 }
 
-STEP_SECONDS: dict[str, float] = {"tiny": 3.8}
+STEP_SECONDS: dict[str, float] = {"tiny": 3.8, "study": 22.0}
 """Measured seconds per global step of one cell (one torch thread; rollout with dynamic sampling,
 old logprobs, update, sync; evaluation excluded), per zoo size: the median `time/step` of the
-pilot in docs/study.md (60 steps, 6 cells, 2-core machine shared with other jobs). Used for the
-cost printed before a study when the output directory holds no steps yet."""
-EVAL_SECONDS: dict[str, float] = {"tiny": 6.3}
-"""Measured seconds per evaluation point (512 held-out problems, one sample) in the same pilot."""
+tiny pilot in docs/study.md (6 cells) and of the `learn` cells after their first 10 steps (two at a
+time on the 2 cores). Used for the cost printed before a study when the output directory holds no
+steps yet."""
+EVAL_SECONDS: dict[str, float] = {"tiny": 6.3, "study": 16.0}
+"""Measured seconds per evaluation point (512 held-out problems, one sample) in the same runs."""
 
 
 def _lr_text(lr: float) -> str:
