@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     from experiments import zoo
     from experiments.config import RunConfig
     from experiments.step import build_loop
+    from r3.engines import registry
     from r3.engines.base import SamplingParams
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             dynamic_sampling=False,
             routing_probe=False,
             train_max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
-            rollout_fp32_attention=True,  # the faster bf16 attention (HFRolloutConfig.fp32_attention)
+            # the faster bf16 attention (HFRolloutConfig.fp32_attention), where the engine has that setting
+            rollout_fp32_attention=registry.rollout_config_has(engine, "fp32_attention"),
         )
         loop = build_loop(cfg, model_dir, scratch / engine, reward_fn=reward, log=lambda *a, **k: None)
         if args.fixed_length:
