@@ -1,7 +1,8 @@
 """Our global step (routing capture + R3 on) against Hugging Face TRL's GRPOTrainer at equal work.
 
     python -m benchmarks.bench_trl [--steps 6] [--rollout-engines hf,vllm] [--max-new-tokens 48]
-                                   [--fixed-length] [--trl-aux off,on] [--trl-python PY] [--trl-vllm block]
+                                   [--fixed-length] [--trl-aux off,on] [--trl-gc off] [--trl-python PY]
+                                   [--trl-vllm block]
                                    [--zoo-dir experiments/shipped_zoo/tiny] [--precision bf16] [--threads 1]
                                    [--max-tokens-per-micro-batch 1024]
 
@@ -21,7 +22,9 @@ imports vllm whenever it is installed, and ours needs it installed for its vLLM 
 runs TRL on another interpreter, e.g. a clean venv with only torch + trl + math-verify. The MoE
 load-balancing loss: `--trl-aux off` is equal work (router_aux_loss_coef=0.0; the paper and ours
 train without it); `on` is what a TRL user gets by default (TRL takes the model config's
-router_aux_loss_coef, 0.01 for the zoo, and asks the model for its router logits).
+router_aux_loss_coef, 0.01 for the zoo, and asks the model for its router logits). `--trl-gc off`
+(default) is equal work too: GRPOConfig turns gradient checkpointing on by default, recomputing every
+activation in the backward; ours does not (RunConfig.train_recompute=False); `on` measures TRL's default.
 
 Everything steps in turn, one optimizer step each (each TRL child, then each of our loops), so
 machine load hits all alike (these machines are shared); the children wait while ours runs.
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         help="our trainer's length-grouped micro-batches (RunConfig.train_max_tokens_per_micro_batch; 0: off)",
     )
     ap.add_argument("--trl-aux", default="off,on", help="TRL MoE aux-loss settings, comma-separated (off, on)")
+    ap.add_argument("--trl-gc", default="off", choices=["off", "on"], help="TRL's gradient checkpointing (default on)")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter for TRL (e.g. a clean venv's)")
     ap.add_argument("--trl-vllm", default="block", choices=["block", "import", "default"])
     args = ap.parse_args(argv)
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     difficulty = zoo.load_manifest(args.zoo_dir)["config"]["difficulty"]  # the zoo's task level, both sides
     trl_opts = dict(
         difficulty=difficulty,
+        gc=args.trl_gc,
         steps=args.steps,
         prompts=args.prompts,
         group_size=args.group_size,
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'ours, ' + engine + ' rollout':<34} {total:7.3f} {length:8.1f}  {phases}")
     for aux, child in trls.items():
         i = child.info
-        name = f"TRL {i['trl']}, aux loss {aux}" + (" (TRL's default)" if aux == "on" else "")
+        name = f"TRL {i['trl']}, aux {aux}, grad ckpt {args.trl_gc}"
         print(
             f"{name:<34} {med(child.times[1:]):7.3f} {med(child.lens[1:]):8.1f}  aux coef "
             f"{i['router_aux_loss_coef']}, vllm imported: {i['vllm_imported']}, {i['python']}"

@@ -1,7 +1,8 @@
 """TRL's GRPOTrainer as a child process of benchmarks.bench_trl, stepping in lockstep with its parent.
 
     python benchmarks/trl_worker.py --model-dir DIR [--steps 6] [--prompts 16] [--group-size 8]
-        [--max-new-tokens 48] [--difficulty 2] [--fixed-length] [--aux off|on] [--vllm block|import|default]
+        [--max-new-tokens 48] [--difficulty 2] [--fixed-length] [--aux off|on] [--gc off|on]
+        [--vllm block|import|default]
         [--threads 1] [--gc-freeze] [--lockstep]
 
 Runs on any Python that has TRL (the project's venv, or a clean venv with only torch + TRL +
@@ -13,6 +14,8 @@ eval grader (2 worker processes) as reward, temperature 1.
   --aux off|on       TRL's MoE load-balancing loss (GRPOConfig.router_aux_loss_coef): off = 0.0
                      (the paper trains without it, as ours does); on = None, i.e. the model config's
                      router_aux_loss_coef (0.01 for the zoo), which is what a TRL user gets by default.
+  --gc off|on        gradient checkpointing: GRPOConfig defaults it to on, which recomputes every
+                     activation in the backward; off = equal work (ours does not recompute by default).
   --vllm             block: `sys.modules["vllm"] = None` before TRL is imported, so TRL's
                      is_vllm_available() (importlib.util.find_spec) is False and vllm is never
                      imported; import: `import vllm` first; default: TRL decides (it imports vllm
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--difficulty", type=int, default=2, help="task level of the prompts (the zoo's)")
     ap.add_argument("--fixed-length", action="store_true")
     ap.add_argument("--aux", choices=["off", "on"], default="off")
+    ap.add_argument("--gc", choices=["off", "on"], default="off", help="gradient checkpointing (TRL's default: on)")
     ap.add_argument("--vllm", choices=["block", "import", "default"], default="block")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gc-freeze", action="store_true")
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         beta=0.0,
         num_iterations=1,
         router_aux_loss_coef=0.0 if args.aux == "off" else None,
+        gradient_checkpointing=args.gc == "on",  # GRPOConfig's default is True: a recompute ours does not do
         use_cpu=True,
         report_to="none",
         save_strategy="no",
