@@ -97,7 +97,11 @@ def run_jobs(
                         if j.run_dir is not None:
                             Path(j.run_dir).mkdir(parents=True, exist_ok=True)
                             rundir.write_failed(j.run_dir, e, log=str(Path(j.run_dir) / rundir.LOG))
-                bar.n = round(_done(jobs, results))
+                done = round(_done(jobs, results))
+                # a resumed job first drops the steps logged after its checkpoint: count the rate (and
+                # the ETA) from the lowest point, not from the steps found on disk at the start
+                bar.initial = min(bar.initial, done)
+                bar.n = done
                 bar.set_postfix(done=f"{len(results)}/{len(jobs)}", failed=len(errors), refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
