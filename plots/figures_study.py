@@ -364,7 +364,7 @@ about 1e-10); it is drawn as a horizontal band, not at a dose."""
 def _log_axis(ax) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=2)))  # 1 digit repeats
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
 
 
@@ -379,8 +379,8 @@ def dose_response_figure(runs: list[Run]) -> Figure:
     fig = new_figure(FULL_WIDTH_IN, 2.6 * len(step_counts) + 0.3)
     grid = np.atleast_2d(fig.subplots(len(step_counts), 3, squeeze=False))
     panels = (
-        ("late - step 0 vs k3 KL per token", "dose", "held-out points", lambda c: c.change),
-        ("late - step 0 vs k3 KL per response", "dose_response", "held-out points", lambda c: c.change),
+        ("late - step 0", "dose", "held-out points", lambda c: c.change),
+        ("late - step 0", "dose_response", "held-out points", lambda c: c.change),
         ("collapse rate", "dose", "fraction of seeds", lambda c: (c.collapse_rate, math.nan)),
     )
     families = sorted({c.family for c in conds})
@@ -470,7 +470,7 @@ def dynamics_figure(runs: list[Run]) -> Figure:
             twin.plot(mean_k3.index, mean_k3.rolling(5, min_periods=1).mean(), color="0.4", linewidth=0.8,
                       linestyle=":", label="native k3 KL / token (5-step mean)")  # fmt: skip
             twin.set_ylabel("k3 KL / token", fontsize="x-small")
-            twin.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=1)))
+            twin.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=2)))  # 1 digit repeats
         ax.legend(loc="lower left", fontsize="xx-small", frameon=True, framealpha=0.8)
     for ax in axes[len(conds) :]:
         ax.set_visible(False)
