@@ -108,10 +108,6 @@ def ladder(zoo_size: str = "tiny") -> dict[str, Dose]:
     return {d.name: d for d in fixed + noise}
 
 
-DOSES: dict[str, Dose] = ladder("tiny")
-"""The tiny zoo's ladder (the default zoo of `calibrate`)."""
-
-
 def _engines(moe_dir: Path, seed: int):
     from r3.engines import registry
 
