@@ -71,6 +71,28 @@ def run_metric_mean(run: Run, column: str) -> float:
     return float(vals.mean()) if len(vals) else math.nan
 
 
+def run_metric_percentile(run: Run, column: str, q: float) -> float:
+    """The q-th percentile (0-100) of a per-step metric over the run's steps; nan when absent."""
+    if column not in run.metrics.columns:
+        return math.nan
+    vals = np.asarray(run.metrics[column], dtype=float)
+    vals = vals[np.isfinite(vals)]
+    return float(np.percentile(vals, q)) if len(vals) else math.nan
+
+
+def run_drift(run: Run, column: str) -> float:
+    """Mean of a per-step metric over the last quarter of the run's steps divided by its mean over
+    the first quarter: above 1 when the metric drifts up during training (nan with < 4 steps)."""
+    if column not in run.metrics.columns:
+        return math.nan
+    vals = np.asarray(run.metrics[column], dtype=float)
+    vals = vals[np.isfinite(vals)]
+    q = len(vals) // 4
+    if q < 1 or vals[:q].mean() <= 0:
+        return math.nan
+    return float(vals[-q:].mean() / vals[:q].mean())
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error (sample std / sqrt(n)) of the finite values; se is nan for n < 2."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
@@ -164,6 +186,16 @@ class StudyCell:
     def max_log_ratio(self) -> tuple[float, float]:
         """Mean over steps of the step's max |log(pi_train / pi_infer)|."""
         return mean_se([run_metric_mean(r, "mismatch/abs_log_ratio_max") for r in self.runs])
+
+    def grad_norm(self, q: float) -> tuple[float, float]:
+        """The q-th percentile over steps of the gradient norm (`actor/grad_norm`), mean over seeds."""
+        return mean_se([run_metric_percentile(r, "actor/grad_norm", q) for r in self.runs])
+
+    @property
+    def k3_drift(self) -> tuple[float, float]:
+        """Per-token k3 KL over the last quarter of steps / over the first quarter (r3 drift: > 1 when
+        the mismatch grows as the policy trains), mean over seeds."""
+        return mean_se([run_drift(r, "mismatch/k3_kl") for r in self.runs])
 
     @property
     def steps(self) -> int:
@@ -276,7 +308,8 @@ def study_table(runs: list[Run]) -> Table:
         "method", "status", "seeds", "runs", "steps", "start_mean", "start_se", "late_mean", "late_se",
         "change_mean", "change_se", "paired_vs_grpo_mean", "paired_vs_grpo_se", "paired_seeds", "collapse_steps",
         "collapse_rate", "k3_mean", "k3_se", "k3_response_mean", "k3_response_se", "f2_mean", "f5_mean",
-        "f10_mean", "max_log_ratio_mean", "routing_token_mean",
+        "f10_mean", "max_log_ratio_mean", "routing_token_mean", "grad_norm_p50", "grad_norm_p90",
+        "grad_norm_max", "k3_drift",
     ]  # fmt: skip
     rows: list[list[str]] = []
     kinds: list = []
@@ -301,7 +334,8 @@ def study_table(runs: list[Run]) -> Table:
                 cond.label, cond.source, cond.family, cond.dose[0], cond.dose[1], cond.dose_response[0], c.method,
                 c.status, c.n, ";".join(r.name for r in c.runs), c.steps, *c.start, *c.late, *c.change, pm, pse,
                 pn, _steps_text(c.collapse_steps), c.collapse_rate, *c.k3, *c.k3_response, c.f(2)[0], c.f(5)[0],
-                c.f(10)[0], c.max_log_ratio[0], c.routing_tokens[0],
+                c.f(10)[0], c.max_log_ratio[0], c.routing_tokens[0], c.grad_norm(50)[0], c.grad_norm(90)[0],
+                c.grad_norm(100)[0], c.k3_drift[0],
             ])  # fmt: skip
     notes = [
         "Scores: held-out accuracy in % (eval average). late = mean of the last quarter of the evaluation "
@@ -348,11 +382,20 @@ def study_results(runs: list[Run]) -> dict:
                 "minus_grpo": pm, "minus_grpo_se": pse, "minus_grpo_seeds": pn,
                 "collapses": sum(s is not None for s in c.collapse_steps), "collapse_steps": c.collapse_steps,
                 "k3_per_token": c.k3[0], "k3_per_response": c.k3_response[0],
-                "f2": c.f(2)[0], "f5": c.f(5)[0], "f10": c.f(10)[0],
+                "f2": c.f(2)[0], "f5": c.f(5)[0], "f10": c.f(10)[0], "max_abs_log_ratio": c.max_log_ratio[0],
+                "grad_norm_p50": c.grad_norm(50)[0], "grad_norm_p90": c.grad_norm(90)[0],
+                "grad_norm_max": c.grad_norm(100)[0], "k3_drift": c.k3_drift[0],
             })  # fmt: skip
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in out]
     return {"units": {"scores": "held-out accuracy, points (%)", "k3": "nats"}, "paper_k3_per_token": PAPER_K3,
-            "mde_z": MDE_Z, "cells": clean}  # fmt: skip
+            "mde_z": MDE_Z,
+            "definitions": {
+                "change": "late score (mean of the last quarter of evaluation points) minus step 0",
+                "minus_grpo": "per seed, change minus GRPO's change in the same condition; mean and s.e.",
+                "grad_norm_pXX": "percentile over global steps of actor/grad_norm, mean over seeds",
+                "k3_drift": "k3 KL per token, mean over the last quarter of steps / first quarter",
+            },
+            "cells": clean}  # fmt: skip
 
 
 # --- the dose-response figure -------------------------------------------------------------------

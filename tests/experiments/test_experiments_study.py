@@ -134,7 +134,7 @@ def _write(root: Path, cfg: RunConfig, avgs: dict[int, float], *, k3: float, las
             "mismatch/k3_kl": k3,
             "mismatch/extreme_frac@2": k3 / 10,
             "mismatch/k3_kl_per_response": k3 * 100,
-            "actor/grad_norm": 0.5,
+            "actor/grad_norm": 0.1 * s,
             "actor/entropy": 0.8,
             "rollout/response_len_mean": 30.0,
             # routing disagreement per MoE layer: grows with depth and with the dose
@@ -231,7 +231,24 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     assert r3_high["seeds"] == [0, 1] and r3_high["change"] == pytest.approx(6.0)
     assert r3_high["minus_grpo"] == pytest.approx(36.0) and r3_high["collapses"] == 0
     assert r3_high["k3_per_token"] == pytest.approx(6e-5)
+    # grad norm 0.1 x step: percentiles over steps 1..15 and 1..20, averaged over the two seeds
+    grpo_high = cells[(high.label, "GRPO")]
+    assert grpo_high["grad_norm_p50"] == pytest.approx((0.8 + 1.05) / 2)
+    assert grpo_high["grad_norm_max"] == pytest.approx((1.5 + 2.0) / 2)
+    assert grpo_high["k3_drift"] == pytest.approx(1.0)  # constant k3
     json.dumps(rec, allow_nan=False)  # strict JSON: no NaN
+
+
+def test_k3_drift_compares_the_last_quarter_of_steps_with_the_first(tmp_path):
+    from plots.figures_study import run_drift
+    from plots.runs import discover
+
+    d = write_run(tmp_path, _cfg("drift-s0", seed=0, replay=False, precision="bf16"), {0: 0.4, 20: 0.4}, last_step=20)
+    k3 = [1e-4] * 5 + [2e-4] * 10 + [5e-4] * 5  # first quarter 1e-4, last quarter 5e-4
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s + 1, "mismatch/k3_kl": v}) + "\n" for s, v in enumerate(k3)))
+    (run,) = discover(tmp_path).runs
+    assert run_drift(run, "mismatch/k3_kl") == pytest.approx(5.0)
+    assert math.isnan(run_drift(run, "mismatch/no_such_metric"))
 
 
 def test_dose_response_figure_on_fixture_runs(tmp_path):
