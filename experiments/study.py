@@ -8,6 +8,7 @@ scale, and does R3 prevent it? A separate entry point from `make demo`.
     debugging only: --cells GLOB (a subset), --steps N (override global steps), --zoo-dir DIR, --jobs N
     python -m experiments.study calibrate                                 # the doses' static mismatch vs the paper's
     python -m experiments.study calibrate --doses fp32 router-1x --router-noise 0.5 --out runs/study/calibration.json
+    python -m experiments.study undosed --out runs/study --plan study    # final policies without the dose
 
 `calibrate` (experiments.doses): per mismatch dose (rollout precision, FP8 scope, router-logit noise,
 output-logit noise), the static k3 KL per token and per response, F(2) and the routing pairs / tokens
@@ -161,6 +162,32 @@ def collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def undosed(args: argparse.Namespace) -> int:
+    """experiments.undosed over the plan's cells in --out; prints served vs undosed per cell."""
+    import torch
+    import transformers
+
+    from experiments import undosed as und
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    out = args.out.resolve()
+    names = list(study_grid.cells(args.plan, zoo_dir=args.zoo_dir))
+    record = und.run(out, names)
+    rows = [(n, r) for n, r in record["cells"].items() if n in names]
+    if not rows:
+        print(f"[study] no complete dosed cell of plan {args.plan!r} in {out}; run `collapse --plan {args.plan}` first")
+        return 1
+    width = max(len(n) for n, _ in rows)
+    print(f"{'cell'.ljust(width)}  step  served  undosed")
+    for n, r in rows:
+        served = "n/a" if r["served"] is None else f"{100 * r['served']:.1f}"
+        print(f"{n.ljust(width)}  {r['step']:>4}  {served:>6}  {100 * r['undosed']:>7.1f}")
+    print(f"[study] {out / und.FILE}")
+    return 0
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """The calibration table of the selected doses (experiments.doses) on the zoo's SFT model."""
     import torch
@@ -253,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--threads", type=int, default=1, help="torch threads")
     k.add_argument("--out", type=Path, default=None, help="also write the records as JSON here")
+    u = sub.add_parser("undosed", help="each complete dosed cell's final policy evaluated without its dose")
+    u.add_argument("--out", type=Path, default=Path("runs/study"))
+    u.add_argument("--plan", default="study", choices=sorted(study_grid.PLANS))
+    u.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (tiny) or runs/zoo-<size>")
     args = ap.parse_args(argv)
-    return calibrate(args) if args.study == "calibrate" else collapse(args)
+    return {"calibrate": calibrate, "undosed": undosed, "collapse": collapse}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,14 @@ def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: boo
     if study and root.runs:  # the study's machine-readable record (docs/study/results.json is a copy)
         tab_dir.mkdir(parents=True, exist_ok=True)
         rec = tab_dir / "study_results.json"
-        rundir.write_text_atomic(rec, json.dumps(figures_study.study_results(root.runs), indent=1) + "\n")
+        rundir.write_text_atomic(
+            rec,
+            json.dumps(
+                figures_study.study_results(root.runs, undosed=rundir.read_json(Path(runs_dir) / "undosed.json")),
+                indent=1,
+            )
+            + "\n",
+        )
         written.append(rec)
     for t in tables:
         written += write_table(t, tab_dir)

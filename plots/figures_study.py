@@ -23,7 +23,8 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -365,10 +366,41 @@ def study_table(runs: list[Run]) -> Table:
     )
 
 
-def study_results(runs: list[Run]) -> dict:
+def _undosed_points(c: StudyCell, undosed: Mapping[str, Any]) -> dict[int, tuple[float, float]]:
+    """Per seed: (served, undosed) final score of the cell in points, from experiments.undosed's file."""
+    out = {}
+    for r in c.runs:
+        u = undosed.get(r.name)
+        if u and u.get("served") is not None:
+            out[int(r.config.seed)] = (100 * u["served"], 100 * u["undosed"])
+    return out
+
+
+def undosed_fields(c: StudyCell, ref: StudyCell | None, undosed: Mapping[str, Any] | None) -> dict:
+    """The final policy served with its dose vs evaluated without it (experiments.undosed): means and
+    s.e. over seeds, and the undosed score paired against GRPO's per seed. Empty without the file."""
+    if not undosed:
+        return {}
+    mine = _undosed_points(c, undosed)
+    if not mine:
+        return {}
+    served, und = mean_se([v[0] for v in mine.values()]), mean_se([v[1] for v in mine.values()])
+    rec = {"final_served": served[0], "final_served_se": served[1], "final_undosed": und[0],
+           "final_undosed_se": und[1], "undosed_seeds": sorted(mine)}  # fmt: skip
+    theirs = _undosed_points(ref, undosed) if ref is not None and ref is not c else {}
+    diffs = [mine[s][1] - theirs[s][1] for s in sorted(set(mine) & set(theirs))]
+    if diffs:
+        m, se = mean_se(diffs)
+        rec |= {"final_undosed_minus_grpo": m, "final_undosed_minus_grpo_se": se}
+    return rec
+
+
+def study_results(runs: list[Run], *, undosed: Mapping[str, Any] | None = None) -> dict:
     """The machine-readable record (docs/study/results.json): per condition (dose) and arm, the seeds,
     late - step 0 mean and s.e. (points), the paired difference to GRPO, collapses, per-token and
-    per-response k3 KL."""
+    per-response k3 KL; with `undosed` (experiments.undosed's undosed.json) also the final policy's
+    score served with the dose and evaluated without it."""
+    und_cells = (undosed or {}).get("cells", {})
     out = []
     for cond in conditions(runs):
         ref = cond.reference
@@ -385,6 +417,7 @@ def study_results(runs: list[Run]) -> dict:
                 "f2": c.f(2)[0], "f5": c.f(5)[0], "f10": c.f(10)[0], "max_abs_log_ratio": c.max_log_ratio[0],
                 "grad_norm_p50": c.grad_norm(50)[0], "grad_norm_p90": c.grad_norm(90)[0],
                 "grad_norm_max": c.grad_norm(100)[0], "k3_drift": c.k3_drift[0],
+                **undosed_fields(c, ref, und_cells),
             })  # fmt: skip
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in out]
     return {"units": {"scores": "held-out accuracy, points (%)", "k3": "nats"}, "paper_k3_per_token": PAPER_K3,
@@ -394,6 +427,9 @@ def study_results(runs: list[Run]) -> dict:
                 "minus_grpo": "per seed, change minus GRPO's change in the same condition; mean and s.e.",
                 "grad_norm_pXX": "percentile over global steps of actor/grad_norm, mean over seeds",
                 "k3_drift": "k3 KL per token, mean over the last quarter of steps / first quarter",
+                "final_served / final_undosed": "held-out score of the final checkpoint through the cell's "
+                "dosed rollout engine / through an fp32 engine without the dose, same sampling seed "
+                "(experiments.undosed)",
             },
             "cells": clean}  # fmt: skip
 

@@ -236,6 +236,23 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     assert grpo_high["grad_norm_p50"] == pytest.approx((0.8 + 1.05) / 2)
     assert grpo_high["grad_norm_max"] == pytest.approx((1.5 + 2.0) / 2)
     assert grpo_high["k3_drift"] == pytest.approx(1.0)  # constant k3
+    assert "final_undosed" not in grpo_high  # no undosed.json given
+    # served vs undosed final scores (experiments.undosed), paired per seed against GRPO
+    und = {
+        "cells": {
+            "fp8all-grpo-s0": {"served": 0.10, "undosed": 0.50},
+            "fp8all-grpo-s1": {"served": 0.10, "undosed": 0.40},
+            "fp8all-grpo-r3-s0": {"served": 0.50, "undosed": 0.60},
+            "fp8all-grpo-r3-s1": {"served": 0.50, "undosed": 0.60},
+        }
+    }
+    cells = {(c["condition"], c["method"]): c for c in study_results(runs, undosed=und)["cells"]}
+    g, r3 = cells[(high.label, "GRPO")], cells[(high.label, "GRPO+R3")]
+    assert g["final_served"] == pytest.approx(10.0) and g["final_undosed"] == pytest.approx(45.0)
+    assert r3["final_undosed_minus_grpo"] == pytest.approx(15.0) and r3["final_undosed_minus_grpo_se"] == pytest.approx(
+        5.0
+    )
+    assert "final_undosed" not in cells[(low.label, "GRPO")]  # bf16 cells not in the file
     json.dumps(rec, allow_nan=False)  # strict JSON: no NaN
 
 
@@ -245,7 +262,9 @@ def test_k3_drift_compares_the_last_quarter_of_steps_with_the_first(tmp_path):
 
     d = write_run(tmp_path, _cfg("drift-s0", seed=0, replay=False, precision="bf16"), {0: 0.4, 20: 0.4}, last_step=20)
     k3 = [1e-4] * 5 + [2e-4] * 10 + [5e-4] * 5  # first quarter 1e-4, last quarter 5e-4
-    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s + 1, "mismatch/k3_kl": v}) + "\n" for s, v in enumerate(k3)))
+    (d / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s + 1, "mismatch/k3_kl": v}) + "\n" for s, v in enumerate(k3))
+    )
     (run,) = discover(tmp_path).runs
     assert run_drift(run, "mismatch/k3_kl") == pytest.approx(5.0)
     assert math.isnan(run_drift(run, "mismatch/no_such_metric"))
@@ -273,6 +292,25 @@ def test_dose_response_figure_on_fixture_runs(tmp_path):
 
 
 # --- end to end on the micro zoo ------------------------------------------------------------------
+@pytest.mark.slow
+def test_undosed_evaluation_of_an_fp32_cell_reproduces_its_served_samples(micro_zoo, tmp_path):
+    """With no dose to remove, the undosed evaluation must regenerate the cell's own final evaluation
+    sample for sample: same checkpoint, engine numerics, sampling seed and batches."""
+    from experiments import demo, undosed
+
+    p = study_grid.plan("smoke")
+    cfg = study_grid.cell(p, level="fp32", arm="grpo", seed=0, lr=1e-3, zoo_dir=micro_zoo)
+    out = tmp_path / "study"
+    demo.run_cells({cfg.name: cfg}, out, jobs=1)
+    rec = undosed.evaluate_cell(out / cfg.name)
+    assert rec["step"] == 2 and rec["undosed"] == pytest.approx(rec["served"])
+    mine = [json.loads(x) for x in (out / "undosed" / cfg.name / "step_2.jsonl").read_text().splitlines()]
+    served = [json.loads(x) for x in (out / cfg.name / "eval" / "step_2.jsonl").read_text().splitlines()]
+    key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
+    assert [r["response"] for r in sorted(mine, key=key)] == [r["response"] for r in sorted(served, key=key)]
+    assert not undosed.is_dosed(json.loads((out / cfg.name / "config.json").read_text()))
+
+
 @pytest.mark.slow
 def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypatch):
     from experiments import demo, study
@@ -305,6 +343,16 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
     assert mtimes == {c: (out / c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
     rows = study.state_rows(study_grid.cells("smoke", zoo_dir=micro_zoo), out)
     assert [r[1] for r in rows] == ["complete", "complete"]
+
+    # undosed: each dosed cell's final checkpoint through an fp32 engine, its own eval seed
+    assert study.main(["undosed", "--out", str(out), "--plan", "smoke", "--zoo-dir", str(micro_zoo)]) == 0
+    rec = json.loads((out / "undosed.json").read_text())["cells"]
+    assert sorted(rec) == sorted(cells)
+    for c in cells:
+        served = [json.loads(x) for x in (out / c / "eval.jsonl").read_text().splitlines()]
+        assert rec[c]["step"] == 2 and rec[c]["served"] == pytest.approx(served[-1]["avg"])
+        samples = (out / "undosed" / c / "step_2.jsonl").read_text().splitlines()
+        assert len(samples) == 8 and all(json.loads(x)["seed"] == 2 for x in samples)  # cfg.seed + step
 
 
 def test_routing_layers_figure_on_fixture_runs(tmp_path):
