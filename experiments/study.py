@@ -15,26 +15,27 @@ output-logit noise), the static k3 KL per token and per response, F(2) and the r
 that differ, native and with R3, on held-out problems of the zoo's SFT model, beside the paper's
 1.5e-3 / 10% / 94%; the doses' RunConfig fields are `experiments.doses.Dose.run_fields`.
 
-Inputs: the plan's cells (experiments.study_grid: arms x mismatch levels x seeds, as RunConfigs)
+Inputs: the plan's cells (experiments.study_grid: arms x mismatch doses x seeds, as RunConfigs)
 and the embedded zoo of the plan's size (built once, here, when missing: about 10 minutes for
-`tiny` on 2 cores). Outputs under --out:
+`tiny`, 20 for `study`, on 2 cores). Outputs under --out:
   <cell>/                        one run directory per cell (docs/run_format.md)
-  plots/tables/study_collapse.{md,tex,csv}     the paper-layout table with seed means +/- s.e.
-  plots/figures/study_dose_response.{png,pdf}  collapse and best score vs measured mismatch
-  plots/...                      every other figure of plots.all (KL, dynamics, eval per setting)
+  plots/tables/study_collapse.{md,tex,csv}     per dose and arm: late - step 0, paired vs GRPO, mismatch
+  plots/tables/study_results.json              the same, machine-readable (docs/study/results.json)
+  plots/figures/study_*.{png,pdf}              dose-response, dynamics, F(tau), routing per layer
+  undosed.json, undosed/<cell>/  `undosed`: final policies evaluated without their dose
 Resumable and cached: complete cells (manifest.json) are skipped without starting a process,
 incomplete ones resume from their last checkpoint (experiments.run.run_cell); cells run as --jobs
 one-thread processes (experiments.demo.run_cells: one progress bar with ETA over all remaining
 steps; Ctrl-C stops every cell and says how to resume).
 
-Collapse (r3.collapse, the project's rule; the paper publishes none): the first
-evaluation step from which the held-out average stays below 0.5 x its running best for at least
-2 consecutive evaluation points and never recovers. The study's plans set stop_on_collapse, so a
-run stops once 2 points are below the line.
+Decision metric (plots.figures_study): the late score (mean of the last quarter of evaluation
+points, r3.collapse.late_score) minus step 0, paired per seed between arms. Collapse (r3.collapse,
+the project's rule; the paper publishes none) is kept as a second outcome.
 
-Departures from the paper: scale (a 4-layer MoE of 1.8M parameters, synthetic arithmetic, 150
-steps instead of 180), the mismatch comes from emulated FP8 / bf16 rollout numerics against an
-fp32 trainer (not SGLang vs Megatron kernels); see docs/study.md for what has and has not run.
+Departures from the paper: scale (the `study` zoo: 8 MoE layers, 6.7M parameters, synthetic
+arithmetic with worked chains, 50 steps), and the mismatch is emulated on the rollout side (seeded
+router- or output-logit noise calibrated to the paper's per-token k3 KL, or bf16 / FP8 numerics)
+against an fp32 trainer, not SGLang vs Megatron kernels; docs/study.md says what has run.
 """
 
 from __future__ import annotations
