@@ -214,6 +214,11 @@ class StudyCell:
         return "running" if "running" in st else "failed" if "failed" in st else "complete"
 
 
+def short_label(c: Condition) -> str:
+    """A condition's name for crowded places (panel titles, legends): the dose's name and family."""
+    return c.source.split(":")[0] + (f" [{c.family}]" if c.family else "")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Condition:
     source: str
@@ -526,7 +531,8 @@ def dynamics_figure(runs: list[Run]) -> Figure:
     if not conds:
         no_data(axes[0], "eval.jsonl")
     for ax, c in zip(axes, conds):
-        ax.set_title(c.label, fontsize="small")
+        dose = "" if c.dose[0] <= CONTROL_K3 else f", k3 {fmt_sci(c.dose[0])} / token"
+        ax.set_title(short_label(c) + dose, fontsize="small")
         ax.set_xlabel("global step")
         ax.set_ylabel("held-out accuracy (%)")
         for mi, cell in enumerate(c.cells):
@@ -572,21 +578,24 @@ def ftau_figure(runs: list[Run]) -> Figure:
     arm and its R3 arm (means over steps and seeds), beside the paper's F(2)."""
     conds = [c for c in conditions(runs) if c.dose[0] > CONTROL_K3]
     fig, ax = _half_panel("tau", "F(tau)", "Extreme-token share F(tau)", height=2.8)
-    drawn = 0
-    for i, c in enumerate(conds):
+    drawn, zero = 0, []
+    for i, c in enumerate(conds):  # one colour per condition, one line style per method
         for cell in c.cells:
             if cell.method not in ("GRPO", "GRPO+R3"):
                 continue
             ys = [cell.f(t)[0] for t in TAUS]
             if not any(math.isfinite(y) and y > 0 for y in ys):
+                zero += [f"{short_label(c)} {cell.method}"] if all(y == 0 for y in ys) else []
                 continue
             ax.plot(TAUS, [y if y > 0 else np.nan for y in ys], marker=MARKERS[i % len(MARKERS)], markersize=3.5,
-                    color=METHOD_COLORS.get(cell.method, f"C{i}"), linestyle="-" if cell.method == "GRPO" else "--",
-                    label=f"{c.source.split(':')[0]} {cell.method}")  # fmt: skip
+                    color=f"C{i}", linestyle="-" if cell.method == "GRPO" else "--",
+                    label=f"{short_label(c)} {cell.method}")  # fmt: skip
             drawn += 1
     if not drawn:
         no_data(ax, "mismatch/extreme_frac@tau")
         return fig
+    for label in zero:  # a log axis cannot draw them: named in the legend instead
+        ax.plot([], [], linestyle="none", label=f"{label}: 0 at every tau")
     ax.plot([2], [PAPER_F2], marker="*", markersize=9, color="k", linestyle="none", label="paper F(2), native")
     ax.set_yscale("log")
     ax.set_xticks(TAUS)
