@@ -177,9 +177,10 @@ def _study_tis() -> _Plan:
 
 
 def _ministeps() -> _Plan:
-    """The paper's multi-mini-step setting (8 optimizer steps per global step, where its GRPO
-    collapsed by step 120) at the strongest routing dose: GRPO, GRPO+R3, GSPO, GSPO+R3. About 8x
-    a single-mini-step cell's training time per step."""
+    """The paper's multi-mini-step setting (8 optimizer steps per global step, each on an eighth of
+    the groups, where its GRPO collapsed by step 120) at the strongest routing dose: GRPO, GRPO+R3,
+    GSPO, GSPO+R3. Every sample is still trained on once, so a step costs about what a
+    single-mini-step one does, plus the pi_old forward that no longer fuses into the update."""
     return _Plan(
         name="ministeps",
         zoo_size="study",
