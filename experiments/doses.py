@@ -81,7 +81,10 @@ NOISE_STDS: dict[str, dict[str, float]] = {
     "tiny": {"router-1x": 0.23, "router-3x": 0.45, "router-10x": 0.69,
              "logit-1x": 0.24, "logit-3x": 0.40, "logit-10x": 0.75},
     "study": {"router-1x": 0.51, "router-3x": 0.64, "router-10x": 0.82,
-              "logit-1x": 0.37, "logit-3x": 0.61, "logit-10x": 1.11},
+              "logit-1x": 0.37, "logit-3x": 0.61, "logit-10x": 1.11,
+              # beyond the paper's range, to find where GRPO breaks: 1.0 measured 27x and 1.15 53x
+              # (runs/study/calibration-study-zoo-30x.json); 30x interpolated, 100x extrapolated (k3 ~ std^4.8)
+              "router-30x": 1.02, "router-100x": 1.31},
 }  # fmt: skip
 
 
@@ -99,7 +102,7 @@ def ladder(zoo_size: str = "tiny") -> dict[str, Dose]:
         Dose(name="vllmbf16", engine="vllm", precision="bf16", note="vLLM's bf16 CPU kernels (the `vllm` extra)"),
     )
     # noise doses on an fp32 rollout, so each is the only mismatch
-    words = {"1x": "paper's per-token KL", "3x": "3x", "10x": "10x"}
+    words = {"1x": "paper's per-token KL", "3x": "3x", "10x": "10x", "30x": "30x", "100x": "100x"}
     noise = tuple(
         Dose(name=name, **{f"{name.split('-')[0]}_noise": std},
              note=f"{name.split('-')[0]} noise: {words[name.split('-')[1]]}")

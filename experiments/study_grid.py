@@ -192,6 +192,20 @@ def _ministeps() -> _Plan:
     )
 
 
+def _strong() -> _Plan:
+    """Routing doses beyond the paper's range (30x and 100x its per-token k3 KL), GRPO vs GRPO+R3:
+    where does single-mini-step GRPO start to break on this zoo, if anywhere?"""
+    return _Plan(
+        name="strong",
+        zoo_size="study",
+        levels=("router-100x", "router-30x"),
+        arms=("grpo", "grpo-r3"),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        run=_STUDY_ZOO_RUN,
+    )
+
+
 def _long() -> _Plan:
     """The response-length axis: difficulty 3 (3-5 operands, about 1.5x longer chains of thought),
     96 new tokens, on the tiny zoo, strongest default level only."""
@@ -230,6 +244,7 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "pilot": _pilot,
     "learn": _learn,
     "study": _study,
+    "strong": _strong,
     "studytis": _study_tis,
     "ministeps": _ministeps,
     "long": _long,
