@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_trl [--steps 6] [--rollout-engines hf,vllm] [--max-new-tokens 48]
                                    [--fixed-length] [--trl-aux off,on] [--trl-gc off] [--trl-python PY]
+                                   [--model runs/study/<cell>/checkpoints/step_50/train]
                                    [--trl-vllm block]
                                    [--zoo-dir experiments/shipped_zoo/tiny] [--precision bf16] [--threads 1]
                                    [--max-tokens-per-micro-batch 1024]
@@ -53,6 +54,18 @@ from benchmarks.trl_worker import TRLChild
 SHIPPED_TINY = Path(__file__).resolve().parents[1] / "experiments" / "shipped_zoo" / "tiny"
 
 
+def checkpoint_with_tokenizer(checkpoint: Path, sft_dir: Path, out: Path) -> Path:
+    """A copy of a training checkpoint's weights with the zoo's tokenizer files beside them (a run's
+    checkpoints hold weights and config only), so both trainers load it as a model directory."""
+    if not (checkpoint / "config.json").exists():
+        raise SystemExit(f"--model {checkpoint}: expected a model directory with config.json, found none")
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("train_state.pt"))
+    for f in sft_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def fixed_length_copy(model_dir: Path, out: Path, positions: int = 512) -> Path:
     """A copy of the model that never stops (no EOS in config.json or generation_config.json) and
     takes `positions` positions (the tiny zoo declares 256; its default RoPE works at any position)."""
@@ -86,7 +99,19 @@ def main(argv: list[str] | None = None) -> None:
         help="our trainer's length-grouped micro-batches (RunConfig.train_max_tokens_per_micro_batch; 0: off)",
     )
     ap.add_argument("--trl-aux", default="off,on", help="TRL MoE aux-loss settings, comma-separated (off, on)")
-    ap.add_argument("--trl-gc", default="off", choices=["off", "on"], help="TRL's gradient checkpointing (default on)")
+    ap.add_argument(
+        "--trl-gc",
+        default="off",
+        choices=["off", "on"],
+        help="TRL's gradient checkpointing: off (equal work, the default here) or on (GRPOConfig's own default)",
+    )
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="weights to start from instead of the zoo's SFT model, e.g. a study cell's final checkpoint "
+        "(runs/study/<cell>/checkpoints/step_50/train): the post-RL shape, every answer a worked chain",
+    )
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter for TRL (e.g. a clean venv's)")
     ap.add_argument("--trl-vllm", default="block", choices=["block", "import", "default"])
     args = ap.parse_args(argv)
@@ -105,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     model_dir = zoo.model_dir("sft", args.zoo_dir)
+    if args.model is not None:
+        model_dir = checkpoint_with_tokenizer(args.model, model_dir, scratch / "model")
     if args.fixed_length:
         model_dir = fixed_length_copy(model_dir, scratch / "sft-no-eos")
     engines = [e for e in args.rollout_engines.split(",") if e]
