@@ -24,6 +24,7 @@ the collapse rule is r3.collapse (the paper does not publish one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -41,10 +42,16 @@ from plots.tables import results_table, static_table
 from r3 import rundir
 
 
-def make_all(runs_dir: Path, out_dir: Path, *, progress: bool = True, study: bool = False) -> list[Path]:
+def make_all(
+    runs_dir: Path, out_dir: Path, *, progress: bool = True, study: bool = False, complete_only: bool = False
+) -> list[Path]:
     """Write every figure (PNG + PDF) and table (Markdown, LaTeX, CSV); return the paths written.
-    study: also the collapse study's table and dose-response figure (plots.figures_study)."""
+    study: also the collapse study's table and dose-response figure (plots.figures_study).
+    complete_only: leave out runs without a manifest (running, stopped or failed), e.g. for a
+    report made while a sweep is still going."""
     root = discover(Path(runs_dir))
+    if complete_only:
+        root = dataclasses.replace(root, runs=[r for r in root.runs if r.status == "complete"])
     out_dir = Path(out_dir)
     fig_dir, tab_dir = out_dir / "figures", out_dir / "tables"
     settings = group_cells(root.runs)
@@ -114,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also the collapse study's table and dose-response figure (runs of python -m experiments.study)",
     )
+    ap.add_argument("--complete-only", action="store_true", help="only runs with a manifest (finished cells)")
     args = ap.parse_args(argv)
     try:
-        paths = make_all(args.runs, args.out, progress=not args.no_progress, study=args.study)
+        paths = make_all(
+            args.runs, args.out, progress=not args.no_progress, study=args.study, complete_only=args.complete_only
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"plots.all: error: {e}", file=sys.stderr)
         return 2

@@ -256,6 +256,17 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     json.dumps(rec, allow_nan=False)  # strict JSON: no NaN
 
 
+def test_a_report_of_complete_cells_leaves_running_ones_out(tmp_path):
+    from plots.all import make_all
+
+    root = _study_root(tmp_path / "runs")
+    (root / "fp8all-grpo-r3-s1" / "manifest.json").unlink()  # a cell still running
+    make_all(root, tmp_path / "plots", progress=False, study=True, complete_only=True)
+    rec = json.loads((tmp_path / "plots" / "tables" / "study_results.json").read_text())
+    r3 = [c for c in rec["cells"] if c["method"] == "GRPO+R3" and c["condition"].startswith("fp8all")]
+    assert [c["seeds"] for c in r3] == [[0]] and r3[0]["status"] == "complete"
+
+
 def test_k3_drift_compares_the_last_quarter_of_steps_with_the_first(tmp_path):
     from plots.figures_study import run_drift
     from plots.runs import discover
