@@ -4,7 +4,8 @@
 
 Inputs: a runs root (docs/run_format.md): cell directories (config.json, metrics.jsonl,
 eval.jsonl, manifest.json) and static/<precision>/static.json. Any subset of the grid works;
-cells without manifest.json are read as far as written and marked "(running)" (dashed lines).
+cells without manifest.json are read as far as written and marked "(running)" (dashed lines), or
+left out with --complete-only.
 Outputs under --out:
   figures/<kind>__<setting>.{png,pdf}  per setting: kl (mismatch k3 KL over steps, without /
                                        with R3), dynamics (response length, grad norm, entropy,
@@ -15,7 +16,8 @@ Outputs under --out:
   index.md                                every table and a link to every figure
 With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv},
 tables/study_results.json, and figures/study_dose_response, study_routing_layers, study_dynamics and
-study_f_tau (.png, .pdf) (plots.figures_study).
+study_f_tau (.png, .pdf) (plots.figures_study); the runs root's undosed.json (experiments.undosed),
+when present, adds the final policies' undosed scores to study_results.json.
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
 the collapse rule is r3.collapse (the paper does not publish one).
