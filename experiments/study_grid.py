@@ -206,6 +206,20 @@ def _strong() -> _Plan:
     )
 
 
+def _ministeps_control() -> _Plan:
+    """The zero-mismatch control of `ministeps`: fp32 rollout, GRPO, 8 mini-steps. Without it a
+    lower score in `ministeps` could be the mini-steps' (more off-policy updates), not the dose's."""
+    return _Plan(
+        name="ministepsctl",
+        zoo_size="study",
+        levels=("fp32",),
+        arms=("grpo",),
+        seeds=(0, 1, 2),
+        lrs=(1e-4,),
+        run={**_STUDY_ZOO_RUN, "mini_steps": 8},
+    )
+
+
 def _long() -> _Plan:
     """The response-length axis: difficulty 3 (3-5 operands, about 1.5x longer chains of thought),
     96 new tokens, on the tiny zoo, strongest default level only."""
@@ -247,6 +261,7 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "strong": _strong,
     "studytis": _study_tis,
     "ministeps": _ministeps,
+    "ministepsctl": _ministeps_control,
     "long": _long,
     "smoke": _smoke,
 }
