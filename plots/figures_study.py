@@ -480,12 +480,13 @@ def dose_response_figure(runs: list[Run]) -> Figure:
                 no_data(ax, "mismatch/k3_kl" if dose_attr == "dose" else "mismatch/k3_kl_per_response")
                 continue
             _log_axis(ax)
-            controls = [c.reference for c in conds if c.dose[0] <= CONTROL_K3 and c.reference is not None]
-            for ref in controls if title != "collapse rate" else []:  # no-mismatch controls: a band
+            controls = [(c.reference, c.family) for c in conds if c.dose[0] <= CONTROL_K3 and c.reference is not None]
+            for ref, family in controls if title != "collapse rate" else []:  # no-mismatch controls: a band
                 if ref.steps == steps:
                     m, se = stat(ref)
                     if math.isfinite(m):
-                        ax.axhline(m, color="0.5", linestyle=":", linewidth=1, label="fp32 control (no mismatch)")
+                        label = "fp32 control (no mismatch)" + (f" [{family}]" if family else "")
+                        ax.axhline(m, color="0.5", linestyle=":", linewidth=1, label=label)
                         if math.isfinite(se):
                             ax.axhspan(m - se, m + se, color="0.85", zorder=0)
             if dose_attr == "dose":
@@ -512,9 +513,15 @@ def dose_response_figure(runs: list[Run]) -> Figure:
             if title == "collapse rate":
                 ax.set_ylim(-0.05, 1.05)
         handles, labels = row[0].get_legend_handles_labels()
-        if handles:
-            row[0].legend(handles, labels, loc="best", fontsize="x-small", frameon=True, framealpha=0.8)
+        if handles:  # in the collapse panel, whose points sit at 0 or 1, not over the score panels' points
+            row[-1].legend(handles, labels, loc="center", fontsize="x-small", frameon=True, framealpha=0.8)
     fig.suptitle("Late change and collapse vs training-inference mismatch, with and without R3 (mean ± s.e.)")
+    for ax in fig.axes:  # a dose range under a factor of 4 gets one decade, so log ticks do not repeat
+        if ax.get_xscale() == "log":
+            lo, hi = ax.get_xlim()
+            if lo > 0 and hi / lo < 4:
+                mid = math.sqrt(lo * hi)
+                ax.set_xlim(mid / 3, mid * 3)
     return fig
 
 
