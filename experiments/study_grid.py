@@ -132,48 +132,30 @@ def _pilot() -> _Plan:
     )
 
 
+def _on_study_zoo(name: str, levels: tuple[str, ...], arms: tuple[str, ...], **run: Any) -> _Plan:
+    """A plan on the `study` zoo: 3 seeds, lr 1e-4, `_STUDY_ZOO_RUN` with `run` over it."""
+    return _Plan(name=name, zoo_size="study", levels=levels, arms=arms, seeds=(0, 1, 2), lrs=(1e-4,),
+                 run={**_STUDY_ZOO_RUN, **run})  # fmt: skip
+
+
 def _learn() -> _Plan:
     """The gate before any mismatch cell: on the `study` zoo with an fp32 rollout (no mismatch), does
     GRPO raise the late held-out score (mean of the last quarter of evaluation points) by 10 points
     over step 0, on 3 seeds? The study plan's fp32 control cells are these."""
-    return _Plan(
-        name="learn",
-        zoo_size="study",
-        levels=("fp32",),
-        arms=("grpo",),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run=_STUDY_ZOO_RUN,
-    )
+    return _on_study_zoo("learn", ("fp32",), ("grpo",))
 
 
 def _study() -> _Plan:
     """The sweep on the `study` zoo: routing-only doses (router noise at the paper's per-token k3 KL,
     3x and 10x it) and the non-routing control (logit noise at 3x, matched in per-token KL to
-    router-3x: if KL alone hurt, R3 could not help there), GRPO vs GRPO+R3, 3 seeds, 60 steps; the
+    router-3x: if KL alone hurt, R3 could not help there), GRPO vs GRPO+R3, 3 seeds, 50 steps; the
     zero-mismatch control is plan `learn` (same seeds and steps)."""
-    return _Plan(
-        name="study",
-        zoo_size="study",
-        levels=("router-1x", "router-3x", "router-10x", "logit-3x"),
-        arms=("grpo", "grpo-r3"),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run=_STUDY_ZOO_RUN,
-    )
+    return _on_study_zoo("study", ("router-1x", "router-3x", "router-10x", "logit-3x"), ("grpo", "grpo-r3"))
 
 
 def _study_tis() -> _Plan:
     """TIS at the strongest routing dose: GRPO+TIS and GRPO+TIS+R3 beside plan `study`'s cells."""
-    return _Plan(
-        name="studytis",
-        zoo_size="study",
-        levels=("router-10x",),
-        arms=("grpo-tis", "grpo-tis-r3"),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run=_STUDY_ZOO_RUN,
-    )
+    return _on_study_zoo("studytis", ("router-10x",), ("grpo-tis", "grpo-tis-r3"))
 
 
 def _ministeps() -> _Plan:
@@ -181,43 +163,19 @@ def _ministeps() -> _Plan:
     the groups, where its GRPO collapsed by step 120) at the strongest routing dose: GRPO, GRPO+R3,
     GSPO, GSPO+R3. Every sample is still trained on once, so a step costs about what a
     single-mini-step one does, plus the pi_old forward that no longer fuses into the update."""
-    return _Plan(
-        name="ministeps",
-        zoo_size="study",
-        levels=("router-10x",),
-        arms=("grpo", "grpo-r3", "gspo", "gspo-r3"),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run={**_STUDY_ZOO_RUN, "mini_steps": 8},
-    )
+    return _on_study_zoo("ministeps", ("router-10x",), ("grpo", "grpo-r3", "gspo", "gspo-r3"), mini_steps=8)
 
 
 def _strong() -> _Plan:
     """Routing doses beyond the paper's range (30x and 100x its per-token k3 KL), GRPO vs GRPO+R3:
     where does single-mini-step GRPO start to break on this zoo, if anywhere?"""
-    return _Plan(
-        name="strong",
-        zoo_size="study",
-        levels=("router-100x", "router-30x"),
-        arms=("grpo", "grpo-r3"),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run=_STUDY_ZOO_RUN,
-    )
+    return _on_study_zoo("strong", ("router-100x", "router-30x"), ("grpo", "grpo-r3"))
 
 
 def _ministeps_control() -> _Plan:
     """The zero-mismatch control of `ministeps`: fp32 rollout, GRPO, 8 mini-steps. Without it a
     lower score in `ministeps` could be the mini-steps' (more off-policy updates), not the dose's."""
-    return _Plan(
-        name="ministepsctl",
-        zoo_size="study",
-        levels=("fp32",),
-        arms=("grpo",),
-        seeds=(0, 1, 2),
-        lrs=(1e-4,),
-        run={**_STUDY_ZOO_RUN, "mini_steps": 8},
-    )
+    return _on_study_zoo("ministepsctl", ("fp32",), ("grpo",), mini_steps=8)
 
 
 def _long() -> _Plan:

@@ -85,14 +85,10 @@ def make_all(
     if study and root.runs:  # the study's machine-readable record (docs/study/results.json is a copy)
         tab_dir.mkdir(parents=True, exist_ok=True)
         rec = tab_dir / "study_results.json"
-        rundir.write_text_atomic(
-            rec,
-            json.dumps(
-                figures_study.study_results(root.runs, undosed=rundir.read_json(Path(runs_dir) / "undosed.json")),
-                indent=1,
-            )
-            + "\n",
-        )
+        from experiments.undosed import FILE as UNDOSED  # written beside the cells by `study undosed`
+
+        results = figures_study.study_results(root.runs, undosed=rundir.read_json(Path(runs_dir) / UNDOSED))
+        rundir.write_text_atomic(rec, json.dumps(results, indent=1) + "\n")
         written.append(rec)
     for t in tables:
         written += write_table(t, tab_dir)

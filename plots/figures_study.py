@@ -64,30 +64,29 @@ def run_change(run: Run) -> tuple[float, float, float]:
     return avgs[0], late[0], late[0] - avgs[0]
 
 
-def run_metric_mean(run: Run, column: str) -> float:
+def _finite_steps(run: Run, column: str) -> np.ndarray:
+    """A per-step metric's finite values in step order (empty when the run has no such column)."""
     if column not in run.metrics.columns:
-        return math.nan
+        return np.zeros(0)
     vals = np.asarray(run.metrics[column], dtype=float)
-    vals = vals[np.isfinite(vals)]
+    return vals[np.isfinite(vals)]
+
+
+def run_metric_mean(run: Run, column: str) -> float:
+    vals = _finite_steps(run, column)
     return float(vals.mean()) if len(vals) else math.nan
 
 
 def run_metric_percentile(run: Run, column: str, q: float) -> float:
     """The q-th percentile (0-100) of a per-step metric over the run's steps; nan when absent."""
-    if column not in run.metrics.columns:
-        return math.nan
-    vals = np.asarray(run.metrics[column], dtype=float)
-    vals = vals[np.isfinite(vals)]
+    vals = _finite_steps(run, column)
     return float(np.percentile(vals, q)) if len(vals) else math.nan
 
 
 def run_drift(run: Run, column: str) -> float:
     """Mean of a per-step metric over the last quarter of the run's steps divided by its mean over
     the first quarter: above 1 when the metric drifts up during training (nan with < 4 steps)."""
-    if column not in run.metrics.columns:
-        return math.nan
-    vals = np.asarray(run.metrics[column], dtype=float)
-    vals = vals[np.isfinite(vals)]
+    vals = _finite_steps(run, column)
     q = len(vals) // 4
     if q < 1 or vals[:q].mean() <= 0:
         return math.nan
