@@ -5,6 +5,7 @@
                                    [--model runs/study/<cell>/checkpoints/step_50/train]
                                    [--trl-vllm block]
                                    [--zoo-dir experiments/shipped_zoo/tiny] [--precision bf16] [--threads 1]
+                                   [--doses router-10x]
                                    [--max-tokens-per-micro-batch 1024]
 
 Equal work, on the zoo's SFT model (default: the shipped tiny zoo): `--prompts` prompts x
@@ -26,6 +27,12 @@ train without it); `on` is what a TRL user gets by default (TRL takes the model 
 router_aux_loss_coef, 0.01 for the zoo, and asks the model for its router logits). `--trl-gc off`
 (default) is equal work too: GRPOConfig turns gradient checkpointing on by default, recomputing every
 activation in the backward; ours does not (RunConfig.train_recompute=False); `on` measures TRL's default.
+
+Numerics: TRL generates and trains in fp32. Our trainer is fp32; our rollout runs at `--precision`,
+bf16 by default (the demo's mismatch source; this CPU has no native bf16, so it is emulated and slower
+than fp32). `--doses` adds one loop per named dose of the zoo's calibrated ladder (experiments.doses;
+e.g. router-10x: an fp32 transformers rollout with noise on its router logits), which is the study's
+regime: the mismatch the study needs without emulated bf16.
 
 Everything steps in turn, one optimizer step each (each TRL child, then each of our loops), so
 machine load hits all alike (these machines are shared); the children wait while ours runs.
@@ -50,6 +57,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.trl_worker import TRLChild
+from experiments import doses
 
 SHIPPED_TINY = Path(__file__).resolve().parents[1] / "experiments" / "shipped_zoo" / "tiny"
 
@@ -81,12 +89,32 @@ def fixed_length_copy(model_dir: Path, out: Path, positions: int = 512) -> Path:
     return out
 
 
+def our_rollouts(engines: list[str], precision: str, dose_names: list[str], zoo_size: str) -> dict[str, dict]:
+    """Our loops, label -> their RunConfig rollout fields: one per engine at `precision`, then one per
+    named dose of the zoo's calibrated ladder (experiments.doses), e.g. "hf, router-10x"."""
+    ladder = doses.ladder(zoo_size)
+    unknown = [d for d in dose_names if d not in ladder]
+    if unknown:
+        raise SystemExit(
+            f"--doses {','.join(unknown)}: not in the {zoo_size} zoo's ladder; expected some of {sorted(ladder)}"
+        )
+    rollouts = {f"{e} rollout": {"rollout_engine": e, "rollout_precision": precision} for e in engines}
+    rollouts |= {f"{ladder[d].engine}, {d}": ladder[d].run_fields() for d in dose_names}
+    return rollouts
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo-dir", type=Path, default=SHIPPED_TINY)
     ap.add_argument("--steps", type=int, default=6, help="measured steps per trainer (after one warm-up)")
     ap.add_argument("--rollout-engines", default="hf", help="our rollout engines, comma-separated (hf, vllm)")
-    ap.add_argument("--precision", default="bf16", help="our rollout engine's numerics")
+    ap.add_argument("--precision", default="bf16", help="our rollout engines' numerics (--rollout-engines)")
+    ap.add_argument(
+        "--doses",
+        default="",
+        help="more loops of ours, one per dose of the zoo's ladder, comma-separated (e.g. router-10x: the study's "
+        "regime, an fp32 rollout with router noise; `python -m experiments.study calibrate` lists them)",
+    )
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -128,14 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     from r3.engines import registry
     from r3.engines.base import SamplingParams
 
+    manifest = zoo.load_manifest(args.zoo_dir)
+    named = [d for d in args.doses.split(",") if d]
+    engines = [e for e in args.rollout_engines.split(",") if e]
+    rollouts = our_rollouts(engines, args.precision, named, manifest["config"]["size"])
     scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     model_dir = zoo.model_dir("sft", args.zoo_dir)
     if args.model is not None:
         model_dir = checkpoint_with_tokenizer(args.model, model_dir, scratch / "model")
     if args.fixed_length:
         model_dir = fixed_length_copy(model_dir, scratch / "sft-no-eos")
-    engines = [e for e in args.rollout_engines.split(",") if e]
-    difficulty = zoo.load_manifest(args.zoo_dir)["config"]["difficulty"]  # the zoo's task level, both sides
+    difficulty = manifest["config"]["difficulty"]  # the zoo's task level, both sides
     trl_opts = dict(
         difficulty=difficulty,
         gc=args.trl_gc,
@@ -154,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         return [float(c) for c in grader.grade_many(list(zip(texts, golds)), pool=pool)]
 
     loops = {}
-    for engine in engines:
+    for i, (label, fields) in enumerate(rollouts.items()):
+        engine = fields["rollout_engine"]
         cfg = RunConfig(
-            name=f"bench-ours-{engine}",
+            name=f"bench-ours-{i}",
             replay=True,
-            rollout_engine=engine,
-            rollout_precision=args.precision,
+            **fields,
             lr=1e-5,
             prompts_per_step=args.prompts,
             group_size=args.group_size,
@@ -171,23 +202,23 @@ def main(argv: list[str] | None = None) -> None:
             # the faster bf16 attention (HFRolloutConfig.fp32_attention), where the engine has that setting
             rollout_fp32_attention=registry.rollout_config_has(engine, "fp32_attention"),
         )
-        loop = build_loop(cfg, model_dir, scratch / engine, reward_fn=reward, log=lambda *a, **k: None)
+        loop = build_loop(cfg, model_dir, scratch / f"ours-{i}", reward_fn=reward, log=lambda *a, **k: None)
         if args.fixed_length:
             loop.params = SamplingParams(max_new_tokens=args.max_new_tokens)  # the copy has no EOS
-        loops[engine] = loop
+        loops[label] = loop
     ours = {e: [] for e in loops}
     lens = {e: [] for e in loops}
     try:
         for step in range(1, args.steps + 2):  # step 1 is a warm-up
             for child in trls.values():
                 child.step()
-            for engine, loop in loops.items():
+            for label, loop in loops.items():
                 t0 = time.perf_counter()
                 row, batch = timed_step(loop, step)
                 row["total"] = time.perf_counter() - t0
-                ours[engine].append(row)
+                ours[label].append(row)
                 mask = batch.train.loss_mask_BT
-                lens[engine].append(float(mask.sum()) / mask.shape[0])
+                lens[label].append(float(mask.sum()) / mask.shape[0])
         for child in trls.values():
             child.finish()
     finally:
@@ -199,13 +230,16 @@ def main(argv: list[str] | None = None) -> None:
         f"bench_trl: {args.steps} measured steps each after a warm-up, in turn; {args.prompts} prompts x "
         f"{args.group_size} samples, {shape} new tokens, {args.threads} torch thread(s); median s/step"
     )
-    print(f"ours: trainer fp32 with R3 replay, rollout {args.precision} with routing capture")
+    print(f"ours: trainer fp32 with R3 replay, rollout with routing capture ({args.precision} unless a dose is named)")
+    for d in named:
+        dose = doses.ladder(manifest["config"]["size"])[d]
+        print(f"  dose {d}: {dose.note} ({dose.precision} rollout)")
     print(f"{'trainer':<34} {'s/step':>7} {'resp len':>8}  phases (s)")
-    for engine in loops:
-        rows = ours[engine][1:]
+    for label in loops:
+        rows = ours[label][1:]
         phases = ", ".join(f"{k} {med(r[k] for r in rows):.3f}" for k in rows[0] if k != "total" and rows[0][k] > 0)
-        total, length = med(r["total"] for r in rows), med(lens[engine][1:])
-        print(f"{'ours, ' + engine + ' rollout':<34} {total:7.3f} {length:8.1f}  {phases}")
+        total, length = med(r["total"] for r in rows), med(lens[label][1:])
+        print(f"{'ours, ' + label:<34} {total:7.3f} {length:8.1f}  {phases}")
     for aux, child in trls.items():
         i = child.info
         name = f"TRL {i['trl']}, aux {aux}, grad ckpt {args.trl_gc}"
@@ -215,10 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     print("speed-up, TRL / ours (target >= 1.5 at equal work, aux off):")
     for aux, child in trls.items():
-        for engine in loops:
-            r = med(child.times[1:]) / med(r["total"] for r in ours[engine][1:])
-            print(f"  TRL aux {aux:<3} / ours {engine:<5} {r:6.2f}x")
-    if "vllm" not in engines:
+        for label in loops:
+            r = med(child.times[1:]) / med(r["total"] for r in ours[label][1:])
+            print(f"  TRL aux {aux:<3} / ours, {label:<18} {r:6.2f}x")
+    if "vllm" not in {loop.cfg.rollout_engine for loop in loops.values()}:
         print(f"vllm in this process's sys.modules (ours, hf only): {'vllm' in sys.modules}")
 
 

@@ -1,8 +1,9 @@
-"""bench_trl's --model: a run's checkpoint (weights, no tokenizer) made into a model directory."""
+"""bench_trl: --model (a run's checkpoint made into a model directory) and --doses (loops of ours at named doses)."""
 
 import pytest
 
-from benchmarks.bench_trl import checkpoint_with_tokenizer
+from benchmarks.bench_trl import checkpoint_with_tokenizer, our_rollouts
+from experiments.doses import NOISE_STDS
 
 
 def test_checkpoint_gets_the_zoo_tokenizer_and_drops_the_optimizer_state(tmp_path):
@@ -23,3 +24,16 @@ def test_checkpoint_gets_the_zoo_tokenizer_and_drops_the_optimizer_state(tmp_pat
 def test_a_directory_without_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="expected a model directory with config.json"):
         checkpoint_with_tokenizer(tmp_path, tmp_path, tmp_path / "out")
+
+
+def test_named_doses_add_loops_with_the_ladders_fields():
+    rollouts = our_rollouts(["hf", "vllm"], "bf16", ["router-10x"], "study")
+    assert list(rollouts) == ["hf rollout", "vllm rollout", "hf, router-10x"]
+    assert rollouts["vllm rollout"] == {"rollout_engine": "vllm", "rollout_precision": "bf16"}
+    dosed = rollouts["hf, router-10x"]
+    assert (dosed["rollout_precision"], dosed["rollout_router_noise"]) == ("fp32", NOISE_STDS["study"]["router-10x"])
+
+
+def test_a_dose_not_in_the_zoos_ladder_is_refused_with_the_choices():
+    with pytest.raises(SystemExit, match=r"router-30x: not in the tiny zoo's ladder; expected some of .*router-10x"):
+        our_rollouts(["hf"], "bf16", ["router-30x"], "tiny")
