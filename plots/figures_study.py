@@ -445,10 +445,21 @@ about 1e-10); it is drawn as a horizontal band, not at a dose."""
 
 
 def _log_axis(ax) -> None:
+    """Ticks at 1, 2, 5 per decade; over more than LABEL_ALL_BELOW (a factor) only the decades are
+    labelled, since 1e-2, 2e-2, 5e-2 collide on a panel that spans two decades or more."""
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sci(v, digits=2)))  # 1 digit repeats
+
+    def label(v: float, _pos) -> str:
+        lo, hi = ax.get_xlim()
+        decade = abs(math.log10(v) - round(math.log10(v))) < 1e-6
+        return fmt_sci(v, digits=2) if decade or hi / lo <= LABEL_ALL_BELOW else ""  # 1 digit repeats
+
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over less than a decade
+
+
+LABEL_ALL_BELOW = 20.0
 
 
 def dose_response_figure(runs: list[Run]) -> Figure:

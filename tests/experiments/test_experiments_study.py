@@ -304,6 +304,27 @@ def test_dose_response_figure_on_fixture_runs(tmp_path):
     assert paths[0].suffix == ".png" and paths[0].stat().st_size > 10_000
 
 
+@pytest.mark.parametrize(("xlim", "labelled"), [((1e-3, 2e-1), ["1.0e-3", "1.0e-2", "1.0e-1"]), ((1e-2, 1e-1), None)])
+def test_dose_axis_labels_only_decades_when_it_spans_more_than_a_factor_of_20(xlim, labelled):
+    import matplotlib.pyplot as plt
+
+    from plots import figures_study
+
+    fig, ax = plt.subplots()
+    figures_study._log_axis(ax)
+    ax.set_xlim(*xlim)
+    fig.canvas.draw()
+    ticks = [
+        (t.get_position()[0], t.get_text()) for t in ax.get_xticklabels() if xlim[0] <= t.get_position()[0] <= xlim[1]
+    ]
+    texts = [text for _, text in ticks if text]
+    if labelled is None:  # within a factor of 20: 1, 2, 5 of the decade all labelled
+        assert texts == [figures_study.fmt_sci(v, digits=2) for v, _ in ticks] and len(texts) >= 3
+    else:
+        assert texts == labelled and len(ticks) > len(labelled)  # 2e-3, 5e-3, ... ticked, not labelled
+    plt.close(fig)
+
+
 # --- end to end on the micro zoo ------------------------------------------------------------------
 @pytest.mark.slow
 def test_undosed_evaluation_of_an_fp32_cell_reproduces_its_served_samples(micro_zoo, tmp_path):
