@@ -29,10 +29,10 @@ router_aux_loss_coef, 0.01 for the zoo, and asks the model for its router logits
 activation in the backward; ours does not (RunConfig.train_recompute=False); `on` measures TRL's default.
 
 Numerics: TRL generates and trains in fp32. Our trainer is fp32; our rollout runs at `--precision`,
-bf16 by default (the demo's mismatch source; this CPU has no native bf16, so it is emulated and slower
-than fp32). `--doses` adds one loop per named dose of the zoo's calibrated ladder (experiments.doses;
-e.g. router-10x: an fp32 transformers rollout with noise on its router logits), which is the study's
-regime: the mismatch the study needs without emulated bf16.
+bf16 by default (the demo's mismatch source; torch's bf16 CPU kernels are slower than fp32 ones at
+these shapes, docs/embedded.md). `--doses` adds one loop per named dose of the zoo's calibrated ladder
+(experiments.doses; e.g. router-10x: an fp32 transformers rollout with noise on its router logits),
+which is the study's regime: the mismatch the study needs at fp32 speed.
 
 Everything steps in turn, one optimizer step each (each TRL child, then each of our loops), so
 machine load hits all alike (these machines are shared); the children wait while ours runs.
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.group_size} samples, {shape} new tokens, {args.threads} torch thread(s); median s/step"
     )
     print(f"ours: trainer fp32 with R3 replay, rollout with routing capture ({args.precision} unless a dose is named)")
+    ladder = doses.ladder(manifest["config"]["size"])
     for d in named:
-        dose = doses.ladder(manifest["config"]["size"])[d]
-        print(f"  dose {d}: {dose.note} ({dose.precision} rollout)")
+        print(f"  dose {d}: {ladder[d].note} ({ladder[d].precision} rollout)")
     print(f"{'trainer':<34} {'s/step':>7} {'resp len':>8}  phases (s)")
     for label in loops:
         rows = ours[label][1:]
