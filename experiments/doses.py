@@ -84,7 +84,10 @@ NOISE_STDS: dict[str, dict[str, float]] = {
               "logit-1x": 0.37, "logit-3x": 0.61, "logit-10x": 1.11,
               # beyond the paper's range, to find where GRPO breaks: 1.0 measured 27x and 1.15 53x
               # (runs/study/calibration-study-zoo-30x.json); 30x interpolated, 100x extrapolated (k3 ~ std^4.8)
-              "router-30x": 1.02, "router-100x": 1.31},
+              "router-30x": 1.02, "router-100x": 1.31,
+              # the non-routing control at router-100x's KL: logit std 2.0 measured 53x
+              # (runs/study/calib-logit.log, k3 ~ std^3 from 1.11); 100x extrapolated
+              "logit-100x": 2.5},
 }  # fmt: skip
 
 

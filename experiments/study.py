@@ -9,6 +9,7 @@ scale, and does R3 prevent it? A separate entry point from `make demo`.
     python -m experiments.study calibrate                                 # the doses' static mismatch vs the paper's
     python -m experiments.study calibrate --doses fp32 router-1x --router-noise 0.5 --out runs/study/calibration.json
     python -m experiments.study undosed --out runs/study --plan study    # final policies without the dose
+    python -m experiments.study served --out runs/study --plan strong --samples 8   # ... with and without, 8 samples
 
 `calibrate` (experiments.doses): per mismatch dose (rollout precision, FP8 scope, router-logit noise,
 output-logit noise), the static k3 KL per token and per response, F(2) and the routing pairs / tokens
@@ -23,6 +24,8 @@ and the embedded zoo of the plan's size (built once, here, when missing: about 1
   plots/tables/study_results.json              the same, machine-readable (docs/study/results.json)
   plots/figures/study_*.{png,pdf}              dose-response, dynamics, F(tau), routing per layer
   undosed.json, undosed/<cell>/  `undosed`: final policies evaluated without their dose
+  served.json, served/<cell>/    `served`: final policies with --samples per problem, dosed and undosed,
+                                 paired per seed against GRPO (does an arm's policy resist the dose?)
 Resumable and cached: complete cells (manifest.json) are skipped without starting a process,
 incomplete ones resume from their last checkpoint (experiments.run.run_cell); cells run as --jobs
 one-thread processes (experiments.demo.run_cells: one progress bar with ETA over all remaining
@@ -189,6 +192,62 @@ def undosed(args: argparse.Namespace) -> int:
     return 0
 
 
+def served(args: argparse.Namespace) -> int:
+    """experiments.undosed.resample_cell over the plan's cells: each final policy with --samples per
+    problem, through its dosed engine and without the dose; then, per dose, each arm paired per seed
+    against GRPO on the served score, the undosed score and the dose's cost (served - undosed)."""
+    import torch
+    import transformers
+
+    from experiments import undosed as und
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    out = args.out.resolve()
+    cfgs = study_grid.cells(args.plan, zoo_dir=args.zoo_dir, pattern=args.cells)
+    record = und.run(out, list(cfgs), samples=args.samples)
+    rows = {n: record["cells"][f"{n}@k{args.samples}"] for n in cfgs if f"{n}@k{args.samples}" in record["cells"]}
+    if not rows:
+        print(f"[study] no complete dosed cell of plan {args.plan!r} in {out}; run `collapse --plan {args.plan}` first")
+        return 1
+    print(served_table(cfgs, rows, args.samples))
+    print(f"[study] {out / und.SERVED_FILE}")
+    return 0
+
+
+def served_table(cfgs: dict, rows: dict[str, dict], samples: int) -> str:
+    """Markdown: per condition and arm, mean served / undosed / cost over seeds, and each arm minus
+    GRPO paired per seed (mean +/- s.e.), in points."""
+    from collections import defaultdict
+
+    from plots.figures_study import mean_se
+
+    by_cond: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for name, rec in rows.items():
+        arm = study_grid.arm_of(cfgs[name])
+        cond = name.removesuffix(f"-s{rec['seed']}").removesuffix(f"-{arm}")
+        by_cond[cond][arm][rec["seed"]] = {
+            "served": 100 * rec["served"], "undosed": 100 * rec["undosed"],
+            "cost": 100 * (rec["served"] - rec["undosed"]),
+        }  # fmt: skip
+    pm = lambda ms: "n/a" if ms[0] != ms[0] else f"{ms[0]:.1f}" + (f" ± {ms[1]:.1f}" if ms[1] == ms[1] else "")  # noqa: E731
+    lines = [
+        f"final policies, {samples} samples per problem; cost = served - undosed; paired: per seed, minus GRPO",
+        "| condition | arm | seeds | served | undosed | cost | served paired | undosed paired | cost paired |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cond, arms in by_cond.items():
+        ref = arms.get("grpo", {})
+        for arm, seeds in arms.items():
+            cells = [pm(mean_se([v[k] for v in seeds.values()])) for k in ("served", "undosed", "cost")]
+            common = sorted(set(seeds) & set(ref)) if arm != "grpo" else []
+            paired = [pm(mean_se([seeds[s][k] - ref[s][k] for s in common])) if common else "" for k in
+                      ("served", "undosed", "cost")]  # fmt: skip
+            lines.append(f"| {cond} | {arm} | {len(seeds)} | " + " | ".join(cells + paired) + " |")
+    return "\n".join(lines)
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """The calibration table of the selected doses (experiments.doses) on the zoo's SFT model."""
     import torch
@@ -285,8 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--out", type=Path, default=Path("runs/study"))
     u.add_argument("--plan", default="study", choices=sorted(study_grid.PLANS))
     u.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (tiny) or runs/zoo-<size>")
+    v = sub.add_parser("served", help="each final policy re-scored with more samples, with and without its dose")
+    v.add_argument("--out", type=Path, default=Path("runs/study"))
+    v.add_argument("--plan", default="study", choices=sorted(study_grid.PLANS))
+    v.add_argument("--cells", default=None, help="comma-separated globs on cell names")
+    v.add_argument("--samples", type=int, default=8, help="samples per held-out problem")
+    v.add_argument("--zoo-dir", type=Path, default=None, help="default: runs/zoo (tiny) or runs/zoo-<size>")
     args = ap.parse_args(argv)
-    return {"calibrate": calibrate, "undosed": undosed, "collapse": collapse}[args.study](args)
+    return {"calibrate": calibrate, "undosed": undosed, "collapse": collapse, "served": served}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,14 @@ ARMS: dict[str, dict[str, bool]] = {
 }
 
 
+def arm_of(cfg: RunConfig) -> str:
+    """The arm (ARMS key) whose fields `cfg` has."""
+    for name, fields in ARMS.items():
+        if all(getattr(cfg, k) == v for k, v in {"algorithm": "grpo", **fields}.items()):
+            return name
+    raise ValueError(f"cell {cfg.name!r}: algorithm={cfg.algorithm} tis={cfg.tis} replay={cfg.replay} is no study arm")
+
+
 # --- plans ------------------------------------------------------------------------------------------
 # RunConfig fields every study cell shares unless its plan overrides them (`_Plan.run`): the tiny
 # preset's batch shape and evaluation, single-mini-step GRPO on the SFT model, stopped at collapse.
@@ -172,6 +180,18 @@ def _strong() -> _Plan:
     return _on_study_zoo("strong", ("router-100x", "router-30x"), ("grpo", "grpo-r3"))
 
 
+def _strong_tis() -> _Plan:
+    """TIS where routing noise costs GRPO the most (router-100x): GRPO+TIS and GRPO+TIS+R3 beside
+    plan `strong`'s GRPO and GRPO+R3 cells (same seeds, so they pair)."""
+    return _on_study_zoo("strongtis", ("router-100x",), ("grpo-tis", "grpo-tis-r3"))
+
+
+def _strong_logit() -> _Plan:
+    """The non-routing control at router-100x's per-token KL: output-logit noise, which R3 cannot
+    remove. If GRPO loses as much here as under router-100x, the KL, not the routing, costs it."""
+    return _on_study_zoo("stronglogit", ("logit-100x",), ("grpo", "grpo-r3"))
+
+
 def _ministeps_control() -> _Plan:
     """The zero-mismatch control of `ministeps`: fp32 rollout, GRPO, 8 mini-steps. Without it a
     lower score in `ministeps` could be the mini-steps' (more off-policy updates), not the dose's."""
@@ -217,6 +237,8 @@ PLANS: dict[str, Callable[[], _Plan]] = {
     "learn": _learn,
     "study": _study,
     "strong": _strong,
+    "strongtis": _strong_tis,
+    "stronglogit": _strong_logit,
     "studytis": _study_tis,
     "ministeps": _ministeps,
     "ministepsctl": _ministeps_control,

@@ -388,6 +388,49 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
         samples = (out / "undosed" / c / "step_2.jsonl").read_text().splitlines()
         assert len(samples) == 8 and all(json.loads(x)["seed"] == 2 for x in samples)  # cfg.seed + step
 
+    # served: the final checkpoint through the cell's own dosed engine reproduces the cell's final
+    # evaluation sample for sample (FP8 numerics have no noise stream), and the undosed pass beside it
+    # is the fp32 one above
+    argv = ["served", "--out", str(out), "--plan", "smoke", "--zoo-dir", str(micro_zoo), "--samples", "1"]
+    assert study.main(argv) == 0
+    res = json.loads((out / "served.json").read_text())["cells"]
+    assert sorted(res) == sorted(f"{c}@k1" for c in cells)
+    for c in cells:
+        assert res[f"{c}@k1"]["served"] == pytest.approx(rec[c]["served"])
+        assert res[f"{c}@k1"]["undosed"] == pytest.approx(rec[c]["undosed"])
+        key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
+        mine = [json.loads(x) for x in (out / "served" / c / "step_2-served-k1.jsonl").read_text().splitlines()]
+        theirs = [json.loads(x) for x in (out / c / "eval" / "step_2.jsonl").read_text().splitlines()]
+        assert [r["response"] for r in sorted(mine, key=key)] == [r["response"] for r in sorted(theirs, key=key)]
+    # at this scale FP8 and fp32 sample alike, so check the engines themselves: the dose is in the
+    # served one only, router and logit noise included
+    from experiments import undosed as und
+    from experiments.config import RunConfig
+    from r3 import rundir as rd
+
+    cfg = rd.read_config(out / cells[0], RunConfig).config
+    served_engine = und._final_engine(out / cells[0], cfg, dosed=True)
+    assert (served_engine.precision, served_engine.fp8_scope) == ("fp8", "router")
+    assert und._final_engine(out / cells[0], cfg, dosed=False).precision == "fp32"
+    noisy = cfg.replace(rollout_precision="fp32", rollout_router_noise=0.3, rollout_logit_noise=0.2)
+    noise = und._final_engine(out / cells[0], noisy, dosed=True).noise
+    assert (noise.router_std, noise.logit_std) == (0.3, 0.2)
+
+
+def test_served_table_pairs_each_arm_with_grpo_per_seed():
+    from experiments import study
+
+    cfgs = study_grid.cells("strong", pattern="strong-router-30x-*")
+    rows = {}
+    for name, cfg in cfgs.items():
+        r3 = study_grid.arm_of(cfg) == "grpo-r3"
+        rows[name] = {"seed": cfg.seed, "served": 0.5 + 0.01 * cfg.seed + 0.02 * r3, "undosed": 0.9 + 0.01 * r3}
+    text = study.served_table(cfgs, rows, 8)
+    grpo, r3 = (line for line in text.splitlines() if line.startswith("| strong-router-30x"))
+    assert grpo.split(" | ")[1:4] == ["grpo", "3", "51.0 ± 0.6"] and grpo.endswith("|  |  |  |")
+    # per seed: served +2, undosed +1, cost +1 with no spread (the seed effect cancels in the pair)
+    assert r3.split(" | ")[1:3] == ["grpo-r3", "3"] and r3.endswith("| 2.0 ± 0.0 | 1.0 ± 0.0 | 1.0 ± 0.0 |")
+
 
 def test_routing_layers_figure_on_fixture_runs(tmp_path):
     from plots import figures_study
