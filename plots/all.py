@@ -17,7 +17,8 @@ Outputs under --out:
 With --study (experiments.study's runs root) also: tables/study_collapse.{md,tex,csv},
 tables/study_results.json, and figures/study_dose_response, study_routing_layers, study_dynamics and
 study_f_tau (.png, .pdf) (plots.figures_study); the runs root's undosed.json (experiments.undosed),
-when present, adds the final policies' undosed scores to study_results.json.
+when present, adds the final policies' undosed scores to study_results.json, and its served.json
+(`study served`) their scores re-scored with more samples, dosed and undosed.
 Departures from the paper: best step includes step 0 and, with seeds, is the best of the seed
 mean; the paper's numbers are only differenced against `paper`-preset runs (same benchmarks);
 the collapse rule is r3.collapse (the paper does not publish one).
@@ -86,8 +87,13 @@ def make_all(
         tab_dir.mkdir(parents=True, exist_ok=True)
         rec = tab_dir / "study_results.json"
         from experiments.undosed import FILE as UNDOSED  # written beside the cells by `study undosed`
+        from experiments.undosed import SERVED_FILE  # and by `study served`
 
-        results = figures_study.study_results(root.runs, undosed=rundir.read_json(Path(runs_dir) / UNDOSED))
+        results = figures_study.study_results(
+            root.runs,
+            undosed=rundir.read_json(Path(runs_dir) / UNDOSED),
+            served=rundir.read_json(Path(runs_dir) / SERVED_FILE),
+        )
         rundir.write_text_atomic(rec, json.dumps(results, indent=1) + "\n")
         written.append(rec)
     for t in tables:

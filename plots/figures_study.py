@@ -399,12 +399,48 @@ def undosed_fields(c: StudyCell, ref: StudyCell | None, undosed: Mapping[str, An
     return rec
 
 
-def study_results(runs: list[Run], *, undosed: Mapping[str, Any] | None = None) -> dict:
+def _resampled_points(c: StudyCell, served: Mapping[str, Any]) -> tuple[int, dict[int, dict[str, float]]]:
+    """Per seed, from experiments.undosed's served.json (`study served`): the final policy's score with
+    the most samples per problem the file has for this cell, served, undosed and their difference."""
+    best: dict[int, tuple[int, dict]] = {}
+    for r in c.runs:
+        for key, rec in served.items():
+            name, _, k = key.rpartition("@k")
+            if name == r.name and int(k) > best.get(int(r.config.seed), (0, {}))[0]:
+                best[int(r.config.seed)] = (int(k), rec)
+    points = {seed: {"served": 100 * rec["served"], "undosed": 100 * rec["undosed"],
+                     "cost": 100 * (rec["served"] - rec["undosed"])} for seed, (_, rec) in best.items()}  # fmt: skip
+    return min((k for k, _ in best.values()), default=0), points
+
+
+def resampled_fields(c: StudyCell, ref: StudyCell | None, served: Mapping[str, Any] | None) -> dict:
+    """`resampled_{served,undosed,cost}`: the final policy re-scored with more samples per problem
+    (experiments.undosed.resample_cell), mean and s.e. over seeds, and each paired against GRPO's per
+    seed (`..._minus_grpo`). Empty without the file."""
+    k, mine = _resampled_points(c, served or {})
+    if not mine:
+        return {}
+    rec: dict[str, Any] = {"resampled_samples": k, "resampled_seeds": sorted(mine)}
+    theirs = _resampled_points(ref, served or {})[1] if ref is not None and ref is not c else {}
+    common = sorted(set(mine) & set(theirs))
+    for key in ("served", "undosed", "cost"):
+        rec[f"resampled_{key}"], rec[f"resampled_{key}_se"] = mean_se([v[key] for v in mine.values()])
+        if common:
+            m, se = mean_se([mine[s][key] - theirs[s][key] for s in common])
+            rec |= {f"resampled_{key}_minus_grpo": m, f"resampled_{key}_minus_grpo_se": se}
+    return rec
+
+
+def study_results(
+    runs: list[Run], *, undosed: Mapping[str, Any] | None = None, served: Mapping[str, Any] | None = None
+) -> dict:
     """The machine-readable record (docs/study/results.json): per condition (dose) and arm, the seeds,
     late - step 0 mean and s.e. (points), the paired difference to GRPO, collapses, per-token and
     per-response k3 KL; with `undosed` (experiments.undosed's undosed.json) also the final policy's
-    score served with the dose and evaluated without it."""
+    score served with the dose and evaluated without it; with `served` (served.json) the same re-scored
+    with more samples per problem."""
     und_cells = (undosed or {}).get("cells", {})
+    served_cells = (served or {}).get("cells", {})
     out = []
     for cond in conditions(runs):
         ref = cond.reference
@@ -422,6 +458,7 @@ def study_results(runs: list[Run], *, undosed: Mapping[str, Any] | None = None) 
                 "grad_norm_p50": c.grad_norm(50)[0], "grad_norm_p90": c.grad_norm(90)[0],
                 "grad_norm_max": c.grad_norm(100)[0], "k3_drift": c.k3_drift[0],
                 **undosed_fields(c, ref, und_cells),
+                **resampled_fields(c, ref, served_cells),
             })  # fmt: skip
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in out]
     return {"units": {"scores": "held-out accuracy, points (%)", "k3": "nats"}, "paper_k3_per_token": PAPER_K3,
@@ -434,6 +471,9 @@ def study_results(runs: list[Run], *, undosed: Mapping[str, Any] | None = None) 
                 "final_served / final_undosed": "held-out score of the final checkpoint through the cell's "
                 "dosed rollout engine / through an fp32 engine without the dose, same sampling seed "
                 "(experiments.undosed)",
+                "resampled_*": "the final checkpoint re-scored with resampled_samples samples per problem, "
+                "served (dosed engine), undosed (fp32 engine) and cost = served - undosed; *_minus_grpo "
+                "paired per seed (experiments.study served)",
             },
             "cells": clean}  # fmt: skip
 

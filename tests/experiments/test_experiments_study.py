@@ -253,6 +253,25 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
         5.0
     )
     assert "final_undosed" not in cells[(low.label, "GRPO")]  # bf16 cells not in the file
+    # re-scored with more samples (study served): the most samples per cell wins; paired per seed
+    srv = {
+        "cells": {
+            "fp8all-grpo-s0@k8": {"served": 0.20, "undosed": 0.50},
+            "fp8all-grpo-s1@k8": {"served": 0.30, "undosed": 0.40},
+            "fp8all-grpo-s1@k2": {"served": 0.90, "undosed": 0.90},  # fewer samples: ignored
+            "fp8all-grpo-r3-s0@k8": {"served": 0.40, "undosed": 0.60},
+            "fp8all-grpo-r3-s1@k8": {"served": 0.40, "undosed": 0.50},
+        }
+    }
+    cells = {(c["condition"], c["method"]): c for c in study_results(runs, served=srv)["cells"]}
+    g, r3 = cells[(high.label, "GRPO")], cells[(high.label, "GRPO+R3")]
+    assert g["resampled_samples"] == 8 and g["resampled_served"] == pytest.approx(25.0)
+    assert g["resampled_cost"] == pytest.approx(-20.0) and "resampled_cost_minus_grpo" not in g
+    assert r3["resampled_served_minus_grpo"] == pytest.approx(15.0)  # +20, +10
+    assert r3["resampled_undosed_minus_grpo"] == pytest.approx(10.0)  # +10 on both seeds: no spread
+    assert r3["resampled_undosed_minus_grpo_se"] == pytest.approx(0, abs=1e-9)
+    assert r3["resampled_cost_minus_grpo"] == pytest.approx(5.0)  # -20 vs -30, -10 vs -10
+    assert "resampled_served" not in cells[(low.label, "GRPO")]
     json.dumps(rec, allow_nan=False)  # strict JSON: no NaN
 
 
