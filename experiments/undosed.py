@@ -144,8 +144,12 @@ def run(out: Path, names: list[str], *, samples: int | None = None) -> dict:
         with grader.make_pool(workers=2) as pool:
             for d in tqdm(todo, desc="undosed evaluations" if samples is None else "served + undosed", unit="cell"):
                 if samples is None:
-                    record["cells"][d.name] = evaluate_cell(d, grader_pool=pool)
+                    key, rec = d.name, evaluate_cell(d, grader_pool=pool)
                 else:
-                    record["cells"][f"{d.name}@k{samples}"] = resample_cell(d, samples, grader_pool=pool)
-                rundir.write_json_atomic(path, record)  # each cell kept as soon as it is evaluated
+                    key, rec = f"{d.name}@k{samples}", resample_cell(d, samples, grader_pool=pool)
+                # each cell kept as soon as it is evaluated, merged into the file as it is now, so that
+                # two commands on one --out (two plans at once) keep each other's records
+                record = rundir.read_json(path) or {"cells": {}}
+                record["cells"][key] = rec
+                rundir.write_json_atomic(path, record)
     return record

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -434,6 +435,30 @@ def test_study_command_end_to_end_and_rerun_skips(micro_zoo, tmp_path, monkeypat
     noisy = cfg.replace(rollout_precision="fp32", rollout_router_noise=0.3, rollout_logit_noise=0.2)
     noise = und._final_engine(out / cells[0], noisy, dosed=True).noise
     assert (noise.router_std, noise.logit_std) == (0.3, 0.2)
+
+
+def test_two_commands_on_one_out_keep_each_others_records(tmp_path, monkeypatch):
+    """`undosed` / `served` write their file after each cell; a record another command wrote in the
+    meantime (another plan on the same --out) must survive."""
+    from experiments import undosed
+
+    for name in ("a-s0", "b-s0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"rollout_router_noise": 1.0}))
+        (tmp_path / name / "manifest.json").write_text("{}")
+
+    def fake(d, n_samples, *, grader_pool=None):
+        path = tmp_path / undosed.SERVED_FILE
+        other = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+        other["cells"][f"other-{d.name}@k{n_samples}"] = {"served": 0.0}  # the other command's write
+        path.write_text(json.dumps(other))
+        return {"served": 0.5, "undosed": 0.9}
+
+    monkeypatch.setattr(undosed, "resample_cell", fake)
+    monkeypatch.setattr("eval.grader.make_pool", lambda workers: contextlib.nullcontext())
+    undosed.run(tmp_path, ["a-s0", "b-s0"], samples=4)
+    cells = json.loads((tmp_path / undosed.SERVED_FILE).read_text())["cells"]
+    assert sorted(cells) == ["a-s0@k4", "b-s0@k4", "other-a-s0@k4", "other-b-s0@k4"]
 
 
 def test_served_table_pairs_each_arm_with_grpo_per_seed():
