@@ -221,17 +221,13 @@ def served_table(cfgs: dict, rows: dict[str, dict], samples: int) -> str:
     GRPO paired per seed (mean +/- s.e.), in points."""
     from collections import defaultdict
 
-    from plots.figures_study import mean_se
+    from plots.figures_study import mean_se, pm_text, served_points
 
     by_cond: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for name, rec in rows.items():
         arm = study_grid.arm_of(cfgs[name])
         cond = name.removesuffix(f"-s{rec['seed']}").removesuffix(f"-{arm}")
-        by_cond[cond][arm][rec["seed"]] = {
-            "served": 100 * rec["served"], "undosed": 100 * rec["undosed"],
-            "cost": 100 * (rec["served"] - rec["undosed"]),
-        }  # fmt: skip
-    pm = lambda ms: "n/a" if ms[0] != ms[0] else f"{ms[0]:.1f}" + (f" ± {ms[1]:.1f}" if ms[1] == ms[1] else "")  # noqa: E731
+        by_cond[cond][arm][rec["seed"]] = served_points(rec)
     lines = [
         f"final policies, {samples} samples per problem; cost = served - undosed; paired: per seed, minus GRPO",
         "| condition | arm | seeds | served | undosed | cost | served paired | undosed paired | cost paired |",
@@ -240,9 +236,9 @@ def served_table(cfgs: dict, rows: dict[str, dict], samples: int) -> str:
     for cond, arms in by_cond.items():
         ref = arms.get("grpo", {})
         for arm, seeds in arms.items():
-            cells = [pm(mean_se([v[k] for v in seeds.values()])) for k in ("served", "undosed", "cost")]
+            cells = [pm_text(mean_se([v[k] for v in seeds.values()])) for k in ("served", "undosed", "cost")]
             common = sorted(set(seeds) & set(ref)) if arm != "grpo" else []
-            paired = [pm(mean_se([seeds[s][k] - ref[s][k] for s in common])) if common else "" for k in
+            paired = [pm_text(mean_se([seeds[s][k] - ref[s][k] for s in common])) if common else "" for k in
                       ("served", "undosed", "cost")]  # fmt: skip
             lines.append(f"| {cond} | {arm} | {len(seeds)} | " + " | ".join(cells + paired) + " |")
     return "\n".join(lines)

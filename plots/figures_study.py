@@ -281,7 +281,8 @@ def conditions(runs: list[Run]) -> list[Condition]:
 
 
 # --- the table ----------------------------------------------------------------------------------
-def _pm(ms: tuple[float, float], spec: str = ".1f") -> str:
+def pm_text(ms: tuple[float, float], spec: str = ".1f") -> str:
+    """`mean ± s.e.` (no ± with one seed; n/a without a value)."""
     m, se = ms
     if not math.isfinite(m):
         return "n/a"
@@ -327,7 +328,8 @@ def study_table(runs: list[Run]) -> Table:
         for c in cond.cells:
             label = c.method + ("" if c.status == "complete" else f" ({c.status})")
             rows.append([
-                label, str(c.n), str(c.steps), _pm(c.start), _pm(c.late), _pm(c.change), _paired_text(c, ref),
+                label, str(c.n), str(c.steps), pm_text(c.start), pm_text(c.late), pm_text(c.change),
+                _paired_text(c, ref),
                 f"{sum(s is not None for s in c.collapse_steps)}/{c.n} ({_steps_text(c.collapse_steps)})",
                 fmt_sci(c.k3[0]), fmt_sci(c.k3_response[0]), fmt_sci(c.f(2)[0]), fmt_sci(c.f(10)[0]),
                 f"{c.max_log_ratio[0]:.2f}" if math.isfinite(c.max_log_ratio[0]) else "n/a",
@@ -399,6 +401,15 @@ def undosed_fields(c: StudyCell, ref: StudyCell | None, undosed: Mapping[str, An
     return rec
 
 
+def served_points(rec: Mapping[str, Any]) -> dict[str, float]:
+    """One served.json record in points: served, undosed and the dose's cost (served - undosed)."""
+    return {
+        "served": 100 * rec["served"],
+        "undosed": 100 * rec["undosed"],
+        "cost": 100 * (rec["served"] - rec["undosed"]),
+    }
+
+
 def _resampled_points(c: StudyCell, served: Mapping[str, Any]) -> tuple[int, dict[int, dict[str, float]]]:
     """Per seed, from experiments.undosed's served.json (`study served`): the final policy's score with
     the most samples per problem the file has for this cell, served, undosed and their difference."""
@@ -408,8 +419,7 @@ def _resampled_points(c: StudyCell, served: Mapping[str, Any]) -> tuple[int, dic
             name, _, k = key.rpartition("@k")
             if name == r.name and int(k) > best.get(int(r.config.seed), (0, {}))[0]:
                 best[int(r.config.seed)] = (int(k), rec)
-    points = {seed: {"served": 100 * rec["served"], "undosed": 100 * rec["undosed"],
-                     "cost": 100 * (rec["served"] - rec["undosed"])} for seed, (_, rec) in best.items()}  # fmt: skip
+    points = {seed: served_points(rec) for seed, (_, rec) in best.items()}
     return min((k for k, _ in best.values()), default=0), points
 
 

@@ -461,6 +461,29 @@ def test_two_commands_on_one_out_keep_each_others_records(tmp_path, monkeypatch)
     assert sorted(cells) == ["a-s0@k4", "b-s0@k4", "other-a-s0@k4", "other-b-s0@k4"]
 
 
+def test_resample_cell_scores_served_through_the_dosed_engine_and_undosed_without(tmp_path, monkeypatch):
+    """At micro scale the dosed and fp32 engines sample alike, so the end-to-end test cannot tell the
+    two passes apart: here each engine scores differently and the record must say which was which."""
+    from types import SimpleNamespace
+
+    from experiments import undosed
+
+    cfg = SimpleNamespace(global_steps=2, seed=1)
+    monkeypatch.setattr(undosed.rundir, "read_config", lambda d, cls: SimpleNamespace(config=cfg))
+    monkeypatch.setattr(undosed, "_final_engine", lambda d, c, *, dosed: "dosed" if dosed else "fp32")
+    scores = {"dosed": 0.3, "fp32": 0.9}
+    paths = []
+
+    def score(d, c, engine, path, n, pool):
+        paths.append((engine, path.name, n))
+        return scores[engine]
+
+    monkeypatch.setattr(undosed, "_score_final", score)
+    rec = undosed.resample_cell(tmp_path / "cell-s1", 4)
+    assert rec == {"step": 2, "seed": 1, "samples": 4, "served": 0.3, "undosed": 0.9}
+    assert paths == [("dosed", "step_2-served-k4.jsonl", 4), ("fp32", "step_2-undosed-k4.jsonl", 4)]
+
+
 def test_served_table_pairs_each_arm_with_grpo_per_seed():
     from experiments import study
 
