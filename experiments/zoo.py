@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -339,6 +340,21 @@ def is_complete(zoo_dir: Path, cfg: ZooConfig) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Train on one torch thread whatever the caller set, and restore its count afterwards. Float
+    reductions depend on the intra-op thread count, so a zoo is a function of its seed only at a
+    fixed count: `python -m experiments.zoo` (every core) and the study command (one thread) must
+    build the same weights."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@_one_thread()
 def _train_moe(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     """Base (pretraining) then SFT of the MoE model; saves base/ and sft/."""
     from transformers import Qwen3MoeForCausalLM
@@ -379,11 +395,11 @@ def _train_moe(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     return curves
 
 
+@_one_thread()
 def _train_dense(cfg: ZooConfig, zoo_dir: Path) -> dict[str, list[float]]:
     """The dense control: the same Base + SFT recipe (its own step counts); saves dense/."""
     from transformers import Qwen3ForCausalLM
 
-    torch.set_num_threads(1)
     tok = task.build_tokenizer()
     _, dense_cfg = model_configs(cfg, tok)
     torch.manual_seed(cfg.seed)

@@ -28,3 +28,28 @@ def test_pretraining_and_the_tiny_recipe_stay_chain_only():
         assert all(p.solution != task.direct_solution(p) for p in probs)
     probs = zoo._stream(zoo.SIZES["tiny"], 1).take(300)
     assert all(p.solution != task.direct_solution(p) for p in probs)
+
+
+def test_zoo_trains_on_one_thread_whatever_the_caller_set(tmp_path, monkeypatch):
+    """A zoo's weights depend on the intra-op thread count (float reductions), so both models train
+    on one thread whether the caller is the study command (1 thread) or the zoo CLI (every core), and
+    the caller's count is restored afterwards."""
+    import torch
+
+    seen = []
+
+    def fake_train(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return [0.0]
+
+    monkeypatch.setattr(zoo, "train_lm", fake_train)
+    monkeypatch.setattr(zoo, "_save", lambda *a, **k: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        zoo._train_moe(zoo.SIZES["micro"], tmp_path)
+        zoo._train_dense(zoo.SIZES["micro"], tmp_path)
+        assert seen == [1, 1, 1, 1]  # Base, SFT; dense Base, dense SFT
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
