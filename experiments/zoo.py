@@ -14,8 +14,10 @@ reused only when zoo.json exists and records the same ZooConfig; otherwise it is
 Shipped zoo: experiments/shipped_zoo/tiny/ holds the `tiny` zoo this recipe built (16 MB; its
 zoo.json records the recipe, the measured accuracies and the build time). `build_zoo` copies it
 into `zoo_dir` when its recipe equals SIZES["tiny"], so `make demo` starts in seconds instead of
-~15 minutes; `--rebuild` trains from scratch and reproduces it (bit for bit on the same CPU model
-and torch build; floating-point results differ slightly between CPU models).
+~15 minutes; `--rebuild` trains the recipe from scratch with the current code (measured Dec 6: not
+bit-identical to the shipped weights, which an earlier version of the code built; docs/embedded.md).
+Builds with the same code, CPU model and libraries are bit-identical: both models train on one torch
+thread (`_one_thread`), as float reductions depend on the thread count.
 
 Departures from the paper: the paper starts from Qwen3-30B-A3B-Base (48 layers, 128 experts,
 top-8) and its SFT model; here a 4-layer, 16-expert, top-4 model (norm_topk_prob=True, as
