@@ -467,6 +467,8 @@ def study_results(
                 "f2": c.f(2)[0], "f5": c.f(5)[0], "f10": c.f(10)[0], "max_abs_log_ratio": c.max_log_ratio[0],
                 "grad_norm_p50": c.grad_norm(50)[0], "grad_norm_p90": c.grad_norm(90)[0],
                 "grad_norm_max": c.grad_norm(100)[0], "k3_drift": c.k3_drift[0],
+                "per_seed": {str(int(r.config.seed)): dict(zip(("start", "late", "change"),
+                             (100 * x if math.isfinite(x) else None for x in run_change(r)))) for r in c.runs},
                 **undosed_fields(c, ref, und_cells),
                 **resampled_fields(c, ref, served_cells),
             })  # fmt: skip
@@ -476,6 +478,8 @@ def study_results(
             "definitions": {
                 "change": "late score (mean of the last quarter of evaluation points) minus step 0",
                 "minus_grpo": "per seed, change minus GRPO's change in the same condition; mean and s.e.",
+                "per_seed": "per seed: start, late and change, so that later cells can be paired against "
+                "these without the run directories",
                 "grad_norm_pXX": "percentile over global steps of actor/grad_norm, mean over seeds",
                 "k3_drift": "k3 KL per token, mean over the last quarter of steps / first quarter",
                 "final_served / final_undosed": "held-out score of the final checkpoint through the cell's "

@@ -232,6 +232,9 @@ def test_dose_response_aggregation_on_fixture_runs(tmp_path):
     assert r3_high["seeds"] == [0, 1] and r3_high["change"] == pytest.approx(6.0)
     assert r3_high["minus_grpo"] == pytest.approx(36.0) and r3_high["collapses"] == 0
     assert r3_high["k3_per_token"] == pytest.approx(6e-5)
+    per_seed = cells[(low.label, "GRPO")]["per_seed"]  # start 40 both; late - start 8 and 10 (mean 9 +/- 1)
+    assert sorted(per_seed) == ["0", "1"] and per_seed["0"]["start"] == pytest.approx(40.0)
+    assert sorted(v["change"] for v in per_seed.values()) == pytest.approx([8.0, 10.0])
     # grad norm 0.1 x step: percentiles over steps 1..15 and 1..20, averaged over the two seeds
     grpo_high = cells[(high.label, "GRPO")]
     assert grpo_high["grad_norm_p50"] == pytest.approx((0.8 + 1.05) / 2)
