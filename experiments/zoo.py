@@ -16,8 +16,9 @@ zoo.json records the recipe, the measured accuracies and the build time). `build
 into `zoo_dir` when its recipe equals SIZES["tiny"], so `make demo` starts in seconds instead of
 ~15 minutes; `--rebuild` trains the recipe from scratch with the current code (measured Dec 6: not
 bit-identical to the shipped weights, which an earlier version of the code built; docs/embedded.md).
-Builds with the same code, CPU model and libraries are bit-identical: both models train on one torch
-thread (`_one_thread`), as float reductions depend on the thread count.
+Both models train on one torch thread (`_one_thread`), as float reductions depend on the thread
+count; so trained, two builds with the same code were bit-identical (the micro zoo; the study zoo's
+dense model).
 
 Departures from the paper: the paper starts from Qwen3-30B-A3B-Base (48 layers, 128 experts,
 top-8) and its SFT model; here a 4-layer, 16-expert, top-4 model (norm_topk_prob=True, as
